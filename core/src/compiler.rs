@@ -1,0 +1,299 @@
+//! The compiler: turns a plugin crate into a library file under the bin directory.
+//!
+//! - One shared cargo target directory for every plugin, so dependencies compile once.
+//! - Builds run one at a time: cargo locks the target directory anyway, and a plugin's library
+//!   file name carries no hash, so the artifact must be copied out before the next build starts.
+//!   An in-process queue orders builds; a file lock extends that to other kiln processes
+//!   sharing the target directory.
+//! - Every build is copied to a content-addressed `<name>-<hash>.so` (dlopen caches by path, so a
+//!   loaded file must never be overwritten) and a build whose hash already has a library is skipped.
+//! - The plugin's `kiln-types` dependency is patched to this server's own copy, and panics are
+//!   forced to unwind (the plugin's exports must catch them; `panic = "abort"` would kill the host).
+
+use crate::manifest::Manifest;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::Command;
+use walkdir::WalkDir;
+
+/// Longest build before it is killed.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
+/// Most bytes of diagnostics kept for a failed build.
+const MAX_DIAGNOSTICS: usize = 16 * 1024;
+
+/// A plugin library ready to load.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    /// `bin/plugins/<name>-<hash>.so`
+    pub path: PathBuf,
+    /// Content hash of the sources it was built from.
+    pub hash: String,
+    /// Whether cargo ran (false: the library for this hash already existed).
+    pub built: bool,
+    /// How long the build took (zero when skipped).
+    pub duration: Duration,
+}
+
+/// Why a build produced no library.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// cargo reported errors: the diagnostics are what the user needs to see.
+    #[error("build failed:\n{diagnostics}")]
+    Failed { diagnostics: String },
+    /// cargo could not be run, or the files could not be read or written.
+    #[error("build could not run: {0}")]
+    Io(#[from] std::io::Error),
+    /// cargo succeeded but named no cdylib for the plugin (no `crate-type = ["cdylib"]`?).
+    #[error("the build produced no library: add crate-type = [\"cdylib\"] to the plugin's [lib] section")]
+    NoLibrary,
+    /// The build ran past its deadline and was killed.
+    #[error("build timed out after {0:?} and was stopped")]
+    TimedOut(Duration),
+}
+
+/// Builds plugins. One per server; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Compiler {
+    target_dir: PathBuf,
+    bin_dir: PathBuf,
+    types_dir: PathBuf,
+    /// Hash of the kiln-types sources and ABI version: a plugin is rebuilt when they change.
+    types_hash: String,
+    /// The in-process build queue (FIFO); see the module docs.
+    queue: tokio::sync::Mutex<()>,
+}
+
+impl Compiler {
+    /// A compiler writing libraries to `bin_dir` and building in `target_dir`.
+    pub fn new(target_dir: PathBuf, bin_dir: PathBuf, types_dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&target_dir)?;
+        std::fs::create_dir_all(&bin_dir)?;
+        let mut h = Sha256::new();
+        h.update(kiln_types::abi::ABI_VERSION.to_le_bytes());
+        h.update(hash_tree(&types_dir)?.as_bytes());
+        Ok(Self { target_dir, bin_dir, types_dir, types_hash: hex::encode(h.finalize()), queue: Default::default() })
+    }
+
+    /// The content hash of a plugin crate: every file except build output, plus the kiln-types
+    /// sources. Equal hashes mean the same library.
+    pub async fn source_hash(&self, manifest: &Manifest) -> Result<String, BuildError> {
+        if !manifest.dir.join("Cargo.lock").exists() {
+            // Without a lock file the first build would create one and change the hash.
+            let _queued = self.queue.lock().await;
+            self.cargo(manifest, &["generate-lockfile"]).await?;
+        }
+        let dir = manifest.dir.clone();
+        let tree = tokio::task::spawn_blocking(move || hash_tree(&dir)).await.map_err(std::io::Error::other)??;
+        let mut h = Sha256::new();
+        h.update(tree.as_bytes());
+        h.update(self.types_hash.as_bytes());
+        Ok(hex::encode(h.finalize()))
+    }
+
+    /// Where the library for `hash` lives.
+    pub fn artifact_path(&self, name: &str, hash: &str) -> PathBuf {
+        self.bin_dir.join(format!("{name}-{}.{}", &hash[..16], std::env::consts::DLL_EXTENSION))
+    }
+
+    /// Builds the plugin whose sources hash to `hash`, unless its library already exists.
+    pub async fn build(&self, manifest: &Manifest, hash: &str) -> Result<Artifact, BuildError> {
+        let path = self.artifact_path(&manifest.name, hash);
+        let skipped = Artifact { path: path.clone(), hash: hash.to_string(), built: false, duration: Duration::ZERO };
+        if path.exists() {
+            return Ok(skipped);
+        }
+        let _queued = self.queue.lock().await;
+        let _file_lock = self.lock_target_dir().await?;
+        if path.exists() {
+            return Ok(skipped); // built while we waited
+        }
+        let started = Instant::now();
+        tracing::info!(plugin = %manifest.name, "compiling");
+        let target_dir = self.target_dir.to_string_lossy();
+        let args = ["build", "--release", "--lib", "--message-format=json", "--target-dir", &target_dir];
+        let output = self.cargo(manifest, &args).await?;
+        let library = find_library(&output.stdout, &manifest.manifest_path);
+        if !output.success {
+            return Err(BuildError::Failed { diagnostics: diagnostics(&output) });
+        }
+        let library = library.ok_or(BuildError::NoLibrary)?;
+        let tmp = path.with_extension("tmp");
+        tokio::fs::copy(&library, &tmp).await?;
+        tokio::fs::rename(&tmp, &path).await?;
+        let duration = started.elapsed();
+        tracing::info!(plugin = %manifest.name, ?duration, library = %path.display(), "compiled");
+        Ok(Artifact { path, hash: hash.to_string(), built: true, duration })
+    }
+
+    /// Runs one cargo subcommand on the plugin crate, with kiln's settings.
+    async fn cargo(&self, manifest: &Manifest, args: &[&str]) -> Result<CargoOutput, BuildError> {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let patch = format!("patch.crates-io.kiln-types.path={}", toml_string(&self.types_dir));
+        let mut child = Command::new(cargo)
+            .args(args)
+            .arg("--manifest-path")
+            .arg(&manifest.manifest_path)
+            .arg("--config")
+            .arg(patch)
+            .arg("--config")
+            .arg("profile.release.panic=\"unwind\"")
+            .current_dir(&manifest.dir)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_TARGET_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut stderr = child.stderr.take().expect("piped");
+        let run = async {
+            let mut lines = Vec::new();
+            let mut err = Vec::new();
+            let read_err = stderr.read_to_end(&mut err);
+            let read_out = async {
+                while let Some(line) = stdout.next_line().await? {
+                    lines.push(line);
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            let (a, b) = tokio::join!(read_out, read_err);
+            a?;
+            b?;
+            let status = child.wait().await?;
+            Ok::<_, std::io::Error>(CargoOutput {
+                success: status.success(),
+                stdout: lines,
+                stderr: String::from_utf8_lossy(&err).into_owned(),
+            })
+        };
+        match tokio::time::timeout(BUILD_TIMEOUT, run).await {
+            Ok(out) => Ok(out?),
+            Err(_) => Err(BuildError::TimedOut(BUILD_TIMEOUT)),
+        }
+    }
+
+    /// Locks the shared target directory against other kiln processes until the guard drops.
+    async fn lock_target_dir(&self) -> std::io::Result<std::fs::File> {
+        let path = self.target_dir.join(".kiln-build.lock");
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+            file.lock()?;
+            Ok(file)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+}
+
+struct CargoOutput {
+    success: bool,
+    /// JSON messages, one a line.
+    stdout: Vec<String>,
+    /// cargo's own messages (resolution errors, progress).
+    stderr: String,
+}
+
+/// The cdylib cargo produced for the crate at `manifest_path`, from its JSON messages.
+fn find_library(messages: &[String], manifest_path: &Path) -> Option<PathBuf> {
+    messages.iter().rev().find_map(|line| {
+        let msg: serde_json::Value = serde_json::from_str(line).ok()?;
+        if msg["reason"] != "compiler-artifact" || Path::new(msg["manifest_path"].as_str()?) != manifest_path {
+            return None;
+        }
+        if !msg["target"]["kind"].as_array()?.iter().any(|k| k == "cdylib") {
+            return None;
+        }
+        let suffix = format!(".{}", std::env::consts::DLL_EXTENSION);
+        msg["filenames"].as_array()?.iter().filter_map(|f| f.as_str()).find(|f| f.ends_with(&suffix)).map(PathBuf::from)
+    })
+}
+
+/// What a user needs to see of a failed build: rustc's rendered errors, then cargo's own errors.
+fn diagnostics(out: &CargoOutput) -> String {
+    let mut text = String::new();
+    for line in &out.stdout {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if msg["reason"] == "compiler-message" && msg["message"]["level"] == "error" {
+            if let Some(rendered) = msg["message"]["rendered"].as_str() {
+                text.push_str(rendered);
+            }
+        }
+    }
+    for line in out.stderr.lines() {
+        let trimmed = line.trim_start();
+        let progress = ["Compiling", "Updating", "Locking", "Blocking", "Downloaded", "Downloading", "Adding"];
+        if !progress.iter().any(|p| trimmed.starts_with(p)) {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    if text.len() > MAX_DIAGNOSTICS {
+        let mut cut = MAX_DIAGNOSTICS;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("\n… (diagnostics truncated)");
+    }
+    text
+}
+
+/// A path as a TOML string literal (for cargo's `--config`).
+fn toml_string(path: &Path) -> String {
+    toml::Value::String(path.to_string_lossy().into_owned()).to_string()
+}
+
+/// Hash of every file under `dir` (relative path and content), skipping `target/` and hidden
+/// entries. Sorted, so the hash does not depend on directory order.
+fn hash_tree(dir: &Path) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    let walk = WalkDir::new(dir).sort_by_file_name().into_iter().filter_entry(|e| {
+        let name = e.file_name().to_string_lossy();
+        e.depth() == 0 || !(name.starts_with('.') || (e.depth() == 1 && name == "target"))
+    });
+    for entry in walk {
+        let entry = entry.map_err(std::io::Error::other)?;
+        if entry.file_type().is_dir() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
+        let content = std::fs::read(entry.path())?;
+        h.update(rel.to_string_lossy().as_bytes());
+        h.update([0]);
+        h.update((content.len() as u64).to_le_bytes());
+        h.update(&content);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_changes_with_content_and_ignores_target() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.rs"), "1").unwrap();
+        let h1 = hash_tree(dir.path()).unwrap();
+        std::fs::create_dir(dir.path().join("target")).unwrap();
+        std::fs::write(dir.path().join("target/x"), "junk").unwrap();
+        assert_eq!(h1, hash_tree(dir.path()).unwrap());
+        std::fs::write(dir.path().join("a.rs"), "2").unwrap();
+        assert_ne!(h1, hash_tree(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn library_is_found_in_cargo_messages() {
+        let msgs = vec![
+            r#"{"reason":"compiler-artifact","manifest_path":"/other/Cargo.toml","target":{"kind":["cdylib"]},"filenames":["/t/libother.so"]}"#.to_string(),
+            r#"{"reason":"compiler-artifact","manifest_path":"/p/Cargo.toml","target":{"kind":["cdylib","rlib"]},"filenames":["/t/libp.so","/t/libp.rlib"]}"#.to_string(),
+            r#"{"reason":"build-finished","success":true}"#.to_string(),
+        ];
+        assert_eq!(find_library(&msgs, Path::new("/p/Cargo.toml")), Some(PathBuf::from("/t/libp.so")));
+        assert_eq!(find_library(&msgs, Path::new("/q/Cargo.toml")), None);
+    }
+}

@@ -1,0 +1,67 @@
+//! Discovery: finds plugin crates under the plugin directories.
+//!
+//! Discovery only reads manifests; it neither builds nor loads. Its results become rows of
+//! `plugins` (see `startup`), and the reconciler takes it from there.
+
+use crate::manifest::{Manifest, ManifestError};
+use std::path::{Path, PathBuf};
+use walkdir::WalkDir;
+
+/// How deep below a plugin directory a plugin crate may sit.
+const MAX_DEPTH: usize = 4;
+
+/// What a scan found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Plugin crates, in path order.
+    pub plugins: Vec<Manifest>,
+    /// Crates that look like plugins but whose manifest is unusable, and unreadable directories.
+    pub errors: Vec<(PathBuf, String)>,
+}
+
+/// Scans every directory in `dirs` for plugin crates. A missing directory is reported, not fatal.
+pub fn scan(dirs: &[PathBuf]) -> Scan {
+    let mut scan = Scan::default();
+    for dir in dirs {
+        if !dir.is_dir() {
+            scan.errors.push((dir.clone(), "plugin directory does not exist".into()));
+            continue;
+        }
+        scan_dir(dir, &mut scan);
+    }
+    scan
+}
+
+fn scan_dir(root: &Path, scan: &mut Scan) {
+    let mut walk = WalkDir::new(root).max_depth(MAX_DEPTH).sort_by_file_name().into_iter();
+    while let Some(entry) = walk.next() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                scan.errors.push((e.path().unwrap_or(root).to_path_buf(), e.to_string()));
+                continue;
+            }
+        };
+        if !entry.file_type().is_dir() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy();
+        if entry.depth() > 0 && (name.starts_with('.') || name == "target") {
+            walk.skip_current_dir();
+            continue;
+        }
+        if !entry.path().join("Cargo.toml").is_file() {
+            continue;
+        }
+        match Manifest::read(entry.path()) {
+            Ok(m) => {
+                scan.plugins.push(m);
+                // A plugin crate's subdirectories are its own business.
+                walk.skip_current_dir();
+            }
+            // Ordinary crates (a plugin's helper library, a workspace root) are not errors.
+            Err(ManifestError::NotAPlugin(_)) => {}
+            Err(e) => scan.errors.push((entry.path().to_path_buf(), e.to_string())),
+        }
+    }
+}

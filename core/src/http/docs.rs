@@ -1,0 +1,102 @@
+//! The live API documentation: the admin API's OpenAPI document (built once by poem-openapi)
+//! merged with the routes of every served plugin, rebuilt whenever the plugin set changes, and
+//! the Swagger UI page that embeds it.
+//!
+//! poem-openapi renders its Swagger UI page with the document embedded verbatim; we split that
+//! page once around the static document and embed the merged one instead (no CDN, no template
+//! of our own). poem-openapi is pinned because of this.
+
+use arc_swap::ArcSwap;
+use kiln_types::PluginDescription;
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+
+/// The current merged document and UI page.
+struct Snapshot {
+    json: String,
+    html: String,
+}
+
+/// Builds and serves the merged documentation.
+pub struct Docs {
+    base: Value,
+    html_prefix: String,
+    html_suffix: String,
+    current: ArcSwap<Snapshot>,
+}
+
+impl Docs {
+    /// `spec` is poem-openapi's document; `html` its Swagger UI page, which embeds `spec`.
+    pub fn new(spec: &str, html: &str) -> anyhow::Result<Self> {
+        let base: Value = serde_json::from_str(spec)?;
+        let at = html
+            .find(spec)
+            .ok_or_else(|| anyhow::anyhow!("the Swagger UI page does not embed the spec (poem-openapi changed?)"))?;
+        let docs = Self {
+            base,
+            html_prefix: html[..at].to_string(),
+            html_suffix: html[at + spec.len()..].to_string(),
+            current: ArcSwap::from_pointee(Snapshot { json: String::new(), html: String::new() }),
+        };
+        docs.update(std::iter::empty());
+        Ok(docs)
+    }
+
+    /// The merged OpenAPI document (JSON).
+    pub fn json(&self) -> String {
+        self.current.load().json.clone()
+    }
+
+    /// The Swagger UI page.
+    pub fn html(&self) -> String {
+        self.current.load().html.clone()
+    }
+
+    /// Rebuilds the document for this set of plugins.
+    pub fn update<'a>(&self, plugins: impl Iterator<Item = &'a PluginDescription>) {
+        let mut doc = self.base.clone();
+        let mut tags: Vec<Value> = doc["tags"].as_array().cloned().unwrap_or_default();
+        for plugin in plugins {
+            tags.push(json!({ "name": plugin.name, "description": format!("Plugin {} {}: {}", plugin.name, plugin.version, plugin.description) }));
+            for route in &plugin.routes {
+                let op = operation(plugin, route);
+                let paths = doc["paths"].as_object_mut().expect("an OpenAPI document has paths");
+                let item = paths.entry(route.path.clone()).or_insert_with(|| Value::Object(Map::new()));
+                item[route.method.to_ascii_lowercase()] = op;
+            }
+        }
+        doc["tags"] = Value::Array(tags);
+        let json = serde_json::to_string_pretty(&doc).expect("a Value always serializes");
+        // The document goes inside a <script>: a "</" in a plugin's text must not close it.
+        let html = format!("{}{}{}", self.html_prefix, json.replace("</", "<\\/"), self.html_suffix);
+        self.current.store(Arc::new(Snapshot { json, html }));
+    }
+}
+
+/// The OpenAPI operation of one plugin route.
+fn operation(plugin: &PluginDescription, route: &kiln_types::RouteDescription) -> Value {
+    let params: Vec<Value> = route
+        .path
+        .split('/')
+        .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
+        .collect();
+    let mut ok = json!({ "description": "Success" });
+    if let Some(schema) = &route.response_schema {
+        ok["content"] = json!({ "application/json": { "schema": schema } });
+    }
+    let mut op = json!({
+        "tags": [plugin.name],
+        "summary": route.summary,
+        "operationId": format!("{}.{}", plugin.name, route.handler),
+        "parameters": params,
+        "responses": {
+            "200": ok,
+            "500": { "description": "The plugin failed (JSON error body)" }
+        }
+    });
+    if let Some(schema) = &route.request_schema {
+        op["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": schema } } });
+    }
+    op
+}

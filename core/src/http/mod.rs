@@ -1,0 +1,92 @@
+//! The HTTP edge: the only module that knows poem.
+//!
+//! One endpoint fronts everything. Paths under the admin roots (`/plugins`, `/health`,
+//! `/openapi.json`, `/docs`) go to the admin API; every other path goes to the current plugin
+//! route table. Plugins may not declare paths under the admin roots (see `routes`), so the split
+//! is exact and costs one comparison per request.
+
+mod admin;
+mod docs;
+mod error;
+mod plugin_routes;
+
+pub use admin::AdminApi;
+pub use docs::Docs;
+pub use plugin_routes::PluginRouter;
+
+use crate::routes::ADMIN_ROOTS;
+use error::json_error;
+use poem::error::{MethodNotAllowedError, NotFoundError};
+use poem::http::StatusCode;
+use poem::web::Html;
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, handler};
+use poem_openapi::OpenApiService;
+use std::sync::Arc;
+
+/// Builds the HTTP application: the admin API, the live docs and the plugin routes.
+pub fn app(api: AdminApi, router: Arc<PluginRouter>) -> anyhow::Result<impl Endpoint<Output = Response>> {
+    let service = OpenApiService::new(api, "kiln", env!("CARGO_PKG_VERSION"))
+        .description("Admin API of kiln, and the endpoints of every plugin it serves now (tagged by plugin).");
+    let docs = Arc::new(Docs::new(&service.spec(), &service.swagger_ui_html())?);
+    router.attach_docs(docs.clone());
+    let spec_docs = docs.clone();
+    let admin = Route::new()
+        .at("/openapi.json", spec_endpoint(spec_docs))
+        .at("/docs", ui_endpoint(docs))
+        .nest("/", service)
+        .catch_all_error(|err| async move {
+            let status = err.status();
+            let code = if status == StatusCode::NOT_FOUND { "NotFound" } else { "BadRequest" };
+            json_error(status, code, &err.to_string())
+        })
+        .boxed();
+    Ok(Front { admin, router })
+}
+
+fn spec_endpoint(docs: Arc<Docs>) -> impl Endpoint<Output = Response> {
+    #[handler]
+    fn spec(docs: poem::web::Data<&Arc<Docs>>) -> Response {
+        Response::builder().content_type("application/json").body(docs.json())
+    }
+    spec.data(docs).map_to_response()
+}
+
+fn ui_endpoint(docs: Arc<Docs>) -> impl Endpoint<Output = Response> {
+    #[handler]
+    fn ui(docs: poem::web::Data<&Arc<Docs>>) -> Html<String> {
+        Html(docs.html())
+    }
+    ui.data(docs).map_to_response()
+}
+
+/// The front endpoint: admin or plugins, by first path segment.
+struct Front {
+    admin: poem::endpoint::BoxEndpoint<'static, Response>,
+    router: Arc<PluginRouter>,
+}
+
+impl Endpoint for Front {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        let first = req.uri().path().trim_start_matches('/').split('/').next().unwrap_or("");
+        if ADMIN_ROOTS.contains(&first) {
+            return self.admin.call(req).await;
+        }
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        // Hold this table (and the plugin versions in it) until the request is done.
+        let table = self.router.table();
+        match table.call(req).await {
+            Ok(resp) => Ok(resp.into_response()),
+            Err(e) if e.is::<NotFoundError>() => {
+                Ok(json_error(StatusCode::NOT_FOUND, "NotFound", &format!("no route for {method} {path}")))
+            }
+            Err(e) if e.is::<MethodNotAllowedError>() => Ok(json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                &format!("{path} does not accept {method}"),
+            )),
+            Err(e) => Ok(e.into_response()),
+        }
+    }
+}

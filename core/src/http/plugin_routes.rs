@@ -1,0 +1,164 @@
+//! The plugin route table: a complete poem [`Route`] of every served plugin endpoint, rebuilt on
+//! each change and swapped in atomically (poem's router cannot be changed once built).
+//!
+//! Each endpoint holds the `Arc` of the plugin version it belongs to, so a request that started
+//! on an old version finishes on it, and the old version is retired after its last request.
+
+use super::docs::Docs;
+use super::error::json_error;
+use crate::loader::{CallRequest, LoadedPlugin};
+use crate::routes::{Pattern, RouteSink};
+use arc_swap::ArcSwap;
+use poem::http::{HeaderName, HeaderValue, Method, StatusCode};
+use poem::{Endpoint, Request, Response, Route, RouteMethod};
+use std::sync::{Arc, OnceLock};
+
+/// The swappable table of plugin routes, and the docs that describe it.
+pub struct PluginRouter {
+    current: ArcSwap<Route>,
+    /// Set once the admin API's document exists (it needs the reconciler, which needs this
+    /// router); always before the first publish.
+    docs: OnceLock<Arc<Docs>>,
+    max_body: usize,
+}
+
+impl PluginRouter {
+    pub fn new(max_body: usize) -> Self {
+        Self { current: ArcSwap::from_pointee(Route::new()), docs: OnceLock::new(), max_body }
+    }
+
+    /// Connects the docs that every publish updates.
+    pub fn attach_docs(&self, docs: Arc<Docs>) {
+        let _ = self.docs.set(docs);
+    }
+
+    /// The table in effect now.
+    pub fn table(&self) -> Arc<Route> {
+        self.current.load_full()
+    }
+}
+
+impl RouteSink for PluginRouter {
+    fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String> {
+        let mut route = Route::new();
+        for plugin in plugins {
+            let description = plugin.description();
+            // One RouteMethod per path: a plugin may serve GET and POST on the same path.
+            let mut by_path: Vec<(String, RouteMethod)> = Vec::new();
+            for (index, r) in description.routes.iter().enumerate() {
+                let pattern = Pattern::parse(&r.path)?;
+                let method = Method::from_bytes(r.method.as_bytes()).map_err(|_| format!("bad method {:?}", r.method))?;
+                let endpoint = PluginEndpoint {
+                    plugin: plugin.clone(),
+                    route: index as u32,
+                    params: pattern.params().map(str::to_string).collect(),
+                    max_body: self.max_body,
+                };
+                let poem_path = pattern.to_poem();
+                match by_path.iter_mut().find(|(p, _)| *p == poem_path) {
+                    Some((_, rm)) => *rm = std::mem::take(rm).method(method, endpoint),
+                    None => by_path.push((poem_path, RouteMethod::new().method(method, endpoint))),
+                }
+            }
+            for (path, rm) in by_path {
+                route = route.try_at(&path, rm).map_err(|e| format!("{}: {e}", description.name))?;
+            }
+        }
+        if let Some(docs) = self.docs.get() {
+            docs.update(plugins.iter().map(|p| p.description()));
+        }
+        self.current.store(Arc::new(route));
+        Ok(())
+    }
+}
+
+/// One route of one plugin version.
+struct PluginEndpoint {
+    plugin: Arc<LoadedPlugin>,
+    /// Index of the route in the plugin's description.
+    route: u32,
+    /// Names of the route's path parameters.
+    params: Vec<String>,
+    max_body: usize,
+}
+
+impl Endpoint for PluginEndpoint {
+    type Output = Response;
+
+    async fn call(&self, mut req: Request) -> poem::Result<Response> {
+        let name = &self.plugin.description().name;
+        let body = match req.take_body().into_bytes_limit(self.max_body).await {
+            Ok(b) => b,
+            Err(e) => return Ok(json_error(StatusCode::PAYLOAD_TOO_LARGE, "BodyTooLarge", &e.to_string())),
+        };
+        let owned = OwnedRequest {
+            method: req.method().as_str().to_string(),
+            path: req.uri().path().to_string(),
+            query: req.uri().query().unwrap_or("").to_string(),
+            params: self
+                .params
+                .iter()
+                .map(|n| (n.clone(), req.raw_path_param(n).unwrap_or("").to_string()))
+                .collect(),
+            headers: req
+                .headers()
+                .iter()
+                .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+                .collect(),
+        };
+        let plugin = self.plugin.clone();
+        let route = self.route;
+        // Plugin code is synchronous and may block: keep it off the async workers.
+        let result = tokio::task::spawn_blocking(move || {
+            let params: Vec<(&str, &str)> = owned.params.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            let headers: Vec<(&str, &str)> = owned.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            plugin.call(&CallRequest {
+                route,
+                method: &owned.method,
+                path: &owned.path,
+                query: &owned.query,
+                params: &params,
+                headers: &headers,
+                body: &body,
+            })
+        })
+        .await;
+        let response = match result {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::error!(plugin = %name, path = %req.uri().path(), "{e}");
+                return Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", &format!("plugin {name}: {e}")));
+            }
+            Err(e) => {
+                tracing::error!(plugin = %name, "handler task failed: {e}");
+                return Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", "the handler did not complete"));
+            }
+        };
+        let Ok(status) = StatusCode::from_u16(response.status) else {
+            let msg = format!("plugin {name} returned the invalid status {}", response.status);
+            tracing::error!(plugin = %name, "{msg}");
+            return Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", &msg));
+        };
+        let mut builder = Response::builder().status(status);
+        for (n, v) in &response.headers {
+            match (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
+                (Ok(n), Ok(v)) => builder = builder.header(n, v),
+                _ => {
+                    let msg = format!("plugin {name} returned an invalid header {n:?}");
+                    tracing::error!(plugin = %name, "{msg}");
+                    return Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", &msg));
+                }
+            }
+        }
+        Ok(builder.body(response.body))
+    }
+}
+
+/// The parts of a request a plugin sees, owned so they can move to a blocking thread.
+struct OwnedRequest {
+    method: String,
+    path: String,
+    query: String,
+    params: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+}

@@ -1,0 +1,170 @@
+//! kiln: a PostgreSQL-driven runtime plugin host.
+//!
+//! It discovers plugin crates, compiles them with cargo, loads them through the C ABI of
+//! `kiln-types`, records them in PostgreSQL, serves their endpoints beside its admin API, and
+//! reacts to edits of the `plugins` table. See ARCHITECTURE.md for the map.
+
+pub mod compiler;
+pub mod config;
+pub mod discovery;
+mod http;
+pub mod listener;
+pub mod loader;
+pub mod local_pg;
+pub mod manifest;
+pub mod migrate;
+pub mod reconciler;
+pub mod repo;
+pub mod routes;
+
+pub use config::Config;
+
+use anyhow::Context;
+use compiler::Compiler;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use reconciler::Reconciler;
+use repo::{Discovered, Repo};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+use tokio_postgres::NoTls;
+
+/// Runs the server on `listener` until `shutdown` completes. `config.database_url` must be set.
+///
+/// Order: migrate, discover (rows for new plugin crates), then serve while the listener
+/// connects, LISTENs and asks for a full resync that loads every active plugin.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = config.absolutize().context("resolving paths")?;
+    let url = config.database_url.as_deref().context("no database URL")?;
+    let pg: tokio_postgres::Config = url.parse().context("parsing the database URL")?;
+    let pool = pool(pg.clone())?;
+    migrate::run(&pool).await.context("applying migrations")?;
+    let repo = Repo::new(pool);
+    discover(&repo, &config.plugin_dirs).await.context("recording discovered plugins")?;
+
+    let compiler = Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone())
+        .context("preparing the build directories")?;
+    let router = Arc::new(http::PluginRouter::new(config.max_body));
+    let reconciler = Reconciler::new(repo.clone(), Arc::new(compiler), router.clone());
+    let listener_up = Arc::new(AtomicBool::new(false));
+    let api = http::AdminApi { repo, reconciler: reconciler.clone(), listener_up: listener_up.clone() };
+    let app = http::app(api, router)?;
+
+    let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), listener_up));
+    let resync = reconciler.clone();
+    let every = config.resync_interval();
+    let resync_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tick.tick().await;
+            if let Err(e) = resync.resync_all().await {
+                tracing::warn!("periodic resync: {e}");
+            }
+        }
+    });
+
+    tracing::info!(addr = %listener.local_addr()?, "serving");
+    let acceptor = poem::listener::TcpAcceptor::from_tokio(listener)?;
+    let result = poem::Server::new_with_acceptor(acceptor)
+        .run_with_graceful_shutdown(app, shutdown, Some(Duration::from_secs(10)))
+        .await;
+    listen_task.abort();
+    resync_task.abort();
+    reconciler.retire_all().await;
+    result.context("HTTP server")
+}
+
+/// `kiln serve`: starts a private PostgreSQL when no database URL is set, binds the address,
+/// and serves until Ctrl-C or SIGTERM.
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
+    let local = match &config.database_url {
+        Some(_) => None,
+        None => {
+            let dir = config.data_dir.join("pgdata");
+            let pg = local_pg::LocalPostgres::start(&dir, local_pg::Options::default())
+                .await
+                .context("starting the private PostgreSQL (set DATABASE_URL to use your own)")?;
+            create_database(&pg.url(), "kiln").await?;
+            config.database_url = Some(pg.url_for("kiln"));
+            Some(pg)
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
+    let result = serve(listener, config, shutdown_signal()).await;
+    if let Some(pg) = local {
+        if let Err(e) = pg.stop().await {
+            tracing::warn!("stopping the private PostgreSQL: {e:#}");
+        }
+    }
+    result
+}
+
+/// Creates database `name` unless it exists.
+pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    let (client, conn) = tokio_postgres::connect(admin_url, NoTls).await.context("connecting to PostgreSQL")?;
+    let driver = tokio::spawn(conn);
+    let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    if !exists {
+        // Identifiers cannot be bound as parameters; quote it.
+        client.batch_execute(&format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""))).await?;
+    }
+    drop(client);
+    let _ = driver.await;
+    Ok(())
+}
+
+fn pool(pg: tokio_postgres::Config) -> anyhow::Result<Pool> {
+    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let timeout = Some(Duration::from_secs(5));
+    Ok(Pool::builder(manager)
+        .max_size(16)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(timeout)
+        .create_timeout(timeout)
+        .recycle_timeout(timeout)
+        .build()?)
+}
+
+/// Inserts a row for every discovered plugin crate that has none; logs unusable crates.
+async fn discover(repo: &Repo, dirs: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    let scan = tokio::task::spawn_blocking({
+        let dirs = dirs.to_vec();
+        move || discovery::scan(&dirs)
+    })
+    .await?;
+    for (path, error) in &scan.errors {
+        tracing::warn!(path = %path.display(), "discovery: {error}");
+    }
+    for m in &scan.plugins {
+        let inserted = repo
+            .insert_discovered(&Discovered {
+                name: &m.name,
+                source_path: &m.dir.to_string_lossy(),
+                manifest_path: &m.manifest_path.to_string_lossy(),
+                description: &m.description,
+                version: &m.version,
+                author: &m.author,
+                kind: &m.kind,
+            })
+            .await?;
+        if inserted {
+            tracing::info!(plugin = %m.name, dir = %m.dir.display(), "discovered");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,104 @@
+//! The listener: a dedicated PostgreSQL connection LISTENing on `plugin_changes`, turning each
+//! notification into a reconciler hint.
+//!
+//! Not a pooled connection: a pool may recycle it (running `UNLISTEN *`) and nobody polls an idle
+//! pooled connection for notifications. Notifications sent while the connection is down are lost
+//! for good, so after every (re)connect the listener LISTENs first, then asks for a full resync.
+
+use crate::reconciler::Reconciler;
+use futures_util::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+/// The channel the `plugins` triggers notify.
+pub const CHANNEL: &str = "plugin_changes";
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Listens forever, reconnecting with backoff. `up` tells whether the connection is live.
+pub async fn run(mut pg: tokio_postgres::Config, reconciler: Reconciler, up: Arc<AtomicBool>) {
+    pg.keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .connect_timeout(Duration::from_secs(5));
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match listen(&pg, &reconciler, &up, &mut backoff).await {
+            Ok(()) => tracing::warn!("listener connection closed; reconnecting"),
+            Err(e) => tracing::warn!("listener: {e:#}; reconnecting in {backoff:?}"),
+        }
+        up.store(false, Ordering::Relaxed);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection's life: connect, LISTEN, resync, forward notifications until it ends.
+async fn listen(
+    pg: &tokio_postgres::Config,
+    reconciler: &Reconciler,
+    up: &AtomicBool,
+    backoff: &mut Duration,
+) -> anyhow::Result<()> {
+    let (client, mut connection) = pg.connect(NoTls).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // The connection makes progress only while polled; this task polls it and forwards messages.
+    let driver = tokio::spawn(async move {
+        while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
+            match msg {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if tx.send(Ok(n)).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    let result = async {
+        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        up.store(true, Ordering::Relaxed);
+        *backoff = MIN_BACKOFF;
+        let n = reconciler.resync_all().await?;
+        tracing::info!(plugins = n, "listening on {CHANNEL}; resync requested");
+        while let Some(msg) = rx.recv().await {
+            let note = msg?;
+            match parse_id(note.payload()) {
+                Some(id) => reconciler.hint(id),
+                None => {
+                    tracing::warn!(payload = note.payload(), "unreadable notification; resyncing everything");
+                    reconciler.resync_all().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    driver.abort();
+    drop(client);
+    result
+}
+
+/// The plugin id of a notification payload (`{"operation":…,"id":…,…}`).
+fn parse_id(payload: &str) -> Option<i64> {
+    serde_json::from_str::<serde_json::Value>(payload).ok()?.get("id")?.as_i64()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_id_of_a_payload() {
+        assert_eq!(super::parse_id(r#"{"operation":"DELETE","table":"plugins","id":7,"name":"x"}"#), Some(7));
+        assert_eq!(super::parse_id("junk"), None);
+        assert_eq!(super::parse_id(r#"{"id":"7"}"#), None);
+    }
+}

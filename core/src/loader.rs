@@ -1,0 +1,274 @@
+//! The loader: opens a plugin library, checks its ABI, creates an instance, calls its handlers,
+//! and retires it.
+//!
+//! A [`LoadedPlugin`] is one instance of one library file. The server keeps it in an `Arc` that
+//! every in-flight request of that version also holds; when the last one drops, the plugin's
+//! cleanup runs and the library is closed. Calls into the plugin are blocking: run them off the
+//! async workers.
+
+use kiln_types::PluginDescription;
+use kiln_types::abi::{
+    self, AbiVersionFn, CleanupFn, DescribeFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnPair, KilnRequest,
+    KilnResponse, KilnStr, TypesVersionFn,
+};
+use libloading::Library;
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
+
+/// Why a library could not be loaded. Nothing of it stays loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// dlopen failed (not a library, missing dependency, wrong architecture).
+    #[error("could not open {path}: {source}")]
+    Open { path: PathBuf, source: libloading::Error },
+    /// A required export is missing: the library was not built with `export_plugin!`.
+    #[error("{path} is not a kiln plugin: it does not export `{symbol}` (was it built with kiln_types::export_plugin!?)")]
+    EntrypointNotFound { path: PathBuf, symbol: String },
+    /// The library speaks another version of the plugin interface.
+    #[error(
+        "ABI mismatch: the plugin was built against kiln-types {plugin_types} (ABI {plugin_abi}), this server speaks kiln-types {server_types} (ABI {server_abi}); rebuild the plugin against this server's kiln-types"
+    )]
+    AbiMismatch { plugin_abi: u32, plugin_types: String, server_abi: u32, server_types: &'static str },
+    /// `kiln_describe` failed or returned something unreadable.
+    #[error("the plugin could not describe itself: {0}")]
+    Describe(String),
+    /// The plugin's init returned an error or panicked.
+    #[error("the plugin's init failed: {0}")]
+    Init(String),
+}
+
+/// Why a handler call produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The handler panicked (the panic was caught inside the plugin).
+    #[error("the plugin panicked: {0}")]
+    Panic(String),
+    /// The plugin returned a malformed response.
+    #[error("the plugin returned an invalid response: {0}")]
+    InvalidResponse(String),
+}
+
+/// A request as the host hands it to [`LoadedPlugin::call`].
+#[derive(Debug)]
+pub struct CallRequest<'a> {
+    pub route: u32,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub params: &'a [(&'a str, &'a str)],
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: &'a [u8],
+}
+
+/// A response copied out of the plugin.
+#[derive(Debug)]
+pub struct CallResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// The instance pointer a plugin's `kiln_init` returned.
+struct Instance(*mut c_void);
+
+/// One instance of one plugin library.
+pub struct LoadedPlugin {
+    description: PluginDescription,
+    binary_path: PathBuf,
+    instance: Instance,
+    handle_fn: HandleFn,
+    cleanup_fn: CleanupFn,
+    free_fn: FreeBufFn,
+    /// Must stay the last field: the function pointers above point into it, so it drops last.
+    _library: Library,
+}
+
+// SAFETY: the instance is only ever used through the plugin's exports, and `export_plugin!`
+// requires the plugin type to be `Send + Sync`; the function pointers are plain code addresses.
+unsafe impl Send for LoadedPlugin {}
+// SAFETY: as above; `kiln_handle` takes the instance by shared reference on the plugin side.
+unsafe impl Sync for LoadedPlugin {}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin").field("name", &self.description.name).field("path", &self.binary_path).finish()
+    }
+}
+
+impl LoadedPlugin {
+    /// Opens the library at `path`, checks its ABI version, reads its description and creates an
+    /// instance with `config` (JSON). Blocking.
+    pub fn load(path: &Path, config: &[u8]) -> Result<Self, LoadError> {
+        // SAFETY: opening a library runs its initializers. Plugins are trusted code (see the
+        // README's trust model); the file is a kiln build output named by content hash, so it is
+        // never replaced while open.
+        let library = unsafe { Library::new(path) }.map_err(|source| LoadError::Open { path: path.into(), source })?;
+
+        // The ABI check comes before anything else is called.
+        // SAFETY: the symbol type matches the `kiln_abi_version` signature of every ABI version.
+        let abi_version: AbiVersionFn = unsafe { symbol(&library, path, abi::SYM_ABI_VERSION)? };
+        // SAFETY: `kiln_abi_version` takes nothing and returns a u32 in every ABI version.
+        let plugin_abi = unsafe { abi_version() };
+        if plugin_abi != abi::ABI_VERSION {
+            // SAFETY: `kiln_types_version` has this signature in every ABI version (it is part of
+            // the frozen version handshake) and returns a static string.
+            let plugin_types = match unsafe { symbol::<TypesVersionFn>(&library, path, abi::SYM_TYPES_VERSION) } {
+                // SAFETY: the returned view points at a static string in the library.
+                Ok(f) => String::from_utf8_lossy(unsafe { f().as_bytes() }).into_owned(),
+                Err(_) => "unknown".to_string(),
+            };
+            return Err(LoadError::AbiMismatch {
+                plugin_abi,
+                plugin_types,
+                server_abi: abi::ABI_VERSION,
+                server_types: kiln_types::TYPES_VERSION,
+            });
+        }
+
+        // SAFETY (all four): the ABI version matched, so these symbols have these signatures.
+        let describe: DescribeFn = unsafe { symbol(&library, path, abi::SYM_DESCRIBE)? };
+        // SAFETY: see above.
+        let init: InitFn = unsafe { symbol(&library, path, abi::SYM_INIT)? };
+        // SAFETY: see above.
+        let handle_fn: HandleFn = unsafe { symbol(&library, path, abi::SYM_HANDLE)? };
+        // SAFETY: see above.
+        let cleanup_fn: CleanupFn = unsafe { symbol(&library, path, abi::SYM_CLEANUP)? };
+        // SAFETY: see above.
+        let free_fn: FreeBufFn = unsafe { symbol(&library, path, abi::SYM_FREE_BUF)? };
+
+        let mut out = KilnBuf::EMPTY;
+        // SAFETY: `out` is valid for a write; the plugin fills it with a buffer we free below.
+        let status = unsafe { describe(&mut out) };
+        // SAFETY: `out` was written by this library and is freed exactly once, by it.
+        let text = unsafe { take_string(free_fn, out) };
+        if status != abi::STATUS_OK {
+            return Err(LoadError::Describe(text));
+        }
+        let description: PluginDescription =
+            serde_json::from_str(&text).map_err(|e| LoadError::Describe(format!("invalid description JSON: {e}")))?;
+
+        let mut instance: *mut c_void = std::ptr::null_mut();
+        let mut err = KilnBuf::EMPTY;
+        // SAFETY: `config` outlives the call; both out-pointers are valid for writes.
+        let status = unsafe { init(KilnStr::new(config), &mut instance, &mut err) };
+        if status != abi::STATUS_OK || instance.is_null() {
+            // SAFETY: `err` was written by this library (or is empty) and is freed once.
+            let msg = unsafe { take_string(free_fn, err) };
+            let msg = if status == abi::STATUS_PANIC { format!("panicked: {msg}") } else { msg };
+            return Err(LoadError::Init(msg));
+        }
+        Ok(Self {
+            description,
+            binary_path: path.to_path_buf(),
+            instance: Instance(instance),
+            handle_fn,
+            cleanup_fn,
+            free_fn,
+            _library: library,
+        })
+    }
+
+    /// What the plugin said about itself.
+    pub fn description(&self) -> &PluginDescription {
+        &self.description
+    }
+
+    /// The library file this instance was loaded from.
+    pub fn binary_path(&self) -> &Path {
+        &self.binary_path
+    }
+
+    /// Calls a handler. Blocking: runs the plugin's code on the calling thread.
+    pub fn call(&self, req: &CallRequest<'_>) -> Result<CallResponse, CallError> {
+        let pair = |(n, v): &(&str, &str)| KilnPair { name: KilnStr::new(n.as_bytes()), value: KilnStr::new(v.as_bytes()) };
+        let params: Vec<KilnPair> = req.params.iter().map(pair).collect();
+        let headers: Vec<KilnPair> = req.headers.iter().map(pair).collect();
+        let raw = KilnRequest {
+            route: req.route,
+            method: KilnStr::new(req.method.as_bytes()),
+            path: KilnStr::new(req.path.as_bytes()),
+            query: KilnStr::new(req.query.as_bytes()),
+            params: params.as_ptr(),
+            params_len: params.len(),
+            headers: headers.as_ptr(),
+            headers_len: headers.len(),
+            body: KilnStr::new(req.body),
+        };
+        let mut out = KilnResponse::EMPTY;
+        // SAFETY: the instance is live (cleanup only runs in Drop); every view in `raw` points at
+        // data borrowed for this call; `out` is valid for a write.
+        let status = unsafe { (self.handle_fn)(self.instance.0, &raw, &mut out) };
+        // SAFETY: both buffers were written by this library and each is freed once, by it.
+        let (head, body) = unsafe { (take_bytes(self.free_fn, out.headers), take_bytes(self.free_fn, out.body)) };
+        if status == abi::STATUS_PANIC {
+            return Err(CallError::Panic(String::from_utf8_lossy(&body).into_owned()));
+        }
+        if status != abi::STATUS_OK {
+            return Err(CallError::InvalidResponse(format!("status code {status}")));
+        }
+        Ok(CallResponse { status: out.status, headers: parse_headers(&head)?, body })
+    }
+}
+
+impl Drop for LoadedPlugin {
+    fn drop(&mut self) {
+        let mut err = KilnBuf::EMPTY;
+        // SAFETY: the instance came from this library's init, and nothing can use it any more
+        // (we hold the last reference); the library is still open (it is dropped after this).
+        let status = unsafe { (self.cleanup_fn)(self.instance.0, &mut err) };
+        // SAFETY: `err` was written by this library (or is empty) and is freed once.
+        let msg = unsafe { take_string(self.free_fn, err) };
+        let name = &self.description.name;
+        if status == abi::STATUS_OK {
+            tracing::info!(plugin = %name, library = %self.binary_path.display(), "cleanup ran; library retired");
+        } else {
+            tracing::error!(plugin = %name, library = %self.binary_path.display(), "cleanup panicked: {msg}");
+        }
+    }
+}
+
+/// Looks up an exported function.
+///
+/// # Safety
+/// `T` must be the function-pointer type of the symbol's real signature.
+unsafe fn symbol<T: Copy>(library: &Library, path: &Path, name: &[u8]) -> Result<T, LoadError> {
+    // SAFETY: the caller guarantees the type; the copied pointer is used only while the library
+    // stays open (it lives in the same struct and drops last).
+    unsafe { library.get::<T>(name) }.map(|s| *s).map_err(|_| LoadError::EntrypointNotFound {
+        path: path.to_path_buf(),
+        symbol: String::from_utf8_lossy(&name[..name.len() - 1]).into_owned(),
+    })
+}
+
+/// Copies a plugin buffer into a Vec and frees it.
+///
+/// # Safety
+/// `buf` was returned by the library that `free` belongs to, and is not used again.
+unsafe fn take_bytes(free: FreeBufFn, buf: KilnBuf) -> Vec<u8> {
+    // SAFETY: a live buffer of this library (caller).
+    let bytes = unsafe { buf.as_bytes() }.to_vec();
+    if !buf.ptr.is_null() {
+        // SAFETY: freed once, by the library that allocated it.
+        unsafe { free(buf) };
+    }
+    bytes
+}
+
+/// # Safety
+/// As [`take_bytes`].
+unsafe fn take_string(free: FreeBufFn, buf: KilnBuf) -> String {
+    // SAFETY: forwarded from the caller.
+    String::from_utf8_lossy(&unsafe { take_bytes(free, buf) }).into_owned()
+}
+
+/// Parses the `name\nvalue\n` header encoding.
+fn parse_headers(raw: &[u8]) -> Result<Vec<(String, String)>, CallError> {
+    let text = std::str::from_utf8(raw).map_err(|_| CallError::InvalidResponse("headers are not UTF-8".into()))?;
+    let mut parts = text.split_terminator('\n');
+    let mut headers = Vec::new();
+    while let Some(name) = parts.next() {
+        let value = parts.next().ok_or_else(|| CallError::InvalidResponse(format!("header {name:?} has no value")))?;
+        headers.push((name.to_string(), value.to_string()));
+    }
+    Ok(headers)
+}

@@ -1,0 +1,175 @@
+//! Plugin manifests: a plugin is a Cargo crate whose `Cargo.toml` has a `[package.metadata.kiln]`
+//! table. Name, version, description and authors come from `[package]`, so they are written once.
+//!
+//! ```toml
+//! [package]
+//! name = "powertable"
+//! version = "0.1.0"
+//! description = "…"
+//!
+//! [package.metadata.kiln]
+//! type = "http"        # optional; the only kind today
+//! ```
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A plugin crate's manifest, read from its `Cargo.toml`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    /// The plugin's name: the Cargo package name.
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub author: String,
+    /// Kind of plugin (`http`).
+    pub kind: String,
+    /// The crate directory.
+    pub dir: PathBuf,
+    /// The `Cargo.toml` file.
+    pub manifest_path: PathBuf,
+}
+
+/// Why a directory is not a usable plugin crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// There is no Cargo.toml in the directory.
+    #[error("no plugin manifest: {0} does not exist")]
+    NotFound(PathBuf),
+    /// The Cargo.toml cannot be read or parsed, or its fields are unusable.
+    #[error("invalid plugin manifest {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    /// A Cargo crate, but not a kiln plugin.
+    #[error("{0} is not a kiln plugin: it has no [package.metadata.kiln] table")]
+    NotAPlugin(PathBuf),
+}
+
+#[derive(Deserialize)]
+struct CargoToml {
+    package: Option<Package>,
+}
+
+#[derive(Deserialize)]
+struct Package {
+    name: String,
+    version: Option<toml::Value>,
+    description: Option<toml::Value>,
+    authors: Option<toml::Value>,
+    metadata: Option<PackageMetadata>,
+}
+
+#[derive(Deserialize)]
+struct PackageMetadata {
+    kiln: Option<KilnTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KilnTable {
+    #[serde(rename = "type", default = "default_kind")]
+    kind: String,
+}
+
+fn default_kind() -> String {
+    "http".to_string()
+}
+
+impl Manifest {
+    /// Reads the manifest of the plugin crate in `dir`.
+    pub fn read(dir: &Path) -> Result<Self, ManifestError> {
+        let manifest_path = dir.join("Cargo.toml");
+        let text = match std::fs::read_to_string(&manifest_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ManifestError::NotFound(manifest_path)),
+            Err(e) => return Err(invalid(&manifest_path, e.to_string())),
+        };
+        Self::parse(&text, dir, manifest_path)
+    }
+
+    fn parse(text: &str, dir: &Path, manifest_path: PathBuf) -> Result<Self, ManifestError> {
+        let cargo: CargoToml = toml::from_str(text).map_err(|e| invalid(&manifest_path, e.message().to_string()))?;
+        let package = cargo.package.ok_or_else(|| invalid(&manifest_path, "no [package] table".into()))?;
+        let kiln = package.metadata.and_then(|m| m.kiln).ok_or_else(|| ManifestError::NotAPlugin(manifest_path.clone()))?;
+        validate_name(&package.name).map_err(|reason| invalid(&manifest_path, reason))?;
+        if kiln.kind != "http" {
+            return Err(invalid(&manifest_path, format!("unknown plugin type {:?} (known: \"http\")", kiln.kind)));
+        }
+        Ok(Self {
+            name: package.name,
+            version: plain_string(package.version),
+            description: plain_string(package.description),
+            author: match package.authors {
+                Some(toml::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "),
+                _ => String::new(),
+            },
+            kind: kiln.kind,
+            dir: dir.to_path_buf(),
+            manifest_path,
+        })
+    }
+}
+
+/// A string field, or empty when absent or inherited from a workspace (`x.workspace = true`).
+fn plain_string(v: Option<toml::Value>) -> String {
+    v.and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+fn invalid(path: &Path, reason: String) -> ManifestError {
+    ManifestError::Invalid { path: path.to_path_buf(), reason }
+}
+
+/// A plugin name becomes a URL segment, a file name and a library name: 1–64 characters of
+/// `A-Z a-z 0-9 _ -`, starting with a letter or digit (the same rule as the table's CHECK).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok_len = (1..=64).contains(&name.len());
+    let ok_first = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok_len && ok_first && ok_chars {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid plugin name {name:?}: use 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-', starting with a letter or digit"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Manifest, ManifestError> {
+        Manifest::parse(text, Path::new("/p"), PathBuf::from("/p/Cargo.toml"))
+    }
+
+    #[test]
+    fn reads_package_fields() {
+        let m = parse(
+            "[package]\nname = \"pt\"\nversion = \"1.2.3\"\ndescription = \"d\"\nauthors = [\"a\", \"b\"]\n[package.metadata.kiln]\n",
+        )
+        .unwrap();
+        assert_eq!((m.name.as_str(), m.version.as_str(), m.author.as_str(), m.kind.as_str()), ("pt", "1.2.3", "a, b", "http"));
+    }
+
+    #[test]
+    fn a_crate_without_the_kiln_table_is_not_a_plugin() {
+        assert!(matches!(parse("[package]\nname = \"x\"\n"), Err(ManifestError::NotAPlugin(_))));
+    }
+
+    #[test]
+    fn bad_toml_and_bad_names_are_invalid() {
+        assert!(matches!(parse("[package\n"), Err(ManifestError::Invalid { .. })));
+        assert!(matches!(parse("[package]\nname = \"../x\"\n[package.metadata.kiln]\n"), Err(ManifestError::Invalid { .. })));
+        assert!(matches!(
+            parse("[package]\nname = \"x\"\n[package.metadata.kiln]\ntype = \"grpc\"\n"),
+            Err(ManifestError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("power-table_2").is_ok());
+        for bad in ["", "-x", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

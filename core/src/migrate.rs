@@ -1,0 +1,42 @@
+//! Schema migrations: the ordered SQL files of `sql/`, embedded in the binary, applied at startup.
+//!
+//! All pending migrations run in one transaction under an advisory lock, and each is recorded in
+//! `kiln_migrations`: running twice, or from two servers at once, applies each file exactly once.
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+
+/// (version, name, SQL) of every migration, in order.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "001_plugins.sql", include_str!("../../sql/001_plugins.sql"))];
+
+/// Arbitrary key of the advisory lock that serializes migrations.
+const LOCK_KEY: i64 = 0x6b69_6c6e; // "kiln"
+
+/// Applies every migration not yet applied. Returns how many ran.
+pub async fn run(pool: &Pool) -> anyhow::Result<usize> {
+    let mut client = pool.get().await.context("connecting to PostgreSQL")?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS kiln_migrations (
+             version    INT PRIMARY KEY,
+             name       TEXT NOT NULL,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let applied: Vec<i32> =
+        tx.query("SELECT version FROM kiln_migrations", &[]).await?.iter().map(|r| r.get(0)).collect();
+    let mut ran = 0;
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql).await.with_context(|| format!("applying migration {name}"))?;
+        tx.execute("INSERT INTO kiln_migrations (version, name) VALUES ($1, $2)", &[version, name]).await?;
+        tracing::info!(migration = name, "applied");
+        ran += 1;
+    }
+    tx.commit().await?;
+    Ok(ran)
+}

@@ -1,0 +1,377 @@
+//! The reconciler: the heart of kiln. It brings what the server serves (actual state) to what the
+//! `plugins` table asks for (desired state), one plugin at a time.
+//!
+//! Everything else only feeds it: the listener forwards NOTIFY hints, startup and reconnects ask
+//! for a full resync, the admin API asks for a pass and waits for its result. A hint only means
+//! "look at plugin X again": each pass re-reads the row, so handling a hint twice is harmless.
+//!
+//! Each plugin id has a worker task. Hints that arrive while a pass runs are coalesced into one
+//! further pass (no timers), and different plugins proceed independently: a long build of one
+//! does not delay a toggle of another (builds themselves queue in the compiler).
+//!
+//! A new version is built, loaded, initialized and checked for route conflicts before one atomic
+//! publish of the route table. Until then the previous version serves; after it, the previous
+//! version is dropped here, and its cleanup runs when its last in-flight request ends.
+
+use crate::compiler::{BuildError, Compiler};
+use crate::loader::{LoadError, LoadedPlugin};
+use crate::manifest::{Manifest, ManifestError};
+use crate::repo::{Loaded, NewEndpoint, PluginRow, Repo, RepoError};
+use crate::routes::{Pattern, RouteSink};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a pass could not bring a plugin to its desired state.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Database(#[from] RepoError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The crate at `source_path` is a different package than the row names.
+    #[error("the crate at {dir} is the package {package:?}, but the row is named {row:?}")]
+    NameMismatch { dir: PathBuf, package: String, row: String },
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A route is malformed.
+    #[error("invalid route: {0}")]
+    InvalidRoute(String),
+    /// A route overlaps another plugin's or the admin API's.
+    #[error("route conflict: {0}")]
+    RouteConflict(String),
+}
+
+impl ReconcileError {
+    /// A stable code for API answers and rows.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Database(_) => "DatabaseUnavailable",
+            Self::Manifest(ManifestError::NotFound(_)) => "ManifestNotFound",
+            Self::Manifest(_) | Self::NameMismatch { .. } => "InvalidManifest",
+            Self::Build(BuildError::Failed { .. } | BuildError::NoLibrary | BuildError::TimedOut(_)) => "BuildFailed",
+            Self::Build(BuildError::Io(_)) => "BuildFailed",
+            Self::Load(LoadError::AbiMismatch { .. }) => "AbiMismatch",
+            Self::Load(LoadError::EntrypointNotFound { .. }) => "EntrypointNotFound",
+            Self::Load(LoadError::Init(_)) => "InitFailed",
+            Self::Load(_) => "LoadError",
+            Self::InvalidRoute(_) => "InvalidRoute",
+            Self::RouteConflict(_) => "RouteConflict",
+        }
+    }
+}
+
+/// What a pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new version (or a fresh instance) now serves; `built` says whether cargo ran.
+    Loaded { built: bool },
+    /// The version already serving is the wanted one.
+    Unchanged,
+    /// The plugin is disabled and serves nothing.
+    Inactive,
+    /// The row is gone and nothing serves for it.
+    Gone,
+}
+
+/// A failed pass, as reported to waiters (cloneable: several waiters may share one pass).
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub code: &'static str,
+    pub message: String,
+}
+
+type Reply = oneshot::Sender<Result<Outcome, Failure>>;
+
+/// A request for a pass over one plugin.
+struct Job {
+    /// Reload even if the source is unchanged (a fresh instance).
+    force: bool,
+    reply: Option<Reply>,
+}
+
+/// A plugin version being served.
+struct Served {
+    hash: String,
+    plugin: Arc<LoadedPlugin>,
+}
+
+/// Handle to the reconciler; cheap to clone.
+#[derive(Clone)]
+pub struct Reconciler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    repo: Repo,
+    compiler: Arc<Compiler>,
+    sink: Arc<dyn RouteSink>,
+    /// The versions served now, by plugin id. The lock is held across conflict check and publish
+    /// so that two plugins loading at once cannot both claim a path.
+    served: Mutex<BTreeMap<i64, Served>>,
+    /// The worker of each plugin id.
+    workers: Mutex<HashMap<i64, mpsc::UnboundedSender<Job>>>,
+}
+
+impl Reconciler {
+    pub fn new(repo: Repo, compiler: Arc<Compiler>, sink: Arc<dyn RouteSink>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                repo,
+                compiler,
+                sink,
+                served: Mutex::new(BTreeMap::new()),
+                workers: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// "Look at plugin `id` again", without waiting.
+    pub fn hint(&self, id: i64) {
+        self.send(id, Job { force: false, reply: None });
+    }
+
+    /// Runs a pass over plugin `id` (starting after this call) and waits for its result.
+    /// `force` reloads a fresh instance even when the source did not change.
+    pub async fn reconcile(&self, id: i64, force: bool) -> Result<Outcome, Failure> {
+        let (tx, rx) = oneshot::channel();
+        self.send(id, Job { force, reply: Some(tx) });
+        rx.await.unwrap_or_else(|_| Err(Failure { code: "Internal", message: "the reconciler stopped".into() }))
+    }
+
+    /// Hints every plugin that has a row or is served: after startup, a reconnect, or as the
+    /// periodic safety net.
+    pub async fn resync_all(&self) -> Result<usize, RepoError> {
+        let rows = self.inner.repo.list().await?;
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        ids.extend(self.inner.served.lock().expect("served lock").keys());
+        ids.sort_unstable();
+        ids.dedup();
+        for &id in &ids {
+            self.hint(id);
+        }
+        Ok(ids.len())
+    }
+
+    /// Stops serving every plugin and runs their cleanup (at shutdown).
+    pub async fn retire_all(&self) {
+        let served = std::mem::take(&mut *self.inner.served.lock().expect("served lock"));
+        if let Err(e) = self.inner.sink.publish(&[]) {
+            tracing::error!("could not clear the route table: {e}");
+        }
+        let plugins: Vec<Arc<LoadedPlugin>> = served.into_values().map(|s| s.plugin).collect();
+        let _ = tokio::task::spawn_blocking(move || drop(plugins)).await;
+    }
+
+    /// How many plugin versions serve now.
+    pub fn served_count(&self) -> usize {
+        self.inner.served.lock().expect("served lock").len()
+    }
+
+    fn send(&self, id: i64, job: Job) {
+        let mut workers = self.inner.workers.lock().expect("workers lock");
+        let tx = workers.entry(id).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(worker(self.inner.clone(), id, rx));
+            tx
+        });
+        // The worker lives as long as the reconciler, so the send cannot fail.
+        let _ = tx.send(job);
+    }
+}
+
+/// The loop of one plugin's worker: take every pending job, run one pass, answer them all.
+async fn worker(inner: Arc<Inner>, id: i64, mut rx: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut force = first.force;
+        let mut replies: Vec<Reply> = first.reply.into_iter().collect();
+        while let Ok(more) = rx.try_recv() {
+            force |= more.force;
+            replies.extend(more.reply);
+        }
+        let result = inner.pass(id, force).await.map_err(|e| {
+            let failure = Failure { code: e.code(), message: e.to_string() };
+            tracing::warn!(plugin_id = id, code = failure.code, "{}", failure.message);
+            failure
+        });
+        for reply in replies {
+            let _ = reply.send(result.clone());
+        }
+    }
+}
+
+impl Inner {
+    /// One pass over plugin `id`.
+    async fn pass(&self, id: i64, force: bool) -> Result<Outcome, ReconcileError> {
+        let Some(row) = self.repo.get(id).await? else {
+            // Deleted: its endpoint rows went with it (ON DELETE CASCADE).
+            self.retire(id);
+            return Ok(Outcome::Gone);
+        };
+        if !row.wants_active() {
+            self.retire(id);
+            if row.state != "inactive" || row.binary_path.is_some() {
+                self.repo.record_unloaded(id).await?;
+            }
+            return Ok(Outcome::Inactive);
+        }
+        let serving = self.served.lock().expect("served lock").contains_key(&id);
+        match self.load_wanted(&row, force).await {
+            Ok(outcome) => Ok(outcome),
+            Err(e) => {
+                let text = format!("{}: {e}", e.code());
+                if let Err(db) = self.repo.record_failed(id, &text, serving).await {
+                    tracing::warn!(plugin = %row.name, "could not record the failure: {db}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes the wanted version of an active plugin serve.
+    async fn load_wanted(&self, row: &PluginRow, force: bool) -> Result<Outcome, ReconcileError> {
+        let manifest = Manifest::read(&PathBuf::from(&row.source_path))?;
+        if manifest.name != row.name {
+            return Err(ReconcileError::NameMismatch { dir: manifest.dir, package: manifest.name, row: row.name.clone() });
+        }
+        let hash = self.compiler.source_hash(&manifest).await?;
+        let current = self.served.lock().expect("served lock").get(&row.id).map(|s| (s.hash.clone(), s.plugin.clone()));
+        if let Some((current_hash, plugin)) = &current {
+            if !force && *current_hash == hash {
+                // Serving the wanted version; make sure the row says so (it may show an old error).
+                if row.state != "loaded" || row.error.is_some() || row.loaded_hash.as_deref() != Some(hash.as_str()) {
+                    self.record_loaded(row.id, &manifest, &hash, plugin).await?;
+                }
+                return Ok(Outcome::Unchanged);
+            }
+        }
+        if current.is_none() {
+            self.repo.record_building(row.id).await?;
+        }
+        let artifact = self.compiler.build(&manifest, &hash).await?;
+        let path = artifact.path.clone();
+        let plugin = tokio::task::spawn_blocking(move || LoadedPlugin::load(&path, b"{}"))
+            .await
+            .map_err(|e| LoadError::Init(format!("the load task failed: {e}")))??;
+        let plugin = Arc::new(plugin);
+        if let Err(e) = self.publish(row, &hash, plugin.clone()) {
+            retire_off_thread(plugin);
+            return Err(e);
+        }
+        self.record_loaded(row.id, &manifest, &hash, &plugin).await?;
+        tracing::info!(plugin = %row.name, built = artifact.built, library = %artifact.path.display(), "serving");
+        Ok(Outcome::Loaded { built: artifact.built })
+    }
+
+    /// Checks the new version's routes and, if they are sound, serves it in place of the old one.
+    fn publish(&self, row: &PluginRow, hash: &str, plugin: Arc<LoadedPlugin>) -> Result<(), ReconcileError> {
+        let description = plugin.description();
+        if description.name != row.name {
+            return Err(ReconcileError::NameMismatch {
+                dir: PathBuf::from(&row.source_path),
+                package: description.name.clone(),
+                row: row.name.clone(),
+            });
+        }
+        let mut mine = Vec::new();
+        for r in &description.routes {
+            let p = Pattern::parse(&r.path).map_err(ReconcileError::InvalidRoute)?;
+            if let Some(why) = p.admin_conflict() {
+                return Err(ReconcileError::RouteConflict(why));
+            }
+            if mine.iter().any(|(m, q): &(&str, Pattern)| *m == r.method && *q == p) {
+                return Err(ReconcileError::InvalidRoute(format!("{} {} is declared twice", r.method, r.path)));
+            }
+            mine.push((r.method.as_str(), p));
+        }
+        let mut served = self.served.lock().expect("served lock");
+        for (other_id, other) in served.iter() {
+            if *other_id == row.id {
+                continue;
+            }
+            for r in &other.plugin.description().routes {
+                let theirs = Pattern::parse(&r.path).map_err(ReconcileError::InvalidRoute)?;
+                if let Some((_, p)) = mine.iter().find(|(_, p)| p.overlaps(&theirs)) {
+                    return Err(ReconcileError::RouteConflict(format!(
+                        "path {p} overlaps {theirs}, served by plugin {:?}",
+                        other.plugin.description().name
+                    )));
+                }
+            }
+        }
+        let previous = served.insert(row.id, Served { hash: hash.to_string(), plugin });
+        let all: Vec<Arc<LoadedPlugin>> = served.values().map(|s| s.plugin.clone()).collect();
+        if let Err(e) = self.sink.publish(&all) {
+            // Put back what served before: the route table did not change.
+            let failed = match previous {
+                Some(p) => served.insert(row.id, p),
+                None => served.remove(&row.id),
+            };
+            drop(served);
+            if let Some(f) = failed {
+                retire_off_thread(f.plugin);
+            }
+            return Err(ReconcileError::InvalidRoute(e));
+        }
+        drop(served);
+        if let Some(old) = previous {
+            retire_off_thread(old.plugin);
+        }
+        Ok(())
+    }
+
+    /// Stops serving plugin `id`, if it serves.
+    fn retire(&self, id: i64) {
+        let mut served = self.served.lock().expect("served lock");
+        let Some(old) = served.remove(&id) else { return };
+        let all: Vec<Arc<LoadedPlugin>> = served.values().map(|s| s.plugin.clone()).collect();
+        if let Err(e) = self.sink.publish(&all) {
+            // Removing routes from a valid table cannot create a conflict.
+            tracing::error!("could not publish the route table without plugin {id}: {e}");
+        }
+        drop(served);
+        tracing::info!(plugin = %old.plugin.description().name, "unloaded");
+        retire_off_thread(old.plugin);
+    }
+
+    async fn record_loaded(
+        &self,
+        id: i64,
+        manifest: &Manifest,
+        hash: &str,
+        plugin: &LoadedPlugin,
+    ) -> Result<(), ReconcileError> {
+        let d = plugin.description();
+        let endpoints: Vec<NewEndpoint> = d
+            .routes
+            .iter()
+            .map(|r| NewEndpoint { method: r.method.clone(), path: r.path.clone(), handler: r.handler.clone() })
+            .collect();
+        self.repo
+            .record_loaded(
+                id,
+                &Loaded {
+                    manifest_path: &manifest.manifest_path.to_string_lossy(),
+                    binary_path: &plugin.binary_path().to_string_lossy(),
+                    hash,
+                    description: &d.description,
+                    version: &d.version,
+                    author: &d.author,
+                    kind: &manifest.kind,
+                    endpoints: &endpoints,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Drops our reference to a plugin version on a blocking thread: if it is the last one, the
+/// plugin's cleanup runs there, off the async workers. In-flight requests hold their own
+/// references, so cleanup waits for them.
+fn retire_off_thread(plugin: Arc<LoadedPlugin>) {
+    tokio::task::spawn_blocking(move || drop(plugin));
+}

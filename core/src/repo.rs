@@ -1,0 +1,252 @@
+//! The `plugins` and `plugin_endpoints` tables: every query kiln runs lives here.
+//!
+//! Writes come in two kinds, kept apart on purpose: desired state (status, a discovered row),
+//! which users also write and which notifies the server; and observed state (build and load
+//! results), which only the server writes and which must never notify it (see sql/001_plugins.sql).
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use tokio_postgres::Row;
+
+/// A row of `plugins`.
+#[derive(Debug, Clone)]
+pub struct PluginRow {
+    pub id: i64,
+    pub name: String,
+    pub description: String,
+    pub version: String,
+    pub author: String,
+    pub kind: String,
+    pub path: Option<String>,
+    pub binary_path: Option<String>,
+    pub source_path: String,
+    pub status: String,
+    pub state: String,
+    pub error: Option<String>,
+    pub loaded_hash: Option<String>,
+    pub loaded_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl PluginRow {
+    fn from_row(r: &Row) -> Self {
+        Self {
+            id: r.get("id"),
+            name: r.get("name"),
+            description: r.get("description"),
+            version: r.get("version"),
+            author: r.get("author"),
+            kind: r.get("type"),
+            path: r.get("path"),
+            binary_path: r.get("binary_path"),
+            source_path: r.get("source_path"),
+            status: r.get("status"),
+            state: r.get("state"),
+            error: r.get("error"),
+            loaded_hash: r.get("loaded_hash"),
+            loaded_at: r.get("loaded_at"),
+            created_at: r.get("created_at"),
+            updated_at: r.get("updated_at"),
+        }
+    }
+
+    /// Whether the user wants this plugin served.
+    pub fn wants_active(&self) -> bool {
+        self.status == "active"
+    }
+}
+
+/// A row of `plugin_endpoints`.
+#[derive(Debug, Clone)]
+pub struct EndpointRow {
+    pub id: i64,
+    pub plugin_id: i64,
+    pub method: String,
+    pub path: String,
+    pub handler: String,
+    pub kind: String,
+}
+
+/// An endpoint to record for a loaded plugin.
+#[derive(Debug, Clone)]
+pub struct NewEndpoint {
+    pub method: String,
+    pub path: String,
+    pub handler: String,
+}
+
+/// What the server observed after loading a plugin version.
+#[derive(Debug, Clone)]
+pub struct Loaded<'a> {
+    pub manifest_path: &'a str,
+    pub binary_path: &'a str,
+    pub hash: &'a str,
+    pub description: &'a str,
+    pub version: &'a str,
+    pub author: &'a str,
+    pub kind: &'a str,
+    /// The endpoints now served (replacing the previous version's).
+    pub endpoints: &'a [NewEndpoint],
+}
+
+/// Metadata of a discovered plugin, written with its row when discovery inserts it.
+#[derive(Debug, Clone)]
+pub struct Discovered<'a> {
+    pub name: &'a str,
+    pub source_path: &'a str,
+    pub manifest_path: &'a str,
+    pub description: &'a str,
+    pub version: &'a str,
+    pub author: &'a str,
+    pub kind: &'a str,
+}
+
+/// Queries over the connection pool.
+#[derive(Clone)]
+pub struct Repo {
+    pool: Pool,
+}
+
+type Result<T> = std::result::Result<T, RepoError>;
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// No connection could be had from the pool.
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A query failed.
+    #[error("database error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+impl Repo {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool, for health checks.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub async fn get(&self, id: i64) -> Result<Option<PluginRow>> {
+        let c = self.pool.get().await?;
+        let row = c.query_opt("SELECT * FROM plugins WHERE id = $1", &[&id]).await?;
+        Ok(row.as_ref().map(PluginRow::from_row))
+    }
+
+    pub async fn get_by_name(&self, name: &str) -> Result<Option<PluginRow>> {
+        let c = self.pool.get().await?;
+        let row = c.query_opt("SELECT * FROM plugins WHERE name = $1", &[&name]).await?;
+        Ok(row.as_ref().map(PluginRow::from_row))
+    }
+
+    pub async fn list(&self) -> Result<Vec<PluginRow>> {
+        let c = self.pool.get().await?;
+        let rows = c.query("SELECT * FROM plugins ORDER BY id", &[]).await?;
+        Ok(rows.iter().map(PluginRow::from_row).collect())
+    }
+
+    /// Inserts a discovered plugin unless a row of that name exists. Returns whether it inserted.
+    pub async fn insert_discovered(&self, d: &Discovered<'_>) -> Result<bool> {
+        let c = self.pool.get().await?;
+        let n = c
+            .execute(
+                "INSERT INTO plugins (name, source_path, path, description, version, author, type)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&d.name, &d.source_path, &d.manifest_path, &d.description, &d.version, &d.author, &d.kind],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Sets the desired status (this notifies the server, as any user edit does).
+    pub async fn set_status(&self, id: i64, status: &str) -> Result<()> {
+        let c = self.pool.get().await?;
+        c.execute("UPDATE plugins SET status = $2 WHERE id = $1", &[&id, &status]).await?;
+        Ok(())
+    }
+
+    /// Observed: a version is loaded and serving these endpoints.
+    pub async fn record_loaded(&self, id: i64, l: &Loaded<'_>) -> Result<()> {
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await?;
+        tx.execute(
+            "UPDATE plugins SET state = 'loaded', error = NULL, path = $2, binary_path = $3, loaded_hash = $4,
+                    loaded_at = now(), description = $5, version = $6, author = $7, type = $8
+             WHERE id = $1",
+            &[&id, &l.manifest_path, &l.binary_path, &l.hash, &l.description, &l.version, &l.author, &l.kind],
+        )
+        .await?;
+        tx.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
+        let insert = tx
+            .prepare("INSERT INTO plugin_endpoints (plugin_id, method, path, handler, type) VALUES ($1, $2, $3, $4, $5)")
+            .await?;
+        for e in l.endpoints {
+            tx.execute(&insert, &[&id, &e.method, &e.path, &e.handler, &l.kind]).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Observed: the plugin is being built.
+    pub async fn record_building(&self, id: i64) -> Result<()> {
+        let c = self.pool.get().await?;
+        c.execute("UPDATE plugins SET state = 'building' WHERE id = $1 AND state <> 'loaded'", &[&id]).await?;
+        Ok(())
+    }
+
+    /// Observed: the last attempt failed. When an older version still serves (`still_loaded`),
+    /// the state stays 'loaded' and only the error is shown.
+    pub async fn record_failed(&self, id: i64, error: &str, still_loaded: bool) -> Result<()> {
+        let c = self.pool.get().await?;
+        let state = if still_loaded { "loaded" } else { "failed" };
+        c.execute("UPDATE plugins SET state = $2, error = $3 WHERE id = $1", &[&id, &state, &error]).await?;
+        Ok(())
+    }
+
+    /// Observed: nothing is loaded for this plugin (it was disabled).
+    pub async fn record_unloaded(&self, id: i64) -> Result<()> {
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await?;
+        tx.execute(
+            "UPDATE plugins SET state = 'inactive', error = NULL, binary_path = NULL, loaded_hash = NULL,
+                    loaded_at = NULL
+             WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+        tx.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn endpoints(&self, plugin_id: i64) -> Result<Vec<EndpointRow>> {
+        let c = self.pool.get().await?;
+        let rows = c
+            .query("SELECT * FROM plugin_endpoints WHERE plugin_id = $1 ORDER BY path, method", &[&plugin_id])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| EndpointRow {
+                id: r.get("id"),
+                plugin_id: r.get("plugin_id"),
+                method: r.get("method"),
+                path: r.get("path"),
+                handler: r.get("handler"),
+                kind: r.get("type"),
+            })
+            .collect())
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> bool {
+        match self.pool.get().await {
+            Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}

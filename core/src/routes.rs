@@ -1,0 +1,173 @@
+//! Route patterns of plugins: parsing, conflicts, and the one place where OpenAPI-style paths
+//! (`/items/{id}`) become poem-style paths (`/items/:id`).
+//!
+//! A path belongs to one owner. Two patterns *overlap* when some request path matches both
+//! (segment by segment, a parameter matches anything); a plugin whose pattern overlaps another
+//! plugin's, or the admin API's, is refused, whatever the methods.
+
+use crate::loader::LoadedPlugin;
+use std::fmt;
+use std::sync::Arc;
+
+/// Where the reconciler publishes the set of served plugin versions (the HTTP layer's router).
+/// `publish` replaces the whole set at once: a request sees the old set or the new one, never a mix.
+pub trait RouteSink: Send + Sync {
+    /// Serves exactly these plugins' routes from now on. An error leaves the previous set serving.
+    fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String>;
+}
+
+/// Paths the admin API serves, as patterns.
+pub const ADMIN_PATHS: &[&str] = &[
+    "/plugins",
+    "/plugins/{name}",
+    "/plugins/{name}/reload",
+    "/plugins/{name}/toggle",
+    "/plugins/{name}/endpoints",
+    "/health",
+    "/openapi.json",
+    "/docs",
+    "/docs/oauth-receiver.html",
+];
+
+/// First path segments kept for the admin API, now and later.
+pub const ADMIN_ROOTS: &[&str] = &["plugins", "health", "openapi.json", "docs"];
+
+/// One segment of a pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+/// A parsed route pattern such as `/powertable/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    source: String,
+    segments: Vec<Segment>,
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+impl Pattern {
+    /// Parses an OpenAPI-style path: `/` then segments of literal text or one whole `{param}`.
+    pub fn parse(path: &str) -> Result<Self, String> {
+        let rest = path.strip_prefix('/').ok_or_else(|| format!("path {path:?} must start with '/'"))?;
+        let mut segments = Vec::new();
+        if !rest.is_empty() {
+            for seg in rest.split('/') {
+                segments.push(parse_segment(path, seg)?);
+            }
+        }
+        let mut names: Vec<&str> =
+            segments.iter().filter_map(|s| if let Segment::Param(p) = s { Some(p.as_str()) } else { None }).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err(format!("path {path:?} names a parameter twice"));
+        }
+        Ok(Self { source: path.to_string(), segments })
+    }
+
+    /// The path in poem's syntax (`:name` for a parameter).
+    pub fn to_poem(&self) -> String {
+        if self.segments.is_empty() {
+            return "/".into();
+        }
+        self.segments
+            .iter()
+            .map(|s| match s {
+                Segment::Literal(l) => format!("/{l}"),
+                Segment::Param(p) => format!("/:{p}"),
+            })
+            .collect()
+    }
+
+    /// Names of the path parameters, in order.
+    pub fn params(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| if let Segment::Param(p) = s { Some(p.as_str()) } else { None })
+    }
+
+    /// Whether some request path matches both patterns.
+    pub fn overlaps(&self, other: &Pattern) -> bool {
+        self.segments.len() == other.segments.len()
+            && self.segments.iter().zip(&other.segments).all(|pair| match pair {
+                (Segment::Literal(a), Segment::Literal(b)) => a == b,
+                _ => true,
+            })
+    }
+
+    /// Why this pattern may not be used by a plugin, if it clashes with the admin API.
+    pub fn admin_conflict(&self) -> Option<String> {
+        if let Some(Segment::Literal(first)) = self.segments.first() {
+            if ADMIN_ROOTS.contains(&first.as_str()) {
+                return Some(format!("path {self} is under /{first}, which is reserved for kiln's admin API"));
+            }
+        }
+        if self.segments.is_empty() {
+            return Some("path / is reserved".into());
+        }
+        ADMIN_PATHS
+            .iter()
+            .map(|p| Pattern::parse(p).expect("admin paths are valid"))
+            .find(|admin| self.overlaps(admin))
+            .map(|admin| format!("path {self} overlaps kiln's admin endpoint {admin}"))
+    }
+}
+
+fn parse_segment(path: &str, seg: &str) -> Result<Segment, String> {
+    if seg.is_empty() {
+        return Err(format!("path {path:?} has an empty segment"));
+    }
+    if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+        let ok = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        return if ok { Ok(Segment::Param(name.into())) } else { Err(format!("path {path:?}: bad parameter {seg:?}")) };
+    }
+    if seg == "." || seg == ".." || seg.contains(['{', '}', ':', '*', '?', '#', '%']) {
+        return Err(format!("path {path:?}: segment {seg:?} is not allowed (use {{name}} for a parameter)"));
+    }
+    Ok(Segment::Literal(seg.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Pattern {
+        Pattern::parse(s).unwrap()
+    }
+
+    #[test]
+    fn converts_to_poem_syntax() {
+        assert_eq!(p("/powertable/{id}").to_poem(), "/powertable/:id");
+        assert_eq!(p("/a/b").to_poem(), "/a/b");
+        assert_eq!(p("/a/{x}/c/{y}").params().collect::<Vec<_>>(), ["x", "y"]);
+    }
+
+    #[test]
+    fn rejects_bad_paths() {
+        for bad in ["", "x", "/a//b", "/a/{}", "/a/{1x}", "/a/:id", "/a/*", "/a/..", "/{x}/{x}"] {
+            assert!(Pattern::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn overlap_is_segment_wise() {
+        assert!(p("/a/{id}").overlaps(&p("/a/list")));
+        assert!(p("/a/{id}").overlaps(&p("/{x}/b")));
+        assert!(!p("/a/{id}").overlaps(&p("/a")));
+        assert!(!p("/a/b").overlaps(&p("/a/c")));
+    }
+
+    #[test]
+    fn admin_paths_are_protected() {
+        assert!(p("/plugins/x").admin_conflict().is_some());
+        assert!(p("/docs").admin_conflict().is_some());
+        assert!(p("/{anything}").admin_conflict().is_some());
+        assert!(p("/{a}/reload").admin_conflict().is_none());
+        assert!(p("/powertable/{id}").admin_conflict().is_none());
+    }
+}

@@ -1,0 +1,48 @@
+//! hello: the smallest useful kiln plugin. `GET /hello` and `GET /hello/{name}` greet;
+//! it counts the greetings it has given since it was loaded.
+
+use kiln_types::serde_json::json;
+use kiln_types::{InitContext, Plugin, Request, Response, Route};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The plugin's state: how many greetings this instance has given.
+#[derive(Debug, Default)]
+pub struct Hello {
+    greetings: AtomicU64,
+}
+
+impl Hello {
+    fn greet(&self, who: &str) -> Response {
+        let n = self.greetings.fetch_add(1, Ordering::Relaxed) + 1;
+        Response::json(200, &json!({ "message": format!("hello, {who}"), "greetings": n }))
+    }
+
+    /// `GET /hello`
+    pub fn hello(&self, _req: &Request) -> Response {
+        self.greet("world")
+    }
+
+    /// `GET /hello/{name}`
+    pub fn hello_name(&self, req: &Request) -> Response {
+        self.greet(req.param("name").unwrap_or("world"))
+    }
+}
+
+impl Plugin for Hello {
+    fn init(_ctx: &InitContext) -> Result<Self, String> {
+        Ok(Self::default())
+    }
+
+    fn routes() -> Vec<Route<Self>> {
+        let schema = json!({
+            "type": "object",
+            "properties": { "message": { "type": "string" }, "greetings": { "type": "integer" } }
+        });
+        vec![
+            Route::get("/hello", Self::hello).summary("Greet the world").response_schema(schema.clone()),
+            Route::get("/hello/{name}", Self::hello_name).summary("Greet someone").response_schema(schema),
+        ]
+    }
+}
+
+kiln_types::export_plugin!(Hello);

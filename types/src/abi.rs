@@ -1,0 +1,180 @@
+//! The C ABI between the kiln server and a plugin library.
+//!
+//! Everything here is `#[repr(C)]`: raw pointers, lengths and integers. No Rust-layout type
+//! (`String`, `Vec`, trait objects) ever crosses the boundary, because the server and each plugin
+//! are compiled separately and each carries its own copy of std and its own allocator.
+//!
+//! Ownership rules:
+//! - [`KilnStr`] is a borrowed view, valid only for the duration of the call it is passed to.
+//! - [`KilnBuf`] is memory allocated by the plugin. The server reads it and hands it back through
+//!   the plugin's [`SYM_FREE_BUF`] export, which frees it with the plugin's own allocator.
+//!
+//! Any change to a type or a signature in this file must bump [`ABI_VERSION`]: the server checks
+//! the version a library exports before it calls anything else in it.
+
+use std::ffi::c_void;
+
+/// Version of this interface. A library built against another version is refused on load.
+pub const ABI_VERSION: u32 = 1;
+
+/// Symbol: `extern "C" fn() -> u32`, returns the [`ABI_VERSION`] the library was built with.
+pub const SYM_ABI_VERSION: &[u8] = b"kiln_abi_version\0";
+/// Symbol: `extern "C" fn() -> KilnStr`, the kiln-types crate version (a static string).
+pub const SYM_TYPES_VERSION: &[u8] = b"kiln_types_version\0";
+/// Symbol: [`DescribeFn`].
+pub const SYM_DESCRIBE: &[u8] = b"kiln_describe\0";
+/// Symbol: [`InitFn`].
+pub const SYM_INIT: &[u8] = b"kiln_init\0";
+/// Symbol: [`HandleFn`].
+pub const SYM_HANDLE: &[u8] = b"kiln_handle\0";
+/// Symbol: [`CleanupFn`].
+pub const SYM_CLEANUP: &[u8] = b"kiln_cleanup\0";
+/// Symbol: [`FreeBufFn`].
+pub const SYM_FREE_BUF: &[u8] = b"kiln_free_buf\0";
+
+/// The call succeeded.
+pub const STATUS_OK: i32 = 0;
+/// The plugin panicked; the buffer holds the panic message (UTF-8).
+pub const STATUS_PANIC: i32 = 1;
+/// The plugin returned an error; the buffer holds its message (UTF-8).
+pub const STATUS_ERROR: i32 = 2;
+
+/// `extern "C" fn() -> u32`
+pub type AbiVersionFn = unsafe extern "C" fn() -> u32;
+/// `extern "C" fn() -> KilnStr`
+pub type TypesVersionFn = unsafe extern "C" fn() -> KilnStr;
+/// Writes the plugin description (JSON, see [`crate::PluginDescription`]) into `out`.
+pub type DescribeFn = unsafe extern "C" fn(out: *mut KilnBuf) -> i32;
+/// Creates an instance from `config` (JSON). On success writes the instance pointer to
+/// `instance_out`; on failure writes the message to `err_out`.
+pub type InitFn =
+    unsafe extern "C" fn(config: KilnStr, instance_out: *mut *mut c_void, err_out: *mut KilnBuf) -> i32;
+/// Handles one request with the instance. On [`STATUS_PANIC`] the message is in `out.body`.
+pub type HandleFn =
+    unsafe extern "C" fn(instance: *mut c_void, req: *const KilnRequest, out: *mut KilnResponse) -> i32;
+/// Runs the plugin's cleanup and frees the instance. The pointer is invalid afterwards.
+pub type CleanupFn = unsafe extern "C" fn(instance: *mut c_void, err_out: *mut KilnBuf) -> i32;
+/// Frees a buffer the plugin returned.
+pub type FreeBufFn = unsafe extern "C" fn(buf: KilnBuf);
+
+/// A borrowed byte string: valid for the duration of one call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilnStr {
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+impl KilnStr {
+    /// A view of `bytes`; the caller keeps `bytes` alive while the view is used.
+    pub fn new(bytes: &[u8]) -> Self {
+        Self { ptr: bytes.as_ptr(), len: bytes.len() }
+    }
+
+    /// A view of a static string (always valid).
+    pub const fn from_static(s: &'static str) -> Self {
+        Self { ptr: s.as_ptr(), len: s.len() }
+    }
+
+    /// The bytes this view points at.
+    ///
+    /// # Safety
+    /// `ptr` must point at `len` initialized bytes that stay valid and unmodified for `'a`.
+    pub unsafe fn as_bytes<'a>(&self) -> &'a [u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: guaranteed by the caller; the zero-length case (where `ptr` may be null or
+        // dangling) is handled above.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// A borrowed (name, value) pair: a path parameter or a header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilnPair {
+    pub name: KilnStr,
+    pub value: KilnStr,
+}
+
+/// One HTTP request, as the server hands it to a plugin. All views are valid during the call.
+#[repr(C)]
+#[derive(Debug)]
+pub struct KilnRequest {
+    /// Index of the matched route in the plugin's route list (as described by `kiln_describe`).
+    pub route: u32,
+    /// HTTP method, upper case (UTF-8).
+    pub method: KilnStr,
+    /// Request path (UTF-8), without the query string.
+    pub path: KilnStr,
+    /// Raw query string (UTF-8), without the leading `?`; empty when absent.
+    pub query: KilnStr,
+    /// Path parameters of the matched route.
+    pub params: *const KilnPair,
+    pub params_len: usize,
+    /// Request headers whose values are valid UTF-8; names are lower case.
+    pub headers: *const KilnPair,
+    pub headers_len: usize,
+    /// Request body.
+    pub body: KilnStr,
+}
+
+/// A byte buffer allocated by the plugin (the parts of a `Vec<u8>`), freed by its `kiln_free_buf`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct KilnBuf {
+    pub ptr: *mut u8,
+    pub len: usize,
+    pub cap: usize,
+}
+
+impl KilnBuf {
+    /// The empty buffer: nothing to free.
+    pub const EMPTY: KilnBuf = KilnBuf { ptr: std::ptr::null_mut(), len: 0, cap: 0 };
+
+    /// Gives up ownership of `v` into a buffer; [`KilnBuf::into_vec`] takes it back.
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        let mut v = std::mem::ManuallyDrop::new(v);
+        Self { ptr: v.as_mut_ptr(), len: v.len(), cap: v.capacity() }
+    }
+
+    /// Takes back a buffer made by [`KilnBuf::from_vec`].
+    ///
+    /// # Safety
+    /// `self` must come from `from_vec` in the same library (same allocator), not be used again.
+    pub unsafe fn into_vec(self) -> Vec<u8> {
+        if self.ptr.is_null() {
+            return Vec::new();
+        }
+        // SAFETY: the caller guarantees these are the parts of a Vec<u8> leaked by `from_vec`
+        // with this library's allocator.
+        unsafe { Vec::from_raw_parts(self.ptr, self.len, self.cap) }
+    }
+
+    /// The bytes in the buffer.
+    ///
+    /// # Safety
+    /// The buffer must be live (not yet freed).
+    pub unsafe fn as_bytes(&self) -> &[u8] {
+        if self.ptr.is_null() || self.len == 0 {
+            return &[];
+        }
+        // SAFETY: a live buffer holds `len` initialized bytes at `ptr` (from a Vec).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// A response written by the plugin. `headers` holds `name\nvalue\n` pairs (UTF-8).
+#[repr(C)]
+#[derive(Debug)]
+pub struct KilnResponse {
+    pub status: u16,
+    pub headers: KilnBuf,
+    pub body: KilnBuf,
+}
+
+impl KilnResponse {
+    /// A response with nothing allocated.
+    pub const EMPTY: KilnResponse = KilnResponse { status: 0, headers: KilnBuf::EMPTY, body: KilnBuf::EMPTY };
+}

@@ -1,0 +1,40 @@
+//! What a plugin says about itself: metadata and routes, sent once at load as JSON.
+//!
+//! JSON (not a C struct) because it is read once per load, carries optional JSON Schemas, and
+//! can grow fields without an ABI bump: unknown fields are ignored, missing ones default.
+
+use serde::{Deserialize, Serialize};
+
+/// Metadata and routes of a plugin, as the library describes itself.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PluginDescription {
+    /// Cargo package name of the plugin; must match the plugin's name in the `plugins` table.
+    pub name: String,
+    /// Cargo package version.
+    pub version: String,
+    /// Cargo package description.
+    pub description: String,
+    /// Cargo package authors, joined with `, `.
+    pub author: String,
+    /// The routes the plugin serves, in order; a request names its route by index.
+    pub routes: Vec<RouteDescription>,
+}
+
+/// One route of a plugin.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouteDescription {
+    /// HTTP method, upper case (`GET`, `POST`, …).
+    pub method: String,
+    /// OpenAPI-style path, e.g. `/powertable/{id}`.
+    pub path: String,
+    /// One line for the API docs.
+    pub summary: String,
+    /// Name of the handler, for the `plugin_endpoints` table.
+    pub handler: String,
+    /// JSON Schema of the request body, if any.
+    pub request_schema: Option<serde_json::Value>,
+    /// JSON Schema of the successful response body, if any.
+    pub response_schema: Option<serde_json::Value>,
+}

@@ -1,0 +1,248 @@
+//! The safe API plugin authors write against: [`Plugin`], [`Route`], [`Request`], [`Response`].
+
+use crate::abi::{KilnPair, KilnRequest, KilnStr};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A kiln plugin. Implement it and call [`export_plugin!`](crate::export_plugin) once.
+///
+/// One value of this type is created per load (by [`Plugin::init`]) and shared by every request,
+/// concurrently: keep mutable state behind a `Mutex` or atomics.
+pub trait Plugin: Send + Sync + Sized + 'static {
+    /// Creates the plugin instance when the server loads it. An error refuses the load; the
+    /// message is shown on the plugin's row and a previous version keeps serving.
+    fn init(ctx: &InitContext) -> Result<Self, String>;
+
+    /// The routes the plugin serves. Called once per load, before [`Plugin::init`].
+    fn routes() -> Vec<Route<Self>>;
+
+    /// Runs when the server retires this instance: after it was unloaded, disabled or replaced,
+    /// and after its last in-flight request finished.
+    fn cleanup(&mut self) {}
+}
+
+/// What the server tells a plugin when it creates an instance.
+#[derive(Debug, Clone)]
+pub struct InitContext {
+    /// The plugin's configuration (JSON). An empty object when none is set.
+    pub config: serde_json::Value,
+}
+
+/// A request handler: a plain function of the plugin and the request.
+pub type Handler<P> = fn(&P, &Request<'_>) -> Response;
+
+/// One HTTP route: method, OpenAPI-style path (`/items/{id}`) and handler.
+pub struct Route<P> {
+    pub(crate) method: &'static str,
+    pub(crate) path: String,
+    pub(crate) handler: Handler<P>,
+    pub(crate) handler_name: String,
+    pub(crate) summary: String,
+    pub(crate) request_schema: Option<serde_json::Value>,
+    pub(crate) response_schema: Option<serde_json::Value>,
+}
+
+impl<P> Route<P> {
+    fn new(method: &'static str, path: impl Into<String>, handler: Handler<P>) -> Self {
+        let path = path.into();
+        Self {
+            method,
+            handler_name: format!("{method} {path}"),
+            path,
+            handler,
+            summary: String::new(),
+            request_schema: None,
+            response_schema: None,
+        }
+    }
+
+    /// A `GET` route.
+    pub fn get(path: impl Into<String>, handler: Handler<P>) -> Self {
+        Self::new("GET", path, handler)
+    }
+
+    /// A `POST` route.
+    pub fn post(path: impl Into<String>, handler: Handler<P>) -> Self {
+        Self::new("POST", path, handler)
+    }
+
+    /// A `PUT` route.
+    pub fn put(path: impl Into<String>, handler: Handler<P>) -> Self {
+        Self::new("PUT", path, handler)
+    }
+
+    /// A `PATCH` route.
+    pub fn patch(path: impl Into<String>, handler: Handler<P>) -> Self {
+        Self::new("PATCH", path, handler)
+    }
+
+    /// A `DELETE` route.
+    pub fn delete(path: impl Into<String>, handler: Handler<P>) -> Self {
+        Self::new("DELETE", path, handler)
+    }
+
+    /// One line describing the route in the API docs.
+    pub fn summary(mut self, summary: impl Into<String>) -> Self {
+        self.summary = summary.into();
+        self
+    }
+
+    /// The handler's name, as recorded in `plugin_endpoints` (default: `METHOD path`).
+    pub fn handler_name(mut self, name: impl Into<String>) -> Self {
+        self.handler_name = name.into();
+        self
+    }
+
+    /// JSON Schema of the request body, shown in the API docs.
+    pub fn request_schema(mut self, schema: serde_json::Value) -> Self {
+        self.request_schema = Some(schema);
+        self
+    }
+
+    /// JSON Schema of the response body, shown in the API docs.
+    pub fn response_schema(mut self, schema: serde_json::Value) -> Self {
+        self.response_schema = Some(schema);
+        self
+    }
+}
+
+/// An HTTP request, borrowed from the server for the duration of one handler call.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub(crate) raw: &'a KilnRequest,
+}
+
+impl<'a> Request<'a> {
+    /// HTTP method, upper case.
+    pub fn method(&self) -> &'a str {
+        // SAFETY: the server passes UTF-8 views that live for the whole call ('a).
+        unsafe { str_of(self.raw.method) }
+    }
+
+    /// Request path, without the query string.
+    pub fn path(&self) -> &'a str {
+        // SAFETY: as in `method`.
+        unsafe { str_of(self.raw.path) }
+    }
+
+    /// Raw query string, without `?` (empty when absent).
+    pub fn query_string(&self) -> &'a str {
+        // SAFETY: as in `method`.
+        unsafe { str_of(self.raw.query) }
+    }
+
+    /// A path parameter of the matched route (`{id}` → `param("id")`).
+    pub fn param(&self, name: &str) -> Option<&'a str> {
+        // SAFETY: the server passes `params_len` pairs of UTF-8 views that live for the call.
+        unsafe { find_pair(self.raw.params, self.raw.params_len, name) }
+    }
+
+    /// A request header by lower-case name; headers that are not UTF-8 are absent.
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        // SAFETY: as in `param`.
+        unsafe { find_pair(self.raw.headers, self.raw.headers_len, name) }
+    }
+
+    /// The first value of a query parameter, percent-decoding not applied.
+    pub fn query(&self, name: &str) -> Option<&'a str> {
+        self.query_string()
+            .split('&')
+            .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
+
+    /// The raw request body.
+    pub fn body(&self) -> &'a [u8] {
+        // SAFETY: the server passes a body view that lives for the whole call.
+        unsafe { self.raw.body.as_bytes() }
+    }
+
+    /// The body parsed as JSON.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(self.body())
+    }
+}
+
+/// # Safety
+/// `s` must be a valid UTF-8 view that lives for `'a`.
+unsafe fn str_of<'a>(s: KilnStr) -> &'a str {
+    // SAFETY: the caller guarantees validity; the server only sends UTF-8 here.
+    unsafe { std::str::from_utf8_unchecked(s.as_bytes()) }
+}
+
+/// # Safety
+/// `pairs` must point at `len` valid pairs of UTF-8 views living for `'a` (or `len` is 0).
+unsafe fn find_pair<'a>(pairs: *const KilnPair, len: usize, name: &str) -> Option<&'a str> {
+    if len == 0 || pairs.is_null() {
+        return None;
+    }
+    // SAFETY: guaranteed by the caller.
+    let pairs = unsafe { std::slice::from_raw_parts(pairs, len) };
+    pairs.iter().find_map(|p| {
+        // SAFETY: guaranteed by the caller.
+        let (n, v) = unsafe { (str_of(p.name), str_of(p.value)) };
+        (n.eq_ignore_ascii_case(name)).then_some(v)
+    })
+}
+
+/// An HTTP response built by a handler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// A response with a status and no body.
+    pub fn status(status: u16) -> Self {
+        Self { status, headers: Vec::new(), body: Vec::new() }
+    }
+
+    /// A JSON response.
+    pub fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(body) => Self::status(status).header("content-type", "application/json").with_body(body),
+            Err(e) => Self::error(500, &format!("could not serialize the response: {e}")),
+        }
+    }
+
+    /// A JSON error body: `{"error": <reason phrase>, "message": …}`.
+    pub fn error(status: u16, message: &str) -> Self {
+        let body = serde_json::json!({ "error": reason(status), "message": message });
+        Self::status(status)
+            .header("content-type", "application/json")
+            .with_body(body.to_string().into_bytes())
+    }
+
+    /// A plain-text response.
+    pub fn text(status: u16, text: impl Into<String>) -> Self {
+        Self::status(status)
+            .header("content-type", "text/plain; charset=utf-8")
+            .with_body(text.into().into_bytes())
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Replaces the body.
+    pub fn with_body(mut self, body: Vec<u8>) -> Self {
+        self.body = body;
+        self
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "BadRequest",
+        404 => "NotFound",
+        409 => "Conflict",
+        422 => "UnprocessableEntity",
+        500 => "InternalError",
+        _ => "Error",
+    }
+}
