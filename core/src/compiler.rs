@@ -64,6 +64,8 @@ pub struct Compiler {
     types_hash: String,
     /// The in-process build queue (FIFO); see the module docs.
     queue: tokio::sync::Mutex<()>,
+    /// How many times cargo built a plugin since start (reported by /health).
+    builds: std::sync::atomic::AtomicU64,
 }
 
 impl Compiler {
@@ -74,7 +76,14 @@ impl Compiler {
         let mut h = Sha256::new();
         h.update(kiln_types::abi::ABI_VERSION.to_le_bytes());
         h.update(hash_tree(&types_dir)?.as_bytes());
-        Ok(Self { target_dir, bin_dir, types_dir, types_hash: hex::encode(h.finalize()), queue: Default::default() })
+        Ok(Self {
+            target_dir,
+            bin_dir,
+            types_dir,
+            types_hash: hex::encode(h.finalize()),
+            queue: Default::default(),
+            builds: Default::default(),
+        })
     }
 
     /// The content hash of a plugin crate: every file except build output, plus the kiln-types
@@ -91,6 +100,11 @@ impl Compiler {
         h.update(tree.as_bytes());
         h.update(self.types_hash.as_bytes());
         Ok(hex::encode(h.finalize()))
+    }
+
+    /// How many builds ran since start.
+    pub fn builds_run(&self) -> u64 {
+        self.builds.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Where the library for `hash` lives.
@@ -111,8 +125,19 @@ impl Compiler {
             return Ok(skipped); // built while we waited
         }
         let started = Instant::now();
+        self.builds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(plugin = %manifest.name, "compiling");
         let target_dir = self.target_dir.to_string_lossy();
+        // Our content hash decides that a build is needed, not cargo's freshness check: cargo
+        // hashes a standalone crate relative to its own root, so two copies of one package share
+        // fingerprints, and it compares mtimes, so sources with old mtimes (an archive, a
+        // checkout) can look "fresh" and yield a stale library. Cleaning only this package keeps
+        // the shared dependencies built.
+        let clean = ["clean", "--release", "-p", &manifest.name, "--target-dir", &target_dir];
+        let cleaned = self.cargo(manifest, &clean).await?;
+        if !cleaned.success {
+            return Err(BuildError::Failed { diagnostics: diagnostics(&cleaned) });
+        }
         let args = ["build", "--release", "--lib", "--message-format=json", "--target-dir", &target_dir];
         let output = self.cargo(manifest, &args).await?;
         let library = find_library(&output.stdout, &manifest.manifest_path);
@@ -217,10 +242,11 @@ fn diagnostics(out: &CargoOutput) -> String {
     let mut text = String::new();
     for line in &out.stdout {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        if msg["reason"] == "compiler-message" && msg["message"]["level"] == "error" {
-            if let Some(rendered) = msg["message"]["rendered"].as_str() {
-                text.push_str(rendered);
-            }
+        if msg["reason"] == "compiler-message"
+            && msg["message"]["level"] == "error"
+            && let Some(rendered) = msg["message"]["rendered"].as_str()
+        {
+            text.push_str(rendered);
         }
     }
     for line in out.stderr.lines() {

@@ -45,6 +45,7 @@ pub async fn serve(
     let pool = pool(pg.clone())?;
     migrate::run(&pool).await.context("applying migrations")?;
     let repo = Repo::new(pool);
+    repo.reset_observed().await.context("resetting observed state")?;
     discover(&repo, &config.plugin_dirs).await.context("recording discovered plugins")?;
 
     let compiler = Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone())
@@ -94,12 +95,13 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             Some(pg)
         }
     };
-    let listener = tokio::net::TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
+    let listener =
+        tokio::net::TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
     let result = serve(listener, config, shutdown_signal()).await;
-    if let Some(pg) = local {
-        if let Err(e) = pg.stop().await {
-            tracing::warn!("stopping the private PostgreSQL: {e:#}");
-        }
+    if let Some(pg) = local
+        && let Err(e) = pg.stop().await
+    {
+        tracing::warn!("stopping the private PostgreSQL: {e:#}");
     }
     result
 }

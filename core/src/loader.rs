@@ -22,7 +22,9 @@ pub enum LoadError {
     #[error("could not open {path}: {source}")]
     Open { path: PathBuf, source: libloading::Error },
     /// A required export is missing: the library was not built with `export_plugin!`.
-    #[error("{path} is not a kiln plugin: it does not export `{symbol}` (was it built with kiln_types::export_plugin!?)")]
+    #[error(
+        "{path} is not a kiln plugin: it does not export `{symbol}` (was it built with kiln_types::export_plugin!?)"
+    )]
     EntrypointNotFound { path: PathBuf, symbol: String },
     /// The library speaks another version of the plugin interface.
     #[error(
@@ -125,7 +127,7 @@ impl LoadedPlugin {
             });
         }
 
-        // SAFETY (all four): the ABI version matched, so these symbols have these signatures.
+        // SAFETY: the ABI version matched, so this symbol (and the four below) has this signature.
         let describe: DescribeFn = unsafe { symbol(&library, path, abi::SYM_DESCRIBE)? };
         // SAFETY: see above.
         let init: InitFn = unsafe { symbol(&library, path, abi::SYM_INIT)? };
@@ -180,7 +182,8 @@ impl LoadedPlugin {
 
     /// Calls a handler. Blocking: runs the plugin's code on the calling thread.
     pub fn call(&self, req: &CallRequest<'_>) -> Result<CallResponse, CallError> {
-        let pair = |(n, v): &(&str, &str)| KilnPair { name: KilnStr::new(n.as_bytes()), value: KilnStr::new(v.as_bytes()) };
+        let pair =
+            |(n, v): &(&str, &str)| KilnPair { name: KilnStr::new(n.as_bytes()), value: KilnStr::new(v.as_bytes()) };
         let params: Vec<KilnPair> = req.params.iter().map(pair).collect();
         let headers: Vec<KilnPair> = req.headers.iter().map(pair).collect();
         let raw = KilnRequest {

@@ -89,7 +89,8 @@ impl Manifest {
     fn parse(text: &str, dir: &Path, manifest_path: PathBuf) -> Result<Self, ManifestError> {
         let cargo: CargoToml = toml::from_str(text).map_err(|e| invalid(&manifest_path, e.message().to_string()))?;
         let package = cargo.package.ok_or_else(|| invalid(&manifest_path, "no [package] table".into()))?;
-        let kiln = package.metadata.and_then(|m| m.kiln).ok_or_else(|| ManifestError::NotAPlugin(manifest_path.clone()))?;
+        let kiln =
+            package.metadata.and_then(|m| m.kiln).ok_or_else(|| ManifestError::NotAPlugin(manifest_path.clone()))?;
         validate_name(&package.name).map_err(|reason| invalid(&manifest_path, reason))?;
         if kiln.kind != "http" {
             return Err(invalid(&manifest_path, format!("unknown plugin type {:?} (known: \"http\")", kiln.kind)));
@@ -147,7 +148,10 @@ mod tests {
             "[package]\nname = \"pt\"\nversion = \"1.2.3\"\ndescription = \"d\"\nauthors = [\"a\", \"b\"]\n[package.metadata.kiln]\n",
         )
         .unwrap();
-        assert_eq!((m.name.as_str(), m.version.as_str(), m.author.as_str(), m.kind.as_str()), ("pt", "1.2.3", "a, b", "http"));
+        assert_eq!(
+            (m.name.as_str(), m.version.as_str(), m.author.as_str(), m.kind.as_str()),
+            ("pt", "1.2.3", "a, b", "http")
+        );
     }
 
     #[test]
@@ -158,7 +162,10 @@ mod tests {
     #[test]
     fn bad_toml_and_bad_names_are_invalid() {
         assert!(matches!(parse("[package\n"), Err(ManifestError::Invalid { .. })));
-        assert!(matches!(parse("[package]\nname = \"../x\"\n[package.metadata.kiln]\n"), Err(ManifestError::Invalid { .. })));
+        assert!(matches!(
+            parse("[package]\nname = \"../x\"\n[package.metadata.kiln]\n"),
+            Err(ManifestError::Invalid { .. })
+        ));
         assert!(matches!(
             parse("[package]\nname = \"x\"\n[package.metadata.kiln]\ntype = \"grpc\"\n"),
             Err(ManifestError::Invalid { .. })

@@ -166,6 +166,11 @@ impl Reconciler {
         let _ = tokio::task::spawn_blocking(move || drop(plugins)).await;
     }
 
+    /// How many plugin builds ran since start.
+    pub fn builds_run(&self) -> u64 {
+        self.inner.compiler.builds_run()
+    }
+
     /// How many plugin versions serve now.
     pub fn served_count(&self) -> usize {
         self.inner.served.lock().expect("served lock").len()
@@ -235,18 +240,23 @@ impl Inner {
     async fn load_wanted(&self, row: &PluginRow, force: bool) -> Result<Outcome, ReconcileError> {
         let manifest = Manifest::read(&PathBuf::from(&row.source_path))?;
         if manifest.name != row.name {
-            return Err(ReconcileError::NameMismatch { dir: manifest.dir, package: manifest.name, row: row.name.clone() });
+            return Err(ReconcileError::NameMismatch {
+                dir: manifest.dir,
+                package: manifest.name,
+                row: row.name.clone(),
+            });
         }
         let hash = self.compiler.source_hash(&manifest).await?;
         let current = self.served.lock().expect("served lock").get(&row.id).map(|s| (s.hash.clone(), s.plugin.clone()));
-        if let Some((current_hash, plugin)) = &current {
-            if !force && *current_hash == hash {
-                // Serving the wanted version; make sure the row says so (it may show an old error).
-                if row.state != "loaded" || row.error.is_some() || row.loaded_hash.as_deref() != Some(hash.as_str()) {
-                    self.record_loaded(row.id, &manifest, &hash, plugin).await?;
-                }
-                return Ok(Outcome::Unchanged);
+        if let Some((current_hash, plugin)) = &current
+            && !force
+            && *current_hash == hash
+        {
+            // Serving the wanted version; make sure the row says so (it may show an old error).
+            if row.state != "loaded" || row.error.is_some() || row.loaded_hash.as_deref() != Some(hash.as_str()) {
+                self.record_loaded(row.id, &manifest, &hash, plugin).await?;
             }
+            return Ok(Outcome::Unchanged);
         }
         if current.is_none() {
             self.repo.record_building(row.id).await?;

@@ -183,12 +183,21 @@ impl Repo {
         .await?;
         tx.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
         let insert = tx
-            .prepare("INSERT INTO plugin_endpoints (plugin_id, method, path, handler, type) VALUES ($1, $2, $3, $4, $5)")
+            .prepare(
+                "INSERT INTO plugin_endpoints (plugin_id, method, path, handler, type) VALUES ($1, $2, $3, $4, $5)",
+            )
             .await?;
         for e in l.endpoints {
             tx.execute(&insert, &[&id, &e.method, &e.path, &e.handler, &l.kind]).await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Observed, at startup: this process serves nothing yet, whatever an earlier one recorded.
+    pub async fn reset_observed(&self) -> Result<()> {
+        let c = self.pool.get().await?;
+        c.execute("UPDATE plugins SET state = 'pending' WHERE state IN ('loaded', 'building')", &[]).await?;
         Ok(())
     }
 
@@ -226,9 +235,8 @@ impl Repo {
 
     pub async fn endpoints(&self, plugin_id: i64) -> Result<Vec<EndpointRow>> {
         let c = self.pool.get().await?;
-        let rows = c
-            .query("SELECT * FROM plugin_endpoints WHERE plugin_id = $1 ORDER BY path, method", &[&plugin_id])
-            .await?;
+        let rows =
+            c.query("SELECT * FROM plugin_endpoints WHERE plugin_id = $1 ORDER BY path, method", &[&plugin_id]).await?;
         Ok(rows
             .iter()
             .map(|r| EndpointRow {

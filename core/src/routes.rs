@@ -101,10 +101,10 @@ impl Pattern {
 
     /// Why this pattern may not be used by a plugin, if it clashes with the admin API.
     pub fn admin_conflict(&self) -> Option<String> {
-        if let Some(Segment::Literal(first)) = self.segments.first() {
-            if ADMIN_ROOTS.contains(&first.as_str()) {
-                return Some(format!("path {self} is under /{first}, which is reserved for kiln's admin API"));
-            }
+        if let Some(Segment::Literal(first)) = self.segments.first()
+            && ADMIN_ROOTS.contains(&first.as_str())
+        {
+            return Some(format!("path {self} is under /{first}, which is reserved for kiln's admin API"));
         }
         if self.segments.is_empty() {
             return Some("path / is reserved".into());
@@ -167,7 +167,8 @@ mod tests {
         assert!(p("/plugins/x").admin_conflict().is_some());
         assert!(p("/docs").admin_conflict().is_some());
         assert!(p("/{anything}").admin_conflict().is_some());
-        assert!(p("/{a}/reload").admin_conflict().is_none());
+        assert!(p("/{a}/reload").admin_conflict().is_some(), "/plugins/reload matches both");
+        assert!(p("/{a}/b/c/d").admin_conflict().is_none());
         assert!(p("/powertable/{id}").admin_conflict().is_none());
     }
 }

@@ -47,11 +47,9 @@ pub type TypesVersionFn = unsafe extern "C" fn() -> KilnStr;
 pub type DescribeFn = unsafe extern "C" fn(out: *mut KilnBuf) -> i32;
 /// Creates an instance from `config` (JSON). On success writes the instance pointer to
 /// `instance_out`; on failure writes the message to `err_out`.
-pub type InitFn =
-    unsafe extern "C" fn(config: KilnStr, instance_out: *mut *mut c_void, err_out: *mut KilnBuf) -> i32;
+pub type InitFn = unsafe extern "C" fn(config: KilnStr, instance_out: *mut *mut c_void, err_out: *mut KilnBuf) -> i32;
 /// Handles one request with the instance. On [`STATUS_PANIC`] the message is in `out.body`.
-pub type HandleFn =
-    unsafe extern "C" fn(instance: *mut c_void, req: *const KilnRequest, out: *mut KilnResponse) -> i32;
+pub type HandleFn = unsafe extern "C" fn(instance: *mut c_void, req: *const KilnRequest, out: *mut KilnResponse) -> i32;
 /// Runs the plugin's cleanup and frees the instance. The pointer is invalid afterwards.
 pub type CleanupFn = unsafe extern "C" fn(instance: *mut c_void, err_out: *mut KilnBuf) -> i32;
 /// Frees a buffer the plugin returned.

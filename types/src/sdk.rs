@@ -211,16 +211,12 @@ impl Response {
     /// A JSON error body: `{"error": <reason phrase>, "message": …}`.
     pub fn error(status: u16, message: &str) -> Self {
         let body = serde_json::json!({ "error": reason(status), "message": message });
-        Self::status(status)
-            .header("content-type", "application/json")
-            .with_body(body.to_string().into_bytes())
+        Self::status(status).header("content-type", "application/json").with_body(body.to_string().into_bytes())
     }
 
     /// A plain-text response.
     pub fn text(status: u16, text: impl Into<String>) -> Self {
-        Self::status(status)
-            .header("content-type", "text/plain; charset=utf-8")
-            .with_body(text.into().into_bytes())
+        Self::status(status).header("content-type", "text/plain; charset=utf-8").with_body(text.into().into_bytes())
     }
 
     /// Adds a header.

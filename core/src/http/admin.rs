@@ -105,6 +105,8 @@ pub struct Health {
     pub listener: String,
     /// Plugin versions serving now.
     pub plugins_served: u64,
+    /// Plugin builds (cargo runs) since the server started.
+    pub builds_run: u64,
     pub version: String,
 }
 
@@ -186,6 +188,7 @@ impl AdminApi {
             database: if db_up { "up" } else { "down" }.into(),
             listener: if listener_up { "connected" } else { "disconnected" }.into(),
             plugins_served: self.reconciler.served_count() as u64,
+            builds_run: self.reconciler.builds_run(),
             version: env!("CARGO_PKG_VERSION").into(),
         };
         if db_up && listener_up { HealthResponse::Ok(Json(health)) } else { HealthResponse::Degraded(Json(health)) }
@@ -195,11 +198,9 @@ impl AdminApi {
 impl AdminApi {
     async fn row(&self, name: &str) -> std::result::Result<PluginRow, ErrorResponse> {
         validate_name(name).map_err(|msg| ErrorResponse::BadRequest(Json(ApiError::new("InvalidName", msg))))?;
-        self.repo
-            .get_by_name(name)
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| ErrorResponse::NotFound(Json(ApiError::new("PluginNotFound", format!("no plugin named {name:?}")))))
+        self.repo.get_by_name(name).await.map_err(db_error)?.ok_or_else(|| {
+            ErrorResponse::NotFound(Json(ApiError::new("PluginNotFound", format!("no plugin named {name:?}"))))
+        })
     }
 }
 

@@ -35,6 +35,11 @@ pub fn app(api: AdminApi, router: Arc<PluginRouter>) -> anyhow::Result<impl Endp
         .at("/docs", ui_endpoint(docs))
         .nest("/", service)
         .catch_all_error(|err| async move {
+            // Our own answers (ErrorResponse) already carry a JSON body: keep them. The rest
+            // are poem-openapi's (unknown path, bad parameter): give them the same shape.
+            if err.is_from_response() {
+                return err.into_response();
+            }
             let status = err.status();
             let code = if status == StatusCode::NOT_FOUND { "NotFound" } else { "BadRequest" };
             json_error(status, code, &err.to_string())

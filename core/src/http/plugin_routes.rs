@@ -47,7 +47,8 @@ impl RouteSink for PluginRouter {
             let mut by_path: Vec<(String, RouteMethod)> = Vec::new();
             for (index, r) in description.routes.iter().enumerate() {
                 let pattern = Pattern::parse(&r.path)?;
-                let method = Method::from_bytes(r.method.as_bytes()).map_err(|_| format!("bad method {:?}", r.method))?;
+                let method =
+                    Method::from_bytes(r.method.as_bytes()).map_err(|_| format!("bad method {:?}", r.method))?;
                 let endpoint = PluginEndpoint {
                     plugin: plugin.clone(),
                     route: index as u32,
@@ -95,11 +96,7 @@ impl Endpoint for PluginEndpoint {
             method: req.method().as_str().to_string(),
             path: req.uri().path().to_string(),
             query: req.uri().query().unwrap_or("").to_string(),
-            params: self
-                .params
-                .iter()
-                .map(|n| (n.clone(), req.raw_path_param(n).unwrap_or("").to_string()))
-                .collect(),
+            params: self.params.iter().map(|n| (n.clone(), req.raw_path_param(n).unwrap_or("").to_string())).collect(),
             headers: req
                 .headers()
                 .iter()
@@ -127,11 +124,19 @@ impl Endpoint for PluginEndpoint {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::error!(plugin = %name, path = %req.uri().path(), "{e}");
-                return Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", &format!("plugin {name}: {e}")));
+                return Ok(json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "PluginError",
+                    &format!("plugin {name}: {e}"),
+                ));
             }
             Err(e) => {
                 tracing::error!(plugin = %name, "handler task failed: {e}");
-                return Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", "the handler did not complete"));
+                return Ok(json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "PluginError",
+                    "the handler did not complete",
+                ));
             }
         };
         let Ok(status) = StatusCode::from_u16(response.status) else {

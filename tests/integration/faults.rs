@@ -1,0 +1,91 @@
+//! Bad plugins: each is refused or contained with a clear error, and nothing else is disturbed.
+
+use crate::support::TestServer;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_that_does_not_compile_says_why_and_others_keep_serving() {
+    let server = TestServer::start(&["broken", "hello"]).await;
+    let broken = server.wait_state("broken", "failed").await;
+    let error = broken["error"].as_str().unwrap();
+    assert!(error.starts_with("BuildFailed"), "{error}");
+    assert!(error.contains("error[E0308]: mismatched types"), "the compiler's message is kept: {error}");
+    assert!(error.contains("src/lib.rs"), "with its location: {error}");
+    server.wait_state("hello", "loaded").await;
+    assert_eq!(server.get("/hello").await.0, 200);
+    assert_eq!(server.get("/broken").await.0, 404);
+
+    let (status, body) = server.post("/plugins/broken/reload", None).await;
+    assert_eq!((status, body["error"].as_str()), (422, Some("BuildFailed")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("mismatched types"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_rebuild_leaves_the_old_version_serving_until_fixed() {
+    let server = TestServer::start(&["lifecycle"]).await;
+    server.wait_state("lifecycle", "loaded").await;
+    let src = server.plugin_dir("lifecycle").join("src/lib.rs");
+    let good = std::fs::read_to_string(&src).unwrap();
+    std::fs::write(&src, good.replace("const VERSION: &str = \"v1\";", "const VERSION: &str = 42;")).unwrap();
+
+    let (status, body) = server.post("/plugins/lifecycle/reload", None).await;
+    assert_eq!((status, body["error"].as_str()), (422, Some("BuildFailed")), "{body}");
+    assert_eq!(server.get("/lifecycle").await.1, "v1", "the old version keeps serving");
+    let row = server.plugin("lifecycle").await;
+    assert_eq!(row["state"], "loaded");
+    assert!(row["error"].as_str().unwrap().contains("mismatched types"), "{row}");
+
+    std::fs::write(&src, good.replace("\"v1\"", "\"v3\"")).unwrap();
+    let (status, row) = server.post("/plugins/lifecycle/reload", None).await;
+    assert_eq!(status, 200, "{row}");
+    assert!(row["error"].is_null(), "a later success clears the error: {row}");
+    assert_eq!(server.get("/lifecycle").await.1, "v3");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_handler_answers_500_and_the_server_survives() {
+    let server = TestServer::start(&["panicky", "hello"]).await;
+    server.wait_state("panicky", "loaded").await;
+    server.wait_state("hello", "loaded").await;
+    for _ in 0..3 {
+        let (status, body) = server.get("/panicky/boom").await;
+        assert_eq!(status, 500);
+        assert_eq!(body["error"], "PluginError");
+        assert!(body["message"].as_str().unwrap().contains("panicky fixture: boom"), "{body}");
+    }
+    assert_eq!(server.get("/panicky/ok").await, (200, "still fine".into()), "the plugin itself still works");
+    assert_eq!(server.get("/hello").await.0, 200);
+    assert_eq!(server.get("/health").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_colliding_route_is_refused_and_the_first_owner_keeps_it() {
+    let server = TestServer::start(&["powertable"]).await;
+    server.wait_state("powertable", "loaded").await;
+    let dir = server.root.path().join("more/collider");
+    crate::support::copy_crate(&crate::support::crate_source("collider"), &dir);
+    let db = server.sql().await;
+    db.execute("INSERT INTO plugins (name, source_path) VALUES ('collider', $1)", &[&dir.to_string_lossy().as_ref()])
+        .await
+        .unwrap();
+    let row = server.wait_state("collider", "failed").await;
+    let error = row["error"].as_str().unwrap();
+    assert!(error.starts_with("RouteConflict"), "{error}");
+    assert!(error.contains("/powertable/{key}") && error.contains("\"powertable\""), "names both sides: {error}");
+    assert_eq!(server.get("/collider").await.0, 404, "nothing of the refused plugin serves");
+    assert_eq!(server.get("/powertable/1").await.0, 200);
+    let eps = db
+        .query("SELECT 1 FROM plugin_endpoints e JOIN plugins p ON p.id = e.plugin_id WHERE p.name = 'collider'", &[]);
+    assert!(eps.await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_library_built_against_another_abi_is_refused_with_both_versions() {
+    let server = TestServer::start(&["abi_skew", "hello"]).await;
+    let row = server.wait_state("abi_skew", "failed").await;
+    let error = row["error"].as_str().unwrap();
+    assert!(error.starts_with("AbiMismatch"), "{error}");
+    assert!(error.contains("kiln-types 9.9.9 (ABI 999)"), "the plugin's version: {error}");
+    assert!(error.contains(&format!("kiln-types {} (ABI 1)", kiln_types::TYPES_VERSION)), "the server's: {error}");
+    server.wait_state("hello", "loaded").await;
+    assert_eq!(server.get("/hello").await.0, 200);
+}

@@ -1,0 +1,252 @@
+//! Test harness: a real PostgreSQL, a real kiln server on port 0, real cargo builds, real HTTP.
+//!
+//! - PostgreSQL: `DATABASE_URL` when set; otherwise one throwaway cluster per test process,
+//!   started from the local binaries (as the `postgres` user when running as root).
+//!   Every test gets a fresh database, migrated by the server it starts.
+//! - Plugins: each test copies the crates it needs (from `plugins/` or `tests/fixtures/`) into
+//!   its own directory, so it can edit them. All tests share one cargo target directory, so the
+//!   plugins' dependencies compile once; kiln's build lock serializes builds across processes.
+
+#![allow(dead_code)] // each test uses a different part of the harness
+
+use kiln::local_pg::{LocalPostgres, Options};
+use serde_json::Value;
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{OnceCell, oneshot};
+use tokio_postgres::NoTls;
+
+/// Long enough for a cold build of a plugin's dependencies on a busy 2-core machine.
+pub const BUILD_DEADLINE: Duration = Duration::from_secs(300);
+/// How long a row edit may take to change the routes. The target is well under a second; the
+/// margin absorbs a machine busy compiling other tests' plugins.
+pub const EDIT_DEADLINE: Duration = Duration::from_secs(3);
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Cluster {
+    admin_url: String,
+    /// Keeps the data directory alive (and the server, stopped at process exit by the OS).
+    _pg: Option<(LocalPostgres, tempfile::TempDir)>,
+}
+
+static CLUSTER: OnceCell<Cluster> = OnceCell::const_new();
+
+async fn cluster() -> &'static Cluster {
+    CLUSTER
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("DATABASE_URL") {
+                return Cluster { admin_url: url, _pg: None };
+            }
+            let dir = tempfile::Builder::new().prefix("kiln-pg-").tempdir().expect("temp dir");
+            // The postgres user must be able to reach its data directory inside.
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            let pg = LocalPostgres::start(&dir.path().join("data"), Options { ephemeral: true })
+                .await
+                .expect("start a PostgreSQL cluster");
+            Cluster { admin_url: pg.url(), _pg: Some((pg, dir)) }
+        })
+        .await
+}
+
+/// A fresh, empty database on the test cluster; returns its URL.
+pub async fn fresh_database() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let c = cluster().await;
+    let name = format!("kiln_test_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    kiln::create_database(&c.admin_url, &name).await.expect("create the test database");
+    let mut config: tokio_postgres::Config = c.admin_url.parse().expect("valid URL");
+    config.dbname(&name);
+    // Rebuild a URL from the parts (host, port, user) of the admin URL.
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(p) => p.to_string_lossy().into_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres");
+    let password = config.get_password().map(|p| format!(":{}", String::from_utf8_lossy(p))).unwrap_or_default();
+    format!("postgres://{user}{password}@{host}:{port}/{name}")
+}
+
+/// Copies a plugin crate (without build output) into `dest`.
+pub fn copy_crate(from: &Path, dest: &Path) {
+    for entry in walkdir::WalkDir::new(from).into_iter().filter_entry(|e| e.file_name() != "target") {
+        let entry = entry.expect("walk");
+        let rel = entry.path().strip_prefix(from).expect("inside");
+        let target = dest.join(rel);
+        if entry.file_type().is_dir() {
+            std::fs::create_dir_all(&target).expect("mkdir");
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// Where a named plugin crate lives in the repository: `plugins/<name>` or `tests/fixtures/<name>`.
+pub fn crate_source(name: &str) -> PathBuf {
+    let example = repo_root().join("plugins").join(name);
+    if example.exists() { example } else { repo_root().join("tests/fixtures").join(name) }
+}
+
+/// A kiln server for one test.
+pub struct TestServer {
+    pub root: tempfile::TempDir,
+    pub base: String,
+    pub db_url: String,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// A server whose plugin directory holds copies of the named crates.
+    pub async fn start(plugins: &[&str]) -> Self {
+        let root = tempfile::Builder::new().prefix("kiln-test-").tempdir().expect("temp dir");
+        std::fs::create_dir_all(root.path().join("plugins")).expect("mkdir");
+        for name in plugins {
+            copy_crate(&crate_source(name), &root.path().join("plugins").join(name));
+        }
+        let db_url = fresh_database().await;
+        Self::start_in(root, db_url).await
+    }
+
+    /// A server on an existing root directory and database (for restarts).
+    pub async fn start_in(root: tempfile::TempDir, db_url: String) -> Self {
+        let mut config = kiln::Config::under(root.path(), db_url.clone());
+        config.build_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kiln-plugin-build");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(kiln::serve(listener, config, async {
+            let _ = stopped.await;
+        }));
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client");
+        let server = Self { root, base, db_url, http, stop: Some(stop), task: Some(task) };
+        server
+            .wait_until("the server answers /health", BUILD_DEADLINE, || async { server.get("/health").await.0 != 0 })
+            .await;
+        server
+    }
+
+    /// Stops the server (graceful) and hands back its directory and database.
+    pub async fn stop(mut self) -> (tempfile::TempDir, String) {
+        let _ = self.stop.take().expect("running").send(());
+        self.task.take().expect("running").await.expect("join").expect("server ran cleanly");
+        let root = std::mem::replace(&mut self.root, tempfile::tempdir().expect("temp dir"));
+        (root, self.db_url.clone())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// GET: (status, body as JSON or as a string). Status 0 when the server does not answer.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    pub async fn post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        let req = self.http.post(self.url(path));
+        self.send(match body {
+            Some(b) => req.json(&b),
+            None => req,
+        })
+        .await
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
+        match req.send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap_or_default();
+                (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    /// The plugin object from the admin API.
+    pub async fn plugin(&self, name: &str) -> Value {
+        let (status, body) = self.get(&format!("/plugins/{name}")).await;
+        assert_eq!(status, 200, "GET /plugins/{name}: {body}");
+        body
+    }
+
+    /// Waits until the plugin's row shows `state` (and, for `loaded`, no error).
+    pub async fn wait_state(&self, name: &str, state: &str) -> Value {
+        let mut last = Value::Null;
+        let deadline = Instant::now() + BUILD_DEADLINE;
+        while Instant::now() < deadline {
+            let (status, body) = self.get(&format!("/plugins/{name}")).await;
+            if status == 200 && body["state"] == state {
+                return body;
+            }
+            last = body;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("plugin {name} did not reach state {state} within {BUILD_DEADLINE:?}; last seen: {last:#}");
+    }
+
+    /// Polls `cond` until it holds, failing the test at the deadline.
+    pub async fn wait_until<F, Fut>(&self, what: &str, deadline: Duration, mut cond: F) -> Duration
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        wait_until(what, deadline, &mut cond).await
+    }
+
+    /// A direct connection to the server's database, as psql would be.
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        connect(&self.db_url).await
+    }
+
+    /// Path of a plugin crate copied into this server's plugin directory.
+    pub fn plugin_dir(&self, name: &str) -> PathBuf {
+        self.root.path().join("plugins").join(name)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds; panics after `deadline`. Returns the time it took.
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, cond: &mut F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return start.elapsed();
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A plain connection (the connection task runs in the background).
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+/// Lines of the lifecycle fixture's log (`init v1`, `cleanup v1`, …).
+pub fn read_log(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
+}
