@@ -67,6 +67,18 @@ impl LocalPostgres {
         self.run("pg_ctl", &["stop", "-D", &data, "-m", "fast", "-w"]).await.map(drop)
     }
 
+    /// Stops the server at once, blocking (for `Drop` of throwaway clusters).
+    pub fn stop_blocking(&self) {
+        let mut cmd = std::process::Command::new("pg_ctl");
+        cmd.args(["stop", "-D"]).arg(&self.data_dir).args(["-m", "immediate", "-w"]);
+        cmd.current_dir(&self.data_dir).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, gid);
+        }
+        let _ = cmd.status();
+    }
+
     /// Starts the server again on the same port, after [`LocalPostgres::stop`].
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         let port = self.port;

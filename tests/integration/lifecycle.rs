@@ -218,9 +218,9 @@ async fn a_restart_with_unchanged_sources_compiles_nothing() {
     let server = TestServer::start(&["powertable", "hello"]).await;
     server.wait_state("powertable", "loaded").await;
     server.wait_state("hello", "loaded").await;
-    let (root, db_url) = server.stop().await;
+    let (cluster, root, db_url) = server.stop().await;
 
-    let server = TestServer::start_in(root, db_url).await;
+    let server = TestServer::start_in(cluster, root, db_url).await;
     server.wait_state("powertable", "loaded").await;
     server.wait_state("hello", "loaded").await;
     assert_eq!(server.get("/powertable").await.0, 200);

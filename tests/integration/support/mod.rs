@@ -15,8 +15,9 @@ use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::{OnceCell, oneshot};
+use tokio::sync::{Mutex, oneshot};
 use tokio_postgres::NoTls;
 
 /// Long enough for a cold build of a plugin's dependencies on a busy 2-core machine.
@@ -30,35 +31,47 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-struct Cluster {
+/// The PostgreSQL the tests of this process use. Shared by the servers alive at one time,
+/// stopped (and its directory removed) when the last of them drops.
+pub struct Cluster {
     admin_url: String,
-    /// Keeps the data directory alive (and the server, stopped at process exit by the OS).
-    _pg: Option<(LocalPostgres, tempfile::TempDir)>,
+    pg: Option<(LocalPostgres, tempfile::TempDir)>,
 }
 
-static CLUSTER: OnceCell<Cluster> = OnceCell::const_new();
-
-async fn cluster() -> &'static Cluster {
-    CLUSTER
-        .get_or_init(|| async {
-            if let Ok(url) = std::env::var("DATABASE_URL") {
-                return Cluster { admin_url: url, _pg: None };
-            }
-            let dir = tempfile::Builder::new().prefix("kiln-pg-").tempdir().expect("temp dir");
-            // The postgres user must be able to reach its data directory inside.
-            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-            let pg = LocalPostgres::start(&dir.path().join("data"), Options { ephemeral: true })
-                .await
-                .expect("start a PostgreSQL cluster");
-            Cluster { admin_url: pg.url(), _pg: Some((pg, dir)) }
-        })
-        .await
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some((pg, _dir)) = &self.pg {
+            pg.stop_blocking();
+        }
+    }
 }
 
-/// A fresh, empty database on the test cluster; returns its URL.
-pub async fn fresh_database() -> String {
+static CLUSTER: Mutex<Weak<Cluster>> = Mutex::const_new(Weak::new());
+
+/// The cluster of this process, started on first use.
+pub async fn cluster() -> Arc<Cluster> {
+    let mut slot = CLUSTER.lock().await;
+    if let Some(c) = slot.upgrade() {
+        return c;
+    }
+    let cluster = Arc::new(if let Ok(url) = std::env::var("DATABASE_URL") {
+        Cluster { admin_url: url, pg: None }
+    } else {
+        let dir = tempfile::Builder::new().prefix("kiln-pg-").tempdir().expect("temp dir");
+        // The postgres user must be able to reach its data directory inside.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let pg = LocalPostgres::start(&dir.path().join("data"), Options { ephemeral: true })
+            .await
+            .expect("start a PostgreSQL cluster");
+        Cluster { admin_url: pg.url(), pg: Some((pg, dir)) }
+    });
+    *slot = Arc::downgrade(&cluster);
+    cluster
+}
+
+/// A fresh, empty database on `c`; returns its URL.
+pub async fn fresh_database(c: &Cluster) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let c = cluster().await;
     let name = format!("kiln_test_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
     kiln::create_database(&c.admin_url, &name).await.expect("create the test database");
     let mut config: tokio_postgres::Config = c.admin_url.parse().expect("valid URL");
@@ -96,6 +109,7 @@ pub fn crate_source(name: &str) -> PathBuf {
 
 /// A kiln server for one test.
 pub struct TestServer {
+    pub cluster: Arc<Cluster>,
     pub root: tempfile::TempDir,
     pub base: String,
     pub db_url: String,
@@ -112,12 +126,13 @@ impl TestServer {
         for name in plugins {
             copy_crate(&crate_source(name), &root.path().join("plugins").join(name));
         }
-        let db_url = fresh_database().await;
-        Self::start_in(root, db_url).await
+        let cluster = cluster().await;
+        let db_url = fresh_database(&cluster).await;
+        Self::start_in(cluster, root, db_url).await
     }
 
     /// A server on an existing root directory and database (for restarts).
-    pub async fn start_in(root: tempfile::TempDir, db_url: String) -> Self {
+    pub async fn start_in(cluster: Arc<Cluster>, root: tempfile::TempDir, db_url: String) -> Self {
         let mut config = kiln::Config::under(root.path(), db_url.clone());
         config.build_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kiln-plugin-build");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -127,19 +142,19 @@ impl TestServer {
             let _ = stopped.await;
         }));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client");
-        let server = Self { root, base, db_url, http, stop: Some(stop), task: Some(task) };
+        let server = Self { cluster, root, base, db_url, http, stop: Some(stop), task: Some(task) };
         server
             .wait_until("the server answers /health", BUILD_DEADLINE, || async { server.get("/health").await.0 != 0 })
             .await;
         server
     }
 
-    /// Stops the server (graceful) and hands back its directory and database.
-    pub async fn stop(mut self) -> (tempfile::TempDir, String) {
+    /// Stops the server (graceful) and hands back its cluster, directory and database.
+    pub async fn stop(mut self) -> (Arc<Cluster>, tempfile::TempDir, String) {
         let _ = self.stop.take().expect("running").send(());
         self.task.take().expect("running").await.expect("join").expect("server ran cleanly");
         let root = std::mem::replace(&mut self.root, tempfile::tempdir().expect("temp dir"));
-        (root, self.db_url.clone())
+        (self.cluster.clone(), root, self.db_url.clone())
     }
 
     pub fn url(&self, path: &str) -> String {
