@@ -87,11 +87,18 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         Some(_) => None,
         None => {
             let dir = config.data_dir.join("pgdata");
-            let pg = local_pg::LocalPostgres::start(&dir, local_pg::Options::default())
+            let options = local_pg::Options { ephemeral: false, preferred_port: Some(54329) };
+            let pg = local_pg::LocalPostgres::start(&dir, options)
                 .await
                 .context("starting the private PostgreSQL (set DATABASE_URL to use your own)")?;
             create_database(&pg.url(), "kiln").await?;
-            config.database_url = Some(pg.url_for("kiln"));
+            let url = pg.url_for("kiln");
+            let url_file = config.data_dir.join("database-url");
+            if let Err(e) = std::fs::write(&url_file, format!("{url}\n")) {
+                tracing::warn!("could not write {}: {e}", url_file.display());
+            }
+            tracing::info!("private PostgreSQL ready; connect with: psql {url}");
+            config.database_url = Some(url);
             Some(pg)
         }
     };

@@ -15,6 +15,8 @@ use tokio::process::Command;
 pub struct Options {
     /// Turn off fsync and friends: for throwaway test clusters only.
     pub ephemeral: bool,
+    /// Port to try first (a stable port is easier to point psql at); any free port otherwise.
+    pub preferred_port: Option<u16>,
 }
 
 /// A running cluster, stopped by [`LocalPostgres::stop`] (not on drop: a server that exits
@@ -103,9 +105,13 @@ impl LocalPostgres {
 
     async fn start_server(&mut self) -> anyhow::Result<()> {
         let mut last_err = None;
+        let preferred = self.options.preferred_port.filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok());
         // A free port can be taken between our probe and the server's bind: try a few.
-        for _ in 0..5 {
-            let port = free_port()?;
+        for attempt in 0..5 {
+            let port = match (attempt, preferred) {
+                (0, Some(p)) => p,
+                _ => free_port()?,
+            };
             match self.launch(port).await {
                 Ok(()) => return Ok(()),
                 Err(e) => last_err = Some(e),

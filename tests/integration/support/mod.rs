@@ -60,7 +60,7 @@ pub async fn cluster() -> Arc<Cluster> {
         let dir = tempfile::Builder::new().prefix("kiln-pg-").tempdir().expect("temp dir");
         // The postgres user must be able to reach its data directory inside.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let pg = LocalPostgres::start(&dir.path().join("data"), Options { ephemeral: true })
+        let pg = LocalPostgres::start(&dir.path().join("data"), Options { ephemeral: true, preferred_port: None })
             .await
             .expect("start a PostgreSQL cluster");
         Cluster { admin_url: pg.url(), pg: Some((pg, dir)) }
