@@ -1,5 +1,6 @@
 //! Server settings, from command-line flags or the environment.
 
+use crate::watcher::WatchMode;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,6 +41,10 @@ pub struct Config {
     #[arg(long, env = "KILN_RESYNC_SECS", default_value_t = 60)]
     pub resync_secs: u64,
 
+    /// Watch plugin sources: rebuild and reload on change, discover new crates, unload removed ones.
+    #[arg(long, env = "KILN_WATCH", value_enum, default_value = "auto")]
+    pub watch: WatchMode,
+
     /// Largest request body passed to a plugin, in bytes.
     #[arg(long, env = "KILN_MAX_BODY", default_value_t = 8 * 1024 * 1024)]
     pub max_body: usize,
@@ -57,6 +62,7 @@ impl Config {
             data_dir: root.join("data"),
             types_dir: default_types_dir(),
             resync_secs: 60,
+            watch: WatchMode::Off,
             max_body: 8 * 1024 * 1024,
         }
     }

@@ -4,6 +4,7 @@
 //! `plugins` (see `startup`), and the reconciler takes it from there.
 
 use crate::manifest::{Manifest, ManifestError};
+use crate::repo::{Discovered, Repo, RepoError};
 use std::path::{Path, PathBuf};
 use walkdir::WalkDir;
 
@@ -64,4 +65,35 @@ fn scan_dir(root: &Path, scan: &mut Scan) {
             Err(e) => scan.errors.push((entry.path().to_path_buf(), e.to_string())),
         }
     }
+}
+
+/// Scans `dirs` and inserts a row for every plugin crate that has none; logs unusable crates.
+/// Rows that exist are left alone: their `source_path` and `status` are the user's.
+pub async fn record(repo: &Repo, dirs: &[PathBuf]) -> Result<Scan, RepoError> {
+    let scan = tokio::task::spawn_blocking({
+        let dirs = dirs.to_vec();
+        move || scan(&dirs)
+    })
+    .await
+    .unwrap_or_else(|e| Scan { plugins: Vec::new(), errors: vec![(PathBuf::new(), format!("discovery failed: {e}"))] });
+    for (path, error) in &scan.errors {
+        tracing::warn!(path = %path.display(), "discovery: {error}");
+    }
+    for m in &scan.plugins {
+        let inserted = repo
+            .insert_discovered(&Discovered {
+                name: &m.name,
+                source_path: &m.dir.to_string_lossy(),
+                manifest_path: &m.manifest_path.to_string_lossy(),
+                description: &m.description,
+                version: &m.version,
+                author: &m.author,
+                kind: &m.kind,
+            })
+            .await?;
+        if inserted {
+            tracing::info!(plugin = %m.name, dir = %m.dir.display(), "discovered");
+        }
+    }
+    Ok(scan)
 }

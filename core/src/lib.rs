@@ -16,6 +16,7 @@ pub mod migrate;
 pub mod reconciler;
 pub mod repo;
 pub mod routes;
+pub mod watcher;
 
 pub use config::Config;
 
@@ -23,7 +24,7 @@ use anyhow::Context;
 use compiler::Compiler;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use reconciler::Reconciler;
-use repo::{Discovered, Repo};
+use repo::Repo;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -46,17 +47,18 @@ pub async fn serve(
     migrate::run(&pool).await.context("applying migrations")?;
     let repo = Repo::new(pool);
     repo.reset_observed().await.context("resetting observed state")?;
-    discover(&repo, &config.plugin_dirs).await.context("recording discovered plugins")?;
+    discovery::record(&repo, &config.plugin_dirs).await.context("recording discovered plugins")?;
 
     let compiler = Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone())
         .context("preparing the build directories")?;
     let router = Arc::new(http::PluginRouter::new(config.max_body));
     let reconciler = Reconciler::new(repo.clone(), Arc::new(compiler), router.clone());
     let listener_up = Arc::new(AtomicBool::new(false));
-    let api = http::AdminApi { repo, reconciler: reconciler.clone(), listener_up: listener_up.clone() };
+    let api = http::AdminApi { repo: repo.clone(), reconciler: reconciler.clone(), listener_up: listener_up.clone() };
     let app = http::app(api, router)?;
 
     let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), listener_up));
+    watcher::spawn(config.watch, config.plugin_dirs.clone(), repo.clone(), reconciler.clone());
     let resync = reconciler.clone();
     let every = config.resync_interval();
     let resync_task = tokio::spawn(async move {
@@ -137,35 +139,6 @@ fn pool(pg: tokio_postgres::Config) -> anyhow::Result<Pool> {
         .create_timeout(timeout)
         .recycle_timeout(timeout)
         .build()?)
-}
-
-/// Inserts a row for every discovered plugin crate that has none; logs unusable crates.
-async fn discover(repo: &Repo, dirs: &[std::path::PathBuf]) -> anyhow::Result<()> {
-    let scan = tokio::task::spawn_blocking({
-        let dirs = dirs.to_vec();
-        move || discovery::scan(&dirs)
-    })
-    .await?;
-    for (path, error) in &scan.errors {
-        tracing::warn!(path = %path.display(), "discovery: {error}");
-    }
-    for m in &scan.plugins {
-        let inserted = repo
-            .insert_discovered(&Discovered {
-                name: &m.name,
-                source_path: &m.dir.to_string_lossy(),
-                manifest_path: &m.manifest_path.to_string_lossy(),
-                description: &m.description,
-                version: &m.version,
-                author: &m.author,
-                kind: &m.kind,
-            })
-            .await?;
-        if inserted {
-            tracing::info!(plugin = %m.name, dir = %m.dir.display(), "discovered");
-        }
-    }
-    Ok(())
 }
 
 async fn shutdown_signal() {

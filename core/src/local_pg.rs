@@ -82,9 +82,8 @@ impl LocalPostgres {
     }
 
     /// Starts the server again on the same port, after [`LocalPostgres::stop`].
-    pub async fn restart(&mut self) -> anyhow::Result<()> {
-        let port = self.port;
-        self.launch(port).await
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        self.launch(self.port).await
     }
 
     async fn initdb(&self) -> anyhow::Result<()> {
@@ -113,14 +112,17 @@ impl LocalPostgres {
                 _ => free_port()?,
             };
             match self.launch(port).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.port = port;
+                    return Ok(());
+                }
                 Err(e) => last_err = Some(e),
             }
         }
         Err(last_err.expect("at least one attempt"))
     }
 
-    async fn launch(&mut self, port: u16) -> anyhow::Result<()> {
+    async fn launch(&self, port: u16) -> anyhow::Result<()> {
         let data = self.data_dir.to_string_lossy().into_owned();
         let log = self.data_dir.join("postgres.log").to_string_lossy().into_owned();
         // TCP only: a socket path inside a deep data directory can exceed the 107-byte limit.
@@ -131,7 +133,6 @@ impl LocalPostgres {
         self.run("pg_ctl", &["start", "-D", &data, "-l", &log, "-w", "-t", "60", "-o", &opts])
             .await
             .with_context(|| format!("starting PostgreSQL on port {port} (log: {log})"))?;
-        self.port = port;
         tracing::info!(port, dir = %data, "private PostgreSQL started");
         Ok(())
     }

@@ -223,10 +223,17 @@ impl Inner {
             }
             return Ok(Outcome::Inactive);
         }
-        let serving = self.served.lock().expect("served lock").contains_key(&id);
+        let mut serving = self.served.lock().expect("served lock").contains_key(&id);
         match self.load_wanted(&row, force).await {
             Ok(outcome) => Ok(outcome),
             Err(e) => {
+                if matches!(e, ReconcileError::Manifest(ManifestError::NotFound(_)))
+                    && !std::path::Path::new(&row.source_path).exists()
+                {
+                    // The crate was removed: that is a decision, not a failed build. Unload.
+                    self.retire(id);
+                    serving = false;
+                }
                 let text = format!("{}: {e}", e.code());
                 if let Err(db) = self.repo.record_failed(id, &text, serving).await {
                     tracing::warn!(plugin = %row.name, "could not record the failure: {db}");

@@ -1,7 +1,11 @@
 //! kiln's integration tests: a real PostgreSQL, real cargo builds of real plugin crates, real
 //! HTTP. One test binary (see `support` for the harness).
 
+mod db_faults;
 mod faults;
 mod lifecycle;
 mod quiet;
+mod rollback;
 mod support;
+mod watch;
+mod zero_drop;

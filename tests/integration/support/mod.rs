@@ -38,6 +38,24 @@ pub struct Cluster {
     pg: Option<(LocalPostgres, tempfile::TempDir)>,
 }
 
+impl Cluster {
+    /// A cluster of this test's own, even when `DATABASE_URL` is set (to stop and restart it).
+    pub async fn private() -> Arc<Cluster> {
+        let dir = tempfile::Builder::new().prefix("kiln-pg-").tempdir().expect("temp dir");
+        // The postgres user must be able to reach its data directory inside.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let pg = LocalPostgres::start(&dir.path().join("data"), Options { ephemeral: true, preferred_port: None })
+            .await
+            .expect("start a PostgreSQL cluster");
+        Arc::new(Cluster { admin_url: pg.url(), pg: Some((pg, dir)) })
+    }
+
+    /// The cluster's server process, when the harness owns it.
+    pub fn server(&self) -> &LocalPostgres {
+        &self.pg.as_ref().expect("a cluster the harness started").0
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         if let Some((pg, _dir)) = &self.pg {
@@ -54,17 +72,10 @@ pub async fn cluster() -> Arc<Cluster> {
     if let Some(c) = slot.upgrade() {
         return c;
     }
-    let cluster = Arc::new(if let Ok(url) = std::env::var("DATABASE_URL") {
-        Cluster { admin_url: url, pg: None }
-    } else {
-        let dir = tempfile::Builder::new().prefix("kiln-pg-").tempdir().expect("temp dir");
-        // The postgres user must be able to reach its data directory inside.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let pg = LocalPostgres::start(&dir.path().join("data"), Options { ephemeral: true, preferred_port: None })
-            .await
-            .expect("start a PostgreSQL cluster");
-        Cluster { admin_url: pg.url(), pg: Some((pg, dir)) }
-    });
+    let cluster = match std::env::var("DATABASE_URL") {
+        Ok(url) => Arc::new(Cluster { admin_url: url, pg: None }),
+        Err(_) => Cluster::private().await,
+    };
     *slot = Arc::downgrade(&cluster);
     cluster
 }
@@ -121,19 +132,33 @@ pub struct TestServer {
 impl TestServer {
     /// A server whose plugin directory holds copies of the named crates.
     pub async fn start(plugins: &[&str]) -> Self {
+        Self::start_with(cluster().await, plugins, |_| {}).await
+    }
+
+    /// As [`TestServer::start`], on `cluster`, with settings adjusted by `tweak`.
+    pub async fn start_with(cluster: Arc<Cluster>, plugins: &[&str], tweak: impl FnOnce(&mut kiln::Config)) -> Self {
         let root = tempfile::Builder::new().prefix("kiln-test-").tempdir().expect("temp dir");
         std::fs::create_dir_all(root.path().join("plugins")).expect("mkdir");
         for name in plugins {
             copy_crate(&crate_source(name), &root.path().join("plugins").join(name));
         }
-        let cluster = cluster().await;
         let db_url = fresh_database(&cluster).await;
-        Self::start_in(cluster, root, db_url).await
+        Self::start_in_with(cluster, root, db_url, tweak).await
     }
 
     /// A server on an existing root directory and database (for restarts).
     pub async fn start_in(cluster: Arc<Cluster>, root: tempfile::TempDir, db_url: String) -> Self {
+        Self::start_in_with(cluster, root, db_url, |_| {}).await
+    }
+
+    async fn start_in_with(
+        cluster: Arc<Cluster>,
+        root: tempfile::TempDir,
+        db_url: String,
+        tweak: impl FnOnce(&mut kiln::Config),
+    ) -> Self {
         let mut config = kiln::Config::under(root.path(), db_url.clone());
+        tweak(&mut config);
         config.build_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kiln-plugin-build");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
@@ -261,7 +286,19 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// Lines of the lifecycle fixture's log (`init v1`, `cleanup v1`, …).
+/// Events of the lifecycle fixture's log without instance ids (`init v1`, `cleanup v1`, …).
 pub fn read_log(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
+    log_entries(path).into_iter().map(|(event, version, _)| format!("{event} {version}")).collect()
+}
+
+/// (event, version, instance id) of each line of the lifecycle fixture's log.
+pub fn log_entries(path: &Path) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut f = l.split(' ').map(str::to_string);
+            (f.next().unwrap_or_default(), f.next().unwrap_or_default(), f.next().unwrap_or_default())
+        })
+        .collect()
 }

@@ -1,0 +1,54 @@
+//! The database goes away and comes back: plugins keep serving, the listener reconnects and
+//! resyncs, and edits it missed are applied.
+
+use crate::support::{BUILD_DEADLINE, Cluster, EDIT_DEADLINE, TestServer, connect};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restart_and_a_missed_notification() {
+    // A cluster of this test's own: it is stopped and restarted.
+    let cluster = Cluster::private().await;
+    let server = TestServer::start_with(cluster.clone(), &["powertable", "hello"], |_| {}).await;
+    server.wait_state("powertable", "loaded").await;
+    server.wait_state("hello", "loaded").await;
+
+    cluster.server().stop().await.unwrap();
+    server
+        .wait_until("/health reports the database down", EDIT_DEADLINE, || async {
+            let (status, h) = server.get("/health").await;
+            status == 503 && h["database"] == "down" && h["listener"] == "disconnected"
+        })
+        .await;
+    assert_eq!(server.get("/powertable").await.0, 200, "plugins keep serving without the database");
+    let (status, body) = server.get("/plugins").await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("DatabaseUnavailable")), "{body}");
+
+    cluster.server().restart().await.unwrap();
+    server.wait_until("/health is ok again", BUILD_DEADLINE, || async { server.get("/health").await.0 == 200 }).await;
+    let db = server.sql().await;
+    db.execute("UPDATE plugins SET status = 'inactive' WHERE name = 'hello'", &[]).await.unwrap();
+    server.wait_until("the edit applies", EDIT_DEADLINE, || async { server.get("/hello").await.0 == 404 }).await;
+
+    // A notification sent while the listener is disconnected is lost; the resync after its
+    // reconnect must apply the edit anyway. Keep the listener out while editing.
+    let dbname: String = db.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
+    let admin = connect(&cluster.server().url()).await;
+    admin.execute(&format!("ALTER DATABASE {dbname} WITH ALLOW_CONNECTIONS false"), &[]).await.unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN%'",
+            &[&dbname],
+        )
+        .await
+        .unwrap();
+    server
+        .wait_until("the listener is down", EDIT_DEADLINE, || async {
+            server.get("/health").await.1["listener"] == "disconnected"
+        })
+        .await;
+    db.execute("UPDATE plugins SET status = 'active' WHERE name = 'hello'", &[]).await.unwrap();
+    admin.execute(&format!("ALTER DATABASE {dbname} WITH ALLOW_CONNECTIONS true"), &[]).await.unwrap();
+    server
+        .wait_until("the missed edit applies", BUILD_DEADLINE, || async { server.get("/hello").await.0 == 200 })
+        .await;
+    assert_eq!(server.get("/health").await.0, 200);
+}

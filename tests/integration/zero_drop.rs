@@ -1,0 +1,73 @@
+//! Reloads under load: no request fails, and every retired instance is cleaned up exactly once.
+
+use crate::support::{EDIT_DEADLINE, TestServer, log_entries};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_never_fail_across_many_reloads() {
+    let server = Arc::new(TestServer::start(&["lifecycle"]).await);
+    server.wait_state("lifecycle", "loaded").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let (server, stop, ok, failed) = (server.clone(), stop.clone(), ok.clone(), failed.clone());
+        // One client of four sends slow requests, which are in flight across the swaps.
+        let path = if i == 0 { "/lifecycle/slow" } else { "/lifecycle" };
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match server.get(path).await {
+                    (200, _) => ok.fetch_add(1, Ordering::Relaxed),
+                    (status, body) => {
+                        eprintln!("{path} answered {status}: {body}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+
+    let src = server.plugin_dir("lifecycle").join("src/lib.rs");
+    let code = std::fs::read_to_string(&src).unwrap();
+    let mut reloads = 0;
+    for round in 0..40 {
+        if round % 10 == 0 {
+            // Now and then a real code change: a rebuild and a new library.
+            let version = format!("v{}", round / 10 + 2);
+            std::fs::write(&src, code.replace("\"v1\"", &format!("\"{version}\""))).unwrap();
+        }
+        let (status, body) = server.post("/plugins/lifecycle/reload", None).await;
+        assert_eq!(status, 200, "{body}");
+        reloads += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} of {} requests failed across {reloads} reloads", ok + failed);
+    assert!(ok > 100, "the load was real: {ok} requests");
+    assert_eq!(server.get("/lifecycle").await.1, "v5");
+
+    // Every instance but the serving one is cleaned up, exactly once, once its requests end.
+    let log = server.plugin_dir("lifecycle").join("target/lifecycle.log");
+    server
+        .wait_until("every retired instance is cleaned up", EDIT_DEADLINE, || async {
+            let entries = log_entries(&log);
+            let inits = entries.iter().filter(|e| e.0 == "init").count();
+            entries.iter().filter(|e| e.0 == "cleanup").count() == inits - 1
+        })
+        .await;
+    let mut per_instance: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+    for (event, _, id) in log_entries(&log) {
+        let counts = per_instance.entry(id).or_default();
+        if event == "init" { counts.0 += 1 } else { counts.1 += 1 }
+    }
+    assert_eq!(per_instance.len(), reloads + 1, "one instance per load");
+    let serving: Vec<_> = per_instance.iter().filter(|(_, c)| **c == (1, 0)).collect();
+    assert_eq!(serving.len(), 1, "only the serving instance is not cleaned up: {per_instance:?}");
+    assert!(per_instance.values().all(|c| *c == (1, 1) || *c == (1, 0)), "{per_instance:?}");
+}
