@@ -153,6 +153,25 @@ impl Compiler {
         Ok(Artifact { path, hash: hash.to_string(), built: true, duration })
     }
 
+    /// Removes plugin `name`'s libraries other than `keep`: nothing references them any more
+    /// (a library still mapped by in-flight requests stays mapped after its file is removed).
+    /// Returns how many were removed.
+    pub fn collect_garbage(&self, name: &str, keep: Option<&Path>) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.bin_dir) else { return 0 };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if Some(path.as_path()) == keep || !is_artifact_of(&path, name) {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!(library = %path.display(), "could not remove: {e}"),
+            }
+        }
+        removed
+    }
+
     /// Runs one cargo subcommand on the plugin crate, with kiln's settings.
     async fn cargo(&self, manifest: &Manifest, args: &[&str]) -> Result<CargoOutput, BuildError> {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -220,6 +239,16 @@ struct CargoOutput {
     stdout: Vec<String>,
     /// cargo's own messages (resolution errors, progress).
     stderr: String,
+}
+
+/// Whether `path` is named like a library of plugin `name`: `<name>-<16 hex>.<dll extension>`.
+fn is_artifact_of(path: &Path, name: &str) -> bool {
+    let Some(file) = path.file_name().and_then(|f| f.to_str()) else { return false };
+    let Some(rest) = file.strip_prefix(name).and_then(|r| r.strip_prefix('-')) else { return false };
+    let Some(hash) = rest.strip_suffix(std::env::consts::DLL_EXTENSION).and_then(|r| r.strip_suffix('.')) else {
+        return false;
+    };
+    hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The cdylib cargo produced for the crate at `manifest_path`, from its JSON messages.
@@ -310,6 +339,15 @@ mod tests {
         assert_eq!(h1, hash_tree(dir.path()).unwrap());
         std::fs::write(dir.path().join("a.rs"), "2").unwrap();
         assert_ne!(h1, hash_tree(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn only_the_plugins_own_libraries_are_collected() {
+        let so = std::env::consts::DLL_EXTENSION;
+        assert!(is_artifact_of(Path::new(&format!("/b/foo-0123456789abcdef.{so}")), "foo"));
+        assert!(!is_artifact_of(Path::new(&format!("/b/foo-bar-0123456789abcdef.{so}")), "foo"));
+        assert!(!is_artifact_of(Path::new(&format!("/b/foo-0123456789abcdeg.{so}")), "foo"));
+        assert!(!is_artifact_of(Path::new("/b/foo-0123456789abcdef.tmp"), "foo"));
     }
 
     #[test]

@@ -212,8 +212,10 @@ impl Inner {
     /// One pass over plugin `id`.
     async fn pass(&self, id: i64, force: bool) -> Result<Outcome, ReconcileError> {
         let Some(row) = self.repo.get(id).await? else {
-            // Deleted: its endpoint rows went with it (ON DELETE CASCADE).
-            self.retire(id);
+            // Deleted: its endpoint rows went with it (ON DELETE CASCADE); its libraries go too.
+            if let Some(name) = self.retire(id) {
+                self.compiler.collect_garbage(&name, None);
+            }
             return Ok(Outcome::Gone);
         };
         if !row.wants_active() {
@@ -280,6 +282,7 @@ impl Inner {
         }
         self.record_loaded(row.id, &manifest, &hash, &plugin).await?;
         tracing::info!(plugin = %row.name, built = artifact.built, library = %artifact.path.display(), "serving");
+        self.compiler.collect_garbage(&row.name, Some(&artifact.path));
         Ok(Outcome::Loaded { built: artifact.built })
     }
 
@@ -340,18 +343,20 @@ impl Inner {
         Ok(())
     }
 
-    /// Stops serving plugin `id`, if it serves.
-    fn retire(&self, id: i64) {
+    /// Stops serving plugin `id`, if it serves. Returns the name of what it served.
+    fn retire(&self, id: i64) -> Option<String> {
         let mut served = self.served.lock().expect("served lock");
-        let Some(old) = served.remove(&id) else { return };
+        let old = served.remove(&id)?;
         let all: Vec<Arc<LoadedPlugin>> = served.values().map(|s| s.plugin.clone()).collect();
         if let Err(e) = self.sink.publish(&all) {
             // Removing routes from a valid table cannot create a conflict.
             tracing::error!("could not publish the route table without plugin {id}: {e}");
         }
         drop(served);
-        tracing::info!(plugin = %old.plugin.description().name, "unloaded");
+        let name = old.plugin.description().name.clone();
+        tracing::info!(plugin = %name, "unloaded");
         retire_off_thread(old.plugin);
+        Some(name)
     }
 
     async fn record_loaded(

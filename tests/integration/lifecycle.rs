@@ -111,6 +111,8 @@ async fn deleting_the_row_unloads_the_plugin_and_its_endpoints() {
     let log = server.plugin_dir("lifecycle").join("target/lifecycle.log");
     let db = server.sql().await;
 
+    let library = std::path::PathBuf::from(server.plugin("lifecycle").await["binary_path"].as_str().unwrap());
+    assert!(library.exists());
     db.execute("DELETE FROM plugins WHERE name = 'lifecycle'", &[]).await.unwrap();
     server
         .wait_until("unloaded and cleaned up", EDIT_DEADLINE, || async {
@@ -126,6 +128,7 @@ async fn deleting_the_row_unloads_the_plugin_and_its_endpoints() {
         .collect();
     assert_eq!(left, ["hello"], "the deleted plugin's endpoint rows are gone, the others stay");
     assert_eq!(server.get("/plugins/lifecycle").await.0, 404);
+    server.wait_until("its library is removed", EDIT_DEADLINE, || async { !library.exists() }).await;
     assert_eq!(server.get("/hello").await.0, 200, "other plugins keep serving");
     let (_, spec) = server.get("/openapi.json").await;
     assert!(spec["paths"]["/lifecycle"].is_null(), "the spec follows");
@@ -189,6 +192,9 @@ async fn reload_serves_the_changed_code_and_retires_the_old_version() {
     assert_eq!(status, 200, "{v2}");
     assert_ne!(v1["binary_path"], v2["binary_path"], "a new content-addressed library");
     assert_ne!(v1["loaded_hash"], v2["loaded_hash"]);
+    let v1_path = std::path::PathBuf::from(v1["binary_path"].as_str().unwrap());
+    assert!(!v1_path.exists(), "the retired library was garbage-collected");
+    assert!(std::path::Path::new(v2["binary_path"].as_str().unwrap()).exists());
     assert_eq!(server.get("/lifecycle").await.1, "v2", "the new code serves, not a cached library");
 
     let log = server.plugin_dir("lifecycle").join("target/lifecycle.log");
