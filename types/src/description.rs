@@ -37,4 +37,7 @@ pub struct RouteDescription {
     pub request_schema: Option<serde_json::Value>,
     /// JSON Schema of the successful response body, if any.
     pub response_schema: Option<serde_json::Value>,
+    /// The handler may block (I/O, sleeps, heavy work): the server runs it on its blocking
+    /// thread pool instead of inline on an async worker.
+    pub blocking: bool,
 }

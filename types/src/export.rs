@@ -64,6 +64,7 @@ pub unsafe fn describe<P: Plugin>(out: *mut KilnBuf, pkg: PackageInfo) -> i32 {
                 handler: r.handler_name,
                 request_schema: r.request_schema,
                 response_schema: r.response_schema,
+                blocking: r.blocking,
             })
             .collect();
         let description = PluginDescription {

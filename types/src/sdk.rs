@@ -40,6 +40,7 @@ pub struct Route<P> {
     pub(crate) summary: String,
     pub(crate) request_schema: Option<serde_json::Value>,
     pub(crate) response_schema: Option<serde_json::Value>,
+    pub(crate) blocking: bool,
 }
 
 impl<P> Route<P> {
@@ -53,6 +54,7 @@ impl<P> Route<P> {
             summary: String::new(),
             request_schema: None,
             response_schema: None,
+            blocking: false,
         }
     }
 
@@ -93,6 +95,15 @@ impl<P> Route<P> {
         self
     }
 
+    /// Marks a handler that may block (file or network I/O, sleeps, long computations). The
+    /// server then runs it on a blocking thread pool, so it cannot stall other requests.
+    /// Unmarked handlers run inline on the server's async workers: the fastest path, for
+    /// handlers that only compute briefly.
+    pub fn blocking(mut self) -> Self {
+        self.blocking = true;
+        self
+    }
+
     /// JSON Schema of the request body, shown in the API docs.
     pub fn request_schema(mut self, schema: serde_json::Value) -> Self {
         self.request_schema = Some(schema);
@@ -113,6 +124,13 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
+    /// A request over a raw one. For hosts that call handlers directly (benchmarks, static
+    /// linking); plugins never need it.
+    #[doc(hidden)]
+    pub fn from_raw(raw: &'a KilnRequest) -> Self {
+        Self { raw }
+    }
+
     /// HTTP method, upper case.
     pub fn method(&self) -> &'a str {
         // SAFETY: the server passes UTF-8 views that live for the whole call ('a).

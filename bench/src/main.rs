@@ -1,0 +1,385 @@
+//! kiln's benchmark. Every figure is measured in this run, next to its baseline where there is
+//! one, and repeated to quote medians. Prints a table (markdown) at the end.
+//!
+//! Run: `cargo run --release -p kiln-bench` (about 5 minutes on 2 cores).
+//! `KILN_BENCH_QUICK=1` shortens every section (for a smoke run); `KILN_BENCH_ONLY=a,b` runs
+//! only the named sections (calls, throughput, toggles, reloads, load, cold, restarts, scale).
+
+mod load;
+mod setup;
+
+use load::quantile;
+use setup::{Db, Kiln, copy_crate, generate_plugin, http, rss_kib};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// One line of the result table.
+struct Row {
+    what: String,
+    value: String,
+    baseline: String,
+    target: String,
+}
+
+fn row(
+    what: impl Into<String>,
+    value: impl Into<String>,
+    baseline: impl Into<String>,
+    target: impl Into<String>,
+) -> Row {
+    Row { what: what.into(), value: value.into(), baseline: baseline.into(), target: target.into() }
+}
+
+fn ms(d: f64) -> String {
+    format!("{:.1} ms", d * 1000.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let quick = std::env::var_os("KILN_BENCH_QUICK").is_some();
+    let only = std::env::var("KILN_BENCH_ONLY").ok();
+    let on = |section: &str| only.as_deref().is_none_or(|o| o.split(',').any(|s| s.trim() == section));
+    let work = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
+    let db = Db::start().await?;
+    let mut rows = Vec::new();
+    eprintln!("kiln-bench: {} cores; work dir {}", std::thread::available_parallelism()?, work.path().display());
+
+    // One server with the example plugins, used by sections 1–3 and 5.
+    let plugins = work.path().join("plugins");
+    copy_crate(&setup::repo_root().join("plugins/powertable"), &plugins.join("powertable"))?;
+    let server = Kiln::start(&work.path().join("main"), vec![plugins.clone()], &db.fresh("bench_main").await?).await?;
+    server.wait_serving(1, Duration::from_secs(600)).await?;
+
+    if on("calls") {
+        call_overhead(&server, quick, &mut rows).await?;
+    }
+    if on("throughput") {
+        throughput(&server, quick, &mut rows).await?;
+    }
+    if on("toggles") {
+        toggles(&server, quick, &mut rows).await?;
+    }
+    if on("reloads") {
+        reloads(&server, &plugins, quick, &mut rows).await?;
+    }
+    if on("load") {
+        reload_under_load(&server, quick, &mut rows).await?;
+    }
+    server.stop();
+
+    let generated = work.path().join("generated");
+    let count = if quick { 10 } else { 100 };
+    for i in 0..count {
+        let name = format!("gen_{i:03}");
+        generate_plugin(&generated.join(&name), &name, 10)?;
+    }
+    if on("cold") {
+        cold_compile(&db, work.path(), &mut rows).await?;
+    }
+    if on("restarts") {
+        restarts(&db, work.path(), &generated, if quick { &[1, 10] } else { &[1, 10, 50] }, &mut rows).await?;
+    }
+    if on("scale") {
+        scale(&db, work.path(), &generated, count, quick, &mut rows).await?;
+    }
+
+    println!("\n| measure | kiln | baseline (same run) | target |\n|---|---|---|---|");
+    for r in rows {
+        println!("| {} | {} | {} | {} |", r.what, r.value, r.baseline, r.target);
+    }
+    Ok(())
+}
+
+/// 1. The same handler, loaded dynamically through kiln vs linked statically.
+async fn throughput(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let static_addr = setup::start_static()?;
+    let (rounds, secs, conns) = if quick { (2, 1, 16) } else { (5, 3, 16) };
+    let (mut dynamic, mut baseline) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // Alternate, so drift on a shared machine hits both alike.
+        let s = load::run(static_addr, "/powertable", conns, Duration::from_secs(secs)).await;
+        let d = load::run(server.addr, "/powertable", conns, Duration::from_secs(secs)).await;
+        eprintln!("  round {round}: static {:.0} req/s, kiln {:.0} req/s", s.rps, d.rps);
+        anyhow::ensure!(s.failed == 0 && d.failed == 0, "requests failed during the throughput run");
+        baseline.push(s);
+        dynamic.push(d);
+    }
+    let med = |v: &[load::Stats], f: fn(&load::Stats) -> f64| quantile(&mut v.iter().map(f).collect::<Vec<_>>(), 0.5);
+    let (d_rps, s_rps) = (med(&dynamic, |s| s.rps), med(&baseline, |s| s.rps));
+    rows.push(row(
+        format!("GET /powertable throughput ({conns} conns, median of {rounds}×{secs}s)"),
+        format!("{d_rps:.0} req/s ({:.2}× static)", d_rps / s_rps),
+        format!("{s_rps:.0} req/s static"),
+        "≥ 0.95× static",
+    ));
+    rows.push(row(
+        "GET /powertable latency p50 / p99",
+        format!("{:.0} / {:.0} µs", med(&dynamic, |s| s.p50_us), med(&dynamic, |s| s.p99_us)),
+        format!("{:.0} / {:.0} µs static", med(&baseline, |s| s.p50_us), med(&baseline, |s| s.p99_us)),
+        "",
+    ));
+    Ok(())
+}
+
+/// 1 (cont.). One handler call through the C ABI vs a direct call, in-process, no HTTP.
+async fn call_overhead(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    use kiln::loader::{CallRequest, LoadedPlugin};
+    let library = server.json("/plugins/powertable").await?["binary_path"].as_str().unwrap_or_default().to_string();
+    let n = if quick { 50_000 } else { 500_000 };
+    let (dynamic, direct) = tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
+        let plugin = LoadedPlugin::load(Path::new(&library), b"{}")?;
+        let headers = [("host", "bench"), ("accept", "*/*")];
+        let call = CallRequest {
+            route: 0,
+            method: "GET",
+            path: "/powertable",
+            query: "",
+            params: &[],
+            headers: &headers,
+            body: &[],
+        };
+        let start = Instant::now();
+        for _ in 0..n {
+            let r = plugin.call(&call)?;
+            std::hint::black_box(r);
+        }
+        let dynamic = start.elapsed().as_secs_f64() / n as f64;
+        let table = powertable::PowerTable::new();
+        let raw = kiln_types::abi::KilnRequest {
+            route: 0,
+            method: kiln_types::abi::KilnStr::new(b"GET"),
+            path: kiln_types::abi::KilnStr::new(b"/powertable"),
+            query: kiln_types::abi::KilnStr::new(b""),
+            params: std::ptr::null(),
+            params_len: 0,
+            headers: std::ptr::null(),
+            headers_len: 0,
+            body: kiln_types::abi::KilnStr::new(&[]),
+        };
+        let start = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(table.list(&kiln_types::Request::from_raw(&raw)));
+        }
+        Ok((dynamic, start.elapsed().as_secs_f64() / n as f64))
+    })
+    .await??;
+    rows.push(row(
+        format!("one handler call, in-process (mean of {n})"),
+        format!("{:.2} µs through the C ABI (+{:.2} µs)", dynamic * 1e6, (dynamic - direct) * 1e6),
+        format!("{:.2} µs direct call", direct * 1e6),
+        "",
+    ));
+    Ok(())
+}
+
+/// 2. From a committed `UPDATE plugins SET status = …` to the route answering differently.
+async fn toggles(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let db = server.sql().await?;
+    let mut conn = load::Conn::open(server.addr, "/powertable").await?;
+    let mut times = Vec::new();
+    for i in 0..(if quick { 10 } else { 100 }) {
+        let (status, want) = if i % 2 == 0 { ("inactive", 404) } else { ("active", 200) };
+        let start = Instant::now();
+        db.execute("UPDATE plugins SET status = $1 WHERE name = 'powertable'", &[&status]).await?;
+        while conn.get().await? != want {
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "the route did not change");
+        }
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let n = times.len();
+    rows.push(row(
+        format!("row UPDATE status → route changed, p50 / p99 of {n}"),
+        format!("{} / {}", ms(quantile(&mut times, 0.5)), ms(quantile(&mut times, 0.99))),
+        "",
+        "p99 ≤ 50 ms",
+    ));
+    Ok(())
+}
+
+/// 3. Reload without compiling, in-process load + init, incremental rebuild.
+async fn reloads(server: &Kiln, plugins: &Path, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let n = if quick { 10 } else { 50 };
+    let mut api = Vec::new();
+    for _ in 0..n {
+        let start = Instant::now();
+        let (status, body) = http(server.addr, "POST", "/plugins/powertable/reload").await?;
+        anyhow::ensure!(status == 200, "reload failed: {body}");
+        api.push(start.elapsed().as_secs_f64());
+    }
+    let library = server.json("/plugins/powertable").await?["binary_path"].as_str().unwrap_or_default().to_string();
+    let mut load_init = Vec::new();
+    for i in 0..n {
+        // A fresh file each time: dlopen of an already open path only bumps a reference count.
+        let copy = format!("{library}.bench{i}");
+        std::fs::copy(&library, &copy)?;
+        let path = copy.clone();
+        let start = Instant::now();
+        let plugin =
+            tokio::task::spawn_blocking(move || kiln::loader::LoadedPlugin::load(Path::new(&path), b"{}")).await??;
+        load_init.push(start.elapsed().as_secs_f64());
+        drop(plugin);
+        std::fs::remove_file(copy)?;
+    }
+    rows.push(row(
+        format!("reload, no compile: dlopen + ABI check + init (in-process, p50 / p99 of {n})"),
+        format!("{} / {}", ms(quantile(&mut load_init, 0.5)), ms(quantile(&mut load_init, 0.99))),
+        "",
+        "load+swap ≤ 5 ms",
+    ));
+    rows.push(row(
+        format!("reload, no compile: POST /plugins/powertable/reload round trip (p50 / p99 of {n})"),
+        format!("{} / {}", ms(quantile(&mut api, 0.5)), ms(quantile(&mut api, 0.99))),
+        "",
+        "(adds source hash, DB writes)",
+    ));
+
+    let src = plugins.join("powertable/src/lib.rs");
+    let code = std::fs::read_to_string(&src)?;
+    let mut rebuild = Vec::new();
+    for i in 0..(if quick { 2 } else { 5 }) {
+        std::fs::write(&src, code.replace("(\"kettle\", 2200.0)", &format!("(\"kettle {i}\", 2200.0)")))?;
+        let start = Instant::now();
+        let (status, body) = http(server.addr, "POST", "/plugins/powertable/reload").await?;
+        anyhow::ensure!(status == 200, "rebuild failed: {body}");
+        rebuild.push(start.elapsed().as_secs_f64());
+    }
+    std::fs::write(&src, code)?;
+    let k = rebuild.len();
+    rows.push(row(
+        format!("one-line change → rebuilt and serving (powertable, serde; median of {k})"),
+        ms(quantile(&mut rebuild, 0.5)),
+        "",
+        "≤ 1.5 s",
+    ));
+    Ok(())
+}
+
+/// 5. Reloads under load: failed requests, and memory per reload.
+async fn reload_under_load(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(load::run_until(server.addr, "/powertable", 8, None, stop.clone()));
+    let n = if quick { 20 } else { 100 };
+    for _ in 0..n {
+        let (status, body) = http(server.addr, "POST", "/plugins/powertable/reload").await?;
+        anyhow::ensure!(status == 200, "reload failed: {body}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let stats = load.await?;
+    rows.push(row(
+        format!("failed requests across {n} reloads under load"),
+        format!("{} of {}", stats.failed, stats.ok + stats.failed),
+        "",
+        "0",
+    ));
+
+    // Memory: warm up, then many reloads.
+    let m = if quick { 50 } else { 300 };
+    let before = rss_kib();
+    for _ in 0..m {
+        let (status, _) = http(server.addr, "POST", "/plugins/powertable/reload").await?;
+        anyhow::ensure!(status == 200);
+    }
+    let after = rss_kib();
+    rows.push(row(
+        format!("RSS growth per reload (over {m} reloads)"),
+        format!("{:.1} KiB ({} → {} MiB)", (after as f64 - before as f64) / m as f64, before / 1024, after / 1024),
+        "",
+        "bounded",
+    ));
+    Ok(())
+}
+
+/// 3 (cont.). Cold compile of a new plugin when the shared dependencies are built.
+async fn cold_compile(db: &Db, work: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let dir = work.join("cold");
+    let server = Kiln::start(&work.join("cold-root"), vec![dir.join("none")], &db.fresh("bench_cold").await?).await?;
+    let sql = server.sql().await?;
+    let mut times = Vec::new();
+    for i in 0..3 {
+        let name = format!("cold_{i}_{}", std::process::id());
+        generate_plugin(&dir.join(&name), &name, 1)?;
+        let start = Instant::now();
+        sql.execute(
+            "INSERT INTO plugins (name, source_path) VALUES ($1, $2)",
+            &[&name, &dir.join(&name).to_string_lossy().as_ref()],
+        )
+        .await?;
+        server.wait_serving(i + 1, Duration::from_secs(300)).await?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    rows.push(row(
+        "new plugin (kiln-types only): INSERT row → serving, dependencies already built (median of 3)",
+        ms(quantile(&mut times, 0.5)),
+        "",
+        "",
+    ));
+    server.stop();
+    Ok(())
+}
+
+/// 4. Warm restart with N unchanged plugins: time to serving, builds run.
+async fn restarts(db: &Db, work: &Path, generated: &Path, ns: &[usize], rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    for &n in ns {
+        let dir = work.join(format!("restart-{n}"));
+        for i in 0..n {
+            let name = format!("gen_{i:03}");
+            copy_crate(&generated.join(&name), &dir.join("plugins").join(&name))?;
+        }
+        let url = db.fresh(&format!("bench_restart_{n}")).await?;
+        let root = dir.join("root");
+        let first = Kiln::start(&root, vec![dir.join("plugins")], &url).await?;
+        first.wait_serving(n as u64, Duration::from_secs(900)).await?;
+        first.stop();
+        let start = Instant::now();
+        let again = Kiln::start(&root, vec![dir.join("plugins")], &url).await?;
+        again.wait_serving(n as u64, Duration::from_secs(300)).await?;
+        let took = start.elapsed().as_secs_f64();
+        let builds = again.json("/health").await?["builds_run"].as_u64().unwrap_or(u64::MAX);
+        rows.push(row(
+            format!("warm restart, {n} unchanged plugins → all serving"),
+            format!("{} ({builds} builds)", ms(took)),
+            "",
+            "0 builds",
+        ));
+        again.stop();
+    }
+    Ok(())
+}
+
+/// 6. Routing cost with 1 plugin vs 100 plugins (1000 routes).
+async fn scale(
+    db: &Db,
+    work: &Path,
+    generated: &Path,
+    count: usize,
+    quick: bool,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let root = work.join("scale-root");
+    let server = Kiln::start(&root, vec![generated.to_path_buf()], &db.fresh("bench_scale").await?).await?;
+    server.wait_serving(count as u64, Duration::from_secs(1800)).await?;
+    let (rounds, secs) = if quick { (1, 1) } else { (3, 3) };
+    let path = "/gen_000/r0";
+    let mut many = Vec::new();
+    for _ in 0..rounds {
+        many.push(load::run(server.addr, path, 16, Duration::from_secs(secs)).await.rps);
+    }
+    let sql = server.sql().await?;
+    sql.execute("UPDATE plugins SET status = 'inactive' WHERE name <> 'gen_000'", &[]).await?;
+    server.wait_serving(1, Duration::from_secs(60)).await?;
+    let mut one = Vec::new();
+    for _ in 0..rounds {
+        one.push(load::run(server.addr, path, 16, Duration::from_secs(secs)).await.rps);
+    }
+    let (m, o) = (quantile(&mut many, 0.5), quantile(&mut one, 0.5));
+    rows.push(row(
+        format!("routing with {count} plugins / {} routes (GET {path})", count * 10),
+        format!("{m:.0} req/s ({:.2}× of 1 plugin)", m / o),
+        format!("{o:.0} req/s with 1 plugin"),
+        "",
+    ));
+    server.stop();
+    Ok(())
+}
