@@ -102,12 +102,13 @@ impl Kiln {
         Ok(serde_json::from_str(&body)?)
     }
 
-    /// Waits until `n` plugins serve and none is still pending or building.
+    /// Waits until `n` plugins serve and no reconcile pass is running or queued.
     pub async fn wait_serving(&self, n: u64, deadline: Duration) -> anyhow::Result<()> {
         let start = std::time::Instant::now();
         loop {
             if let Ok(h) = self.json("/health").await
                 && h["plugins_served"].as_u64() == Some(n)
+                && h["reconciling"].as_u64() == Some(0)
             {
                 return Ok(());
             }

@@ -20,6 +20,10 @@ pub struct Config {
     #[arg(long, env = "KILN_PLUGIN_DIRS", default_value = "plugins", value_delimiter = ':')]
     pub plugin_dirs: Vec<PathBuf>,
 
+    /// A TOML file with more plugin directories and enable/disable lists (see `FileConfig`).
+    #[arg(long, env = "KILN_CONFIG")]
+    pub config_file: Option<PathBuf>,
+
     /// Where built plugin libraries are kept (`<name>-<hash>.so`).
     #[arg(long, env = "KILN_BIN_DIR", default_value = "bin/plugins")]
     pub bin_dir: PathBuf,
@@ -27,6 +31,15 @@ pub struct Config {
     /// Cargo target directory shared by all plugin builds, so dependencies compile once.
     #[arg(long, env = "KILN_BUILD_DIR", default_value = ".kiln/build")]
     pub build_dir: PathBuf,
+
+    /// Where plugins installed by upload are unpacked, one directory each.
+    #[arg(long, env = "KILN_INSTALL_DIR", default_value = ".kiln/installed")]
+    pub install_dir: PathBuf,
+
+    /// When set, every admin endpoint except /health and the docs requires
+    /// `Authorization: Bearer <token>`. Plugin endpoints stay public.
+    #[arg(long, env = "KILN_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 
     /// Local state: the private PostgreSQL cluster when `DATABASE_URL` is unset.
     #[arg(long, env = "KILN_DATA_DIR", default_value = ".kiln")]
@@ -57,8 +70,11 @@ impl Config {
             database_url: Some(database_url),
             addr: "127.0.0.1:0".parse().expect("valid address"),
             plugin_dirs: vec![root.join("plugins")],
+            config_file: None,
             bin_dir: root.join("bin"),
             build_dir: root.join("build"),
+            install_dir: root.join("installed"),
+            admin_token: None,
             data_dir: root.join("data"),
             types_dir: default_types_dir(),
             resync_secs: 60,
@@ -83,7 +99,11 @@ impl Config {
         };
         self.plugin_dirs.iter_mut().for_each(abs);
         abs(&mut self.bin_dir);
+        if let Some(f) = &mut self.config_file {
+            abs(f);
+        }
         abs(&mut self.build_dir);
+        abs(&mut self.install_dir);
         abs(&mut self.data_dir);
         abs(&mut self.types_dir);
         Ok(self)
@@ -93,4 +113,65 @@ impl Config {
 /// The `types/` crate next to the `core/` crate this binary was built from.
 pub fn default_types_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("types")
+}
+
+/// The config file (`--config-file`, TOML):
+///
+/// ```toml
+/// plugin_dirs = ["more-plugins"]   # searched too (relative to this file)
+/// enable = ["powertable"]          # if given: only these start active when discovered
+/// disable = ["hello"]              # these start inactive when discovered
+/// ```
+///
+/// The lists decide the status a plugin's row gets when discovery creates it; after that the
+/// row is the truth (a later toggle is not overridden at the next start).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub plugin_dirs: Vec<PathBuf>,
+    pub enable: Option<Vec<String>>,
+    #[serde(default)]
+    pub disable: Vec<String>,
+}
+
+impl FileConfig {
+    /// Reads and checks the file; relative plugin directories resolve against its directory.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)?;
+        let mut file: FileConfig = toml::from_str(&text)?;
+        for name in file.enable.iter().flatten().chain(&file.disable) {
+            crate::manifest::validate_name(name).map_err(anyhow::Error::msg)?;
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for dir in &mut file.plugin_dirs {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
+        }
+        Ok(file)
+    }
+
+    /// The status a newly discovered plugin gets.
+    pub fn initial_status(&self, name: &str) -> &'static str {
+        let enabled = self.enable.as_ref().is_none_or(|e| e.iter().any(|n| n == name));
+        if enabled && !self.disable.iter().any(|n| n == name) { "active" } else { "inactive" }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FileConfig;
+
+    #[test]
+    fn lists_decide_the_initial_status() {
+        let f: FileConfig = toml::from_str("enable = [\"a\", \"b\"]\ndisable = [\"b\"]").unwrap();
+        assert_eq!(
+            (f.initial_status("a"), f.initial_status("b"), f.initial_status("c")),
+            ("active", "inactive", "inactive")
+        );
+        let f: FileConfig = toml::from_str("disable = [\"b\"]").unwrap();
+        assert_eq!((f.initial_status("a"), f.initial_status("b")), ("active", "inactive"));
+        assert!(toml::from_str::<FileConfig>("enabel = []").is_err(), "unknown keys are refused");
+    }
 }

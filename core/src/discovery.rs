@@ -3,6 +3,7 @@
 //! Discovery only reads manifests; it neither builds nor loads. Its results become rows of
 //! `plugins` (see `startup`), and the reconciler takes it from there.
 
+use crate::config::FileConfig;
 use crate::manifest::{Manifest, ManifestError};
 use crate::repo::{Discovered, Repo, RepoError};
 use std::path::{Path, PathBuf};
@@ -69,7 +70,7 @@ fn scan_dir(root: &Path, scan: &mut Scan) {
 
 /// Scans `dirs` and inserts a row for every plugin crate that has none; logs unusable crates.
 /// Rows that exist are left alone: their `source_path` and `status` are the user's.
-pub async fn record(repo: &Repo, dirs: &[PathBuf]) -> Result<Scan, RepoError> {
+pub async fn record(repo: &Repo, dirs: &[PathBuf], policy: &FileConfig) -> Result<(Scan, Vec<String>), RepoError> {
     let scan = tokio::task::spawn_blocking({
         let dirs = dirs.to_vec();
         move || scan(&dirs)
@@ -79,6 +80,7 @@ pub async fn record(repo: &Repo, dirs: &[PathBuf]) -> Result<Scan, RepoError> {
     for (path, error) in &scan.errors {
         tracing::warn!(path = %path.display(), "discovery: {error}");
     }
+    let mut added = Vec::new();
     for m in &scan.plugins {
         let inserted = repo
             .insert_discovered(&Discovered {
@@ -89,11 +91,14 @@ pub async fn record(repo: &Repo, dirs: &[PathBuf]) -> Result<Scan, RepoError> {
                 version: &m.version,
                 author: &m.author,
                 kind: &m.kind,
+                origin: "discovered",
+                status: policy.initial_status(&m.name),
             })
             .await?;
         if inserted {
             tracing::info!(plugin = %m.name, dir = %m.dir.display(), "discovered");
+            added.push(m.name.clone());
         }
     }
-    Ok(scan)
+    Ok((scan, added))
 }

@@ -4,6 +4,7 @@
 //! `kiln-types`, records them in PostgreSQL, serves their endpoints beside its admin API, and
 //! reacts to edits of the `plugins` table. See ARCHITECTURE.md for the map.
 
+pub mod archive;
 pub mod compiler;
 pub mod config;
 pub mod discovery;
@@ -13,6 +14,7 @@ pub mod loader;
 pub mod local_pg;
 pub mod manifest;
 pub mod migrate;
+pub mod plugin_config;
 pub mod reconciler;
 pub mod repo;
 pub mod routes;
@@ -40,25 +42,38 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let config = config.absolutize().context("resolving paths")?;
+    let mut config = config.absolutize().context("resolving paths")?;
+    let policy = match &config.config_file {
+        Some(f) => config::FileConfig::read(f).with_context(|| format!("reading the config file {}", f.display()))?,
+        None => config::FileConfig::default(),
+    };
+    config.plugin_dirs.extend(policy.plugin_dirs.iter().cloned());
+    let policy = Arc::new(policy);
     let url = config.database_url.as_deref().context("no database URL")?;
     let pg: tokio_postgres::Config = url.parse().context("parsing the database URL")?;
     let pool = pool(pg.clone())?;
     migrate::run(&pool).await.context("applying migrations")?;
     let repo = Repo::new(pool);
     repo.reset_observed().await.context("resetting observed state")?;
-    discovery::record(&repo, &config.plugin_dirs).await.context("recording discovered plugins")?;
+    discovery::record(&repo, &config.plugin_dirs, &policy).await.context("recording discovered plugins")?;
 
     let compiler = Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone())
         .context("preparing the build directories")?;
     let router = Arc::new(http::PluginRouter::new(config.max_body));
     let reconciler = Reconciler::new(repo.clone(), Arc::new(compiler), router.clone());
     let listener_up = Arc::new(AtomicBool::new(false));
-    let api = http::AdminApi { repo: repo.clone(), reconciler: reconciler.clone(), listener_up: listener_up.clone() };
-    let app = http::app(api, router)?;
+    let api = http::AdminApi {
+        repo: repo.clone(),
+        reconciler: reconciler.clone(),
+        listener_up: listener_up.clone(),
+        plugin_dirs: config.plugin_dirs.clone(),
+        install_dir: config.install_dir.clone(),
+        policy: policy.clone(),
+    };
+    let app = http::app(api, router, config.admin_token.clone())?;
 
     let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), listener_up));
-    watcher::spawn(config.watch, config.plugin_dirs.clone(), repo.clone(), reconciler.clone());
+    watcher::spawn(config.watch, config.plugin_dirs.clone(), policy, repo.clone(), reconciler.clone());
     let resync = reconciler.clone();
     let every = config.resync_interval();
     let resync_task = tokio::spawn(async move {

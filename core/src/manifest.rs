@@ -24,6 +24,8 @@ pub struct Manifest {
     pub author: String,
     /// Kind of plugin (`http`).
     pub kind: String,
+    /// JSON Schema of the plugin's configuration (`configSchema`), if it declares one.
+    pub config_schema: Option<serde_json::Value>,
     /// The crate directory.
     pub dir: PathBuf,
     /// The `Cargo.toml` file.
@@ -68,6 +70,8 @@ struct PackageMetadata {
 struct KilnTable {
     #[serde(rename = "type", default = "default_kind")]
     kind: String,
+    #[serde(rename = "configSchema")]
+    config_schema: Option<toml::Value>,
 }
 
 fn default_kind() -> String {
@@ -95,6 +99,14 @@ impl Manifest {
         if kiln.kind != "http" {
             return Err(invalid(&manifest_path, format!("unknown plugin type {:?} (known: \"http\")", kiln.kind)));
         }
+        let config_schema = match kiln.config_schema {
+            Some(t) => {
+                let schema = serde_json::to_value(t).map_err(|e| invalid(&manifest_path, e.to_string()))?;
+                crate::plugin_config::check_schema(&schema).map_err(|e| invalid(&manifest_path, e))?;
+                Some(schema)
+            }
+            None => None,
+        };
         Ok(Self {
             name: package.name,
             version: plain_string(package.version),
@@ -104,6 +116,7 @@ impl Manifest {
                 _ => String::new(),
             },
             kind: kiln.kind,
+            config_schema,
             dir: dir.to_path_buf(),
             manifest_path,
         })
@@ -152,6 +165,14 @@ mod tests {
             (m.name.as_str(), m.version.as_str(), m.author.as_str(), m.kind.as_str()),
             ("pt", "1.2.3", "a, b", "http")
         );
+    }
+
+    #[test]
+    fn reads_a_config_schema_and_refuses_a_broken_one() {
+        let m = parse("[package]\nname = \"x\"\n[package.metadata.kiln.configSchema]\ntype = \"object\"\nproperties.a = { type = \"integer\", default = 3 }\n").unwrap();
+        assert_eq!(m.config_schema.unwrap()["properties"]["a"]["default"], 3);
+        let broken = parse("[package]\nname = \"x\"\n[package.metadata.kiln.configSchema]\ntype = \"nonsense\"\n");
+        assert!(matches!(broken, Err(ManifestError::Invalid { .. })), "{broken:?}");
     }
 
     #[test]

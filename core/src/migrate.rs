@@ -7,7 +7,10 @@ use anyhow::Context;
 use deadpool_postgres::Pool;
 
 /// (version, name, SQL) of every migration, in order.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "001_plugins.sql", include_str!("../../sql/001_plugins.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "001_plugins.sql", include_str!("../../sql/001_plugins.sql")),
+    (2, "002_config_origin_builds.sql", include_str!("../../sql/002_config_origin_builds.sql")),
+];
 
 /// Arbitrary key of the advisory lock that serializes migrations.
 const LOCK_KEY: i64 = 0x6b69_6c6e; // "kiln"

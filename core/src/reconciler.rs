@@ -43,6 +43,9 @@ pub enum ReconcileError {
     /// A route overlaps another plugin's or the admin API's.
     #[error("route conflict: {0}")]
     RouteConflict(String),
+    /// The row's config does not match the plugin's configSchema.
+    #[error("invalid config: {}", .0.iter().map(|v| format!("{} {}", if v.path.is_empty() { "(root)" } else { &v.path }, v.message)).collect::<Vec<_>>().join("; "))]
+    InvalidConfig(Vec<crate::plugin_config::Violation>),
 }
 
 impl ReconcileError {
@@ -60,6 +63,7 @@ impl ReconcileError {
             Self::Load(_) => "LoadError",
             Self::InvalidRoute(_) => "InvalidRoute",
             Self::RouteConflict(_) => "RouteConflict",
+            Self::InvalidConfig(_) => "InvalidConfig",
         }
     }
 }
@@ -96,6 +100,8 @@ struct Job {
 /// A plugin version being served.
 struct Served {
     hash: String,
+    /// The configuration the instance was created with (defaults applied).
+    config: serde_json::Value,
     plugin: Arc<LoadedPlugin>,
 }
 
@@ -114,6 +120,8 @@ struct Inner {
     served: Mutex<BTreeMap<i64, Served>>,
     /// The worker of each plugin id.
     workers: Mutex<HashMap<i64, mpsc::UnboundedSender<Job>>>,
+    /// Plugins with a pass running or queued (reported by /health; 0 means settled).
+    busy: std::sync::atomic::AtomicUsize,
 }
 
 impl Reconciler {
@@ -125,6 +133,7 @@ impl Reconciler {
                 sink,
                 served: Mutex::new(BTreeMap::new()),
                 workers: Mutex::new(HashMap::new()),
+                busy: Default::default(),
             }),
         }
     }
@@ -166,6 +175,11 @@ impl Reconciler {
         let _ = tokio::task::spawn_blocking(move || drop(plugins)).await;
     }
 
+    /// How many plugins have a pass running or queued.
+    pub fn reconciling(&self) -> usize {
+        self.inner.busy.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How many plugin builds ran since start.
     pub fn builds_run(&self) -> u64 {
         self.inner.compiler.builds_run()
@@ -183,6 +197,8 @@ impl Reconciler {
             tokio::spawn(worker(self.inner.clone(), id, rx));
             tx
         });
+        // Counted before it is queued, so /health never shows 0 while a hint waits.
+        self.inner.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The worker lives as long as the reconciler, so the send cannot fail.
         let _ = tx.send(job);
     }
@@ -193,15 +209,18 @@ async fn worker(inner: Arc<Inner>, id: i64, mut rx: mpsc::UnboundedReceiver<Job>
     while let Some(first) = rx.recv().await {
         let mut force = first.force;
         let mut replies: Vec<Reply> = first.reply.into_iter().collect();
+        let mut jobs = 1;
         while let Ok(more) = rx.try_recv() {
             force |= more.force;
             replies.extend(more.reply);
+            jobs += 1;
         }
         let result = inner.pass(id, force).await.map_err(|e| {
             let failure = Failure { code: e.code(), message: e.to_string() };
             tracing::warn!(plugin_id = id, code = failure.code, "{}", failure.message);
             failure
         });
+        inner.busy.fetch_sub(jobs, std::sync::atomic::Ordering::Relaxed);
         for reply in replies {
             let _ = reply.send(result.clone());
         }
@@ -255,11 +274,24 @@ impl Inner {
                 row: row.name.clone(),
             });
         }
+        // An invalid config is not applied: the instance serving keeps its last good one.
+        let config = match &manifest.config_schema {
+            Some(schema) => {
+                crate::plugin_config::validate(schema, &row.config).map_err(ReconcileError::InvalidConfig)?
+            }
+            None => row.config.clone(),
+        };
         let hash = self.compiler.source_hash(&manifest).await?;
-        let current = self.served.lock().expect("served lock").get(&row.id).map(|s| (s.hash.clone(), s.plugin.clone()));
-        if let Some((current_hash, plugin)) = &current
+        let current = self
+            .served
+            .lock()
+            .expect("served lock")
+            .get(&row.id)
+            .map(|s| (s.hash.clone(), s.config.clone(), s.plugin.clone()));
+        if let Some((current_hash, current_config, plugin)) = &current
             && !force
             && *current_hash == hash
+            && *current_config == config
         {
             // Serving the wanted version; make sure the row says so (it may show an old error).
             if row.state != "loaded" || row.error.is_some() || row.loaded_hash.as_deref() != Some(hash.as_str()) {
@@ -270,13 +302,14 @@ impl Inner {
         if current.is_none() {
             self.repo.record_building(row.id).await?;
         }
-        let artifact = self.compiler.build(&manifest, &hash).await?;
+        let artifact = self.build(row.id, &manifest, &hash).await?;
         let path = artifact.path.clone();
-        let plugin = tokio::task::spawn_blocking(move || LoadedPlugin::load(&path, b"{}"))
+        let config_json = serde_json::to_vec(&config).expect("a Value always serializes");
+        let plugin = tokio::task::spawn_blocking(move || LoadedPlugin::load(&path, &config_json))
             .await
             .map_err(|e| LoadError::Init(format!("the load task failed: {e}")))??;
         let plugin = Arc::new(plugin);
-        if let Err(e) = self.publish(row, &hash, plugin.clone()) {
+        if let Err(e) = self.publish(row, &hash, config, plugin.clone()) {
             retire_off_thread(plugin);
             return Err(e);
         }
@@ -287,7 +320,13 @@ impl Inner {
     }
 
     /// Checks the new version's routes and, if they are sound, serves it in place of the old one.
-    fn publish(&self, row: &PluginRow, hash: &str, plugin: Arc<LoadedPlugin>) -> Result<(), ReconcileError> {
+    fn publish(
+        &self,
+        row: &PluginRow,
+        hash: &str,
+        config: serde_json::Value,
+        plugin: Arc<LoadedPlugin>,
+    ) -> Result<(), ReconcileError> {
         let description = plugin.description();
         if description.name != row.name {
             return Err(ReconcileError::NameMismatch {
@@ -322,7 +361,7 @@ impl Inner {
                 }
             }
         }
-        let previous = served.insert(row.id, Served { hash: hash.to_string(), plugin });
+        let previous = served.insert(row.id, Served { hash: hash.to_string(), config, plugin });
         let all: Vec<Arc<LoadedPlugin>> = served.values().map(|s| s.plugin.clone()).collect();
         if let Err(e) = self.sink.publish(&all) {
             // Put back what served before: the route table did not change.
@@ -341,6 +380,28 @@ impl Inner {
             retire_off_thread(old.plugin);
         }
         Ok(())
+    }
+
+    /// Builds through the compiler and records every build that ran in the history.
+    async fn build(
+        &self,
+        id: i64,
+        manifest: &Manifest,
+        hash: &str,
+    ) -> Result<crate::compiler::Artifact, ReconcileError> {
+        let started_at = chrono::Utc::now();
+        let clock = std::time::Instant::now();
+        let result = self.compiler.build(manifest, hash).await;
+        let diagnostics = match &result {
+            Ok(a) if !a.built => return Ok(a.clone()),
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        let ms = clock.elapsed().as_millis() as i64;
+        if let Err(e) = self.repo.record_build(id, hash, started_at, ms, diagnostics.as_deref()).await {
+            tracing::warn!(plugin = %manifest.name, "could not record the build: {e}");
+        }
+        Ok(result?)
     }
 
     /// Stops serving plugin `id`, if it serves. Returns the name of what it served.

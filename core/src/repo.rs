@@ -27,6 +27,10 @@ pub struct PluginRow {
     pub loaded_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Desired configuration (a JSON object).
+    pub config: serde_json::Value,
+    /// `discovered`, `sql` or `upload`.
+    pub origin: String,
 }
 
 impl PluginRow {
@@ -48,6 +52,8 @@ impl PluginRow {
             loaded_at: r.get("loaded_at"),
             created_at: r.get("created_at"),
             updated_at: r.get("updated_at"),
+            config: r.get("config"),
+            origin: r.get("origin"),
         }
     }
 
@@ -90,7 +96,18 @@ pub struct Loaded<'a> {
     pub endpoints: &'a [NewEndpoint],
 }
 
-/// Metadata of a discovered plugin, written with its row when discovery inserts it.
+/// A build kiln ran, for the history.
+#[derive(Debug, Clone)]
+pub struct BuildRecord {
+    pub id: i64,
+    pub source_hash: String,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i64,
+    pub success: bool,
+    pub diagnostics: Option<String>,
+}
+
+/// Metadata of a discovered or installed plugin, written with its row when it is inserted.
 #[derive(Debug, Clone)]
 pub struct Discovered<'a> {
     pub name: &'a str,
@@ -100,6 +117,10 @@ pub struct Discovered<'a> {
     pub version: &'a str,
     pub author: &'a str,
     pub kind: &'a str,
+    /// `discovered` or `upload`.
+    pub origin: &'a str,
+    /// `active` or `inactive`.
+    pub status: &'a str,
 }
 
 /// Queries over the connection pool.
@@ -154,10 +175,20 @@ impl Repo {
         let c = self.pool.get().await?;
         let n = c
             .execute(
-                "INSERT INTO plugins (name, source_path, path, description, version, author, type)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                "INSERT INTO plugins (name, source_path, path, description, version, author, type, origin, status)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT (name) DO NOTHING",
-                &[&d.name, &d.source_path, &d.manifest_path, &d.description, &d.version, &d.author, &d.kind],
+                &[
+                    &d.name,
+                    &d.source_path,
+                    &d.manifest_path,
+                    &d.description,
+                    &d.version,
+                    &d.author,
+                    &d.kind,
+                    &d.origin,
+                    &d.status,
+                ],
             )
             .await?;
         Ok(n == 1)
@@ -168,6 +199,60 @@ impl Repo {
         let c = self.pool.get().await?;
         c.execute("UPDATE plugins SET status = $2 WHERE id = $1", &[&id, &status]).await?;
         Ok(())
+    }
+
+    /// Sets the desired configuration (this notifies the server, as any user edit does).
+    pub async fn set_config(&self, id: i64, config: &serde_json::Value) -> Result<()> {
+        let c = self.pool.get().await?;
+        c.execute("UPDATE plugins SET config = $2 WHERE id = $1", &[&id, config]).await?;
+        Ok(())
+    }
+
+    /// Deletes a plugin's row (its endpoints and builds go with it).
+    pub async fn delete(&self, id: i64) -> Result<bool> {
+        let c = self.pool.get().await?;
+        Ok(c.execute("DELETE FROM plugins WHERE id = $1", &[&id]).await? == 1)
+    }
+
+    /// Records a build kiln ran.
+    pub async fn record_build(
+        &self,
+        plugin_id: i64,
+        source_hash: &str,
+        started_at: DateTime<Utc>,
+        duration_ms: i64,
+        diagnostics: Option<&str>,
+    ) -> Result<()> {
+        let c = self.pool.get().await?;
+        c.execute(
+            "INSERT INTO plugin_builds (plugin_id, source_hash, started_at, duration_ms, success, diagnostics)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&plugin_id, &source_hash, &started_at, &duration_ms, &diagnostics.is_none(), &diagnostics],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The latest builds of a plugin, newest first.
+    pub async fn builds(&self, plugin_id: i64, limit: i64) -> Result<Vec<BuildRecord>> {
+        let c = self.pool.get().await?;
+        let rows = c
+            .query(
+                "SELECT * FROM plugin_builds WHERE plugin_id = $1 ORDER BY started_at DESC, id DESC LIMIT $2",
+                &[&plugin_id, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| BuildRecord {
+                id: r.get("id"),
+                source_hash: r.get("source_hash"),
+                started_at: r.get("started_at"),
+                duration_ms: r.get("duration_ms"),
+                success: r.get("success"),
+                diagnostics: r.get("diagnostics"),
+            })
+            .collect())
     }
 
     /// Observed: a version is loaded and serving these endpoints.

@@ -9,12 +9,14 @@
 //! The OS watcher (inotify) is used when it works; polling is the fallback (and can be forced):
 //! inotify is unavailable on some filesystems and limited in watch count.
 
+use crate::config::FileConfig;
 use crate::discovery;
 use crate::reconciler::Reconciler;
 use crate::repo::Repo;
 use notify::{Event, PollWatcher, RecommendedWatcher, RecursiveMode, Watcher};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -39,7 +41,7 @@ pub enum WatchMode {
 type Events = mpsc::UnboundedSender<notify::Result<Event>>;
 
 /// Starts watching in a background task (nothing when `mode` is `Off`).
-pub fn spawn(mode: WatchMode, plugin_dirs: Vec<PathBuf>, repo: Repo, reconciler: Reconciler) {
+pub fn spawn(mode: WatchMode, plugin_dirs: Vec<PathBuf>, policy: Arc<FileConfig>, repo: Repo, reconciler: Reconciler) {
     if mode == WatchMode::Off {
         return;
     }
@@ -52,7 +54,7 @@ pub fn spawn(mode: WatchMode, plugin_dirs: Vec<PathBuf>, repo: Repo, reconciler:
                 return;
             }
         };
-        Watch { watcher, watched: BTreeSet::new(), plugin_dirs, repo, reconciler }.run(rx).await;
+        Watch { watcher, watched: BTreeSet::new(), plugin_dirs, policy, repo, reconciler }.run(rx).await;
     });
 }
 
@@ -80,6 +82,7 @@ struct Watch {
     /// Directories watched now (recursively).
     watched: BTreeSet<PathBuf>,
     plugin_dirs: Vec<PathBuf>,
+    policy: Arc<FileConfig>,
     repo: Repo,
     reconciler: Reconciler,
 }
@@ -136,7 +139,7 @@ impl Watch {
             tracing::info!(plugin_id = id, "source changed");
             self.reconciler.hint(*id);
         }
-        if unknown && let Err(e) = discovery::record(&self.repo, &self.plugin_dirs).await {
+        if unknown && let Err(e) = discovery::record(&self.repo, &self.plugin_dirs, &self.policy).await {
             tracing::warn!("watch: discovery failed: {e}");
         }
         self.refresh().await;

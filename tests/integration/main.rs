@@ -4,6 +4,7 @@
 mod db_faults;
 mod faults;
 mod lifecycle;
+mod operations;
 mod quiet;
 mod rollback;
 mod support;

@@ -5,13 +5,19 @@
 //! converted from the repository's rows.
 
 use super::error::{ApiError, ErrorResponse};
-use crate::manifest::validate_name;
+use crate::archive;
+use crate::discovery;
+use crate::manifest::{Manifest, ManifestError, validate_name};
+use crate::plugin_config::{self, mask};
 use crate::reconciler::{Failure, Reconciler};
+use crate::repo::Discovered;
 use crate::repo::{EndpointRow, PluginRow, Repo, RepoError};
 use chrono::{DateTime, Utc};
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
-use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+use poem_openapi::types::multipart::Upload;
+use poem_openapi::{ApiResponse, Multipart, Object, OpenApi, Tags};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -107,6 +113,8 @@ pub struct Health {
     pub plugins_served: u64,
     /// Plugin builds (cargo runs) since the server started.
     pub builds_run: u64,
+    /// Reconcile passes running or queued: 0 when every plugin is settled.
+    pub reconciling: u64,
     pub version: String,
 }
 
@@ -126,6 +134,59 @@ pub struct AdminApi {
     pub reconciler: Reconciler,
     /// Set by the listener while its connection is up.
     pub listener_up: Arc<AtomicBool>,
+    /// Where discovery looks (`POST /plugins/discover`).
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Where uploaded plugins are unpacked, one directory each.
+    pub install_dir: PathBuf,
+    /// The initial status of discovered plugins (config file lists).
+    pub policy: Arc<crate::config::FileConfig>,
+}
+
+/// A plugin's configuration, sensitive values masked.
+#[derive(Debug, Object)]
+pub struct PluginConfig {
+    /// The configuration in effect (defaults applied), sensitive values replaced by `********`.
+    pub config: serde_json::Value,
+    /// The plugin's configSchema, if it declares one.
+    pub schema: Option<serde_json::Value>,
+}
+
+/// A build kiln ran.
+#[derive(Debug, Object)]
+pub struct Build {
+    pub id: i64,
+    pub source_hash: String,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i64,
+    pub success: bool,
+    /// The compiler's diagnostics, for a failed build.
+    pub diagnostics: Option<String>,
+}
+
+/// What a discovery pass found.
+#[derive(Debug, Object)]
+pub struct DiscoverReport {
+    /// Plugin crates found in the plugin directories.
+    pub found: Vec<String>,
+    /// Of those, the ones that got a new row.
+    pub added: Vec<String>,
+    /// Discovered plugins whose crate is gone (they are unloaded).
+    pub removed: Vec<String>,
+    /// Crates or directories that could not be used, and why.
+    pub failed: Vec<DiscoverFailure>,
+}
+
+#[derive(Debug, Object)]
+pub struct DiscoverFailure {
+    pub path: String,
+    pub error: String,
+}
+
+/// An uploaded plugin archive.
+#[derive(Debug, Multipart)]
+pub struct InstallForm {
+    /// A `.tar.gz` of a plugin crate (Cargo.toml at its top, or in its one top-level directory).
+    pub file: Upload,
 }
 
 type Result<T> = std::result::Result<Json<T>, ErrorResponse>;
@@ -178,6 +239,182 @@ impl AdminApi {
         Ok(Json(self.row(&name).await?.into()))
     }
 
+    /// A plugin's configuration (sensitive values masked) and its schema.
+    #[oai(path = "/plugins/:name/config", method = "get", tag = "Tag::Plugins")]
+    async fn get_config(&self, name: Path<String>) -> Result<PluginConfig> {
+        let row = self.row(&name).await?;
+        let schema = Manifest::read(std::path::Path::new(&row.source_path)).ok().and_then(|m| m.config_schema);
+        let config = match &schema {
+            Some(s) => plugin_config::with_defaults(s, &row.config),
+            None => row.config.clone(),
+        };
+        Ok(Json(PluginConfig { config: mask(schema.as_ref(), &config), schema }))
+    }
+
+    /// Replace a plugin's configuration. It is validated against the plugin's configSchema;
+    /// if invalid, nothing is stored and every violation is listed. Otherwise the plugin is
+    /// reloaded with it (the previous instance serves until the new one is ready).
+    #[oai(path = "/plugins/:name/config", method = "put", tag = "Tag::Plugins")]
+    async fn put_config(&self, name: Path<String>, config: Json<serde_json::Value>) -> Result<PluginConfig> {
+        let row = self.row(&name).await?;
+        if !config.0.is_object() {
+            return Err(ErrorResponse::BadRequest(Json(ApiError::new(
+                "InvalidConfig",
+                "the config must be a JSON object",
+            ))));
+        }
+        let manifest = Manifest::read(std::path::Path::new(&row.source_path))
+            .map_err(|e| ErrorResponse::Unprocessable(Json(ApiError::new(manifest_code(&e), e.to_string()))))?;
+        if let Some(schema) = &manifest.config_schema
+            && let Err(violations) = plugin_config::validate(schema, &config.0)
+        {
+            let details = serde_json::json!({ "violations": violations });
+            let msg =
+                format!("the config does not match the configSchema of {} ({} violations)", row.name, violations.len());
+            return Err(ErrorResponse::Unprocessable(Json(ApiError::new("InvalidConfig", msg).with_details(details))));
+        }
+        self.repo.set_config(row.id, &config.0).await.map_err(db_error)?;
+        if row.wants_active() {
+            self.reconciler.reconcile(row.id, false).await.map_err(failure)?;
+        }
+        self.get_config(name).await
+    }
+
+    /// The latest builds of a plugin (at most 50), newest first.
+    #[oai(path = "/plugins/:name/builds", method = "get", tag = "Tag::Plugins")]
+    async fn builds(&self, name: Path<String>) -> Result<Vec<Build>> {
+        let row = self.row(&name).await?;
+        let builds = self.repo.builds(row.id, 50).await.map_err(db_error)?;
+        Ok(Json(
+            builds
+                .into_iter()
+                .map(|b| Build {
+                    id: b.id,
+                    source_hash: b.source_hash,
+                    started_at: b.started_at,
+                    duration_ms: b.duration_ms,
+                    success: b.success,
+                    diagnostics: b.diagnostics,
+                })
+                .collect(),
+        ))
+    }
+
+    /// Load a plugin now: mark it active if it is not, and wait until it serves (or say why not).
+    #[oai(path = "/plugins/:name/load", method = "post", tag = "Tag::Plugins")]
+    async fn load(&self, name: Path<String>) -> Result<Plugin> {
+        let row = self.row(&name).await?;
+        if !row.wants_active() {
+            self.repo.set_status(row.id, "active").await.map_err(db_error)?;
+        }
+        self.reconciler.reconcile(row.id, false).await.map_err(failure)?;
+        Ok(Json(self.row(&name).await?.into()))
+    }
+
+    /// Uninstall a plugin: unload it, delete its row (endpoints, builds) and libraries, and its
+    /// source if it was installed by upload.
+    #[oai(path = "/plugins/:name", method = "delete", tag = "Tag::Plugins")]
+    async fn uninstall(&self, name: Path<String>) -> Result<Plugin> {
+        let row = self.row(&name).await?;
+        self.repo.delete(row.id).await.map_err(db_error)?;
+        self.reconciler.reconcile(row.id, false).await.map_err(failure)?;
+        let source = PathBuf::from(&row.source_path);
+        // Only a directory kiln created itself, inside its install directory, is removed.
+        if row.origin == "upload"
+            && source.starts_with(&self.install_dir)
+            && source != self.install_dir
+            && let Err(e) = tokio::fs::remove_dir_all(&source).await
+        {
+            tracing::warn!(plugin = %row.name, "could not remove its source {}: {e}", source.display());
+        }
+        Ok(Json(row.into()))
+    }
+
+    /// Rescan the plugin directories now: new crates get rows (and load), removed ones unload.
+    #[oai(path = "/plugins/discover", method = "post", tag = "Tag::Plugins")]
+    async fn discover(&self) -> Result<DiscoverReport> {
+        let (scan, added) = discovery::record(&self.repo, &self.plugin_dirs, &self.policy).await.map_err(db_error)?;
+        let mut removed = Vec::new();
+        for row in self.repo.list().await.map_err(db_error)? {
+            if row.origin == "discovered" && !std::path::Path::new(&row.source_path).exists() {
+                self.reconciler.hint(row.id);
+                removed.push(row.name);
+            }
+        }
+        Ok(Json(DiscoverReport {
+            found: scan.plugins.iter().map(|m| m.name.clone()).collect(),
+            added,
+            removed,
+            failed: scan
+                .errors
+                .into_iter()
+                .map(|(p, e)| DiscoverFailure { path: p.to_string_lossy().into_owned(), error: e })
+                .collect(),
+        }))
+    }
+
+    /// Install a plugin from a `.tar.gz` of its crate: unpack it safely, build, register and
+    /// load it. All or nothing: if any step fails, nothing is left behind and the answer says
+    /// why (with the compiler's diagnostics for a failed build).
+    #[oai(path = "/plugins/install", method = "post", tag = "Tag::Plugins")]
+    async fn install(&self, form: InstallForm) -> Result<Plugin> {
+        let bytes = form.file.into_vec().await.map_err(|e| {
+            ErrorResponse::BadRequest(Json(ApiError::new("InvalidArchive", format!("could not read the upload: {e}"))))
+        })?;
+        let install_dir = self.install_dir.clone();
+        let extracted = tokio::task::spawn_blocking(move || archive::extract(&bytes, &install_dir, Default::default()))
+            .await
+            .map_err(|e| internal(e.to_string()))?
+            .map_err(|e| ErrorResponse::BadRequest(Json(ApiError::new("InvalidArchive", e.to_string()))))?;
+        let manifest = Manifest::read(&extracted.crate_dir)
+            .map_err(|e| ErrorResponse::BadRequest(Json(ApiError::new(manifest_code(&e), e.to_string()))))?;
+        let exists = || {
+            ErrorResponse::Conflict(Json(ApiError::new(
+                "PluginExists",
+                format!(
+                    "a plugin named {:?} exists; uninstall it first (DELETE /plugins/{})",
+                    manifest.name, manifest.name
+                ),
+            )))
+        };
+        let dest = self.install_dir.join(&manifest.name);
+        if dest.exists() || self.repo.get_by_name(&manifest.name).await.map_err(db_error)?.is_some() {
+            return Err(exists());
+        }
+        std::fs::rename(&extracted.crate_dir, &dest).map_err(|e| internal(format!("placing the plugin: {e}")))?;
+        drop(extracted);
+        let manifest = Manifest::read(&dest)
+            .map_err(|e| ErrorResponse::BadRequest(Json(ApiError::new(manifest_code(&e), e.to_string()))))?;
+        let inserted = self
+            .repo
+            .insert_discovered(&Discovered {
+                name: &manifest.name,
+                source_path: &dest.to_string_lossy(),
+                manifest_path: &manifest.manifest_path.to_string_lossy(),
+                description: &manifest.description,
+                version: &manifest.version,
+                author: &manifest.author,
+                kind: &manifest.kind,
+                origin: "upload",
+                status: "active",
+            })
+            .await
+            .map_err(db_error)?;
+        if !inserted {
+            let _ = tokio::fs::remove_dir_all(&dest).await;
+            return Err(exists());
+        }
+        let row = self.row(&manifest.name).await?;
+        if let Err(f) = self.reconciler.reconcile(row.id, false).await {
+            // All or nothing: take the failed install back out.
+            let _ = self.repo.delete(row.id).await;
+            let _ = self.reconciler.reconcile(row.id, false).await;
+            let _ = tokio::fs::remove_dir_all(&dest).await;
+            return Err(failure(f));
+        }
+        Ok(Json(self.row(&manifest.name).await?.into()))
+    }
+
     /// Health of the server, the database and the listener.
     #[oai(path = "/health", method = "get", tag = "Tag::Server")]
     async fn health(&self) -> HealthResponse {
@@ -189,6 +426,7 @@ impl AdminApi {
             listener: if listener_up { "connected" } else { "disconnected" }.into(),
             plugins_served: self.reconciler.served_count() as u64,
             builds_run: self.reconciler.builds_run(),
+            reconciling: self.reconciler.reconciling() as u64,
             version: env!("CARGO_PKG_VERSION").into(),
         };
         if db_up && listener_up { HealthResponse::Ok(Json(health)) } else { HealthResponse::Degraded(Json(health)) }
@@ -207,6 +445,18 @@ impl AdminApi {
 fn db_error(e: RepoError) -> ErrorResponse {
     tracing::warn!("{e}");
     ErrorResponse::Unavailable(Json(ApiError::new("DatabaseUnavailable", e.to_string())))
+}
+
+fn internal(msg: String) -> ErrorResponse {
+    tracing::error!("{msg}");
+    ErrorResponse::Internal(Json(ApiError::new("Internal", msg)))
+}
+
+fn manifest_code(e: &ManifestError) -> &'static str {
+    match e {
+        ManifestError::NotFound(_) => "ManifestNotFound",
+        _ => "InvalidManifest",
+    }
 }
 
 fn failure(f: Failure) -> ErrorResponse {

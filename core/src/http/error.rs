@@ -31,13 +31,25 @@ impl ApiError {
 /// Error answers of the admin API.
 #[derive(Debug, ApiResponse)]
 pub enum ErrorResponse {
-    /// The request is malformed.
+    /// The request is malformed (`BadRequest`, `InvalidName`, `InvalidArchive`).
     #[oai(status = 400)]
     BadRequest(Json<ApiError>),
+    /// `KILN_ADMIN_TOKEN` is set and the request lacks `Authorization: Bearer <token>`.
+    #[oai(status = 401)]
+    Unauthorized(Json<ApiError>),
     /// No such plugin.
     #[oai(status = 404)]
     NotFound(Json<ApiError>),
-    /// The plugin could not be built, loaded or served (the previous version, if any, still serves).
+    /// A plugin of that name exists already (`PluginExists`).
+    #[oai(status = 409)]
+    Conflict(Json<ApiError>),
+    /// The upload is larger than allowed.
+    #[oai(status = 413)]
+    TooLarge(Json<ApiError>),
+    /// The plugin could not be built, loaded, configured or served; the previous version, if any,
+    /// still serves. Codes: `ManifestNotFound`, `InvalidManifest`, `BuildFailed`, `AbiMismatch`,
+    /// `EntrypointNotFound`, `LoadError`, `InitFailed`, `RouteConflict`, `InvalidRoute`,
+    /// `InvalidConfig` (with `details.violations`), `PluginInactive`.
     #[oai(status = 422)]
     Unprocessable(Json<ApiError>),
     /// An unexpected failure.

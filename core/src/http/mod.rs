@@ -24,7 +24,11 @@ use poem_openapi::OpenApiService;
 use std::sync::Arc;
 
 /// Builds the HTTP application: the admin API, the live docs and the plugin routes.
-pub fn app(api: AdminApi, router: Arc<PluginRouter>) -> anyhow::Result<impl Endpoint<Output = Response>> {
+pub fn app(
+    api: AdminApi,
+    router: Arc<PluginRouter>,
+    admin_token: Option<String>,
+) -> anyhow::Result<impl Endpoint<Output = Response>> {
     let service = OpenApiService::new(api, "kiln", env!("CARGO_PKG_VERSION"))
         .description("Admin API of kiln, and the endpoints of every plugin it serves now (tagged by plugin).");
     let docs = Arc::new(Docs::new(&service.spec(), &service.swagger_ui_html())?);
@@ -45,6 +49,7 @@ pub fn app(api: AdminApi, router: Arc<PluginRouter>) -> anyhow::Result<impl Endp
             json_error(status, code, &err.to_string())
         })
         .boxed();
+    let admin = AdminGate { inner: admin, token: admin_token.filter(|t| !t.is_empty()) }.boxed();
     Ok(Front { admin, router })
 }
 
@@ -62,6 +67,58 @@ fn ui_endpoint(docs: Arc<Docs>) -> impl Endpoint<Output = Response> {
         Html(docs.html())
     }
     ui.data(docs).map_to_response()
+}
+
+/// Largest plugin archive accepted by `POST /plugins/install`.
+const MAX_UPLOAD: u64 = 32 << 20;
+
+/// Guards the admin API: the bearer token (when configured) and the upload size.
+struct AdminGate<E> {
+    inner: E,
+    token: Option<String>,
+}
+
+impl<E: Endpoint<Output = Response>> Endpoint for AdminGate<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        let path = req.uri().path();
+        let public = path == "/health" || path == "/openapi.json" || path == "/docs" || path.starts_with("/docs/");
+        if let Some(token) = &self.token
+            && !public
+        {
+            let given = req.header("authorization").and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+            // Constant time: the comparison must not reveal how much of a guess was right.
+            let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()).into();
+            if !ok {
+                let mut resp = json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthorized",
+                    "this endpoint needs Authorization: Bearer <KILN_ADMIN_TOKEN>",
+                );
+                resp.headers_mut().insert("www-authenticate", poem::http::HeaderValue::from_static("Bearer"));
+                return Ok(resp);
+            }
+        }
+        if req.method() == poem::http::Method::POST && path == "/plugins/install" {
+            let length = req.header("content-length").and_then(|l| l.parse::<u64>().ok());
+            match length {
+                None => {
+                    return Ok(json_error(
+                        StatusCode::LENGTH_REQUIRED,
+                        "LengthRequired",
+                        "uploads need a Content-Length",
+                    ));
+                }
+                Some(n) if n > MAX_UPLOAD => {
+                    let msg = format!("the upload is {n} bytes; at most {MAX_UPLOAD} are accepted");
+                    return Ok(json_error(StatusCode::PAYLOAD_TOO_LARGE, "TooLarge", &msg));
+                }
+                Some(_) => {}
+            }
+        }
+        self.inner.call(req).await
+    }
 }
 
 /// The front endpoint: admin or plugins, by first path segment.

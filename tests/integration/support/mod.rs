@@ -200,6 +200,10 @@ impl TestServer {
         .await
     }
 
+    pub async fn send_delete(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.delete(self.url(path))).await
+    }
+
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
         match req.send().await {
             Ok(resp) => {
