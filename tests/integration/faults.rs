@@ -89,3 +89,15 @@ async fn a_library_built_against_another_abi_is_refused_with_both_versions() {
     server.wait_state("hello", "loaded").await;
     assert_eq!(server.get("/hello").await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_body_over_the_limit_is_refused_before_the_plugin_sees_it() {
+    let server = TestServer::start_with(crate::support::cluster().await, &["powertable"], |c| c.max_body = 1024).await;
+    server.wait_state("powertable", "loaded").await;
+    let big = serde_json::json!({ "name": "x".repeat(2000), "watts": 1 });
+    let (status, body) = server.post("/powertable", Some(big)).await;
+    assert_eq!((status, body["error"].as_str()), (413, Some("BodyTooLarge")), "{body}");
+    let (status, _) = server.post("/powertable", Some(serde_json::json!({ "name": "small", "watts": 1 }))).await;
+    assert_eq!(status, 201);
+    assert_eq!(server.get("/powertable").await.1.as_array().unwrap().len(), 4, "only the small row was added");
+}

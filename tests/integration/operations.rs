@@ -241,6 +241,10 @@ async fn the_admin_token_guards_the_admin_api_only() {
     for public in ["/health", "/openapi.json", "/docs"] {
         assert_eq!(server.get(public).await.0, 200, "{public} stays public");
     }
+    let (_, spec) = server.get("/openapi.json").await;
+    assert_eq!(spec["components"]["securitySchemes"]["adminToken"]["scheme"], "bearer", "the spec declares it");
+    assert_eq!(spec["paths"]["/plugins"]["get"]["security"], json!([{ "adminToken": [] }]));
+    assert!(spec["paths"]["/health"]["get"]["security"].is_null());
     server
         .wait_until("the plugin serves, without a token", EDIT_DEADLINE * 20, || async {
             server.get("/hello").await.0 == 200

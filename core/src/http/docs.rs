@@ -27,8 +27,21 @@ pub struct Docs {
 
 impl Docs {
     /// `spec` is poem-openapi's document; `html` its Swagger UI page, which embeds `spec`.
-    pub fn new(spec: &str, html: &str) -> anyhow::Result<Self> {
-        let base: Value = serde_json::from_str(spec)?;
+    /// `bearer`: the admin API needs a bearer token (declared on every admin operation but
+    /// /health, so Swagger UI offers "Authorize").
+    pub fn new(spec: &str, html: &str, bearer: bool) -> anyhow::Result<Self> {
+        let mut base: Value = serde_json::from_str(spec)?;
+        if bearer {
+            base["components"]["securitySchemes"]["adminToken"] =
+                json!({ "type": "http", "scheme": "bearer", "description": "KILN_ADMIN_TOKEN" });
+            if let Some(paths) = base["paths"].as_object_mut() {
+                for (_, item) in paths.iter_mut().filter(|(p, _)| p.as_str() != "/health") {
+                    for op in item.as_object_mut().into_iter().flat_map(|o| o.values_mut()) {
+                        op["security"] = json!([{ "adminToken": [] }]);
+                    }
+                }
+            }
+        }
         let at = html
             .find(spec)
             .ok_or_else(|| anyhow::anyhow!("the Swagger UI page does not embed the spec (poem-openapi changed?)"))?;

@@ -31,7 +31,8 @@ pub fn app(
 ) -> anyhow::Result<impl Endpoint<Output = Response>> {
     let service = OpenApiService::new(api, "kiln", env!("CARGO_PKG_VERSION"))
         .description("Admin API of kiln, and the endpoints of every plugin it serves now (tagged by plugin).");
-    let docs = Arc::new(Docs::new(&service.spec(), &service.swagger_ui_html())?);
+    let admin_token = admin_token.filter(|t| !t.is_empty());
+    let docs = Arc::new(Docs::new(&service.spec(), &service.swagger_ui_html(), admin_token.is_some())?);
     router.attach_docs(docs.clone());
     let spec_docs = docs.clone();
     let admin = Route::new()
@@ -49,7 +50,7 @@ pub fn app(
             json_error(status, code, &err.to_string())
         })
         .boxed();
-    let admin = AdminGate { inner: admin, token: admin_token.filter(|t| !t.is_empty()) }.boxed();
+    let admin = AdminGate { inner: admin, token: admin_token }.boxed();
     Ok(Front { admin, router })
 }
 
