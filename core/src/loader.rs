@@ -77,6 +77,12 @@ struct Instance(*mut c_void);
 pub struct LoadedPlugin {
     description: PluginDescription,
     binary_path: PathBuf,
+    /// `Some` until dropped: `Drop` takes it to retire it (possibly on another thread).
+    live: Option<Live>,
+}
+
+/// The instance and the open library it lives in.
+struct Live {
     instance: Instance,
     handle_fn: HandleFn,
     cleanup_fn: CleanupFn,
@@ -87,9 +93,9 @@ pub struct LoadedPlugin {
 
 // SAFETY: the instance is only ever used through the plugin's exports, and `export_plugin!`
 // requires the plugin type to be `Send + Sync`; the function pointers are plain code addresses.
-unsafe impl Send for LoadedPlugin {}
+unsafe impl Send for Live {}
 // SAFETY: as above; `kiln_handle` takes the instance by shared reference on the plugin side.
-unsafe impl Sync for LoadedPlugin {}
+unsafe impl Sync for Live {}
 
 impl std::fmt::Debug for LoadedPlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,11 +168,7 @@ impl LoadedPlugin {
         Ok(Self {
             description,
             binary_path: path.to_path_buf(),
-            instance: Instance(instance),
-            handle_fn,
-            cleanup_fn,
-            free_fn,
-            _library: library,
+            live: Some(Live { instance: Instance(instance), handle_fn, cleanup_fn, free_fn, _library: library }),
         })
     }
 
@@ -197,12 +199,13 @@ impl LoadedPlugin {
             headers_len: headers.len(),
             body: KilnStr::new(req.body),
         };
+        let live = self.live.as_ref().expect("a LoadedPlugin is live until dropped");
         let mut out = KilnResponse::EMPTY;
         // SAFETY: the instance is live (cleanup only runs in Drop); every view in `raw` points at
         // data borrowed for this call; `out` is valid for a write.
-        let status = unsafe { (self.handle_fn)(self.instance.0, &raw, &mut out) };
+        let status = unsafe { (live.handle_fn)(live.instance.0, &raw, &mut out) };
         // SAFETY: both buffers were written by this library and each is freed once, by it.
-        let (head, body) = unsafe { (take_bytes(self.free_fn, out.headers), take_bytes(self.free_fn, out.body)) };
+        let (head, body) = unsafe { (take_bytes(live.free_fn, out.headers), take_bytes(live.free_fn, out.body)) };
         if status == abi::STATUS_PANIC {
             return Err(CallError::Panic(String::from_utf8_lossy(&body).into_owned()));
         }
@@ -213,19 +216,42 @@ impl LoadedPlugin {
     }
 }
 
+impl LoadedPlugin {
+    /// Runs the plugin's cleanup and closes the library on this thread, now. Blocking.
+    pub fn retire_now(mut self) {
+        if let Some(live) = self.live.take() {
+            live.retire(&self.description.name, &self.binary_path);
+        }
+    }
+}
+
 impl Drop for LoadedPlugin {
+    /// The last reference may drop anywhere, also on an async worker at the end of a request:
+    /// the plugin's cleanup (which may block) then moves to the blocking pool.
     fn drop(&mut self) {
+        let Some(live) = self.live.take() else { return };
+        let (name, path) = (self.description.name.clone(), self.binary_path.clone());
+        let retire = move || live.retire(&name, &path);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(retire)),
+            Err(_) => retire(),
+        }
+    }
+}
+
+impl Live {
+    /// Runs the plugin's cleanup, then closes the library (by dropping `self`).
+    fn retire(self, name: &str, path: &Path) {
         let mut err = KilnBuf::EMPTY;
         // SAFETY: the instance came from this library's init, and nothing can use it any more
-        // (we hold the last reference); the library is still open (it is dropped after this).
+        // (its LoadedPlugin is gone); the library is still open (it is dropped after this).
         let status = unsafe { (self.cleanup_fn)(self.instance.0, &mut err) };
         // SAFETY: `err` was written by this library (or is empty) and is freed once.
         let msg = unsafe { take_string(self.free_fn, err) };
-        let name = &self.description.name;
         if status == abi::STATUS_OK {
-            tracing::info!(plugin = %name, library = %self.binary_path.display(), "cleanup ran; library retired");
+            tracing::info!(plugin = %name, library = %path.display(), "cleanup ran; library retired");
         } else {
-            tracing::error!(plugin = %name, library = %self.binary_path.display(), "cleanup panicked: {msg}");
+            tracing::error!(plugin = %name, library = %path.display(), "cleanup panicked: {msg}");
         }
     }
 }

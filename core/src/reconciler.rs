@@ -11,7 +11,8 @@
 //!
 //! A new version is built, loaded, initialized and checked for route conflicts before one atomic
 //! publish of the route table. Until then the previous version serves; after it, the previous
-//! version is dropped here, and its cleanup runs when its last in-flight request ends.
+//! version is dropped here, and its cleanup runs when its last in-flight request ends (on the
+//! blocking pool: see `LoadedPlugin`'s `Drop`).
 
 use crate::compiler::{BuildError, Compiler};
 use crate::loader::{LoadError, LoadedPlugin};
@@ -171,8 +172,18 @@ impl Reconciler {
         if let Err(e) = self.inner.sink.publish(&[]) {
             tracing::error!("could not clear the route table: {e}");
         }
+        // At shutdown the cleanups run here and are waited for: a cleanup merely queued on the
+        // blocking pool could be cancelled as the runtime exits.
         let plugins: Vec<Arc<LoadedPlugin>> = served.into_values().map(|s| s.plugin).collect();
-        let _ = tokio::task::spawn_blocking(move || drop(plugins)).await;
+        let retire = move || {
+            for plugin in plugins {
+                match Arc::try_unwrap(plugin) {
+                    Ok(p) => p.retire_now(),
+                    Err(still_used) => drop(still_used),
+                }
+            }
+        };
+        let _ = tokio::task::spawn_blocking(retire).await;
     }
 
     /// How many plugins have a pass running or queued.
@@ -310,7 +321,7 @@ impl Inner {
             .map_err(|e| LoadError::Init(format!("the load task failed: {e}")))??;
         let plugin = Arc::new(plugin);
         if let Err(e) = self.publish(row, &hash, config, plugin.clone()) {
-            retire_off_thread(plugin);
+            drop(plugin);
             return Err(e);
         }
         self.record_loaded(row.id, &manifest, &hash, &plugin).await?;
@@ -371,13 +382,13 @@ impl Inner {
             };
             drop(served);
             if let Some(f) = failed {
-                retire_off_thread(f.plugin);
+                drop(f.plugin);
             }
             return Err(ReconcileError::InvalidRoute(e));
         }
         drop(served);
         if let Some(old) = previous {
-            retire_off_thread(old.plugin);
+            drop(old.plugin);
         }
         Ok(())
     }
@@ -416,7 +427,7 @@ impl Inner {
         drop(served);
         let name = old.plugin.description().name.clone();
         tracing::info!(plugin = %name, "unloaded");
-        retire_off_thread(old.plugin);
+        drop(old.plugin);
         Some(name)
     }
 
@@ -450,11 +461,4 @@ impl Inner {
             .await?;
         Ok(())
     }
-}
-
-/// Drops our reference to a plugin version on a blocking thread: if it is the last one, the
-/// plugin's cleanup runs there, off the async workers. In-flight requests hold their own
-/// references, so cleanup waits for them.
-fn retire_off_thread(plugin: Arc<LoadedPlugin>) {
-    tokio::task::spawn_blocking(move || drop(plugin));
 }

@@ -234,3 +234,12 @@ async fn a_restart_with_unchanged_sources_compiles_nothing() {
     assert_eq!(health["builds_run"], 0, "{health}");
     assert_eq!(health["plugins_served"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_the_server_runs_every_cleanup_before_it_returns() {
+    let server = TestServer::start(&["lifecycle"]).await;
+    server.wait_state("lifecycle", "loaded").await;
+    let log = server.plugin_dir("lifecycle").join("target/lifecycle.log");
+    let (_cluster, _root, _url) = server.stop().await;
+    assert_eq!(read_log(&log), ["init v1", "cleanup v1"]);
+}
