@@ -74,6 +74,9 @@ impl RouteSink for PluginRouter {
     }
 }
 
+/// An inline handler slower than this is reported: it held an async worker.
+const SLOW_INLINE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// One route of one plugin version.
 struct PluginEndpoint {
     plugin: Arc<LoadedPlugin>,
@@ -131,7 +134,8 @@ impl Endpoint for PluginEndpoint {
                 self.params.iter().map(|n| (n.as_str(), req.raw_path_param(n).unwrap_or(""))).collect();
             let headers: Vec<(&str, &str)> =
                 req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
-            self.plugin.call(&CallRequest {
+            let started = std::time::Instant::now();
+            let result = self.plugin.call(&CallRequest {
                 route: self.route,
                 method: req.method().as_str(),
                 path: req.uri().path(),
@@ -139,7 +143,16 @@ impl Endpoint for PluginEndpoint {
                 params: &params,
                 headers: &headers,
                 body: &body,
-            })
+            });
+            let took = started.elapsed();
+            if took > SLOW_INLINE {
+                let route = &self.plugin.description().routes[self.route as usize];
+                tracing::warn!(
+                    plugin = %name, route = %format!("{} {}", route.method, route.path), ?took,
+                    "a handler ran long on an async worker, stalling other requests; mark its route .blocking()"
+                );
+            }
+            result
         };
         let response = match result {
             Ok(r) => r,
