@@ -63,6 +63,9 @@ async fn discovered_plugins_are_compiled_served_and_recorded() {
     // Unknown things answer JSON errors.
     let (status, body) = server.get("/nothing-here").await;
     assert_eq!((status, body["error"].as_str()), (404, Some("NotFound")));
+    let (status, body) = server.send_delete("/powertable").await;
+    assert_eq!((status, body["error"].as_str()), (405, Some("MethodNotAllowed")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("/powertable does not accept DELETE"), "{body}");
     let (status, body) = server.get("/plugins/nope").await;
     assert_eq!((status, body["error"].as_str()), (404, Some("PluginNotFound")));
     let (status, body) = server.get("/plugins/bad..name").await;

@@ -136,18 +136,19 @@ impl Endpoint for Front {
         if ADMIN_ROOTS.contains(&first) {
             return self.admin.call(req).await;
         }
-        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        // For the 404 message only: cloning the Uri shares its bytes (no allocation per request).
+        let (method, uri) = (req.method().clone(), req.uri().clone());
         // Hold this table (and the plugin versions in it) until the request is done.
         let table = self.router.table();
         match table.call(req).await {
             Ok(resp) => Ok(resp.into_response()),
             Err(e) if e.is::<NotFoundError>() => {
-                Ok(json_error(StatusCode::NOT_FOUND, "NotFound", &format!("no route for {method} {path}")))
+                Ok(json_error(StatusCode::NOT_FOUND, "NotFound", &format!("no route for {method} {}", uri.path())))
             }
             Err(e) if e.is::<MethodNotAllowedError>() => Ok(json_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "MethodNotAllowed",
-                &format!("{path} does not accept {method}"),
+                &format!("{} does not accept {method}", uri.path()),
             )),
             Err(e) => Ok(e.into_response()),
         }
