@@ -8,8 +8,8 @@
 
 use kiln_types::PluginDescription;
 use kiln_types::abi::{
-    self, AbiVersionFn, CleanupFn, DescribeFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnPair, KilnRequest,
-    KilnResponse, KilnStr, TypesVersionFn,
+    self, AbiVersionFn, CleanupFn, ConfigureFn, DescribeFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnPair,
+    KilnRequest, KilnResponse, KilnStr, TypesVersionFn,
 };
 use libloading::Library;
 use std::ffi::c_void;
@@ -85,6 +85,7 @@ pub struct LoadedPlugin {
 struct Live {
     instance: Instance,
     handle_fn: HandleFn,
+    configure_fn: ConfigureFn,
     cleanup_fn: CleanupFn,
     free_fn: FreeBufFn,
     /// Must stay the last field: the function pointers above point into it, so it drops last.
@@ -140,6 +141,8 @@ impl LoadedPlugin {
         // SAFETY: see above.
         let handle_fn: HandleFn = unsafe { symbol(&library, path, abi::SYM_HANDLE)? };
         // SAFETY: see above.
+        let configure_fn: ConfigureFn = unsafe { symbol(&library, path, abi::SYM_CONFIGURE)? };
+        // SAFETY: see above.
         let cleanup_fn: CleanupFn = unsafe { symbol(&library, path, abi::SYM_CLEANUP)? };
         // SAFETY: see above.
         let free_fn: FreeBufFn = unsafe { symbol(&library, path, abi::SYM_FREE_BUF)? };
@@ -168,7 +171,14 @@ impl LoadedPlugin {
         Ok(Self {
             description,
             binary_path: path.to_path_buf(),
-            live: Some(Live { instance: Instance(instance), handle_fn, cleanup_fn, free_fn, _library: library }),
+            live: Some(Live {
+                instance: Instance(instance),
+                handle_fn,
+                configure_fn,
+                cleanup_fn,
+                free_fn,
+                _library: library,
+            }),
         })
     }
 
@@ -216,7 +226,33 @@ impl LoadedPlugin {
     }
 }
 
+/// What the plugin did with a new configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Configured {
+    /// The instance applied it in place.
+    Applied,
+    /// The plugin asks for a fresh instance instead.
+    Reload,
+}
+
 impl LoadedPlugin {
+    /// Hands the instance a new configuration (JSON). Blocking. `Err` carries the plugin's
+    /// reason for refusing it (or its panic message).
+    pub fn configure(&self, config: &[u8]) -> Result<Configured, String> {
+        let live = self.live.as_ref().expect("a LoadedPlugin is live until dropped");
+        let mut err = KilnBuf::EMPTY;
+        // SAFETY: the instance is live; `config` outlives the call; `err` is valid for a write.
+        let status = unsafe { (live.configure_fn)(live.instance.0, KilnStr::new(config), &mut err) };
+        // SAFETY: `err` was written by this library (or is empty) and is freed once.
+        let msg = unsafe { take_string(live.free_fn, err) };
+        match status {
+            abi::STATUS_OK => Ok(Configured::Applied),
+            abi::STATUS_RELOAD => Ok(Configured::Reload),
+            abi::STATUS_PANIC => Err(format!("panicked: {msg}")),
+            _ => Err(msg),
+        }
+    }
+
     /// Runs the plugin's cleanup and closes the library on this thread, now. Blocking.
     pub fn retire_now(mut self) {
         if let Some(live) = self.live.take() {

@@ -26,6 +26,9 @@ pub struct Manifest {
     pub kind: String,
     /// JSON Schema of the plugin's configuration (`configSchema`), if it declares one.
     pub config_schema: Option<serde_json::Value>,
+    /// `reloadOnConfigChange`: a config change always gets a fresh instance, without asking the
+    /// plugin's `configure` hook.
+    pub reload_on_config_change: bool,
     /// The crate directory.
     pub dir: PathBuf,
     /// The `Cargo.toml` file.
@@ -72,6 +75,8 @@ struct KilnTable {
     kind: String,
     #[serde(rename = "configSchema")]
     config_schema: Option<toml::Value>,
+    #[serde(rename = "reloadOnConfigChange", default)]
+    reload_on_config_change: bool,
 }
 
 fn default_kind() -> String {
@@ -117,6 +122,7 @@ impl Manifest {
             },
             kind: kiln.kind,
             config_schema,
+            reload_on_config_change: kiln.reload_on_config_change,
             dir: dir.to_path_buf(),
             manifest_path,
         })

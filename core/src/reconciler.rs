@@ -15,7 +15,7 @@
 //! blocking pool: see `LoadedPlugin`'s `Drop`).
 
 use crate::compiler::{BuildError, Compiler};
-use crate::loader::{LoadError, LoadedPlugin};
+use crate::loader::{Configured, LoadError, LoadedPlugin};
 use crate::manifest::{Manifest, ManifestError};
 use crate::repo::{Loaded, NewEndpoint, PluginRow, Repo, RepoError};
 use crate::routes::{Pattern, RouteSink};
@@ -44,6 +44,9 @@ pub enum ReconcileError {
     /// A route overlaps another plugin's or the admin API's.
     #[error("route conflict: {0}")]
     RouteConflict(String),
+    /// The plugin's `configure` hook refused the new configuration.
+    #[error("the plugin refused the new config: {0}")]
+    ConfigRejected(String),
     /// The row's config does not match the plugin's configSchema.
     #[error("invalid config: {}", .0.iter().map(|v| format!("{} {}", if v.path.is_empty() { "(root)" } else { &v.path }, v.message)).collect::<Vec<_>>().join("; "))]
     InvalidConfig(Vec<crate::plugin_config::Violation>),
@@ -64,7 +67,7 @@ impl ReconcileError {
             Self::Load(_) => "LoadError",
             Self::InvalidRoute(_) => "InvalidRoute",
             Self::RouteConflict(_) => "RouteConflict",
-            Self::InvalidConfig(_) => "InvalidConfig",
+            Self::InvalidConfig(_) | Self::ConfigRejected(_) => "InvalidConfig",
         }
     }
 }
@@ -76,6 +79,8 @@ pub enum Outcome {
     Loaded { built: bool },
     /// The version already serving is the wanted one.
     Unchanged,
+    /// The serving instance applied a new configuration in place.
+    Configured,
     /// The plugin is disabled and serves nothing.
     Inactive,
     /// The row is gone and nothing serves for it.
@@ -309,6 +314,31 @@ impl Inner {
                 self.record_loaded(row.id, &manifest, &hash, plugin).await?;
             }
             return Ok(Outcome::Unchanged);
+        }
+        // Same code, new config: the plugin's hook may apply it in place (no reload at all).
+        if let Some((current_hash, current_config, plugin)) = &current
+            && !force
+            && *current_hash == hash
+            && *current_config != config
+            && !manifest.reload_on_config_change
+        {
+            let (hook_plugin, json) = (plugin.clone(), serde_json::to_vec(&config).expect("a Value always serializes"));
+            let answer = tokio::task::spawn_blocking(move || hook_plugin.configure(&json))
+                .await
+                .map_err(|e| ReconcileError::ConfigRejected(format!("the configure task failed: {e}")))?;
+            match answer.map_err(ReconcileError::ConfigRejected)? {
+                Configured::Applied => {
+                    if let Some(s) = self.served.lock().expect("served lock").get_mut(&row.id)
+                        && Arc::ptr_eq(&s.plugin, plugin)
+                    {
+                        s.config = config;
+                    }
+                    self.record_loaded(row.id, &manifest, &hash, plugin).await?;
+                    tracing::info!(plugin = %row.name, "configuration applied in place");
+                    return Ok(Outcome::Configured);
+                }
+                Configured::Reload => {} // a fresh instance below
+            }
         }
         if current.is_none() {
             self.repo.record_building(row.id).await?;

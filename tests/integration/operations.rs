@@ -21,13 +21,24 @@ async fn config_is_validated_masked_applied_and_kept() {
     assert_eq!(status, 200);
     assert_eq!(cfg["config"], json!({ "greeting": "hello", "times": 1 }), "defaults apply");
     assert_eq!(cfg["schema"]["properties"]["api_key"]["sensitive"], true);
-    assert_eq!(server.get("/configured").await.1, json!({ "greeting": "hello", "times": 1, "has_api_key": false }));
+    let served = |v: Value| json!({ "greeting": v["greeting"], "times": v["times"], "has_api_key": v["has_api_key"] });
+    let first = server.get("/configured").await.1;
+    assert_eq!(served(first.clone()), json!({ "greeting": "hello", "times": 1, "has_api_key": false }));
 
     let (status, cfg) =
         put_config(&server, "configured", json!({ "greeting": "hi", "times": 3, "api_key": "s3cret" })).await;
     assert_eq!(status, 200, "{cfg}");
     assert_eq!(cfg["config"], json!({ "greeting": "hi", "times": 3, "api_key": "********" }));
-    assert_eq!(server.get("/configured").await.1, json!({ "greeting": "hi", "times": 3, "has_api_key": true }));
+    let now = server.get("/configured").await.1;
+    assert_eq!(served(now.clone()), json!({ "greeting": "hi", "times": 3, "has_api_key": true }));
+    assert_eq!(now["instance"], first["instance"], "the configure hook applied it in place, no reload");
+
+    // Valid by the schema, refused by the plugin's hook: 422, nothing stored, nothing applied.
+    let (status, err) = put_config(&server, "configured", json!({ "greeting": "forbidden" })).await;
+    assert_eq!((status, err["error"].as_str()), (422, Some("InvalidConfig")), "{err}");
+    assert!(err["message"].as_str().unwrap().contains("not welcome"), "{err}");
+    assert_eq!(server.get("/plugins/configured/config").await.1["config"]["greeting"], "hi");
+    assert_eq!(server.get("/configured").await.1["greeting"], "hi");
     let (_, raw) = server.get("/plugins/configured/config").await;
     assert!(!raw.to_string().contains("s3cret"), "sensitive values never leave: {raw}");
 
@@ -66,7 +77,34 @@ async fn config_is_validated_masked_applied_and_kept() {
     let (cluster, root, url) = server.stop().await;
     let server = TestServer::start_in(cluster, root, url).await;
     server.wait_state("configured", "loaded").await;
-    assert_eq!(server.get("/configured").await.1, json!({ "greeting": "kept", "times": 1, "has_api_key": false }));
+    assert_eq!(
+        served(server.get("/configured").await.1),
+        json!({ "greeting": "kept", "times": 1, "has_api_key": false })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_change_reloads_when_the_plugin_or_its_manifest_asks() {
+    // A plugin without a configure hook (the default asks for a reload) gets a fresh instance.
+    let server = TestServer::start(&["lifecycle", "configured"]).await;
+    server.wait_state("lifecycle", "loaded").await;
+    let (status, _) = put_config(&server, "lifecycle", json!({ "anything": 1 })).await;
+    assert_eq!(status, 200);
+    let log = server.plugin_dir("lifecycle").join("target/lifecycle.log");
+    assert_eq!(crate::support::read_log(&log)[..2], ["init v1", "init v1"], "a second instance");
+
+    // reloadOnConfigChange in the manifest: a fresh instance even though the hook could apply it.
+    let manifest = server.plugin_dir("configured").join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace("type = \"http\"\n", "type = \"http\"\nreloadOnConfigChange = true\n"))
+        .unwrap();
+    assert_eq!(server.post("/plugins/configured/reload", None).await.0, 200);
+    let before = server.get("/configured").await.1["instance"].clone();
+    let (status, _) = put_config(&server, "configured", json!({ "greeting": "fresh" })).await;
+    assert_eq!(status, 200);
+    let after = server.get("/configured").await.1;
+    assert_eq!(after["greeting"], "fresh");
+    assert_ne!(after["instance"], before, "reloaded, as the manifest asks");
 }
 
 /// A `.tar.gz` of `dir`, entries under `prefix/`.

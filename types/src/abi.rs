@@ -15,7 +15,8 @@
 use std::ffi::c_void;
 
 /// Version of this interface. A library built against another version is refused on load.
-pub const ABI_VERSION: u32 = 1;
+/// History: 1 — first version; 2 — `kiln_configure` (config changes without a reload).
+pub const ABI_VERSION: u32 = 2;
 
 /// Symbol: `extern "C" fn() -> u32`, returns the [`ABI_VERSION`] the library was built with.
 pub const SYM_ABI_VERSION: &[u8] = b"kiln_abi_version\0";
@@ -29,6 +30,8 @@ pub const SYM_INIT: &[u8] = b"kiln_init\0";
 pub const SYM_HANDLE: &[u8] = b"kiln_handle\0";
 /// Symbol: [`CleanupFn`].
 pub const SYM_CLEANUP: &[u8] = b"kiln_cleanup\0";
+/// Symbol: [`ConfigureFn`].
+pub const SYM_CONFIGURE: &[u8] = b"kiln_configure\0";
 /// Symbol: [`FreeBufFn`].
 pub const SYM_FREE_BUF: &[u8] = b"kiln_free_buf\0";
 
@@ -38,6 +41,8 @@ pub const STATUS_OK: i32 = 0;
 pub const STATUS_PANIC: i32 = 1;
 /// The plugin returned an error; the buffer holds its message (UTF-8).
 pub const STATUS_ERROR: i32 = 2;
+/// `kiln_configure` only: the plugin does not apply config changes in place; reload it.
+pub const STATUS_RELOAD: i32 = 3;
 
 /// `extern "C" fn() -> u32`
 pub type AbiVersionFn = unsafe extern "C" fn() -> u32;
@@ -50,6 +55,9 @@ pub type DescribeFn = unsafe extern "C" fn(out: *mut KilnBuf) -> i32;
 pub type InitFn = unsafe extern "C" fn(config: KilnStr, instance_out: *mut *mut c_void, err_out: *mut KilnBuf) -> i32;
 /// Handles one request with the instance. On [`STATUS_PANIC`] the message is in `out.body`.
 pub type HandleFn = unsafe extern "C" fn(instance: *mut c_void, req: *const KilnRequest, out: *mut KilnResponse) -> i32;
+/// Gives a live instance a new configuration (JSON): [`STATUS_OK`] applied, [`STATUS_RELOAD`]
+/// reload instead, [`STATUS_ERROR`]/[`STATUS_PANIC`] refused (message in `err_out`).
+pub type ConfigureFn = unsafe extern "C" fn(instance: *mut c_void, config: KilnStr, err_out: *mut KilnBuf) -> i32;
 /// Runs the plugin's cleanup and frees the instance. The pointer is invalid afterwards.
 pub type CleanupFn = unsafe extern "C" fn(instance: *mut c_void, err_out: *mut KilnBuf) -> i32;
 /// Frees a buffer the plugin returned.

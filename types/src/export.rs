@@ -6,7 +6,7 @@
 
 use crate::abi::{self, KilnBuf, KilnRequest, KilnResponse, KilnStr};
 use crate::description::{PluginDescription, RouteDescription};
-use crate::sdk::{Handler, InitContext, Plugin, Request, Response};
+use crate::sdk::{ConfigChange, Handler, InitContext, Plugin, Request, Response};
 use std::any::Any;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -154,6 +154,30 @@ pub unsafe fn handle<P: Plugin>(instance: *mut c_void, req: *const KilnRequest, 
     status
 }
 
+/// Body of `kiln_configure`.
+///
+/// # Safety
+/// `instance` comes from [`init`] for the same `P` and is live; `config` is valid for the call;
+/// `err_out` is valid for a write.
+pub unsafe fn configure<P: Plugin>(instance: *mut c_void, config: KilnStr, err_out: *mut KilnBuf) -> i32 {
+    // SAFETY: `instance` is a live `Instance<P>` (caller); configure takes a shared reference.
+    let instance = unsafe { &*(instance as *const Instance<P>) };
+    // SAFETY: `config` is valid for the call (caller).
+    let config_bytes = unsafe { config.as_bytes() };
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let config = serde_json::from_slice(config_bytes).map_err(|e| format!("invalid config JSON: {e}"))?;
+        instance.plugin.configure(&InitContext { config })
+    }));
+    match result {
+        Ok(Ok(ConfigChange::Applied)) => abi::STATUS_OK,
+        Ok(Ok(ConfigChange::Reload)) => abi::STATUS_RELOAD,
+        // SAFETY: `err_out` is valid for a write (caller).
+        Ok(Err(msg)) => unsafe { fail(err_out, abi::STATUS_ERROR, msg) },
+        // SAFETY: as above.
+        Err(p) => unsafe { fail(err_out, abi::STATUS_PANIC, panic_message(p)) },
+    }
+}
+
 /// Body of `kiln_cleanup`: runs [`Plugin::cleanup`] and frees the instance.
 ///
 /// # Safety
@@ -235,6 +259,18 @@ macro_rules! export_plugin {
         ) -> i32 {
             // SAFETY: the server upholds the contract of `HandleFn`.
             unsafe { $crate::export::handle::<$plugin>(instance, req, out) }
+        }
+
+        /// # Safety
+        /// See [`kiln_types::abi::ConfigureFn`].
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn kiln_configure(
+            instance: *mut ::std::ffi::c_void,
+            config: $crate::abi::KilnStr,
+            err_out: *mut $crate::abi::KilnBuf,
+        ) -> i32 {
+            // SAFETY: the server upholds the contract of `ConfigureFn`.
+            unsafe { $crate::export::configure::<$plugin>(instance, config, err_out) }
         }
 
         /// # Safety

@@ -32,7 +32,7 @@ pub mod export;
 mod sdk;
 
 pub use description::{PluginDescription, RouteDescription};
-pub use sdk::{Handler, InitContext, Plugin, Request, Response, Route};
+pub use sdk::{ConfigChange, Handler, InitContext, Plugin, Request, Response, Route};
 pub use serde_json;
 
 /// Version of this crate, exported by every plugin so that skew can be reported by version.

@@ -16,9 +16,28 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     /// The routes the plugin serves. Called once per load, before [`Plugin::init`].
     fn routes() -> Vec<Route<Self>>;
 
+    /// Called when the plugin's configuration changes (`ctx.config`, defaults applied, already
+    /// valid against the manifest's configSchema), while requests may be running. Apply it in
+    /// place and return [`ConfigChange::Applied`]; or return [`ConfigChange::Reload`] (the
+    /// default) to get a fresh instance created by [`Plugin::init`]; or an error to refuse it
+    /// (the instance keeps its config, and the row shows the message).
+    fn configure(&self, ctx: &InitContext) -> Result<ConfigChange, String> {
+        let _ = ctx;
+        Ok(ConfigChange::Reload)
+    }
+
     /// Runs when the server retires this instance: after it was unloaded, disabled or replaced,
     /// and after its last in-flight request finished.
     fn cleanup(&mut self) {}
+}
+
+/// What a plugin did with a new configuration (see [`Plugin::configure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigChange {
+    /// The instance now uses the new configuration.
+    Applied,
+    /// Replace the instance with a fresh one, created with the new configuration.
+    Reload,
 }
 
 /// What the server tells a plugin when it creates an instance.

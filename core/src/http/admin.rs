@@ -252,8 +252,10 @@ impl AdminApi {
     }
 
     /// Replace a plugin's configuration. It is validated against the plugin's configSchema;
-    /// if invalid, nothing is stored and every violation is listed. Otherwise the plugin is
-    /// reloaded with it (the previous instance serves until the new one is ready).
+    /// if invalid, nothing is stored and every violation is listed. Otherwise the plugin's
+    /// `configure` hook applies it in place, or (if the plugin asks, or its manifest says
+    /// `reloadOnConfigChange`) a fresh instance is loaded with it, the old one serving until then.
+    /// A config the hook refuses is not stored either.
     #[oai(path = "/plugins/:name/config", method = "put", tag = "Tag::Plugins")]
     async fn put_config(&self, name: Path<String>, config: Json<serde_json::Value>) -> Result<PluginConfig> {
         let row = self.row(&name).await?;
@@ -274,8 +276,15 @@ impl AdminApi {
             return Err(ErrorResponse::Unprocessable(Json(ApiError::new("InvalidConfig", msg).with_details(details))));
         }
         self.repo.set_config(row.id, &config.0).await.map_err(db_error)?;
-        if row.wants_active() {
-            self.reconciler.reconcile(row.id, false).await.map_err(failure)?;
+        if row.wants_active()
+            && let Err(f) = self.reconciler.reconcile(row.id, false).await
+        {
+            // Refused by the plugin: through the API, nothing is stored either.
+            if f.code == "InvalidConfig" {
+                self.repo.set_config(row.id, &row.config).await.map_err(db_error)?;
+                self.reconciler.hint(row.id);
+            }
+            return Err(failure(f));
         }
         self.get_config(name).await
     }
