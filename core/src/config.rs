@@ -47,7 +47,7 @@ pub struct Config {
 
     /// The kiln-types crate that plugins are built against (default: the copy this server was
     /// built from).
-    #[arg(long, env = "KILN_TYPES_DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../types"))]
+    #[arg(long, env = "KILN_TYPES_DIR", default_value = DEFAULT_TYPES_DIR)]
     pub types_dir: PathBuf,
 
     /// Seconds between full resyncs of every plugin row: a safety net behind LISTEN/NOTIFY.
@@ -76,7 +76,7 @@ impl Config {
             install_dir: root.join("installed"),
             admin_token: None,
             data_dir: root.join("data"),
-            types_dir: default_types_dir(),
+            types_dir: PathBuf::from(DEFAULT_TYPES_DIR),
             resync_secs: 60,
             watch: WatchMode::Off,
             max_body: 8 * 1024 * 1024,
@@ -111,9 +111,7 @@ impl Config {
 }
 
 /// The `types/` crate next to the `core/` crate this binary was built from.
-pub fn default_types_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("types")
-}
+pub const DEFAULT_TYPES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../types");
 
 /// The config file (`--config-file`, TOML):
 ///

@@ -12,7 +12,7 @@
 use crate::config::FileConfig;
 use crate::discovery;
 use crate::reconciler::Reconciler;
-use crate::repo::Repo;
+use crate::repo::{PluginRow, Repo};
 use notify::{Event, PollWatcher, RecommendedWatcher, RecursiveMode, Watcher};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -142,18 +142,26 @@ impl Watch {
         if unknown && let Err(e) = discovery::record(&self.repo, &self.plugin_dirs, &self.policy).await {
             tracing::warn!("watch: discovery failed: {e}");
         }
-        self.refresh().await;
+        // Rows discovery adds sit under the plugin directories, watched already: the rows read
+        // above are enough to bring the watch set up to date.
+        self.watch_for(&rows);
+    }
+
+    /// Brings the watch set up to date with the table.
+    async fn refresh(&mut self) {
+        match self.repo.list().await {
+            Ok(rows) => self.watch_for(&rows),
+            Err(e) => tracing::warn!("watch: cannot read the plugins table: {e}"),
+        }
     }
 
     /// Watches every plugin directory and every plugin's source directory outside them.
-    async fn refresh(&mut self) {
+    fn watch_for(&mut self, rows: &[PluginRow]) {
         let mut wanted: BTreeSet<PathBuf> = self.plugin_dirs.iter().filter(|d| d.is_dir()).cloned().collect();
-        if let Ok(rows) = self.repo.list().await {
-            for row in rows {
-                let dir = PathBuf::from(&row.source_path);
-                if dir.is_dir() && !self.plugin_dirs.iter().any(|d| dir.starts_with(d)) {
-                    wanted.insert(dir);
-                }
+        for row in rows {
+            let dir = PathBuf::from(&row.source_path);
+            if dir.is_dir() && !self.plugin_dirs.iter().any(|d| dir.starts_with(d)) {
+                wanted.insert(dir);
             }
         }
         for gone in self.watched.difference(&wanted).cloned().collect::<Vec<_>>() {

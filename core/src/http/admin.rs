@@ -377,23 +377,18 @@ impl AdminApi {
             .map_err(|e| ErrorResponse::BadRequest(Json(ApiError::new("InvalidArchive", e.to_string()))))?;
         let manifest = Manifest::read(&extracted.crate_dir)
             .map_err(|e| ErrorResponse::BadRequest(Json(ApiError::new(manifest_code(&e), e.to_string()))))?;
-        let exists = || {
-            ErrorResponse::Conflict(Json(ApiError::new(
-                "PluginExists",
-                format!(
-                    "a plugin named {:?} exists; uninstall it first (DELETE /plugins/{})",
-                    manifest.name, manifest.name
-                ),
-            )))
+        let exists = |name: &str| {
+            let msg = format!("a plugin named {name:?} exists; uninstall it first (DELETE /plugins/{name})");
+            ErrorResponse::Conflict(Json(ApiError::new("PluginExists", msg)))
         };
         let dest = self.install_dir.join(&manifest.name);
         if dest.exists() || self.repo.get_by_name(&manifest.name).await.map_err(db_error)?.is_some() {
-            return Err(exists());
+            return Err(exists(&manifest.name));
         }
         std::fs::rename(&extracted.crate_dir, &dest).map_err(|e| internal(format!("placing the plugin: {e}")))?;
         drop(extracted);
-        let manifest = Manifest::read(&dest)
-            .map_err(|e| ErrorResponse::BadRequest(Json(ApiError::new(manifest_code(&e), e.to_string()))))?;
+        // Same crate, new place.
+        let manifest = Manifest { manifest_path: dest.join("Cargo.toml"), dir: dest.clone(), ..manifest };
         let inserted = self
             .repo
             .insert_discovered(&Discovered {
@@ -411,7 +406,7 @@ impl AdminApi {
             .map_err(db_error)?;
         if !inserted {
             let _ = tokio::fs::remove_dir_all(&dest).await;
-            return Err(exists());
+            return Err(exists(&manifest.name));
         }
         let row = self.row(&manifest.name).await?;
         if let Err(f) = self.reconciler.reconcile(row.id, false).await {
