@@ -27,7 +27,7 @@ impl Db {
         let dir = tempfile::Builder::new().prefix("kiln-bench-pg-").tempdir()?;
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let pg =
-            LocalPostgres::start(&dir.path().join("data"), Options { ephemeral: true, preferred_port: None }).await?;
+            LocalPostgres::start(&dir.path().join("data"), Options { ephemeral: true, ..Default::default() }).await?;
         Ok(Self { pg, _dir: dir })
     }
 

@@ -20,7 +20,8 @@ pub struct Config {
     #[arg(long, env = "KILN_PLUGIN_DIRS", default_value = "plugins", value_delimiter = ':')]
     pub plugin_dirs: Vec<PathBuf>,
 
-    /// A TOML file with more plugin directories and enable/disable lists (see `FileConfig`).
+    /// A TOML file with more plugin directories and the plugins that start enabled or disabled
+    /// (`plugin_dirs = [...]`, `enable = [...]`, `disable = [...]`; see the README).
     #[arg(long, env = "KILN_CONFIG")]
     pub config_file: Option<PathBuf>,
 
@@ -58,6 +59,10 @@ pub struct Config {
     #[arg(long, env = "KILN_WATCH", value_enum, default_value = "auto")]
     pub watch: WatchMode,
 
+    /// Seconds to wait at startup for PostgreSQL to accept connections.
+    #[arg(long, env = "KILN_DB_WAIT_SECS", default_value_t = 60)]
+    pub db_wait_secs: u64,
+
     /// Largest request body passed to a plugin, in bytes.
     #[arg(long, env = "KILN_MAX_BODY", default_value_t = 8 * 1024 * 1024)]
     pub max_body: usize,
@@ -78,9 +83,15 @@ impl Config {
             data_dir: root.join("data"),
             types_dir: PathBuf::from(DEFAULT_TYPES_DIR),
             resync_secs: 60,
+            db_wait_secs: 60,
             watch: WatchMode::Off,
             max_body: 8 * 1024 * 1024,
         }
+    }
+
+    /// How long startup waits for the database.
+    pub fn db_wait(&self) -> Duration {
+        Duration::from_secs(self.db_wait_secs)
     }
 
     /// The interval of the safety-net resync.

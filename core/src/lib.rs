@@ -14,6 +14,7 @@ pub mod loader;
 pub mod local_pg;
 pub mod manifest;
 pub mod migrate;
+pub mod pg_binaries;
 pub mod plugin_config;
 pub mod reconciler;
 pub mod repo;
@@ -51,6 +52,7 @@ pub async fn serve(
     let policy = Arc::new(policy);
     let url = config.database_url.as_deref().context("no database URL")?;
     let pg: tokio_postgres::Config = url.parse().context("parsing the database URL")?;
+    wait_for_database(&pg, config.db_wait()).await?;
     let pool = pool(pg.clone())?;
     migrate::run(&pool).await.context("applying migrations")?;
     let repo = Repo::new(pool);
@@ -97,37 +99,81 @@ pub async fn serve(
     result.context("HTTP server")
 }
 
-/// `kiln serve`: starts a private PostgreSQL when no database URL is set, binds the address,
-/// and serves until Ctrl-C or SIGTERM.
+/// `kiln serve`: binds the address, starts a private PostgreSQL when no database URL is set,
+/// and serves until Ctrl-C or SIGTERM. Whatever it started is stopped on every way out.
 pub async fn run(mut config: Config) -> anyhow::Result<()> {
-    let local = match &config.database_url {
-        Some(_) => None,
-        None => {
-            let dir = config.data_dir.join("pgdata");
-            let options = local_pg::Options { ephemeral: false, preferred_port: Some(54329) };
-            let pg = local_pg::LocalPostgres::start(&dir, options)
-                .await
-                .context("starting the private PostgreSQL (set DATABASE_URL to use your own)")?;
-            create_database(&pg.url(), "kiln").await?;
-            let url = pg.url_for("kiln");
-            let url_file = config.data_dir.join("database-url");
-            if let Err(e) = std::fs::write(&url_file, format!("{url}\n")) {
-                tracing::warn!("could not write {}: {e}", url_file.display());
-            }
-            tracing::info!("private PostgreSQL ready; connect with: psql {url}");
-            config.database_url = Some(url);
-            Some(pg)
-        }
-    };
+    // Bind first: a taken port must not leave a freshly started PostgreSQL behind.
     let listener =
         tokio::net::TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
-    let result = serve(listener, config, shutdown_signal()).await;
+    let local = match &config.database_url {
+        Some(_) => None,
+        None => Some(start_private_postgres(&mut config).await?),
+    };
+    let result = async {
+        if let Some(pg) = &local {
+            create_database(&pg.url(), "kiln").await?;
+        }
+        serve(listener, config, shutdown_signal()).await
+    }
+    .await;
     if let Some(pg) = local
         && let Err(e) = pg.stop().await
     {
         tracing::warn!("stopping the private PostgreSQL: {e:#}");
     }
     result
+}
+
+/// Starts (or attaches to) the private cluster under `config.data_dir` and points
+/// `config.database_url` at it.
+async fn start_private_postgres(config: &mut Config) -> anyhow::Result<local_pg::LocalPostgres> {
+    let dir = config.data_dir.join("pgdata");
+    let options = local_pg::Options { ephemeral: false, preferred_port: Some(54329), fallback_root: None };
+    let pg = local_pg::LocalPostgres::start(&dir, options)
+        .await
+        .context("starting the private PostgreSQL (set DATABASE_URL to use your own)")?;
+    let url = pg.url_for("kiln");
+    let url_file = config.data_dir.join("database-url");
+    if let Err(e) = std::fs::write(&url_file, format!("{url}\n")) {
+        tracing::warn!("could not write {}: {e}", url_file.display());
+    }
+    tracing::info!("private PostgreSQL ready; connect with: psql {url}");
+    config.database_url = Some(url);
+    Ok(pg)
+}
+
+/// Waits until PostgreSQL accepts a connection, for at most `patience`: a database that starts
+/// after kiln (a container, a machine booting) is waited for, not a reason to exit. Errors that
+/// waiting cannot fix (a wrong password, a missing database) end the wait at once.
+async fn wait_for_database(pg: &tokio_postgres::Config, patience: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut pause = Duration::from_millis(100);
+    let mut logged = false;
+    loop {
+        match pg.connect(NoTls).await {
+            Ok((client, conn)) => {
+                drop(client);
+                let _ = conn.await;
+                if logged {
+                    tracing::info!("PostgreSQL accepts connections");
+                }
+                return Ok(());
+            }
+            // A server that answered with an error (authentication, unknown database) is up.
+            Err(e) if e.as_db_error().is_some() => return Err(e).context("connecting to PostgreSQL"),
+            Err(e) if tokio::time::Instant::now() + pause > deadline => {
+                return Err(e).with_context(|| format!("PostgreSQL did not accept connections within {patience:?}"));
+            }
+            Err(e) => {
+                if !logged {
+                    tracing::info!("waiting up to {patience:?} for PostgreSQL to accept connections: {e}");
+                    logged = true;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 /// Creates database `name` unless it exists.

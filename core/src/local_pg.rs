@@ -2,22 +2,35 @@
 //!
 //! `kiln serve` uses it when `DATABASE_URL` is unset (data kept under `.kiln/pgdata`, reused on
 //! the next start); the test harness uses it for throwaway clusters. PostgreSQL refuses to run as
-//! root, so when kiln runs as root the cluster is owned by and run as the `postgres` user.
+//! root, so when kiln runs as root the cluster is owned by and run as the `postgres` user; when
+//! that user cannot reach the data directory (a checkout under `/root`, mode 0700), the cluster
+//! is placed where it can (see [`Options::fallback_root`]) and the log says where and why.
+//! The server binaries are found by [`crate::pg_binaries`].
 
+use crate::pg_binaries::{self, PgBinaries};
 use anyhow::{Context, bail};
+use sha2::{Digest, Sha256};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::process::Command;
 
 /// How to run the cluster.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Turn off fsync and friends: for throwaway test clusters only.
     pub ephemeral: bool,
     /// Port to try first (a stable port is easier to point psql at); any free port otherwise.
     pub preferred_port: Option<u16>,
+    /// Where the cluster goes when kiln runs as root and the `postgres` user cannot reach the
+    /// data directory: `<fallback_root>/pgdata-<hash of the data directory>`.
+    /// Default: [`DEFAULT_FALLBACK_ROOT`].
+    pub fallback_root: Option<PathBuf>,
 }
+
+/// The default [`Options::fallback_root`].
+pub const DEFAULT_FALLBACK_ROOT: &str = "/var/lib/kiln";
 
 /// A running cluster, stopped by [`LocalPostgres::stop`] (not on drop: a server that exits
 /// abnormally leaves it running, and the next start reuses it).
@@ -28,6 +41,8 @@ pub struct LocalPostgres {
     options: Options,
     /// `Some((uid, gid))` of the `postgres` user when this process runs as root.
     run_as: Option<(u32, u32)>,
+    /// Where `initdb`, `pg_ctl` and `postgres` are.
+    bin: PgBinaries,
 }
 
 impl LocalPostgres {
@@ -36,11 +51,28 @@ impl LocalPostgres {
     pub async fn start(data_dir: &Path, options: Options) -> anyhow::Result<Self> {
         let run_as = if is_root() { Some(postgres_user()?) } else { None };
         std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-        let data_dir = data_dir.canonicalize()?;
+        let mut data_dir = data_dir.canonicalize()?;
         if let Some((uid, gid)) = run_as {
+            if let Some(blocker) = unreachable_ancestor(&data_dir, uid, gid) {
+                let root = options.fallback_root.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_FALLBACK_ROOT));
+                let fallback = fallback_dir(&root, &data_dir)?;
+                tracing::warn!(
+                    "the postgres user cannot reach {} ({} is not searchable by it), so the private \
+                     PostgreSQL lives in {} instead; set KILN_DATA_DIR to a directory it can reach to choose",
+                    data_dir.display(),
+                    blocker.display(),
+                    fallback.display()
+                );
+                data_dir = fallback;
+            }
             chown(&data_dir, Some(uid), Some(gid)).context("handing the data directory to the postgres user")?;
         }
-        let mut pg = Self { data_dir, port: 0, options, run_as };
+        let cluster_version = std::fs::read_to_string(data_dir.join("PG_VERSION")).ok();
+        let bin = pg_binaries::find(cluster_version.as_deref().map(str::trim))?;
+        if let Some(dir) = bin.dir() {
+            tracing::info!(dir = %dir.display(), "using PostgreSQL's server binaries");
+        }
+        let mut pg = Self { data_dir, port: 0, options, run_as, bin };
         if !pg.data_dir.join("PG_VERSION").exists() {
             pg.initdb().await?;
         }
@@ -63,6 +95,11 @@ impl LocalPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// The cluster's data directory (see [`Options::fallback_root`] for when it moves).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
     /// Stops the server (fast shutdown: open sessions are cut).
     pub async fn stop(&self) -> anyhow::Result<()> {
         let data = self.data_dir.to_string_lossy().into_owned();
@@ -71,7 +108,7 @@ impl LocalPostgres {
 
     /// Stops the server at once, blocking (for `Drop` of throwaway clusters).
     pub fn stop_blocking(&self) {
-        let mut cmd = std::process::Command::new("pg_ctl");
+        let mut cmd = std::process::Command::new(self.bin.program("pg_ctl"));
         cmd.args(["stop", "-D"]).arg(&self.data_dir).args(["-m", "immediate", "-w"]);
         cmd.current_dir(&self.data_dir).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         if let Some((uid, gid)) = self.run_as {
@@ -138,12 +175,13 @@ impl LocalPostgres {
     }
 
     async fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
-        let mut cmd = Command::new(program);
+        let path = self.bin.program(program);
+        let mut cmd = Command::new(&path);
         cmd.args(args).current_dir(&self.data_dir).stdin(Stdio::null());
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
         }
-        let out = cmd.output().await.with_context(|| format!("running {program} (is PostgreSQL installed?)"))?;
+        let out = cmd.output().await.with_context(|| format!("running {}", path.display()))?;
         if !out.status.success() {
             bail!(
                 "{program} {} failed ({}): {}{}",
@@ -173,7 +211,59 @@ fn postgres_user() -> anyhow::Result<(u32, u32)> {
         .context("running as root, PostgreSQL must run as the `postgres` user, and there is none")
 }
 
+/// The first ancestor of `dir` (not `dir` itself, which kiln hands to the user) that user
+/// `uid`/`gid` may not search, by its permission bits. Supplementary groups and ACLs are not
+/// considered: a directory they open is reported as unreachable, and the cluster moves.
+pub fn unreachable_ancestor(dir: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
+    dir.ancestors().skip(1).find_map(|a| {
+        let meta = std::fs::metadata(a).ok()?;
+        let bit = if meta.uid() == uid {
+            0o100
+        } else if meta.gid() == gid {
+            0o010
+        } else {
+            0o001
+        };
+        (meta.mode() & bit == 0).then(|| a.to_path_buf())
+    })
+}
+
+/// `<root>/pgdata-<hash of data_dir>`: one stable place per requested data directory, so the
+/// next start finds the same cluster.
+fn fallback_dir(root: &Path, data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let hash = hex::encode(Sha256::digest(data_dir.as_os_str().as_encoded_bytes()));
+    let dir = root.join(format!("pgdata-{}", &hash[..16]));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for a in [root, dir.as_path()] {
+        std::fs::set_permissions(a, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .with_context(|| format!("opening {} to the postgres user", a.display()))?;
+    }
+    Ok(dir)
+}
+
 fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unreachable_ancestor;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn a_private_home_blocks_another_user() {
+        let root = tempfile::tempdir().unwrap();
+        let home = root.path().join("home");
+        let data = home.join("kiln/.kiln/pgdata");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let owner = std::fs::metadata(&home).unwrap();
+        let (other_uid, other_gid) = (owner.uid() + 4242, owner.gid() + 4242);
+        assert_eq!(unreachable_ancestor(&data, other_uid, other_gid), Some(home.clone()));
+        assert_eq!(unreachable_ancestor(&data, owner.uid(), owner.gid()), None, "the owner may search it");
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert_eq!(unreachable_ancestor(&data, other_uid, other_gid), None, "search permission suffices");
+    }
 }

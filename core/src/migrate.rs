@@ -10,6 +10,7 @@ use deadpool_postgres::Pool;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "001_plugins.sql", include_str!("../../sql/001_plugins.sql")),
     (2, "002_config_origin_builds.sql", include_str!("../../sql/002_config_origin_builds.sql")),
+    (3, "003_uninstalled.sql", include_str!("../../sql/003_uninstalled.sql")),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

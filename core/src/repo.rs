@@ -170,13 +170,15 @@ impl Repo {
         Ok(rows.iter().map(PluginRow::from_row).collect())
     }
 
-    /// Inserts a discovered plugin unless a row of that name exists. Returns whether it inserted.
+    /// Inserts a discovered plugin unless a row of that name exists or a user uninstalled this
+    /// crate (a row of `plugin_tombstones`). Returns whether it inserted.
     pub async fn insert_discovered(&self, d: &Discovered<'_>) -> Result<bool> {
         let c = self.pool.get().await?;
         let n = c
             .execute(
                 "INSERT INTO plugins (name, source_path, path, description, version, author, type, origin, status)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+                 WHERE NOT EXISTS (SELECT 1 FROM plugin_tombstones WHERE source_path = $2)
                  ON CONFLICT (name) DO NOTHING",
                 &[
                     &d.name,

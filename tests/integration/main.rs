@@ -4,6 +4,7 @@
 mod db_faults;
 mod faults;
 mod lifecycle;
+mod newcomer;
 mod operations;
 mod quiet;
 mod rollback;

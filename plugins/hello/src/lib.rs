@@ -46,3 +46,19 @@ impl Plugin for Hello {
 }
 
 kiln_types::export_plugin!(Hello);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greetings_are_counted() {
+        let hello = Hello::default();
+        let first = hello.greet("kiln");
+        assert_eq!(first.status, 200);
+        let body: kiln_types::serde_json::Value = kiln_types::serde_json::from_slice(&first.body).unwrap();
+        assert_eq!(body, json!({ "message": "hello, kiln", "greetings": 1 }));
+        let second: kiln_types::serde_json::Value = kiln_types::serde_json::from_slice(&hello.greet("x").body).unwrap();
+        assert_eq!(second["greetings"], 2);
+    }
+}

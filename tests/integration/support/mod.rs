@@ -44,7 +44,7 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("kiln-pg-").tempdir().expect("temp dir");
         // The postgres user must be able to reach its data directory inside.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let pg = LocalPostgres::start(&dir.path().join("data"), Options { ephemeral: true, preferred_port: None })
+        let pg = LocalPostgres::start(&dir.path().join("data"), Options { ephemeral: true, ..Default::default() })
             .await
             .expect("start a PostgreSQL cluster");
         Arc::new(Cluster { admin_url: pg.url(), pg: Some((pg, dir)) })
