@@ -76,6 +76,13 @@ pub fn extract(archive: &[u8], parent: &Path, limits: Limits) -> Result<Extracte
         let shown = raw_path.to_string_lossy().into_owned();
         let rel = safe_relative(&raw_path).ok_or_else(|| ArchiveError::UnsafePath(shown.clone()))?;
         let kind = entry.header().entry_type();
+        if rel.as_os_str().is_empty() {
+            // `./` itself, as `tar -czf p.tar.gz -C crate .` writes it: the top, already there.
+            if kind.is_dir() {
+                continue;
+            }
+            return Err(ArchiveError::UnsafePath(shown));
+        }
         if kind.is_dir() {
             std::fs::create_dir_all(dir.path().join(&rel))?;
             continue;
@@ -106,7 +113,8 @@ pub fn extract(archive: &[u8], parent: &Path, limits: Limits) -> Result<Extracte
     Ok(Extracted { dir, crate_dir })
 }
 
-/// The path as a plain relative path, or `None` if it is absolute or climbs out.
+/// The path as a plain relative path (empty for `.` and `./`), or `None` if it is absolute or
+/// climbs out.
 fn safe_relative(path: &Path) -> Option<PathBuf> {
     let mut out = PathBuf::new();
     for c in path.components() {
@@ -116,7 +124,7 @@ fn safe_relative(path: &Path) -> Option<PathBuf> {
             Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
         }
     }
-    (!out.as_os_str().is_empty()).then_some(out)
+    Some(out)
 }
 
 fn find_crate(root: &Path) -> Result<PathBuf, ArchiveError> {
@@ -159,6 +167,7 @@ mod tests {
         assert_eq!(safe_relative(Path::new("../x")), None);
         assert_eq!(safe_relative(Path::new("a/../../x")), None);
         assert_eq!(safe_relative(Path::new("/etc/passwd")), None);
-        assert_eq!(safe_relative(Path::new(".")), None);
+        assert_eq!(safe_relative(Path::new("./")), Some(PathBuf::new()), "the top, as tar -C dir . writes it");
+        assert_eq!(safe_relative(Path::new("./src/lib.rs")), Some(PathBuf::from("src/lib.rs")));
     }
 }

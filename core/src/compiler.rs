@@ -11,6 +11,7 @@
 //!   forced to unwind (the plugin's exports must catch them; `panic = "abort"` would kill the host).
 
 use crate::manifest::Manifest;
+use crate::staging;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -92,7 +93,15 @@ impl Compiler {
         if !manifest.dir.join("Cargo.lock").exists() {
             // Without a lock file the first build would create one and change the hash.
             let _queued = self.queue.lock().await;
-            self.cargo(manifest, &["generate-lockfile"]).await?;
+            let buildable = self.buildable(manifest).await?;
+            let out = self.cargo(&buildable, &["generate-lockfile"]).await?;
+            if !out.success {
+                return Err(BuildError::Failed { diagnostics: diagnostics(&out) });
+            }
+            if buildable != manifest.manifest_path {
+                let lock = buildable.with_file_name("Cargo.lock");
+                tokio::fs::copy(&lock, manifest.dir.join("Cargo.lock")).await?;
+            }
         }
         let dir = manifest.dir.clone();
         let tree = tokio::task::spawn_blocking(move || hash_tree(&dir)).await.map_err(std::io::Error::other)??;
@@ -133,14 +142,15 @@ impl Compiler {
         // fingerprints, and it compares mtimes, so sources with old mtimes (an archive, a
         // checkout) can look "fresh" and yield a stale library. Cleaning only this package keeps
         // the shared dependencies built.
+        let buildable = self.buildable(manifest).await?;
         let clean = ["clean", "--release", "-p", &manifest.name, "--target-dir", &target_dir];
-        let cleaned = self.cargo(manifest, &clean).await?;
+        let cleaned = self.cargo(&buildable, &clean).await?;
         if !cleaned.success {
             return Err(BuildError::Failed { diagnostics: diagnostics(&cleaned) });
         }
         let args = ["build", "--release", "--lib", "--message-format=json", "--target-dir", &target_dir];
-        let output = self.cargo(manifest, &args).await?;
-        let library = find_library(&output.stdout, &manifest.manifest_path);
+        let output = self.cargo(&buildable, &args).await?;
+        let library = find_library(&output.stdout, &buildable);
         if !output.success {
             return Err(BuildError::Failed { diagnostics: diagnostics(&output) });
         }
@@ -172,19 +182,33 @@ impl Compiler {
         removed
     }
 
-    /// Runs one cargo subcommand on the plugin crate, with kiln's settings.
-    async fn cargo(&self, manifest: &Manifest, args: &[&str]) -> Result<CargoOutput, BuildError> {
+    /// The manifest cargo builds for this plugin: its own, or that of a staged copy when the
+    /// crate lies inside a workspace that does not include it (see [`staging`]).
+    async fn buildable(&self, manifest: &Manifest) -> Result<PathBuf, BuildError> {
+        let probe = ["locate-project", "--workspace", "--message-format", "plain"];
+        let out = self.cargo(&manifest.manifest_path, &probe).await?;
+        if out.success || !staging::is_foreign_workspace_error(&out.stderr) {
+            return Ok(manifest.manifest_path.clone());
+        }
+        let dest = self.target_dir.join("kiln-staging").join(&manifest.name);
+        tracing::debug!(plugin = %manifest.name, copy = %dest.display(), "inside a foreign workspace: building a copy");
+        let src = manifest.dir.clone();
+        Ok(tokio::task::spawn_blocking(move || staging::stage(&src, &dest)).await.map_err(std::io::Error::other)??)
+    }
+
+    /// Runs one cargo subcommand on the crate of `manifest_path`, with kiln's settings.
+    async fn cargo(&self, manifest_path: &Path, args: &[&str]) -> Result<CargoOutput, BuildError> {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let patch = format!("patch.crates-io.kiln-types.path={}", toml_string(&self.types_dir));
         let mut child = Command::new(cargo)
             .args(args)
             .arg("--manifest-path")
-            .arg(&manifest.manifest_path)
+            .arg(manifest_path)
             .arg("--config")
             .arg(patch)
             .arg("--config")
             .arg("profile.release.panic=\"unwind\"")
-            .current_dir(&manifest.dir)
+            .current_dir(manifest_path.parent().unwrap_or(Path::new("/")))
             .env_remove("CARGO_TARGET_DIR")
             .env_remove("CARGO_BUILD_TARGET_DIR")
             .stdin(Stdio::null())

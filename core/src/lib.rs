@@ -19,6 +19,7 @@ pub mod plugin_config;
 pub mod reconciler;
 pub mod repo;
 pub mod routes;
+pub mod staging;
 pub mod watcher;
 
 pub use config::Config;

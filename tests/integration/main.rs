@@ -9,5 +9,6 @@ mod operations;
 mod quiet;
 mod rollback;
 mod support;
+mod uploads;
 mod watch;
 mod zero_drop;

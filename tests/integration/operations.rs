@@ -1,7 +1,9 @@
 //! What operators do: configure plugins, install them from archives (and refuse hostile ones),
 //! uninstall, rediscover, protect the admin API, read the build history.
 
-use crate::support::{EDIT_DEADLINE, TestServer, cluster, copy_crate, crate_source};
+use crate::support::{
+    EDIT_DEADLINE, TestServer, cluster, copy_crate, crate_archive, crate_source, install, raw_archive,
+};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::Path;
@@ -105,37 +107,6 @@ async fn a_config_change_reloads_when_the_plugin_or_its_manifest_asks() {
     let after = server.get("/configured").await.1;
     assert_eq!(after["greeting"], "fresh");
     assert_ne!(after["instance"], before, "reloaded, as the manifest asks");
-}
-
-/// A `.tar.gz` of `dir`, entries under `prefix/`.
-fn crate_archive(dir: &Path, prefix: &str) -> Vec<u8> {
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-    tar.append_dir_all(prefix, dir).unwrap();
-    tar.into_inner().unwrap().finish().unwrap()
-}
-
-/// A `.tar.gz` with one raw entry: any path, any type (as a hostile tool would write it).
-fn raw_archive(path: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>) -> Vec<u8> {
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-    let mut header = tar::Header::new_old();
-    header.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
-    if let Some(l) = link {
-        header.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
-    }
-    header.set_entry_type(kind);
-    header.set_size(data.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
-    tar.append(&header, data).unwrap();
-    tar.into_inner().unwrap().finish().unwrap()
-}
-
-async fn install(server: &TestServer, archive: Vec<u8>) -> (u16, Value) {
-    let part = reqwest::multipart::Part::bytes(archive).file_name("plugin.tar.gz");
-    let form = reqwest::multipart::Form::new().part("file", part);
-    let resp = server.http.post(server.url("/plugins/install")).multipart(form).send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 fn installed_entries(server: &TestServer) -> Vec<String> {

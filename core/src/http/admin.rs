@@ -17,6 +17,7 @@ use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::types::multipart::Upload;
 use poem_openapi::{ApiResponse, Multipart, Object, OpenApi, Tags};
+use std::io::ErrorKind;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -375,8 +376,11 @@ impl AdminApi {
             .await
             .map_err(|e| internal(e.to_string()))?
             .map_err(|e| ErrorResponse::BadRequest(Json(ApiError::new("InvalidArchive", e.to_string()))))?;
-        let manifest = Manifest::read(&extracted.crate_dir)
-            .map_err(|e| ErrorResponse::BadRequest(Json(ApiError::new(manifest_code(&e), e.to_string()))))?;
+        let crate_dir = extracted.crate_dir.clone();
+        let manifest = tokio::task::spawn_blocking(move || Manifest::read(&crate_dir))
+            .await
+            .map_err(|e| internal(e.to_string()))?
+            .map_err(|e| ErrorResponse::Unprocessable(Json(ApiError::new(manifest_code(&e), e.to_string()))))?;
         let exists = |name: &str| {
             let msg = format!("a plugin named {name:?} exists; uninstall it first (DELETE /plugins/{name})");
             ErrorResponse::Conflict(Json(ApiError::new("PluginExists", msg)))
@@ -385,7 +389,20 @@ impl AdminApi {
         if dest.exists() || self.repo.get_by_name(&manifest.name).await.map_err(db_error)?.is_some() {
             return Err(exists(&manifest.name));
         }
-        std::fs::rename(&extracted.crate_dir, &dest).map_err(|e| internal(format!("placing the plugin: {e}")))?;
+        // The rename claims the name: of concurrent uploads of one new plugin, exactly one wins
+        // it; the others find the directory taken (ENOTEMPTY or EEXIST) and are told so.
+        let from = extracted.crate_dir.clone();
+        let to = dest.clone();
+        match tokio::task::spawn_blocking(move || std::fs::rename(from, to))
+            .await
+            .map_err(|e| internal(e.to_string()))?
+        {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::DirectoryNotEmpty | ErrorKind::AlreadyExists) => {
+                return Err(exists(&manifest.name));
+            }
+            Err(e) => return Err(internal(format!("placing the plugin: {e}"))),
+        }
         drop(extracted);
         // Same crate, new place.
         let manifest = Manifest { manifest_path: dest.join("Cargo.toml"), dir: dest.clone(), ..manifest };
