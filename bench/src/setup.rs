@@ -163,7 +163,8 @@ pub fn start_static() -> anyhow::Result<SocketAddr> {
                 headers_len: 0,
                 body: KilnStr::new(&[]),
             };
-            let r = self.0.list(&kiln_types::Request::from_raw(&raw));
+            // SAFETY: every view points at this request's data (UTF-8 strs), alive for the call.
+            let r = self.0.list(&unsafe { kiln_types::Request::from_raw(&raw) });
             let mut b = Response::builder().status(poem::http::StatusCode::from_u16(r.status).expect("status"));
             for (k, v) in &r.headers {
                 b = b.header(k.as_str(), v.as_str());

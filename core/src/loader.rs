@@ -8,8 +8,8 @@
 
 use kiln_types::PluginDescription;
 use kiln_types::abi::{
-    self, AbiVersionFn, CleanupFn, ConfigureFn, DescribeFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnPair,
-    KilnRequest, KilnResponse, KilnStr, TypesVersionFn,
+    self, AbiVersionFn, CleanupFn, ConfigureFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnPair, KilnRequest,
+    KilnResponse, KilnStr, TypesVersionFn,
 };
 use libloading::Library;
 use std::ffi::c_void;
@@ -31,7 +31,7 @@ pub enum LoadError {
         "ABI mismatch: the plugin was built against kiln-types {plugin_types} (ABI {plugin_abi}), this server speaks kiln-types {server_types} (ABI {server_abi}); rebuild the plugin against this server's kiln-types"
     )]
     AbiMismatch { plugin_abi: u32, plugin_types: String, server_abi: u32, server_types: &'static str },
-    /// `kiln_describe` failed or returned something unreadable.
+    /// The description `kiln_init` returned is unreadable.
     #[error("the plugin could not describe itself: {0}")]
     Describe(String),
     /// The plugin's init returned an error or panicked.
@@ -58,7 +58,8 @@ pub struct CallRequest<'a> {
     pub path: &'a str,
     pub query: &'a str,
     pub params: &'a [(&'a str, &'a str)],
-    pub headers: &'a [(&'a str, &'a str)],
+    /// (lower-case name, raw value): values are passed as the client sent them.
+    pub headers: &'a [(&'a str, &'a [u8])],
     pub body: &'a [u8],
 }
 
@@ -66,8 +67,16 @@ pub struct CallRequest<'a> {
 #[derive(Debug)]
 pub struct CallResponse {
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    /// Header pairs, length-prefixed as the plugin encoded them (see [`CallResponse::headers`]).
+    head: Vec<u8>,
     pub body: Vec<u8>,
+}
+
+impl CallResponse {
+    /// The response's (name, value) pairs, not yet checked as HTTP header names and values.
+    pub fn headers(&self) -> Result<Vec<abi::HeaderPair<'_>>, CallError> {
+        abi::decode_headers(&self.head).map_err(CallError::InvalidResponse)
+    }
 }
 
 /// The instance pointer a plugin's `kiln_init` returned.
@@ -135,8 +144,6 @@ impl LoadedPlugin {
         }
 
         // SAFETY: the ABI version matched, so this symbol (and the four below) has this signature.
-        let describe: DescribeFn = unsafe { symbol(&library, path, abi::SYM_DESCRIBE)? };
-        // SAFETY: see above.
         let init: InitFn = unsafe { symbol(&library, path, abi::SYM_INIT)? };
         // SAFETY: see above.
         let handle_fn: HandleFn = unsafe { symbol(&library, path, abi::SYM_HANDLE)? };
@@ -147,39 +154,28 @@ impl LoadedPlugin {
         // SAFETY: see above.
         let free_fn: FreeBufFn = unsafe { symbol(&library, path, abi::SYM_FREE_BUF)? };
 
-        let mut out = KilnBuf::EMPTY;
-        // SAFETY: `out` is valid for a write; the plugin fills it with a buffer we free below.
-        let status = unsafe { describe(&mut out) };
-        // SAFETY: `out` was written by this library and is freed exactly once, by it.
-        let text = unsafe { take_string(free_fn, out) };
-        if status != abi::STATUS_OK {
-            return Err(LoadError::Describe(text));
-        }
-        let description: PluginDescription =
-            serde_json::from_str(&text).map_err(|e| LoadError::Describe(format!("invalid description JSON: {e}")))?;
-
         let mut instance: *mut c_void = std::ptr::null_mut();
-        let mut err = KilnBuf::EMPTY;
-        // SAFETY: `config` outlives the call; both out-pointers are valid for writes.
-        let status = unsafe { init(KilnStr::new(config), &mut instance, &mut err) };
+        let (mut described, mut err) = (KilnBuf::EMPTY, KilnBuf::EMPTY);
+        // SAFETY: `config` outlives the call; the three out-pointers are valid for writes.
+        let status = unsafe { init(KilnStr::new(config), &mut instance, &mut described, &mut err) };
         if status != abi::STATUS_OK || instance.is_null() {
             // SAFETY: `err` was written by this library (or is empty) and is freed once.
             let msg = unsafe { take_string(free_fn, err) };
             let msg = if status == abi::STATUS_PANIC { format!("panicked: {msg}") } else { msg };
             return Err(LoadError::Init(msg));
         }
-        Ok(Self {
-            description,
-            binary_path: path.to_path_buf(),
-            live: Some(Live {
-                instance: Instance(instance),
-                handle_fn,
-                configure_fn,
-                cleanup_fn,
-                free_fn,
-                _library: library,
-            }),
-        })
+        let live =
+            Live { instance: Instance(instance), handle_fn, configure_fn, cleanup_fn, free_fn, _library: library };
+        // SAFETY: `described` was written by this library and is freed exactly once, by it.
+        let text = unsafe { take_string(free_fn, described) };
+        let description: PluginDescription = match serde_json::from_str(&text) {
+            Ok(d) => d,
+            Err(e) => {
+                live.retire("(undescribed)", path);
+                return Err(LoadError::Describe(format!("invalid description JSON: {e}")));
+            }
+        };
+        Ok(Self { description, binary_path: path.to_path_buf(), live: Some(live) })
     }
 
     /// What the plugin said about itself.
@@ -194,10 +190,16 @@ impl LoadedPlugin {
 
     /// Calls a handler. Blocking: runs the plugin's code on the calling thread.
     pub fn call(&self, req: &CallRequest<'_>) -> Result<CallResponse, CallError> {
-        let pair =
-            |(n, v): &(&str, &str)| KilnPair { name: KilnStr::new(n.as_bytes()), value: KilnStr::new(v.as_bytes()) };
-        let params: Vec<KilnPair> = req.params.iter().map(pair).collect();
-        let headers: Vec<KilnPair> = req.headers.iter().map(pair).collect();
+        let params: Vec<KilnPair> = req
+            .params
+            .iter()
+            .map(|(n, v)| KilnPair { name: KilnStr::new(n.as_bytes()), value: KilnStr::new(v.as_bytes()) })
+            .collect();
+        let headers: Vec<KilnPair> = req
+            .headers
+            .iter()
+            .map(|(n, v)| KilnPair { name: KilnStr::new(n.as_bytes()), value: KilnStr::new(v) })
+            .collect();
         let raw = KilnRequest {
             route: req.route,
             method: KilnStr::new(req.method.as_bytes()),
@@ -222,7 +224,7 @@ impl LoadedPlugin {
         if status != abi::STATUS_OK {
             return Err(CallError::InvalidResponse(format!("status code {status}")));
         }
-        Ok(CallResponse { status: out.status, headers: parse_headers(&head)?, body })
+        Ok(CallResponse { status: out.status, head, body })
     }
 }
 
@@ -324,16 +326,4 @@ unsafe fn take_bytes(free: FreeBufFn, buf: KilnBuf) -> Vec<u8> {
 unsafe fn take_string(free: FreeBufFn, buf: KilnBuf) -> String {
     // SAFETY: forwarded from the caller.
     String::from_utf8_lossy(&unsafe { take_bytes(free, buf) }).into_owned()
-}
-
-/// Parses the `name\nvalue\n` header encoding.
-fn parse_headers(raw: &[u8]) -> Result<Vec<(String, String)>, CallError> {
-    let text = std::str::from_utf8(raw).map_err(|_| CallError::InvalidResponse("headers are not UTF-8".into()))?;
-    let mut parts = text.split_terminator('\n');
-    let mut headers = Vec::new();
-    while let Some(name) = parts.next() {
-        let value = parts.next().ok_or_else(|| CallError::InvalidResponse(format!("header {name:?} has no value")))?;
-        headers.push((name.to_string(), value.to_string()));
-    }
-    Ok(headers)
 }

@@ -15,15 +15,16 @@
 use std::ffi::c_void;
 
 /// Version of this interface. A library built against another version is refused on load.
-/// History: 1 — first version; 2 — `kiln_configure` (config changes without a reload).
-pub const ABI_VERSION: u32 = 2;
+/// History: 1 — first version; 2 — `kiln_configure` (config changes without a reload);
+/// 3 — response headers as length-prefixed pairs, request header values as raw bytes, and the
+/// description returned by `kiln_init` from the same route list the instance dispatches by
+/// (`kiln_describe` is gone).
+pub const ABI_VERSION: u32 = 3;
 
 /// Symbol: `extern "C" fn() -> u32`, returns the [`ABI_VERSION`] the library was built with.
 pub const SYM_ABI_VERSION: &[u8] = b"kiln_abi_version\0";
 /// Symbol: `extern "C" fn() -> KilnStr`, the kiln-types crate version (a static string).
 pub const SYM_TYPES_VERSION: &[u8] = b"kiln_types_version\0";
-/// Symbol: [`DescribeFn`].
-pub const SYM_DESCRIBE: &[u8] = b"kiln_describe\0";
 /// Symbol: [`InitFn`].
 pub const SYM_INIT: &[u8] = b"kiln_init\0";
 /// Symbol: [`HandleFn`].
@@ -48,12 +49,18 @@ pub const STATUS_RELOAD: i32 = 3;
 pub type AbiVersionFn = unsafe extern "C" fn() -> u32;
 /// `extern "C" fn() -> KilnStr`
 pub type TypesVersionFn = unsafe extern "C" fn() -> KilnStr;
-/// Writes the plugin description (JSON, see [`crate::PluginDescription`]) into `out`.
-pub type DescribeFn = unsafe extern "C" fn(out: *mut KilnBuf) -> i32;
 /// Creates an instance from `config` (JSON). On success writes the instance pointer to
-/// `instance_out`; on failure writes the message to `err_out`.
-pub type InitFn = unsafe extern "C" fn(config: KilnStr, instance_out: *mut *mut c_void, err_out: *mut KilnBuf) -> i32;
-/// Handles one request with the instance. On [`STATUS_PANIC`] the message is in `out.body`.
+/// `instance_out` and the plugin's description (JSON, see [`crate::PluginDescription`]) to
+/// `description_out`: its routes are the list the instance dispatches by, so a request's route
+/// index always means the route described. On failure writes the message to `err_out`.
+pub type InitFn = unsafe extern "C" fn(
+    config: KilnStr,
+    instance_out: *mut *mut c_void,
+    description_out: *mut KilnBuf,
+    err_out: *mut KilnBuf,
+) -> i32;
+/// Handles one request with the instance. Every view in `req` lives for the call; `method`,
+/// `path`, `query` and the parameters are UTF-8. On [`STATUS_PANIC`] the message is in `out.body`.
 pub type HandleFn = unsafe extern "C" fn(instance: *mut c_void, req: *const KilnRequest, out: *mut KilnResponse) -> i32;
 /// Gives a live instance a new configuration (JSON): [`STATUS_OK`] applied, [`STATUS_RELOAD`]
 /// reload instead, [`STATUS_ERROR`]/[`STATUS_PANIC`] refused (message in `err_out`).
@@ -63,7 +70,8 @@ pub type CleanupFn = unsafe extern "C" fn(instance: *mut c_void, err_out: *mut K
 /// Frees a buffer the plugin returned.
 pub type FreeBufFn = unsafe extern "C" fn(buf: KilnBuf);
 
-/// A borrowed byte string: valid for the duration of one call.
+/// A borrowed byte string: valid for the duration of one call. Making one is safe; reading
+/// through one ([`KilnStr::as_bytes`]) is where the promise is needed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct KilnStr {
@@ -108,7 +116,7 @@ pub struct KilnPair {
 #[repr(C)]
 #[derive(Debug)]
 pub struct KilnRequest {
-    /// Index of the matched route in the plugin's route list (as described by `kiln_describe`).
+    /// Index of the matched route in the plugin's route list (as described by `kiln_init`).
     pub route: u32,
     /// HTTP method, upper case (UTF-8).
     pub method: KilnStr,
@@ -119,7 +127,8 @@ pub struct KilnRequest {
     /// Path parameters of the matched route.
     pub params: *const KilnPair,
     pub params_len: usize,
-    /// Request headers whose values are valid UTF-8; names are lower case.
+    /// Request headers: names lower case (ASCII), values the raw bytes the client sent (any
+    /// bytes but CR, LF and NUL; not necessarily UTF-8).
     pub headers: *const KilnPair,
     pub headers_len: usize,
     /// Request body.
@@ -171,7 +180,8 @@ impl KilnBuf {
     }
 }
 
-/// A response written by the plugin. `headers` holds `name\nvalue\n` pairs (UTF-8).
+/// A response written by the plugin. `headers` holds (name, value) pairs, each part prefixed by
+/// its length (see [`encode_headers`]): a value can hold any byte without creating a header.
 #[repr(C)]
 #[derive(Debug)]
 pub struct KilnResponse {
@@ -183,4 +193,55 @@ pub struct KilnResponse {
 impl KilnResponse {
     /// A response with nothing allocated.
     pub const EMPTY: KilnResponse = KilnResponse { status: 0, headers: KilnBuf::EMPTY, body: KilnBuf::EMPTY };
+}
+
+/// Encodes header pairs for [`KilnResponse::headers`]: for each pair, the name's length (`u32`,
+/// native byte order), the name, the value's length, the value.
+pub fn encode_headers<'a>(pairs: impl IntoIterator<Item = HeaderPair<'a>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in pairs {
+        for part in [name, value] {
+            // A part over 4 GiB cannot be a header; it is cut, and the host refuses the result.
+            let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_ne_bytes());
+            out.extend_from_slice(&part[..len as usize]);
+        }
+    }
+    out
+}
+
+/// A (name, value) header pair, as bytes.
+pub type HeaderPair<'a> = (&'a [u8], &'a [u8]);
+
+/// Decodes what [`encode_headers`] wrote. `Err` names what is malformed.
+pub fn decode_headers(mut raw: &[u8]) -> Result<Vec<HeaderPair<'_>>, String> {
+    fn part<'a>(raw: &mut &'a [u8]) -> Result<&'a [u8], String> {
+        let (len, rest) = raw.split_first_chunk::<4>().ok_or("a header length is cut short")?;
+        let len = u32::from_ne_bytes(*len) as usize;
+        let (value, rest) = rest.split_at_checked(len).ok_or("a header is cut short")?;
+        *raw = rest;
+        Ok(value)
+    }
+    let mut pairs = Vec::new();
+    while !raw.is_empty() {
+        let name = part(&mut raw)?;
+        let value = part(&mut raw)?;
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_pairs_round_trip_whatever_their_bytes() {
+        let pairs: Vec<HeaderPair> =
+            vec![(b"x-a", b"x\nset-cookie\nsession=attacker"), (b"", b""), (b"x-b", "José".as_bytes())];
+        let encoded = encode_headers(pairs.iter().copied());
+        assert_eq!(decode_headers(&encoded).unwrap(), pairs, "a separator in a value is just a byte");
+        assert!(decode_headers(&encoded[..encoded.len() - 1]).is_err());
+        assert!(decode_headers(&[1, 0]).is_err());
+    }
 }

@@ -6,7 +6,7 @@
 
 use crate::abi::{self, KilnBuf, KilnRequest, KilnResponse, KilnStr};
 use crate::description::{PluginDescription, RouteDescription};
-use crate::sdk::{ConfigChange, Handler, InitContext, Plugin, Request, Response};
+use crate::sdk::{ConfigChange, Handler, InitContext, Plugin, Request, Response, Route};
 use std::any::Any;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -26,15 +26,24 @@ struct Instance<P> {
     handlers: Vec<Handler<P>>,
 }
 
-/// The text of a panic payload.
+/// The text of a panic payload; the payload is disposed of here.
+///
+/// A payload's own `Drop` may panic (`panic_any(x)` where `x`'s drop panics): it is dropped
+/// inside `catch_unwind`, and a payload of that second panic is leaked rather than dropped, so no
+/// panic can escape into the `extern "C"` frame (which would abort the server).
 fn panic_message(payload: Box<dyn Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
+    let message = if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
         "panic with a non-string payload".to_string()
+    };
+    if let Err(second) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(second);
+        return format!("{message} (and its payload panicked when dropped)");
     }
+    message
 }
 
 /// Writes `msg` into `out` (if not null) and returns `status`.
@@ -49,48 +58,41 @@ unsafe fn fail(out: *mut KilnBuf, status: i32, msg: String) -> i32 {
     status
 }
 
-/// Body of `kiln_describe`.
-///
-/// # Safety
-/// `out` must be valid for a write.
-pub unsafe fn describe<P: Plugin>(out: *mut KilnBuf, pkg: PackageInfo) -> i32 {
-    let result = catch_unwind(|| {
-        let routes = P::routes()
-            .into_iter()
+/// The description of a plugin: package fields and the routes it serves, in `routes`' order.
+fn description<P>(routes: &[Route<P>], pkg: PackageInfo) -> PluginDescription {
+    PluginDescription {
+        name: pkg.name.to_string(),
+        version: pkg.version.to_string(),
+        description: pkg.description.to_string(),
+        author: pkg.authors.replace(':', ", "),
+        routes: routes
+            .iter()
             .map(|r| RouteDescription {
                 method: r.method.to_string(),
-                path: r.path,
-                summary: r.summary,
-                handler: r.handler_name,
-                request_schema: r.request_schema,
-                response_schema: r.response_schema,
+                path: r.path.clone(),
+                summary: r.summary.clone(),
+                handler: r.handler_name.clone(),
+                request_schema: r.request_schema.clone(),
+                response_schema: r.response_schema.clone(),
                 blocking: r.blocking,
             })
-            .collect();
-        let description = PluginDescription {
-            name: pkg.name.to_string(),
-            version: pkg.version.to_string(),
-            description: pkg.description.to_string(),
-            author: pkg.authors.replace(':', ", "),
-            routes,
-        };
-        serde_json::to_vec(&description)
-    });
-    match result {
-        // SAFETY: `out` is valid for a write (caller).
-        Ok(Ok(json)) => unsafe { fail(out, abi::STATUS_OK, String::from_utf8_lossy(&json).into_owned()) },
-        // SAFETY: as above.
-        Ok(Err(e)) => unsafe { fail(out, abi::STATUS_ERROR, format!("could not serialize the description: {e}")) },
-        // SAFETY: as above.
-        Err(p) => unsafe { fail(out, abi::STATUS_PANIC, panic_message(p)) },
+            .collect(),
     }
 }
 
-/// Body of `kiln_init`.
+/// Body of `kiln_init`: [`Plugin::routes`] runs once, and both the description the server
+/// routes by and the handlers the instance dispatches to come from that one list.
 ///
 /// # Safety
-/// `config` is a valid view for the call; `instance_out` and `err_out` are valid for writes.
-pub unsafe fn init<P: Plugin>(config: KilnStr, instance_out: *mut *mut c_void, err_out: *mut KilnBuf) -> i32 {
+/// `config` is a valid view for the call; `instance_out`, `description_out` and `err_out` are
+/// valid for writes.
+pub unsafe fn init<P: Plugin>(
+    config: KilnStr,
+    instance_out: *mut *mut c_void,
+    description_out: *mut KilnBuf,
+    err_out: *mut KilnBuf,
+    pkg: PackageInfo,
+) -> i32 {
     // SAFETY: `config` is valid for the call (caller).
     let config_bytes = unsafe { config.as_bytes() };
     let result = catch_unwind(AssertUnwindSafe(|| {
@@ -99,14 +101,20 @@ pub unsafe fn init<P: Plugin>(config: KilnStr, instance_out: *mut *mut c_void, e
         } else {
             serde_json::from_slice(config_bytes).map_err(|e| format!("invalid config JSON: {e}"))?
         };
+        let routes = P::routes();
+        let described = serde_json::to_vec(&description(&routes, pkg))
+            .map_err(|e| format!("could not serialize the description: {e}"))?;
         let plugin = P::init(&InitContext { config })?;
-        let handlers = P::routes().into_iter().map(|r| r.handler).collect();
-        Ok::<_, String>(Box::new(Instance { plugin, handlers }))
+        let handlers = routes.into_iter().map(|r| r.handler).collect();
+        Ok::<_, String>((Box::new(Instance { plugin, handlers }), described))
     }));
     match result {
-        Ok(Ok(instance)) => {
-            // SAFETY: `instance_out` is valid for a write (caller).
-            unsafe { instance_out.write(Box::into_raw(instance).cast()) };
+        Ok(Ok((instance, described))) => {
+            // SAFETY: both out-pointers are valid for writes (caller).
+            unsafe {
+                instance_out.write(Box::into_raw(instance).cast());
+                description_out.write(KilnBuf::from_vec(described));
+            }
             abi::STATUS_OK
         }
         // SAFETY: `err_out` is valid for a write (caller).
@@ -127,7 +135,9 @@ pub unsafe fn handle<P: Plugin>(instance: *mut c_void, req: *const KilnRequest, 
     // SAFETY: `req` is valid for the call (caller).
     let raw = unsafe { &*req };
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let request = Request { raw };
+        // SAFETY: `HandleFn`'s contract: the server's views live for the call and are UTF-8
+        // wherever `Request` reads them as text.
+        let request = unsafe { Request::from_raw(raw) };
         match instance.handlers.get(raw.route as usize) {
             Some(handler) => handler(&instance.plugin, &request),
             None => Response::error(500, &format!("route index {} out of range", raw.route)),
@@ -137,13 +147,7 @@ pub unsafe fn handle<P: Plugin>(instance: *mut c_void, req: *const KilnRequest, 
         Ok(r) => (abi::STATUS_OK, r),
         Err(p) => (abi::STATUS_PANIC, Response::text(500, panic_message(p))),
     };
-    let mut headers = Vec::new();
-    for (name, value) in &response.headers {
-        headers.extend_from_slice(name.as_bytes());
-        headers.push(b'\n');
-        headers.extend_from_slice(value.as_bytes());
-        headers.push(b'\n');
-    }
+    let headers = abi::encode_headers(response.headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
     let out_value = KilnResponse {
         status: response.status,
         headers: KilnBuf::from_vec(headers),
@@ -207,7 +211,13 @@ pub unsafe fn free_buf(buf: KilnBuf) {
 
 /// Generates the C exports of a plugin type that implements [`Plugin`](crate::Plugin).
 ///
-/// ```ignore
+/// ```
+/// # use kiln_types::{InitContext, Plugin, Route};
+/// # struct MyPlugin;
+/// # impl Plugin for MyPlugin {
+/// #     fn init(_: &InitContext) -> Result<Self, String> { Ok(MyPlugin) }
+/// #     fn routes() -> Vec<Route<Self>> { Vec::new() }
+/// # }
 /// kiln_types::export_plugin!(MyPlugin);
 /// ```
 #[macro_export]
@@ -224,29 +234,22 @@ macro_rules! export_plugin {
         }
 
         /// # Safety
-        /// See [`kiln_types::abi::DescribeFn`].
+        /// See [`kiln_types::abi::InitFn`].
         #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn kiln_describe(out: *mut $crate::abi::KilnBuf) -> i32 {
+        pub unsafe extern "C" fn kiln_init(
+            config: $crate::abi::KilnStr,
+            instance_out: *mut *mut ::std::ffi::c_void,
+            description_out: *mut $crate::abi::KilnBuf,
+            err_out: *mut $crate::abi::KilnBuf,
+        ) -> i32 {
             let pkg = $crate::export::PackageInfo {
                 name: env!("CARGO_PKG_NAME"),
                 version: env!("CARGO_PKG_VERSION"),
                 description: env!("CARGO_PKG_DESCRIPTION"),
                 authors: env!("CARGO_PKG_AUTHORS"),
             };
-            // SAFETY: the server upholds the contract of `DescribeFn`.
-            unsafe { $crate::export::describe::<$plugin>(out, pkg) }
-        }
-
-        /// # Safety
-        /// See [`kiln_types::abi::InitFn`].
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn kiln_init(
-            config: $crate::abi::KilnStr,
-            instance_out: *mut *mut ::std::ffi::c_void,
-            err_out: *mut $crate::abi::KilnBuf,
-        ) -> i32 {
             // SAFETY: the server upholds the contract of `InitFn`.
-            unsafe { $crate::export::init::<$plugin>(config, instance_out, err_out) }
+            unsafe { $crate::export::init::<$plugin>(config, instance_out, description_out, err_out, pkg) }
         }
 
         /// # Safety
@@ -292,4 +295,136 @@ macro_rules! export_plugin {
             unsafe { $crate::export::free_buf(buf) }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    //! The glue called in-process, as the server calls it through the exports.
+    use super::*;
+    use crate::abi::{KilnPair, KilnRequest};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    struct Glue;
+
+    /// `routes()` lists its routes in another order on every call.
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+
+    /// A panic payload whose `Drop` panics.
+    struct Bomb;
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            panic!("the payload's drop panicked");
+        }
+    }
+
+    impl Plugin for Glue {
+        fn init(_: &InitContext) -> Result<Self, String> {
+            Ok(Glue)
+        }
+        fn routes() -> Vec<Route<Self>> {
+            let mut routes =
+                vec![Route::get("/a", Self::a), Route::get("/b", Self::b), Route::get("/bomb", Self::bomb)];
+            if CALLS.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
+                routes.reverse();
+            }
+            routes
+        }
+    }
+
+    impl Glue {
+        fn a(&self, req: &Request) -> Response {
+            let name = req.header("x-name").unwrap_or("?").to_string();
+            Response::text(200, "a").header("x-echo", name).header("x-evil", "x\nset-cookie\nsession=attacker")
+        }
+        fn b(&self, _: &Request) -> Response {
+            Response::text(200, "b")
+        }
+        fn bomb(&self, _: &Request) -> Response {
+            std::panic::panic_any(Bomb)
+        }
+    }
+
+    const PKG: PackageInfo = PackageInfo { name: "glue", version: "0", description: "", authors: "" };
+
+    /// An instance and its description, through `init`.
+    fn load() -> (*mut c_void, PluginDescription) {
+        let (mut instance, mut desc, mut err) = (std::ptr::null_mut(), KilnBuf::EMPTY, KilnBuf::EMPTY);
+        // SAFETY: every out-pointer is valid for a write; the config view is static.
+        let status = unsafe { init::<Glue>(KilnStr::from_static("{}"), &mut instance, &mut desc, &mut err, PKG) };
+        assert_eq!(status, abi::STATUS_OK);
+        // SAFETY: made by `from_vec` in this crate.
+        let desc = unsafe { desc.into_vec() };
+        (instance, serde_json::from_slice(&desc).unwrap())
+    }
+
+    /// Cleans the instance up (once).
+    fn retire(instance: *mut c_void) {
+        let mut err = KilnBuf::EMPTY;
+        // SAFETY: a live instance from `load`, not used again.
+        assert_eq!(unsafe { cleanup::<Glue>(instance, &mut err) }, abi::STATUS_OK);
+    }
+
+    /// Calls route `path` of `instance` with one header; (status code, response).
+    fn call(instance: *mut c_void, desc: &PluginDescription, path: &str, header: &[u8]) -> (i32, KilnResponse) {
+        let route = desc.routes.iter().position(|r| r.path == path).unwrap() as u32;
+        let headers = [KilnPair { name: KilnStr::from_static("x-name"), value: KilnStr::new(header) }];
+        let raw = KilnRequest {
+            route,
+            method: KilnStr::from_static("GET"),
+            path: KilnStr::new(path.as_bytes()),
+            query: KilnStr::from_static(""),
+            params: std::ptr::null(),
+            params_len: 0,
+            headers: headers.as_ptr(),
+            headers_len: 1,
+            body: KilnStr::from_static(""),
+        };
+        let mut out = KilnResponse::EMPTY;
+        // SAFETY: a live instance of `Glue`; every view lives for the call.
+        let status = unsafe { handle::<Glue>(instance, &raw, &mut out) };
+        (status, out)
+    }
+
+    #[test]
+    fn routes_dispatch_as_described_however_routes_varies() {
+        for _ in 0..4 {
+            let (instance, desc) = load();
+            for path in ["/a", "/b"] {
+                let (status, out) = call(instance, &desc, path, b"");
+                assert_eq!(status, abi::STATUS_OK);
+                // SAFETY: made by `from_vec` in this crate.
+                let body = unsafe { out.body.into_vec() };
+                assert_eq!(body, &path.as_bytes()[1..], "route {path} reached another handler");
+            }
+            retire(instance);
+        }
+    }
+
+    #[test]
+    fn headers_cross_as_pairs_and_utf8_values_are_seen() {
+        let (instance, desc) = load();
+        let (_, out) = call(instance, &desc, "/a", "José".as_bytes());
+        // SAFETY: made by `from_vec` in this crate.
+        let head = unsafe { out.headers.into_vec() };
+        let pairs = abi::decode_headers(&head).unwrap();
+        let names: Vec<&[u8]> = pairs.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, vec![&b"content-type"[..], b"x-echo", b"x-evil"], "no header was injected");
+        assert_eq!(pairs[1].1, "José".as_bytes());
+        let (_, out) = call(instance, &desc, "/a", b"\xff");
+        // SAFETY: as above.
+        let head = unsafe { out.headers.into_vec() };
+        assert_eq!(abi::decode_headers(&head).unwrap()[1].1, b"?", "a non-UTF-8 value is not text");
+        retire(instance);
+    }
+
+    #[test]
+    fn a_payload_that_panics_when_dropped_is_contained() {
+        let (instance, desc) = load();
+        let (status, out) = call(instance, &desc, "/bomb", b"");
+        assert_eq!(status, abi::STATUS_PANIC);
+        // SAFETY: made by `from_vec` in this crate.
+        let body = String::from_utf8(unsafe { out.body.into_vec() }).unwrap();
+        assert!(body.contains("panicked when dropped"), "{body}");
+        retire(instance);
+    }
 }

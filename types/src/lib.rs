@@ -2,7 +2,7 @@
 //!
 //! A plugin implements [`Plugin`] and calls [`export_plugin!`] once:
 //!
-//! ```ignore
+//! ```
 //! use kiln_types::{InitContext, Plugin, Request, Response, Route};
 //!
 //! #[derive(Default)]

@@ -143,16 +143,22 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
-    /// A request over a raw one. For hosts that call handlers directly (benchmarks, static
-    /// linking); plugins never need it.
+    /// A request over a raw one. For hosts that call handlers directly (the export glue,
+    /// benchmarks, static linking); plugins never need it.
+    ///
+    /// # Safety
+    /// Every view in `raw` must point at initialized bytes that stay valid and unmodified for
+    /// `'a`: `params`/`params_len` and `headers`/`headers_len` at that many pairs (or a length
+    /// of 0). `method`, `path`, `query` and both parts of every parameter must be UTF-8; header
+    /// values may be any bytes.
     #[doc(hidden)]
-    pub fn from_raw(raw: &'a KilnRequest) -> Self {
+    pub unsafe fn from_raw(raw: &'a KilnRequest) -> Self {
         Self { raw }
     }
 
     /// HTTP method, upper case.
     pub fn method(&self) -> &'a str {
-        // SAFETY: the server passes UTF-8 views that live for the whole call ('a).
+        // SAFETY: `from_raw`'s contract: a UTF-8 view that lives for 'a.
         unsafe { str_of(self.raw.method) }
     }
 
@@ -170,14 +176,30 @@ impl<'a> Request<'a> {
 
     /// A path parameter of the matched route (`{id}` → `param("id")`).
     pub fn param(&self, name: &str) -> Option<&'a str> {
-        // SAFETY: the server passes `params_len` pairs of UTF-8 views that live for the call.
-        unsafe { find_pair(self.raw.params, self.raw.params_len, name) }
+        // SAFETY: `from_raw`'s contract: `params_len` pairs of views that live for 'a.
+        let value = unsafe { find_pair(self.raw.params, self.raw.params_len, name) }?;
+        // SAFETY: `from_raw`'s contract: parameter values are UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(value) })
     }
 
-    /// A request header by lower-case name; headers that are not UTF-8 are absent.
+    /// A request header by name (any case), when its value is UTF-8 (`X-Name: José` is).
+    /// [`Request::header_bytes`] gives any value as it came.
     pub fn header(&self, name: &str) -> Option<&'a str> {
-        // SAFETY: as in `param`.
+        std::str::from_utf8(self.header_bytes(name)?).ok()
+    }
+
+    /// A request header's raw value by name (any case): the bytes the client sent.
+    pub fn header_bytes(&self, name: &str) -> Option<&'a [u8]> {
+        // SAFETY: `from_raw`'s contract: `headers_len` pairs of views that live for 'a.
         unsafe { find_pair(self.raw.headers, self.raw.headers_len, name) }
+    }
+
+    /// Every request header, as (lower-case name, raw value), in the order the client sent them.
+    pub fn headers(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        // SAFETY: `from_raw`'s contract: `headers_len` pairs of views that live for 'a.
+        let pairs = unsafe { pairs_of(self.raw.headers, self.raw.headers_len) };
+        // SAFETY: as above: every view in the pairs lives for 'a.
+        pairs.iter().map(|p| unsafe { (p.name.as_bytes(), p.value.as_bytes()) })
     }
 
     /// The first value of a query parameter, percent-decoding not applied.
@@ -209,17 +231,26 @@ unsafe fn str_of<'a>(s: KilnStr) -> &'a str {
 }
 
 /// # Safety
-/// `pairs` must point at `len` valid pairs of UTF-8 views living for `'a` (or `len` is 0).
-unsafe fn find_pair<'a>(pairs: *const KilnPair, len: usize, name: &str) -> Option<&'a str> {
+/// `pairs` must point at `len` valid pairs living for `'a` (or `len` is 0).
+unsafe fn pairs_of<'a>(pairs: *const KilnPair, len: usize) -> &'a [KilnPair] {
     if len == 0 || pairs.is_null() {
-        return None;
+        return &[];
     }
     // SAFETY: guaranteed by the caller.
-    let pairs = unsafe { std::slice::from_raw_parts(pairs, len) };
+    unsafe { std::slice::from_raw_parts(pairs, len) }
+}
+
+/// The value of the first pair named `name` (ASCII case ignored).
+///
+/// # Safety
+/// `pairs` must point at `len` valid pairs of views living for `'a` (or `len` is 0).
+unsafe fn find_pair<'a>(pairs: *const KilnPair, len: usize, name: &str) -> Option<&'a [u8]> {
+    // SAFETY: guaranteed by the caller.
+    let pairs = unsafe { pairs_of(pairs, len) };
     pairs.iter().find_map(|p| {
         // SAFETY: guaranteed by the caller.
-        let (n, v) = unsafe { (str_of(p.name), str_of(p.value)) };
-        (n.eq_ignore_ascii_case(name)).then_some(v)
+        let (n, v) = unsafe { (p.name.as_bytes(), p.value.as_bytes()) };
+        n.eq_ignore_ascii_case(name.as_bytes()).then_some(v)
     })
 }
 

@@ -113,7 +113,7 @@ impl Endpoint for PluginEndpoint {
             let route = self.route;
             let call = move || {
                 let params: Vec<(&str, &str)> = owned.params.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-                let headers: Vec<(&str, &str)> = owned.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+                let headers: Vec<(&str, &[u8])> = owned.headers.iter().map(|(n, v)| (n.as_str(), &v[..])).collect();
                 plugin.call(&CallRequest {
                     route,
                     method: &owned.method,
@@ -132,8 +132,7 @@ impl Endpoint for PluginEndpoint {
             // Inline, with the request borrowed: the fastest path, as for a linked-in handler.
             let params: Vec<(&str, &str)> =
                 self.params.iter().map(|n| (n.as_str(), req.raw_path_param(n).unwrap_or(""))).collect();
-            let headers: Vec<(&str, &str)> =
-                req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
+            let headers: Vec<(&str, &[u8])> = req.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
             let started = std::time::Instant::now();
             let result = self.plugin.call(&CallRequest {
                 route: self.route,
@@ -168,14 +167,21 @@ impl Endpoint for PluginEndpoint {
             return Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", &msg));
         };
         let mut builder = Response::builder().status(status);
-        for (n, v) in &response.headers {
-            match (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
+        let invalid = |what: String| {
+            let msg = format!("plugin {name} returned {what}");
+            tracing::error!(plugin = %name, "{msg}");
+            Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", &msg))
+        };
+        let pairs = match response.headers() {
+            Ok(p) => p,
+            Err(e) => return invalid(e.to_string()),
+        };
+        // Names and values are checked as HTTP defines them: a value holding CR or LF is refused,
+        // it cannot become another header.
+        for (n, v) in pairs {
+            match (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
                 (Ok(n), Ok(v)) => builder = builder.header(n, v),
-                _ => {
-                    let msg = format!("plugin {name} returned an invalid header {n:?}");
-                    tracing::error!(plugin = %name, "{msg}");
-                    return Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", &msg));
-                }
+                _ => return invalid(format!("an invalid header {:?}", String::from_utf8_lossy(n))),
             }
         }
         Ok(builder.body(response.body))
@@ -188,7 +194,7 @@ struct OwnedRequest {
     path: String,
     query: String,
     params: Vec<(String, String)>,
-    headers: Vec<(String, String)>,
+    headers: Vec<(String, Vec<u8>)>,
 }
 
 impl OwnedRequest {
@@ -198,11 +204,7 @@ impl OwnedRequest {
             path: req.uri().path().to_string(),
             query: req.uri().query().unwrap_or("").to_string(),
             params: params.iter().map(|n| (n.clone(), req.raw_path_param(n).unwrap_or("").to_string())).collect(),
-            headers: req
-                .headers()
-                .iter()
-                .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
-                .collect(),
+            headers: req.headers().iter().map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())).collect(),
         }
     }
 }
