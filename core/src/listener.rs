@@ -16,8 +16,13 @@ use tokio_postgres::{AsyncMessage, NoTls};
 /// The channel the `plugins` triggers notify.
 pub const CHANNEL: &str = "plugin_changes";
 
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Reconnect attempts start at this pause and double up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// At most this long between reconnect attempts: a database that comes back is listened to
+/// again (and resynced) within this pause plus one connect. A refused attempt costs the database
+/// nothing (a refused TCP connection) or one short-lived backend: 2.5 attempts a second is not
+/// a load.
+const MAX_BACKOFF: Duration = Duration::from_millis(400);
 
 /// Listens forever, reconnecting with backoff. `up` tells whether the connection is live.
 pub async fn run(mut pg: tokio_postgres::Config, reconciler: Reconciler, up: Arc<AtomicBool>) {

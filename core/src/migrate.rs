@@ -11,6 +11,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "001_plugins.sql", include_str!("../../sql/001_plugins.sql")),
     (2, "002_config_origin_builds.sql", include_str!("../../sql/002_config_origin_builds.sql")),
     (3, "003_uninstalled.sql", include_str!("../../sql/003_uninstalled.sql")),
+    (4, "004_waiting.sql", include_str!("../../sql/004_waiting.sql")),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

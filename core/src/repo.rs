@@ -337,11 +337,13 @@ impl Repo {
             .collect())
     }
 
-    /// Whether the database answers.
-    pub async fn ping(&self) -> bool {
-        match self.pool.get().await {
-            Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
-            Err(_) => false,
-        }
+    /// (state, has an error, count) of every plugin row: one query, which also tells whether the
+    /// database answers.
+    pub async fn state_counts(&self) -> Result<Vec<(String, bool, i64)>> {
+        let c = self.pool.get().await?;
+        let rows = c
+            .query("SELECT state, error IS NOT NULL AS with_error, count(*) AS n FROM plugins GROUP BY 1, 2", &[])
+            .await?;
+        Ok(rows.iter().map(|r| (r.get("state"), r.get("with_error"), r.get("n"))).collect())
     }
 }

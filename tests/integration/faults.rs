@@ -13,6 +13,10 @@ async fn a_plugin_that_does_not_compile_says_why_and_others_keep_serving() {
     server.wait_state("hello", "loaded").await;
     assert_eq!(server.get("/hello").await.0, 200);
     assert_eq!(server.get("/broken").await.0, 404);
+    // A serving server answers 200, and says what does not serve.
+    let (status, health) = server.get("/health").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!((health["plugins"]["failed"].as_u64(), health["plugins"]["loaded"].as_u64()), (Some(1), Some(1)));
 
     let (status, body) = server.post("/plugins/broken/reload", None).await;
     assert_eq!((status, body["error"].as_str()), (422, Some("BuildFailed")), "{body}");

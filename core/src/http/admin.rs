@@ -116,7 +116,26 @@ pub struct Health {
     pub builds_run: u64,
     /// Reconcile passes running or queued: 0 when every plugin is settled.
     pub reconciling: u64,
+    /// Plugins by observed state, from their rows (absent while the database is down). A
+    /// server with failed plugins still answers 200: it serves; these counts show what does not.
+    pub plugins: Option<PluginCounts>,
     pub version: String,
+}
+
+/// How many plugins are in each observed state.
+#[derive(Debug, Default, Object)]
+pub struct PluginCounts {
+    pub loaded: u64,
+    /// The last attempt failed and nothing serves for them (see each row's `error`).
+    pub failed: u64,
+    /// Refused for now, and retried by themselves when what they wait for changes (a path
+    /// another plugin owns).
+    pub waiting: u64,
+    pub building: u64,
+    pub pending: u64,
+    pub inactive: u64,
+    /// Loaded, but their last change failed: an older version serves (see `error`).
+    pub loaded_with_error: u64,
 }
 
 #[derive(ApiResponse)]
@@ -439,8 +458,25 @@ impl AdminApi {
     /// Health of the server, the database and the listener.
     #[oai(path = "/health", method = "get", tag = "Tag::Server")]
     async fn health(&self) -> HealthResponse {
-        let db_up = self.repo.ping().await;
+        let counts = self.repo.state_counts().await.ok();
+        let db_up = counts.is_some();
         let listener_up = self.listener_up.load(Ordering::Relaxed);
+        let plugins = counts.map(|rows| {
+            let mut c = PluginCounts::default();
+            for (state, with_error, n) in rows {
+                let n = n as u64;
+                match state.as_str() {
+                    "loaded" if with_error => c.loaded_with_error += n,
+                    "loaded" => c.loaded += n,
+                    "failed" => c.failed += n,
+                    "waiting" => c.waiting += n,
+                    "building" => c.building += n,
+                    "pending" => c.pending += n,
+                    _ => c.inactive += n,
+                }
+            }
+            c
+        });
         let health = Health {
             status: if db_up && listener_up { "ok" } else { "degraded" }.into(),
             database: if db_up { "up" } else { "down" }.into(),
@@ -448,6 +484,7 @@ impl AdminApi {
             plugins_served: self.reconciler.served_count() as u64,
             builds_run: self.reconciler.builds_run(),
             reconciling: self.reconciler.reconciling() as u64,
+            plugins,
             version: env!("CARGO_PKG_VERSION").into(),
         };
         if db_up && listener_up { HealthResponse::Ok(Json(health)) } else { HealthResponse::Degraded(Json(health)) }
