@@ -123,6 +123,29 @@ pub fn mask(schema: Option<&Value>, config: &Value) -> Value {
     Value::Object(out)
 }
 
+/// `incoming` with every sensitive value that is exactly [`MASK`] replaced by the value stored
+/// in `stored`: a client that sends back what `GET …/config` showed keeps the secret it cannot
+/// see. A mask with nothing stored behind it stays as sent.
+pub fn unmask(schema: Option<&Value>, incoming: &Value, stored: &Value) -> Value {
+    let (Some(props), Value::Object(obj)) =
+        (schema.and_then(|s| s.get("properties")).and_then(Value::as_object), incoming)
+    else {
+        return incoming.clone();
+    };
+    let mut out = obj.clone();
+    for (key, value) in out.iter_mut() {
+        let (Some(prop), Some(old)) = (props.get(key), stored.get(key)) else { continue };
+        if prop.get("sensitive").and_then(Value::as_bool) == Some(true) {
+            if value.as_str() == Some(MASK) {
+                *value = old.clone();
+            }
+        } else {
+            *value = unmask(Some(prop), value, old);
+        }
+    }
+    Value::Object(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +202,20 @@ mod tests {
         let all = format!("{errs:?}");
         assert!(!all.contains("12345678") && !all.contains("hunter2"), "{all}");
         assert!(errs.iter().any(|v| v.path == "/api_key"), "{errs:?}");
+    }
+
+    #[test]
+    fn a_mask_sent_back_keeps_the_stored_secret() {
+        let stored = json!({ "greeting": "hi", "api_key": "s3cret", "db": { "password": "pw" } });
+        let shown = mask(Some(&schema()), &stored);
+        let edited = json!({ "greeting": "yo", "api_key": shown["api_key"], "db": shown["db"] });
+        assert_eq!(
+            unmask(Some(&schema()), &edited, &stored),
+            json!({ "greeting": "yo", "api_key": "s3cret", "db": { "password": "pw" } })
+        );
+        let changed = json!({ "api_key": "new", "greeting": MASK });
+        assert_eq!(unmask(Some(&schema()), &changed, &stored), changed, "only sensitive masks are replaced");
+        assert_eq!(unmask(Some(&schema()), &json!({ "api_key": MASK }), &json!({})), json!({ "api_key": MASK }));
     }
 
     #[test]

@@ -35,6 +35,15 @@ async fn config_is_validated_masked_applied_and_kept() {
     assert_eq!(served(now.clone()), json!({ "greeting": "hi", "times": 3, "has_api_key": true }));
     assert_eq!(now["instance"], first["instance"], "the configure hook applied it in place, no reload");
 
+    // What GET showed, sent back with one change: the secret stays (not the asterisks).
+    let mut shown = server.get("/plugins/configured/config").await.1["config"].clone();
+    shown["times"] = json!(4);
+    let (status, cfg) = put_config(&server, "configured", shown).await;
+    assert_eq!(status, 200, "{cfg}");
+    let db = server.sql().await;
+    let stored: Value = db.query_one("SELECT config FROM plugins WHERE name = 'configured'", &[]).await.unwrap().get(0);
+    assert_eq!(stored, json!({ "greeting": "hi", "times": 4, "api_key": "s3cret" }));
+
     // Valid by the schema, refused by the plugin's hook: 422, nothing stored, nothing applied.
     let (status, err) = put_config(&server, "configured", json!({ "greeting": "forbidden" })).await;
     assert_eq!((status, err["error"].as_str()), (422, Some("InvalidConfig")), "{err}");

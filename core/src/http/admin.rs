@@ -287,6 +287,8 @@ impl AdminApi {
         }
         let manifest = Manifest::read(std::path::Path::new(&row.source_path))
             .map_err(|e| ErrorResponse::Unprocessable(Json(ApiError::new(manifest_code(&e), e.to_string()))))?;
+        // A masked value sent back (as GET showed it) keeps the stored secret.
+        let config = Json(plugin_config::unmask(manifest.config_schema.as_ref(), &config.0, &row.config));
         if let Some(schema) = &manifest.config_schema
             && let Err(violations) = plugin_config::validate(schema, &config.0)
         {
