@@ -104,6 +104,17 @@ impl Pattern {
             })
     }
 
+    /// Whether the request path `path` matches this pattern.
+    pub fn matches(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix('/') else { return false };
+        let parts: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
+        parts.len() == self.segments.len()
+            && self.segments.iter().zip(parts).all(|(s, p)| match s {
+                Segment::Literal(l) => l == p,
+                Segment::Param(_) => !p.is_empty(),
+            })
+    }
+
     /// Why this pattern may not be used by a plugin, if it clashes with the admin API.
     pub fn admin_conflict(&self) -> Option<String> {
         if let Some(Segment::Literal(first)) = self.segments.first()
@@ -157,6 +168,14 @@ mod tests {
         for bad in ["", "x", "/a//b", "/a/{}", "/a/{1x}", "/a/:id", "/a/*", "/a/..", "/{x}/{x}"] {
             assert!(Pattern::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn request_paths_match_segment_wise() {
+        let p = Pattern::parse("/plugins/{name}/config").unwrap();
+        assert!(p.matches("/plugins/hello/config"));
+        assert!(!p.matches("/plugins//config") && !p.matches("/plugins/hello") && !p.matches("/plugins/a/b/config"));
+        assert!(Pattern::parse("/health").unwrap().matches("/health"));
     }
 
     #[test]

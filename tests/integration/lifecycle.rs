@@ -66,6 +66,14 @@ async fn discovered_plugins_are_compiled_served_and_recorded() {
     let (status, body) = server.send_delete("/powertable").await;
     assert_eq!((status, body["error"].as_str()), (405, Some("MethodNotAllowed")), "{body}");
     assert!(body["message"].as_str().unwrap().contains("/powertable does not accept DELETE"), "{body}");
+    // A 405 names what the path allows, for plugin and admin paths alike.
+    let resp = server.http.delete(server.url("/powertable")).send().await.unwrap();
+    assert_eq!(resp.headers()["allow"], "GET, POST");
+    let resp = server.http.patch(server.url("/plugins/powertable/config")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    assert_eq!(resp.headers()["allow"], "GET, PUT");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "MethodNotAllowed", "{body}");
     let (status, body) = server.get("/plugins/nope").await;
     assert_eq!((status, body["error"].as_str()), (404, Some("PluginNotFound")));
     let (status, body) = server.get("/plugins/bad..name").await;

@@ -14,7 +14,7 @@ pub use admin::AdminApi;
 pub use docs::Docs;
 pub use plugin_routes::PluginRouter;
 
-use crate::routes::ADMIN_ROOTS;
+use crate::routes::{ADMIN_ROOTS, Pattern};
 use error::json_error;
 use poem::error::{MethodNotAllowedError, NotFoundError};
 use poem::http::StatusCode;
@@ -34,6 +34,7 @@ pub fn app(
     let admin_token = admin_token.filter(|t| !t.is_empty());
     let docs = Arc::new(Docs::new(&service.spec(), &service.swagger_ui_html(), admin_token.is_some())?);
     router.attach_docs(docs.clone());
+    let methods = admin_methods(&service.spec())?;
     let spec_docs = docs.clone();
     let admin = Route::new()
         .at("/openapi.json", spec_endpoint(spec_docs))
@@ -46,11 +47,16 @@ pub fn app(
                 return err.into_response();
             }
             let status = err.status();
-            let code = if status == StatusCode::NOT_FOUND { "NotFound" } else { "BadRequest" };
+            let code = match status {
+                StatusCode::NOT_FOUND => "NotFound",
+                StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",
+                _ => "BadRequest",
+            };
             json_error(status, code, &err.to_string())
         })
         .boxed();
-    let admin = AdminGate { inner: admin, token: admin_token }.boxed();
+    let admin = AdminGate { inner: admin, token: admin_token, methods }.boxed();
     Ok(Front { admin, router })
 }
 
@@ -70,6 +76,17 @@ fn ui_endpoint(docs: Arc<Docs>) -> impl Endpoint<Output = Response> {
     ui.data(docs).map_to_response()
 }
 
+/// The methods of every admin path, from the admin API's OpenAPI document (for `Allow`).
+fn admin_methods(spec: &str) -> anyhow::Result<Vec<(Pattern, String)>> {
+    let spec: serde_json::Value = serde_json::from_str(spec)?;
+    let mut out = Vec::new();
+    for (path, item) in spec["paths"].as_object().into_iter().flatten() {
+        let methods: Vec<String> = item.as_object().into_iter().flatten().map(|(m, _)| m.to_uppercase()).collect();
+        out.push((Pattern::parse(path).map_err(anyhow::Error::msg)?, methods.join(", ")));
+    }
+    Ok(out)
+}
+
 /// Largest plugin archive accepted by `POST /plugins/install`.
 const MAX_UPLOAD: u64 = 32 << 20;
 
@@ -77,6 +94,8 @@ const MAX_UPLOAD: u64 = 32 << 20;
 struct AdminGate<E> {
     inner: E,
     token: Option<String>,
+    /// (path pattern, `Allow` value) of every admin path: a 405 names the methods it allows.
+    methods: Vec<(Pattern, String)>,
 }
 
 impl<E: Endpoint<Output = Response>> Endpoint for AdminGate<E> {
@@ -118,7 +137,16 @@ impl<E: Endpoint<Output = Response>> Endpoint for AdminGate<E> {
                 Some(_) => {}
             }
         }
-        self.inner.call(req).await
+        // Cloning the Uri shares its bytes: kept to name the allowed methods of a 405.
+        let uri = req.uri().clone();
+        let mut resp = self.inner.call(req).await?;
+        if resp.status() == StatusCode::METHOD_NOT_ALLOWED
+            && let Some((_, allow)) = self.methods.iter().find(|(p, _)| p.matches(uri.path()))
+            && let Ok(allow) = poem::http::HeaderValue::from_str(allow)
+        {
+            resp.headers_mut().insert(poem::http::header::ALLOW, allow);
+        }
+        Ok(resp)
     }
 }
 
@@ -140,16 +168,22 @@ impl Endpoint for Front {
         let (method, uri) = (req.method().clone(), req.uri().clone());
         // Hold this table (and the plugin versions in it) until the request is done.
         let table = self.router.table();
-        match table.call(req).await {
+        match table.route.call(req).await {
             Ok(resp) => Ok(resp.into_response()),
             Err(e) if e.is::<NotFoundError>() => {
                 Ok(json_error(StatusCode::NOT_FOUND, "NotFound", &format!("no route for {method} {}", uri.path())))
             }
-            Err(e) if e.is::<MethodNotAllowedError>() => Ok(json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "MethodNotAllowed",
-                &format!("{} does not accept {method}", uri.path()),
-            )),
+            Err(e) if e.is::<MethodNotAllowedError>() => {
+                let mut resp = json_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "MethodNotAllowed",
+                    &format!("{} does not accept {method}", uri.path()),
+                );
+                if let Some(allow) = table.allowed(uri.path()) {
+                    resp.headers_mut().insert(poem::http::header::ALLOW, allow);
+                }
+                Ok(resp)
+            }
             Err(e) => Ok(e.into_response()),
         }
     }

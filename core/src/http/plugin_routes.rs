@@ -13,9 +13,22 @@ use poem::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use poem::{Endpoint, Request, Response, Route, RouteMethod};
 use std::sync::{Arc, OnceLock};
 
+/// One published table: poem's router, and the methods of each path (for `Allow` on a 405).
+pub struct Table {
+    pub route: Route,
+    methods: Vec<(Pattern, HeaderValue)>,
+}
+
+impl Table {
+    /// The `Allow` value for a request path that exists with other methods.
+    pub fn allowed(&self, path: &str) -> Option<HeaderValue> {
+        self.methods.iter().find(|(p, _)| p.matches(path)).map(|(_, m)| m.clone())
+    }
+}
+
 /// The swappable table of plugin routes, and the docs that describe it.
 pub struct PluginRouter {
-    current: ArcSwap<Route>,
+    current: ArcSwap<Table>,
     /// Set once the admin API's document exists (it needs the reconciler, which needs this
     /// router); always before the first publish.
     docs: OnceLock<Arc<Docs>>,
@@ -24,7 +37,8 @@ pub struct PluginRouter {
 
 impl PluginRouter {
     pub fn new(max_body: usize) -> Self {
-        Self { current: ArcSwap::from_pointee(Route::new()), docs: OnceLock::new(), max_body }
+        let empty = Table { route: Route::new(), methods: Vec::new() };
+        Self { current: ArcSwap::from_pointee(empty), docs: OnceLock::new(), max_body }
     }
 
     /// Connects the docs that every publish updates.
@@ -33,7 +47,7 @@ impl PluginRouter {
     }
 
     /// The table in effect now.
-    pub fn table(&self) -> Arc<Route> {
+    pub fn table(&self) -> Arc<Table> {
         self.current.load_full()
     }
 }
@@ -41,10 +55,12 @@ impl PluginRouter {
 impl RouteSink for PluginRouter {
     fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String> {
         let mut route = Route::new();
+        let mut methods = Vec::new();
         for plugin in plugins {
             let description = plugin.description();
             // One RouteMethod per path: a plugin may serve GET and POST on the same path.
             let mut by_path: Vec<(String, RouteMethod)> = Vec::new();
+            let mut allow: Vec<(Pattern, Vec<&str>)> = Vec::new();
             for (index, r) in description.routes.iter().enumerate() {
                 let pattern = Pattern::parse(&r.path)?;
                 let method =
@@ -56,6 +72,10 @@ impl RouteSink for PluginRouter {
                     blocking: r.blocking,
                     max_body: self.max_body,
                 };
+                match allow.iter_mut().find(|(p, _)| *p == pattern) {
+                    Some((_, m)) => m.push(&r.method),
+                    None => allow.push((pattern.clone(), vec![&r.method])),
+                }
                 let poem_path = pattern.to_poem();
                 match by_path.iter_mut().find(|(p, _)| *p == poem_path) {
                     Some((_, rm)) => *rm = std::mem::take(rm).method(method, endpoint),
@@ -65,11 +85,15 @@ impl RouteSink for PluginRouter {
             for (path, rm) in by_path {
                 route = route.try_at(&path, rm).map_err(|e| format!("{}: {e}", description.name))?;
             }
+            for (pattern, m) in allow {
+                let value = HeaderValue::from_str(&m.join(", ")).map_err(|e| format!("{}: {e}", description.name))?;
+                methods.push((pattern, value));
+            }
         }
         if let Some(docs) = self.docs.get() {
             docs.update(plugins.iter().map(|p| p.description()));
         }
-        self.current.store(Arc::new(route));
+        self.current.store(Arc::new(Table { route, methods }));
         Ok(())
     }
 }
