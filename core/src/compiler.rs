@@ -336,7 +336,9 @@ fn hash_tree(dir: &Path) -> std::io::Result<String> {
     });
     for entry in walk {
         let entry = entry.map_err(std::io::Error::other)?;
-        if entry.file_type().is_dir() {
+        // Regular files only (symbolic links followed): a FIFO or a device in a crate would block
+        // the read forever.
+        if entry.file_type().is_dir() || !std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
             continue;
         }
         let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());

@@ -83,8 +83,27 @@ fn default_kind() -> String {
     "http".to_string()
 }
 
+/// How long reading a user's crate directory may take before kiln gives up on it: a
+/// `Cargo.toml` that is a FIFO, or lies on a hung network mount, would block forever.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Manifest {
-    /// Reads the manifest of the plugin crate in `dir`.
+    /// [`Manifest::read`] on the blocking pool, given up after [`READ_TIMEOUT`]: what a user
+    /// names (a row's `source_path`) must never block an async worker. A read that hangs keeps
+    /// one blocking-pool thread until it returns; the caller goes on at once.
+    pub async fn read_off_worker(dir: &Path) -> Result<Self, ManifestError> {
+        let owned = dir.to_path_buf();
+        match tokio::time::timeout(READ_TIMEOUT, tokio::task::spawn_blocking(move || Self::read(&owned))).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(invalid(&dir.join("Cargo.toml"), format!("the read failed: {e}"))),
+            Err(_) => Err(invalid(
+                &dir.join("Cargo.toml"),
+                format!("reading it did not finish within {READ_TIMEOUT:?} (a FIFO, or a hung mount?)"),
+            )),
+        }
+    }
+
+    /// Reads the manifest of the plugin crate in `dir`. Blocking: see [`Manifest::read_off_worker`].
     pub fn read(dir: &Path) -> Result<Self, ManifestError> {
         let manifest_path = dir.join("Cargo.toml");
         let text = match std::fs::read_to_string(&manifest_path) {
@@ -206,4 +225,11 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }
+}
+
+/// Whether `path` exists, asked on the blocking pool with [`READ_TIMEOUT`]. `None`: no answer in
+/// time (a hung mount), which callers must not take for "gone".
+pub async fn exists_off_worker(path: &Path) -> Option<bool> {
+    let owned = path.to_path_buf();
+    tokio::time::timeout(READ_TIMEOUT, tokio::task::spawn_blocking(move || owned.exists())).await.ok()?.ok()
 }

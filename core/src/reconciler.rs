@@ -264,7 +264,7 @@ impl Inner {
             Ok(outcome) => Ok(outcome),
             Err(e) => {
                 if matches!(e, ReconcileError::Manifest(ManifestError::NotFound(_)))
-                    && !std::path::Path::new(&row.source_path).exists()
+                    && crate::manifest::exists_off_worker(std::path::Path::new(&row.source_path)).await == Some(false)
                 {
                     // The crate was removed: that is a decision, not a failed build. Unload.
                     self.retire(id);
@@ -281,7 +281,7 @@ impl Inner {
 
     /// Makes the wanted version of an active plugin serve.
     async fn load_wanted(&self, row: &PluginRow, force: bool) -> Result<Outcome, ReconcileError> {
-        let manifest = Manifest::read(&PathBuf::from(&row.source_path))?;
+        let manifest = Manifest::read_off_worker(&PathBuf::from(&row.source_path)).await?;
         if manifest.name != row.name {
             return Err(ReconcileError::NameMismatch {
                 dir: manifest.dir,

@@ -106,3 +106,40 @@ async fn a_request_body_over_the_limit_is_refused_before_the_plugin_sees_it() {
     assert_eq!(status, 201);
     assert_eq!(server.get("/powertable").await.1.as_array().unwrap().len(), 4, "only the small row was added");
 }
+
+/// A row naming a crate whose `Cargo.toml` blocks on open (a FIFO; a hung mount behaves alike):
+/// no async worker waits for it, so every other request is answered meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_that_blocks_on_open_stalls_nothing_else() {
+    let server = TestServer::start(&["hello"]).await;
+    server.wait_state("hello", "loaded").await;
+    let dir = server.root.path().join("fifo");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("Cargo.toml");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo");
+    assert!(made.success());
+    let db = server.sql().await;
+    db.execute("INSERT INTO plugins (name, source_path) VALUES ('fifo', $1)", &[&dir.to_string_lossy().as_ref()])
+        .await
+        .unwrap();
+    // Two readers of the FIFO at once (the pass and a config read): with two async workers, both
+    // would be stuck if either read ran on one.
+    let config = tokio::spawn({
+        let (http, url) = (server.http.clone(), server.url("/plugins/fifo/config"));
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    let quick = reqwest::Client::builder().timeout(std::time::Duration::from_secs(2)).build().unwrap();
+    for _ in 0..20 {
+        let resp = quick.get(server.url("/hello")).send().await.expect("answered while the FIFO blocks");
+        assert_eq!(resp.status().as_u16(), 200);
+        let resp = quick.get(server.url("/health")).send().await.expect("answered while the FIFO blocks");
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    let row = server.wait_state("fifo", "failed").await;
+    let error = row["error"].as_str().unwrap();
+    assert!(error.starts_with("InvalidManifest") && error.contains("did not finish"), "{error}");
+    assert_eq!(config.await.unwrap().expect("the config read answered"), 200, "without a schema, after the limit");
+    // Release the blocked reads (a writer opens the FIFO), so no thread stays behind.
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&fifo);
+}

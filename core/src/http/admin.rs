@@ -263,7 +263,8 @@ impl AdminApi {
     #[oai(path = "/plugins/:name/config", method = "get", tag = "Tag::Plugins")]
     async fn get_config(&self, name: Path<String>) -> Result<PluginConfig> {
         let row = self.row(&name).await?;
-        let schema = Manifest::read(std::path::Path::new(&row.source_path)).ok().and_then(|m| m.config_schema);
+        let schema =
+            Manifest::read_off_worker(std::path::Path::new(&row.source_path)).await.ok().and_then(|m| m.config_schema);
         let config = match &schema {
             Some(s) => plugin_config::with_defaults(s, &row.config),
             None => row.config.clone(),
@@ -285,7 +286,8 @@ impl AdminApi {
                 "the config must be a JSON object",
             ))));
         }
-        let manifest = Manifest::read(std::path::Path::new(&row.source_path))
+        let manifest = Manifest::read_off_worker(std::path::Path::new(&row.source_path))
+            .await
             .map_err(|e| ErrorResponse::Unprocessable(Json(ApiError::new(manifest_code(&e), e.to_string()))))?;
         // A masked value sent back (as GET showed it) keeps the stored secret.
         let config = Json(plugin_config::unmask(manifest.config_schema.as_ref(), &config.0, &row.config));
@@ -367,7 +369,9 @@ impl AdminApi {
         let (scan, added) = discovery::record(&self.repo, &self.plugin_dirs, &self.policy).await.map_err(db_error)?;
         let mut removed = Vec::new();
         for row in self.repo.list().await.map_err(db_error)? {
-            if row.origin == "discovered" && !std::path::Path::new(&row.source_path).exists() {
+            if row.origin == "discovered"
+                && crate::manifest::exists_off_worker(std::path::Path::new(&row.source_path)).await == Some(false)
+            {
                 self.reconciler.hint(row.id);
                 removed.push(row.name);
             }
