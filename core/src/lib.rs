@@ -8,6 +8,7 @@ pub mod archive;
 pub mod compiler;
 pub mod config;
 pub mod discovery;
+pub mod error_code;
 mod http;
 pub mod listener;
 pub mod loader;

@@ -15,6 +15,7 @@
 //! blocking pool: see `LoadedPlugin`'s `Drop`).
 
 use crate::compiler::{BuildError, Compiler};
+use crate::error_code::ErrorCode;
 use crate::loader::{Configured, LoadError, LoadedPlugin};
 use crate::manifest::{Manifest, ManifestError};
 use crate::repo::{Loaded, NewEndpoint, PluginRow, Repo, RepoError};
@@ -54,19 +55,19 @@ pub enum ReconcileError {
 
 impl ReconcileError {
     /// A stable code for API answers and rows.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Database(_) => "DatabaseUnavailable",
-            Self::Manifest(ManifestError::NotFound(_)) => "ManifestNotFound",
-            Self::Manifest(_) | Self::NameMismatch { .. } => "InvalidManifest",
-            Self::Build(_) => "BuildFailed",
-            Self::Load(LoadError::AbiMismatch { .. }) => "AbiMismatch",
-            Self::Load(LoadError::EntrypointNotFound { .. }) => "EntrypointNotFound",
-            Self::Load(LoadError::Init(_)) => "InitFailed",
-            Self::Load(_) => "LoadError",
-            Self::InvalidRoute(_) => "InvalidRoute",
-            Self::RouteConflict(_) => "RouteConflict",
-            Self::InvalidConfig(_) | Self::ConfigRejected(_) => "InvalidConfig",
+            Self::Database(e) => ErrorCode::from(e),
+            Self::Manifest(ManifestError::NotFound(_)) => ErrorCode::ManifestNotFound,
+            Self::Manifest(_) | Self::NameMismatch { .. } => ErrorCode::InvalidManifest,
+            Self::Build(_) => ErrorCode::BuildFailed,
+            Self::Load(LoadError::AbiMismatch { .. }) => ErrorCode::AbiMismatch,
+            Self::Load(LoadError::EntrypointNotFound { .. }) => ErrorCode::EntrypointNotFound,
+            Self::Load(LoadError::Init(_)) => ErrorCode::InitFailed,
+            Self::Load(_) => ErrorCode::LoadError,
+            Self::InvalidRoute(_) => ErrorCode::InvalidRoute,
+            Self::RouteConflict(_) => ErrorCode::RouteConflict,
+            Self::InvalidConfig(_) | Self::ConfigRejected(_) => ErrorCode::InvalidConfig,
         }
     }
 }
@@ -89,7 +90,7 @@ pub enum Outcome {
 /// A failed pass, as reported to waiters (cloneable: several waiters may share one pass).
 #[derive(Debug, Clone)]
 pub struct Failure {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
@@ -153,7 +154,8 @@ impl Reconciler {
     pub async fn reconcile(&self, id: i64, force: bool) -> Result<Outcome, Failure> {
         let (tx, rx) = oneshot::channel();
         self.send(id, Job { force, reply: Some(tx) });
-        rx.await.unwrap_or_else(|_| Err(Failure { code: "Internal", message: "the reconciler stopped".into() }))
+        rx.await
+            .unwrap_or_else(|_| Err(Failure { code: ErrorCode::Internal, message: "the reconciler stopped".into() }))
     }
 
     /// Hints every plugin that has a row or is served: after startup, a reconnect, or as the
@@ -232,7 +234,7 @@ async fn worker(inner: Arc<Inner>, id: i64, mut rx: mpsc::UnboundedReceiver<Job>
         }
         let result = inner.pass(id, force).await.map_err(|e| {
             let failure = Failure { code: e.code(), message: e.to_string() };
-            tracing::warn!(plugin_id = id, code = failure.code, "{}", failure.message);
+            tracing::warn!(plugin_id = id, code = failure.code.as_str(), "{}", failure.message);
             failure
         });
         inner.busy.fetch_sub(jobs, std::sync::atomic::Ordering::Relaxed);

@@ -131,15 +131,53 @@ pub struct Repo {
 
 type Result<T> = std::result::Result<T, RepoError>;
 
-/// A database failure.
+/// A database failure: either PostgreSQL could not be reached, or it refused the statement.
+/// They call for different answers (retry later, 503; or fix the input, 4xx) and logs.
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    /// No connection could be had from the pool.
+    /// No connection could be had, or it broke (SQLSTATE classes 08, 53, 57 count as this too:
+    /// connection failures, a server out of resources or shutting down).
     #[error("database unavailable: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
-    /// A query failed.
-    #[error("database error: {0}")]
-    Query(#[from] tokio_postgres::Error),
+    Unavailable(String),
+    /// PostgreSQL refused the statement, with its own message.
+    #[error("the database refused the statement: {message} (SQLSTATE {code}{})", constraint.as_deref().map(|c| format!(", constraint {c}")).unwrap_or_default())]
+    Refused {
+        /// SQLSTATE, e.g. `22P05` (untranslatable character), `23505` (unique violation).
+        code: String,
+        message: String,
+        constraint: Option<String>,
+    },
+}
+
+impl RepoError {
+    /// Whether the statement itself was at fault (bad data, a violated constraint), not the
+    /// database's availability or kiln: SQLSTATE classes 22 and 23.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Self::Refused { code, .. } if code.starts_with("22") || code.starts_with("23"))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for RepoError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            e => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for RepoError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) if !["08", "53", "57"].iter().any(|c| db.code().code().starts_with(c)) => Self::Refused {
+                code: db.code().code().to_string(),
+                message: db.message().to_string(),
+                constraint: db.constraint().map(str::to_string),
+            },
+            Some(db) => Self::Unavailable(db.message().to_string()),
+            None => Self::Unavailable(e.to_string()),
+        }
+    }
 }
 
 impl Repo {

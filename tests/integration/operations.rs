@@ -62,7 +62,7 @@ async fn config_is_validated_masked_applied_and_kept() {
     assert!(!err.to_string().contains("987654321"), "{err}");
     assert_eq!(server.get("/plugins/configured/config").await.1["config"]["greeting"], "hi");
     let (status, _) = put_config(&server, "configured", json!([1, 2])).await;
-    assert_eq!(status, 400);
+    assert_eq!(status, 422, "InvalidConfig, as every other config refusal");
 
     // A bad config written with SQL is not applied: the row says why, the last good one serves.
     let db = server.sql().await;
@@ -304,4 +304,19 @@ async fn a_config_file_adds_plugin_directories_and_sets_initial_status() {
     // The row is the truth afterwards: enabling it works despite the list.
     assert_eq!(server.post("/plugins/hello/load", None).await.0, 200);
     assert_eq!(server.get("/hello").await.0, 200);
+}
+
+/// PostgreSQL refusing a value is the client's problem (422, with PostgreSQL's reason), not an
+/// unavailable database (503).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_value_postgres_refuses_is_422_with_its_reason() {
+    let server = TestServer::start(&["hello"]).await;
+    server.wait_state("hello", "loaded").await;
+    let (status, body) = put_config(&server, "hello", json!({ "a": "x\u{0}y" })).await;
+    assert_eq!((status, body["error"].as_str()), (422, Some("DatabaseRefused")), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("unsupported Unicode escape sequence"),
+        "PostgreSQL's own words: {body}"
+    );
+    assert_eq!(server.get("/health").await.0, 200, "the database is fine");
 }

@@ -276,9 +276,10 @@ impl Response {
         }
     }
 
-    /// A JSON error body: `{"error": <reason phrase>, "message": …}`.
+    /// A JSON error body in kiln's shape: `{"error": <code>, "message": …, "details": {}}`, the
+    /// code named after the status as kiln names its own (`NotFound`, `Conflict`, `Internal`, …).
     pub fn error(status: u16, message: &str) -> Self {
-        let body = serde_json::json!({ "error": reason(status), "message": message });
+        let body = serde_json::json!({ "error": reason(status), "message": message, "details": {} });
         Self::status(status).header("content-type", "application/json").with_body(body.to_string().into_bytes())
     }
 
@@ -300,13 +301,21 @@ impl Response {
     }
 }
 
+/// The code of an error answer by status, in the words kiln itself uses for its errors.
 fn reason(status: u16) -> &'static str {
     match status {
         400 => "BadRequest",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "NotFound",
+        405 => "MethodNotAllowed",
         409 => "Conflict",
-        422 => "UnprocessableEntity",
-        500 => "InternalError",
+        413 => "TooLarge",
+        415 => "UnsupportedMediaType",
+        422 => "Unprocessable",
+        500 => "Internal",
+        503 => "Unavailable",
+        504 => "Timeout",
         _ => "Error",
     }
 }

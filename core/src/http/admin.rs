@@ -7,6 +7,7 @@
 use super::error::{ApiError, ErrorResponse};
 use crate::archive;
 use crate::discovery;
+use crate::error_code::ErrorCode;
 use crate::manifest::{Manifest, ManifestError, validate_name};
 use crate::plugin_config::{self, mask};
 use crate::reconciler::{Failure, Reconciler};
@@ -240,10 +241,10 @@ impl AdminApi {
     async fn reload(&self, name: Path<String>) -> Result<Plugin> {
         let row = self.row(&name).await?;
         if !row.wants_active() {
-            return Err(ErrorResponse::Unprocessable(Json(ApiError::new(
-                "PluginInactive",
+            return Err(ErrorResponse::new(
+                ErrorCode::PluginInactive,
                 format!("plugin {} is inactive; toggle it (or set status = 'active') to load it", row.name),
-            ))));
+            ));
         }
         self.reconciler.reconcile(row.id, true).await.map_err(failure)?;
         Ok(Json(self.row(&name).await?.into()))
@@ -281,14 +282,11 @@ impl AdminApi {
     async fn put_config(&self, name: Path<String>, config: Json<serde_json::Value>) -> Result<PluginConfig> {
         let row = self.row(&name).await?;
         if !config.0.is_object() {
-            return Err(ErrorResponse::BadRequest(Json(ApiError::new(
-                "InvalidConfig",
-                "the config must be a JSON object",
-            ))));
+            return Err(ErrorResponse::new(ErrorCode::InvalidConfig, "the config must be a JSON object"));
         }
         let manifest = Manifest::read_off_worker(std::path::Path::new(&row.source_path))
             .await
-            .map_err(|e| ErrorResponse::Unprocessable(Json(ApiError::new(manifest_code(&e), e.to_string()))))?;
+            .map_err(|e| ErrorResponse::new(manifest_code(&e), e.to_string()))?;
         // A masked value sent back (as GET showed it) keeps the stored secret.
         let config = Json(plugin_config::unmask(manifest.config_schema.as_ref(), &config.0, &row.config));
         if let Some(schema) = &manifest.config_schema
@@ -297,14 +295,17 @@ impl AdminApi {
             let details = serde_json::json!({ "violations": violations });
             let msg =
                 format!("the config does not match the configSchema of {} ({} violations)", row.name, violations.len());
-            return Err(ErrorResponse::Unprocessable(Json(ApiError::new("InvalidConfig", msg).with_details(details))));
+            return Err(ErrorResponse::from_error(
+                ErrorCode::InvalidConfig,
+                ApiError::new(ErrorCode::InvalidConfig, msg).with_details(details),
+            ));
         }
         self.repo.set_config(row.id, &config.0).await.map_err(db_error)?;
         if row.wants_active()
             && let Err(f) = self.reconciler.reconcile(row.id, false).await
         {
             // Refused by the plugin: through the API, nothing is stored either.
-            if f.code == "InvalidConfig" {
+            if f.code == ErrorCode::InvalidConfig {
                 self.repo.set_config(row.id, &row.config).await.map_err(db_error)?;
                 self.reconciler.hint(row.id);
             }
@@ -393,22 +394,23 @@ impl AdminApi {
     /// why (with the compiler's diagnostics for a failed build).
     #[oai(path = "/plugins/install", method = "post", tag = "Tag::Plugins")]
     async fn install(&self, form: InstallForm) -> Result<Plugin> {
-        let bytes = form.file.into_vec().await.map_err(|e| {
-            ErrorResponse::BadRequest(Json(ApiError::new("InvalidArchive", format!("could not read the upload: {e}"))))
-        })?;
+        let bytes =
+            form.file.into_vec().await.map_err(|e| {
+                ErrorResponse::new(ErrorCode::InvalidArchive, format!("could not read the upload: {e}"))
+            })?;
         let install_dir = self.install_dir.clone();
         let extracted = tokio::task::spawn_blocking(move || archive::extract(&bytes, &install_dir, Default::default()))
             .await
             .map_err(|e| internal(e.to_string()))?
-            .map_err(|e| ErrorResponse::BadRequest(Json(ApiError::new("InvalidArchive", e.to_string()))))?;
+            .map_err(|e| ErrorResponse::new(ErrorCode::InvalidArchive, e.to_string()))?;
         let crate_dir = extracted.crate_dir.clone();
         let manifest = tokio::task::spawn_blocking(move || Manifest::read(&crate_dir))
             .await
             .map_err(|e| internal(e.to_string()))?
-            .map_err(|e| ErrorResponse::Unprocessable(Json(ApiError::new(manifest_code(&e), e.to_string()))))?;
+            .map_err(|e| ErrorResponse::new(manifest_code(&e), e.to_string()))?;
         let exists = |name: &str| {
             let msg = format!("a plugin named {name:?} exists; uninstall it first (DELETE /plugins/{name})");
-            ErrorResponse::Conflict(Json(ApiError::new("PluginExists", msg)))
+            ErrorResponse::new(ErrorCode::PluginExists, msg)
         };
         let dest = self.install_dir.join(&manifest.name);
         if dest.exists() || self.repo.get_by_name(&manifest.name).await.map_err(db_error)?.is_some() {
@@ -499,35 +501,36 @@ impl AdminApi {
 
 impl AdminApi {
     async fn row(&self, name: &str) -> std::result::Result<PluginRow, ErrorResponse> {
-        validate_name(name).map_err(|msg| ErrorResponse::BadRequest(Json(ApiError::new("InvalidName", msg))))?;
-        self.repo.get_by_name(name).await.map_err(db_error)?.ok_or_else(|| {
-            ErrorResponse::NotFound(Json(ApiError::new("PluginNotFound", format!("no plugin named {name:?}"))))
-        })
+        validate_name(name).map_err(|msg| ErrorResponse::new(ErrorCode::InvalidName, msg))?;
+        self.repo
+            .get_by_name(name)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| ErrorResponse::new(ErrorCode::PluginNotFound, format!("no plugin named {name:?}")))
     }
 }
 
 fn db_error(e: RepoError) -> ErrorResponse {
-    tracing::warn!("{e}");
-    ErrorResponse::Unavailable(Json(ApiError::new("DatabaseUnavailable", e.to_string())))
+    let code = ErrorCode::from(&e);
+    match code {
+        ErrorCode::DatabaseRefused => tracing::info!("{e}"),
+        _ => tracing::warn!("{e}"),
+    }
+    ErrorResponse::new(code, e.to_string())
 }
 
 fn internal(msg: String) -> ErrorResponse {
     tracing::error!("{msg}");
-    ErrorResponse::Internal(Json(ApiError::new("Internal", msg)))
+    ErrorResponse::new(ErrorCode::Internal, msg)
 }
 
-fn manifest_code(e: &ManifestError) -> &'static str {
+fn manifest_code(e: &ManifestError) -> ErrorCode {
     match e {
-        ManifestError::NotFound(_) => "ManifestNotFound",
-        _ => "InvalidManifest",
+        ManifestError::NotFound(_) => ErrorCode::ManifestNotFound,
+        _ => ErrorCode::InvalidManifest,
     }
 }
 
 fn failure(f: Failure) -> ErrorResponse {
-    let body = Json(ApiError::new(f.code, f.message));
-    match f.code {
-        "DatabaseUnavailable" => ErrorResponse::Unavailable(body),
-        "Internal" => ErrorResponse::Internal(body),
-        _ => ErrorResponse::Unprocessable(body),
-    }
+    ErrorResponse::new(f.code, f.message)
 }

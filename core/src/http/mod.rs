@@ -14,6 +14,7 @@ pub use admin::AdminApi;
 pub use docs::Docs;
 pub use plugin_routes::PluginRouter;
 
+use crate::error_code::ErrorCode;
 use crate::routes::{ADMIN_ROOTS, Pattern};
 use error::json_error;
 use poem::error::{MethodNotAllowedError, NotFoundError};
@@ -46,14 +47,15 @@ pub fn app(
             if err.is_from_response() {
                 return err.into_response();
             }
-            let status = err.status();
-            let code = match status {
-                StatusCode::NOT_FOUND => "NotFound",
-                StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
-                StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",
-                _ => "BadRequest",
+            let code = match err.status() {
+                StatusCode::NOT_FOUND => ErrorCode::NotFound,
+                StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+                StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::TooLarge,
+                s if s.is_server_error() => ErrorCode::Internal,
+                _ => ErrorCode::BadRequest,
             };
-            json_error(status, code, &err.to_string())
+            json_error(code, &err.to_string())
         })
         .boxed();
     let admin = AdminGate { inner: admin, token: admin_token, methods }.boxed();
@@ -111,11 +113,8 @@ impl<E: Endpoint<Output = Response>> Endpoint for AdminGate<E> {
             // Constant time: the comparison must not reveal how much of a guess was right.
             let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()).into();
             if !ok {
-                let mut resp = json_error(
-                    StatusCode::UNAUTHORIZED,
-                    "Unauthorized",
-                    "this endpoint needs Authorization: Bearer <KILN_ADMIN_TOKEN>",
-                );
+                let mut resp =
+                    json_error(ErrorCode::Unauthorized, "this endpoint needs Authorization: Bearer <KILN_ADMIN_TOKEN>");
                 resp.headers_mut().insert("www-authenticate", poem::http::HeaderValue::from_static("Bearer"));
                 return Ok(resp);
             }
@@ -124,15 +123,11 @@ impl<E: Endpoint<Output = Response>> Endpoint for AdminGate<E> {
             let length = req.header("content-length").and_then(|l| l.parse::<u64>().ok());
             match length {
                 None => {
-                    return Ok(json_error(
-                        StatusCode::LENGTH_REQUIRED,
-                        "LengthRequired",
-                        "uploads need a Content-Length",
-                    ));
+                    return Ok(json_error(ErrorCode::LengthRequired, "uploads need a Content-Length"));
                 }
                 Some(n) if n > MAX_UPLOAD => {
                     let msg = format!("the upload is {n} bytes; at most {MAX_UPLOAD} are accepted");
-                    return Ok(json_error(StatusCode::PAYLOAD_TOO_LARGE, "TooLarge", &msg));
+                    return Ok(json_error(ErrorCode::TooLarge, &msg));
                 }
                 Some(_) => {}
             }
@@ -171,14 +166,11 @@ impl Endpoint for Front {
         match table.route.call(req).await {
             Ok(resp) => Ok(resp.into_response()),
             Err(e) if e.is::<NotFoundError>() => {
-                Ok(json_error(StatusCode::NOT_FOUND, "NotFound", &format!("no route for {method} {}", uri.path())))
+                Ok(json_error(ErrorCode::NotFound, &format!("no route for {method} {}", uri.path())))
             }
             Err(e) if e.is::<MethodNotAllowedError>() => {
-                let mut resp = json_error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "MethodNotAllowed",
-                    &format!("{} does not accept {method}", uri.path()),
-                );
+                let mut resp =
+                    json_error(ErrorCode::MethodNotAllowed, &format!("{} does not accept {method}", uri.path()));
                 if let Some(allow) = table.allowed(uri.path()) {
                     resp.headers_mut().insert(poem::http::header::ALLOW, allow);
                 }

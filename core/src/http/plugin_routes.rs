@@ -6,6 +6,7 @@
 
 use super::docs::Docs;
 use super::error::json_error;
+use crate::error_code::ErrorCode;
 use crate::loader::{CallError, CallRequest, LoadedPlugin};
 use crate::routes::{Pattern, RouteSink};
 use arc_swap::ArcSwap;
@@ -125,7 +126,7 @@ impl Endpoint for PluginEndpoint {
         let body = if has_body {
             match req.take_body().into_bytes_limit(self.max_body).await {
                 Ok(b) => b,
-                Err(e) => return Ok(json_error(StatusCode::PAYLOAD_TOO_LARGE, "BodyTooLarge", &e.to_string())),
+                Err(e) => return Ok(json_error(ErrorCode::BodyTooLarge, &e.to_string())),
             }
         } else {
             bytes::Bytes::new()
@@ -182,19 +183,19 @@ impl Endpoint for PluginEndpoint {
             Err(e) => {
                 tracing::error!(plugin = %name, path = %req.uri().path(), "{e}");
                 let msg = format!("plugin {name}: {e}");
-                return Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", &msg));
+                return Ok(json_error(ErrorCode::PluginError, &msg));
             }
         };
         let Ok(status) = StatusCode::from_u16(response.status) else {
             let msg = format!("plugin {name} returned the invalid status {}", response.status);
             tracing::error!(plugin = %name, "{msg}");
-            return Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", &msg));
+            return Ok(json_error(ErrorCode::PluginError, &msg));
         };
         let mut builder = Response::builder().status(status);
         let invalid = |what: String| {
             let msg = format!("plugin {name} returned {what}");
             tracing::error!(plugin = %name, "{msg}");
-            Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "PluginError", &msg))
+            Ok(json_error(ErrorCode::PluginError, &msg))
         };
         let pairs = match response.headers() {
             Ok(p) => p,

@@ -1,0 +1,187 @@
+//! Every error code kiln answers with or writes on a plugin's row, in one place: its name, its
+//! HTTP status, and what it means. The README's table of codes is checked against [`ALL`] by a
+//! test, so the two cannot drift.
+
+use std::fmt;
+
+/// A stable, machine-readable error code (`{"error": "<code>", …}`, and the prefix of a row's
+/// `error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadRequest,
+    InvalidName,
+    InvalidArchive,
+    Unauthorized,
+    PluginNotFound,
+    NotFound,
+    MethodNotAllowed,
+    PluginExists,
+    LengthRequired,
+    TooLarge,
+    BodyTooLarge,
+    UnsupportedMediaType,
+    ManifestNotFound,
+    InvalidManifest,
+    BuildFailed,
+    AbiMismatch,
+    EntrypointNotFound,
+    LoadError,
+    InitFailed,
+    RouteConflict,
+    InvalidRoute,
+    InvalidConfig,
+    PluginInactive,
+    DatabaseRefused,
+    PluginError,
+    Internal,
+    DatabaseError,
+    DatabaseUnavailable,
+}
+
+/// Every code, in the README's order.
+pub const ALL: &[ErrorCode] = &[
+    ErrorCode::BadRequest,
+    ErrorCode::InvalidName,
+    ErrorCode::InvalidArchive,
+    ErrorCode::Unauthorized,
+    ErrorCode::PluginNotFound,
+    ErrorCode::NotFound,
+    ErrorCode::MethodNotAllowed,
+    ErrorCode::PluginExists,
+    ErrorCode::LengthRequired,
+    ErrorCode::TooLarge,
+    ErrorCode::BodyTooLarge,
+    ErrorCode::UnsupportedMediaType,
+    ErrorCode::ManifestNotFound,
+    ErrorCode::InvalidManifest,
+    ErrorCode::BuildFailed,
+    ErrorCode::AbiMismatch,
+    ErrorCode::EntrypointNotFound,
+    ErrorCode::LoadError,
+    ErrorCode::InitFailed,
+    ErrorCode::RouteConflict,
+    ErrorCode::InvalidRoute,
+    ErrorCode::InvalidConfig,
+    ErrorCode::PluginInactive,
+    ErrorCode::DatabaseRefused,
+    ErrorCode::PluginError,
+    ErrorCode::Internal,
+    ErrorCode::DatabaseError,
+    ErrorCode::DatabaseUnavailable,
+];
+
+impl ErrorCode {
+    /// The code as it appears in answers and rows.
+    pub fn as_str(self) -> &'static str {
+        self.entry().0
+    }
+
+    /// The HTTP status an answer with this code has.
+    pub fn status(self) -> u16 {
+        self.entry().1
+    }
+
+    /// What the code means, for the README and the OpenAPI document.
+    pub fn meaning(self) -> &'static str {
+        self.entry().2
+    }
+
+    fn entry(self) -> (&'static str, u16, &'static str) {
+        use ErrorCode::*;
+        match self {
+            BadRequest => ("BadRequest", 400, "a malformed request: a parameter or body that does not parse"),
+            InvalidName => (
+                "InvalidName",
+                400,
+                "a name outside 1–64 of `A-Z a-z 0-9 _ -` starting with a letter or digit (names become paths and library names)",
+            ),
+            InvalidArchive => (
+                "InvalidArchive",
+                400,
+                "an upload that is not a safe `.tar.gz` of a plugin crate (absolute or `..` paths, links, devices, too many or too large files)",
+            ),
+            Unauthorized => ("Unauthorized", 401, "`KILN_ADMIN_TOKEN` is set and the bearer token is missing or wrong"),
+            PluginNotFound => ("PluginNotFound", 404, "no plugin of that name"),
+            NotFound => ("NotFound", 404, "no admin endpoint and no plugin route for this path"),
+            MethodNotAllowed => ("MethodNotAllowed", 405, "the path exists with other methods, named in `Allow`"),
+            PluginExists => ("PluginExists", 409, "an upload whose plugin name is taken"),
+            LengthRequired => ("LengthRequired", 411, "an upload without a Content-Length"),
+            TooLarge => ("TooLarge", 413, "an upload over 32 MiB"),
+            BodyTooLarge => ("BodyTooLarge", 413, "a request body for a plugin over `--max-body`"),
+            UnsupportedMediaType => ("UnsupportedMediaType", 415, "a body without the content type the endpoint takes"),
+            ManifestNotFound => ("ManifestNotFound", 422, "no `Cargo.toml` at the plugin's `source_path`"),
+            InvalidManifest => (
+                "InvalidManifest",
+                422,
+                "a `Cargo.toml` without `[package.metadata.kiln]`, an unusable one, or one that cannot be read",
+            ),
+            BuildFailed => ("BuildFailed", 422, "cargo failed; the message holds the compiler's diagnostics"),
+            AbiMismatch => ("AbiMismatch", 422, "the library speaks another kiln-types ABI (both versions named)"),
+            EntrypointNotFound => ("EntrypointNotFound", 422, "the library lacks an export of `export_plugin!`"),
+            LoadError => ("LoadError", 422, "the library does not open, or describes itself unreadably"),
+            InitFailed => ("InitFailed", 422, "the plugin's `init` returned an error or panicked"),
+            RouteConflict => (
+                "RouteConflict",
+                422,
+                "a path an older plugin or the admin API owns; the plugin waits and takes it when it is freed",
+            ),
+            InvalidRoute => ("InvalidRoute", 422, "a malformed route, or one declared twice"),
+            InvalidConfig => (
+                "InvalidConfig",
+                422,
+                "a config that does not match the plugin's schema (`details.violations` lists each `path` and `message`), or that its `configure` hook refused",
+            ),
+            PluginInactive => ("PluginInactive", 422, "the plugin's row is `inactive`, so there is nothing to reload"),
+            DatabaseRefused => (
+                "DatabaseRefused",
+                422,
+                "PostgreSQL refused the data (for example `\\u0000` in JSON); its message and constraint are kept",
+            ),
+            PluginError => ("PluginError", 500, "a plugin handler panicked or answered something invalid"),
+            Internal => ("Internal", 500, "a failure inside kiln; the log has the details"),
+            DatabaseError => ("DatabaseError", 500, "PostgreSQL refused a statement for a reason other than the data"),
+            DatabaseUnavailable => ("DatabaseUnavailable", 503, "PostgreSQL cannot be reached (plugins keep serving)"),
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&crate::repo::RepoError> for ErrorCode {
+    fn from(e: &crate::repo::RepoError) -> Self {
+        match e {
+            crate::repo::RepoError::Unavailable(_) => ErrorCode::DatabaseUnavailable,
+            refused if refused.is_bad_input() => ErrorCode::DatabaseRefused,
+            crate::repo::RepoError::Refused { .. } => ErrorCode::DatabaseError,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's table of codes is this table: every code once, with its status and meaning.
+    #[test]
+    fn the_readme_table_is_this_table() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let table =
+            readme.split_once("| Code | Status | Meaning |\n|---|---|---|\n").expect("the README's error table").1;
+        let documented: Vec<String> = table.lines().take_while(|l| l.starts_with('|')).map(str::to_string).collect();
+        let expected: Vec<String> =
+            ALL.iter().map(|c| format!("| `{}` | {} | {} |", c.as_str(), c.status(), c.meaning())).collect();
+        assert_eq!(documented, expected, "the README's error table differs from core/src/error_code.rs");
+    }
+
+    #[test]
+    fn every_code_is_listed_once_and_names_itself() {
+        for (i, c) in ALL.iter().enumerate() {
+            assert_eq!(format!("{c:?}"), c.as_str());
+            assert!(!ALL[..i].contains(c), "{c} twice");
+        }
+    }
+}
