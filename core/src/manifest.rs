@@ -172,6 +172,13 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Whether `path` exists, asked on the blocking pool with [`READ_TIMEOUT`]. `None`: no answer in
+/// time (a hung mount), which callers must not take for "gone".
+pub async fn exists_off_worker(path: &Path) -> Option<bool> {
+    let owned = path.to_path_buf();
+    tokio::time::timeout(READ_TIMEOUT, tokio::task::spawn_blocking(move || owned.exists())).await.ok()?.ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,11 +232,4 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }
-}
-
-/// Whether `path` exists, asked on the blocking pool with [`READ_TIMEOUT`]. `None`: no answer in
-/// time (a hung mount), which callers must not take for "gone".
-pub async fn exists_off_worker(path: &Path) -> Option<bool> {
-    let owned = path.to_path_buf();
-    tokio::time::timeout(READ_TIMEOUT, tokio::task::spawn_blocking(move || owned.exists())).await.ok()?.ok()
 }
