@@ -13,8 +13,10 @@
 use crate::manifest::Manifest;
 use crate::staging;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
@@ -67,6 +69,27 @@ pub struct Compiler {
     queue: tokio::sync::Mutex<()>,
     /// How many times cargo built a plugin since start (reported by /health).
     builds: std::sync::atomic::AtomicU64,
+    /// Libraries a pass in progress is about to build or open: garbage collection keeps them.
+    pinned: Arc<Mutex<HashMap<PathBuf, usize>>>,
+}
+
+/// Keeps a library out of garbage collection while it lives (see [`Compiler::pin`]).
+#[derive(Debug)]
+pub struct Pin {
+    path: PathBuf,
+    pinned: Arc<Mutex<HashMap<PathBuf, usize>>>,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut pinned = self.pinned.lock().expect("pinned lock");
+        if let Some(n) = pinned.get_mut(&self.path) {
+            *n -= 1;
+            if *n == 0 {
+                pinned.remove(&self.path);
+            }
+        }
+    }
 }
 
 impl Compiler {
@@ -84,6 +107,7 @@ impl Compiler {
             types_hash: hex::encode(h.finalize()),
             queue: Default::default(),
             builds: Default::default(),
+            pinned: Default::default(),
         })
     }
 
@@ -163,15 +187,23 @@ impl Compiler {
         Ok(Artifact { path, hash: hash.to_string(), built: true, duration })
     }
 
-    /// Removes plugin `name`'s libraries other than `keep`: nothing references them any more
-    /// (a library still mapped by in-flight requests stays mapped after its file is removed).
-    /// Returns how many were removed.
-    pub fn collect_garbage(&self, name: &str, keep: Option<&Path>) -> usize {
+    /// Keeps the library at `path` from garbage collection until the pin drops: a pass holds
+    /// one from the moment it knows which library it wants until it serves it (or gives up).
+    pub fn pin(&self, path: &Path) -> Pin {
+        *self.pinned.lock().expect("pinned lock").entry(path.to_path_buf()).or_default() += 1;
+        Pin { path: path.to_path_buf(), pinned: self.pinned.clone() }
+    }
+
+    /// Removes plugin `name`'s libraries that nothing uses: not in `keep` (the libraries served
+    /// now) and not pinned by a pass in progress. A library still mapped by in-flight requests
+    /// stays mapped after its file is removed. Returns how many were removed.
+    pub fn collect_garbage(&self, name: &str, keep: &[PathBuf]) -> usize {
         let Ok(entries) = std::fs::read_dir(&self.bin_dir) else { return 0 };
+        let pinned = self.pinned.lock().expect("pinned lock");
         let mut removed = 0;
         for entry in entries.flatten() {
             let path = entry.path();
-            if Some(path.as_path()) == keep || !is_artifact_of(&path, name) {
+            if keep.contains(&path) || pinned.contains_key(&path) || !is_artifact_of(&path, name) {
                 continue;
             }
             match std::fs::remove_file(&path) {

@@ -77,7 +77,7 @@ pub async fn serve(
     let app = http::app(api, router, config.admin_token.clone())?;
 
     let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), listener_up));
-    watcher::spawn(config.watch, config.plugin_dirs.clone(), policy, repo.clone(), reconciler.clone());
+    let watch_task = watcher::spawn(config.watch, config.plugin_dirs.clone(), policy, repo.clone(), reconciler.clone());
     let resync = reconciler.clone();
     let every = config.resync_interval();
     let resync_task = tokio::spawn(async move {
@@ -95,9 +95,13 @@ pub async fn serve(
     let result = poem::Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(app, shutdown, Some(Duration::from_secs(10)))
         .await;
-    listen_task.abort();
-    resync_task.abort();
-    reconciler.retire_all().await;
+    // Shutdown order: stop what feeds the reconciler, then let it finish and retire everything
+    // (every instance's cleanup runs once; `serve` returns after the last).
+    for task in [Some(listen_task), Some(resync_task), watch_task].into_iter().flatten() {
+        task.abort();
+        let _ = task.await;
+    }
+    reconciler.shut_down(Duration::from_secs(30)).await;
     result.context("HTTP server")
 }
 

@@ -14,6 +14,7 @@ use kiln_types::abi::{
 use libloading::Library;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Why a library could not be loaded. Nothing of it stays loaded.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,41 @@ impl CallResponse {
     }
 }
 
+/// Counts loaded instances whose cleanup has not run yet, so that shutdown can wait for all of
+/// them (a cleanup queued on the blocking pool would be dropped if the runtime exited first).
+#[derive(Debug, Default)]
+pub struct Retirements {
+    pending: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl Retirements {
+    /// Instances loaded and not yet retired.
+    pub fn pending(&self) -> usize {
+        self.pending.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until every instance counted here has run its cleanup.
+    pub async fn all_done(&self) {
+        loop {
+            let notified = self.done.notified();
+            if self.pending() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn loaded(&self) {
+        self.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn retired(&self) {
+        self.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.done.notify_waiters();
+    }
+}
+
 /// The instance pointer a plugin's `kiln_init` returned.
 struct Instance(*mut c_void);
 
@@ -97,6 +133,8 @@ struct Live {
     configure_fn: ConfigureFn,
     cleanup_fn: CleanupFn,
     free_fn: FreeBufFn,
+    /// Told when this instance's cleanup has run.
+    tracker: Option<Arc<Retirements>>,
     /// Must stay the last field: the function pointers above point into it, so it drops last.
     _library: Library,
 }
@@ -114,6 +152,16 @@ impl std::fmt::Debug for LoadedPlugin {
 }
 
 impl LoadedPlugin {
+    /// [`LoadedPlugin::load`], counted in `tracker` until its cleanup has run.
+    pub fn load_tracked(path: &Path, config: &[u8], tracker: &Arc<Retirements>) -> Result<Self, LoadError> {
+        let mut plugin = Self::load(path, config)?;
+        tracker.loaded();
+        if let Some(live) = &mut plugin.live {
+            live.tracker = Some(tracker.clone());
+        }
+        Ok(plugin)
+    }
+
     /// Opens the library at `path`, checks its ABI version, reads its description and creates an
     /// instance with `config` (JSON). Blocking.
     pub fn load(path: &Path, config: &[u8]) -> Result<Self, LoadError> {
@@ -164,8 +212,15 @@ impl LoadedPlugin {
             let msg = if status == abi::STATUS_PANIC { format!("panicked: {msg}") } else { msg };
             return Err(LoadError::Init(msg));
         }
-        let live =
-            Live { instance: Instance(instance), handle_fn, configure_fn, cleanup_fn, free_fn, _library: library };
+        let live = Live {
+            instance: Instance(instance),
+            handle_fn,
+            configure_fn,
+            cleanup_fn,
+            free_fn,
+            tracker: None,
+            _library: library,
+        };
         // SAFETY: `described` was written by this library and is freed exactly once, by it.
         let text = unsafe { take_string(free_fn, described) };
         let description: PluginDescription = match serde_json::from_str(&text) {
@@ -290,6 +345,11 @@ impl Live {
             tracing::info!(plugin = %name, library = %path.display(), "cleanup ran; library retired");
         } else {
             tracing::error!(plugin = %name, library = %path.display(), "cleanup panicked: {msg}");
+        }
+        let tracker = self.tracker.clone();
+        drop(self);
+        if let Some(t) = tracker {
+            t.retired();
         }
     }
 }

@@ -5,6 +5,7 @@
 //! results), which only the server writes and which must never notify it (see sql/001_plugins.sql).
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 
@@ -85,8 +86,8 @@ pub struct NewEndpoint {
 /// What the server observed after loading a plugin version.
 #[derive(Debug, Clone)]
 pub struct Loaded<'a> {
-    pub manifest_path: &'a str,
-    pub binary_path: &'a str,
+    pub manifest_path: std::borrow::Cow<'a, str>,
+    pub binary_path: std::borrow::Cow<'a, str>,
     pub hash: &'a str,
     pub description: &'a str,
     pub version: &'a str,
@@ -295,28 +296,33 @@ impl Repo {
             .collect())
     }
 
-    /// Observed: a version is loaded and serving these endpoints.
-    pub async fn record_loaded(&self, id: i64, l: &Loaded<'_>) -> Result<()> {
-        let mut c = self.pool.get().await?;
-        let tx = c.transaction().await?;
-        tx.execute(
-            "UPDATE plugins SET state = 'loaded', error = NULL, path = $2, binary_path = $3, loaded_hash = $4,
-                    loaded_at = now(), description = $5, version = $6, author = $7, type = $8
-             WHERE id = $1",
-            &[&id, &l.manifest_path, &l.binary_path, &l.hash, &l.description, &l.version, &l.author, &l.kind],
-        )
-        .await?;
-        tx.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
-        let insert = tx
-            .prepare(
-                "INSERT INTO plugin_endpoints (plugin_id, method, path, handler, type) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .await?;
-        for e in l.endpoints {
-            tx.execute(&insert, &[&id, &e.method, &e.path, &e.handler, &l.kind]).await?;
+    /// Observed: a version is loaded and serving these endpoints (its row's observed columns
+    /// refreshed when nothing changed in what it serves). Returns whether the row exists.
+    pub async fn record_loaded(&self, id: i64, l: &Loaded<'_>) -> Result<bool> {
+        let mut lock = match self.lock_row(id).await? {
+            Some((lock, _)) => lock,
+            None => return Ok(false),
+        };
+        lock.record_loaded(id, l).await?;
+        lock.commit().await?;
+        Ok(true)
+    }
+
+    /// Opens a transaction holding plugin `id`'s row `FOR SHARE` (edits and deletes of it wait
+    /// for the commit), and returns the row as it is now; `None` when it is gone. What the
+    /// reconciler publishes while it holds the lock matches the row when the lock is released.
+    pub async fn lock_row(&self, id: i64) -> Result<Option<(RowLock, PluginRow)>> {
+        let client = self.pool.get().await?;
+        let lock = RowLock { client: Some(client) };
+        lock.client().batch_execute("BEGIN").await?;
+        let row = lock.client().query_opt("SELECT * FROM plugins WHERE id = $1 FOR SHARE", &[&id]).await?;
+        match row {
+            Some(r) => Ok(Some((lock, PluginRow::from_row(&r)))),
+            None => {
+                lock.rollback().await;
+                Ok(None)
+            }
         }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Observed, at startup: this process serves nothing yet, whatever an earlier one recorded.
@@ -334,11 +340,18 @@ impl Repo {
     }
 
     /// Observed: the last attempt failed. When an older version still serves (`still_loaded`),
-    /// the state stays 'loaded' and only the error is shown.
-    pub async fn record_failed(&self, id: i64, error: &str, still_loaded: bool) -> Result<()> {
-        let c = self.pool.get().await?;
-        let state = if still_loaded { "loaded" } else { "failed" };
-        c.execute("UPDATE plugins SET state = $2, error = $3 WHERE id = $1", &[&id, &state, &error]).await?;
+    /// the state stays 'loaded' and only the error is shown. Otherwise nothing serves: the state
+    /// is `state` ('failed', or 'waiting' for what retries by itself) and the plugin's endpoint
+    /// rows and library go, since endpoint rows always equal what is served.
+    pub async fn record_failed(&self, id: i64, error: &str, still_loaded: bool, state: &str) -> Result<()> {
+        let mut c = self.pool.get().await?;
+        if still_loaded {
+            c.execute("UPDATE plugins SET state = 'loaded', error = $2 WHERE id = $1", &[&id, &error]).await?;
+            return Ok(());
+        }
+        let tx = c.transaction().await?;
+        record_not_serving(&tx, id, state, error).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -383,5 +396,86 @@ impl Repo {
             .query("SELECT state, error IS NOT NULL AS with_error, count(*) AS n FROM plugins GROUP BY 1, 2", &[])
             .await?;
         Ok(rows.iter().map(|r| (r.get("state"), r.get("with_error"), r.get("n"))).collect())
+    }
+}
+
+/// Marks plugin `id` as serving nothing: `state`, `error`, no library, no endpoint rows.
+async fn record_not_serving(c: &impl GenericClient, id: i64, state: &str, error: &str) -> Result<()> {
+    c.execute(
+        "UPDATE plugins SET state = $2, error = $3, binary_path = NULL, loaded_hash = NULL, loaded_at = NULL
+         WHERE id = $1",
+        &[&id, &state, &error],
+    )
+    .await?;
+    c.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
+    Ok(())
+}
+
+/// A transaction holding one plugin row `FOR SHARE` (see [`Repo::lock_row`]). Dropped without
+/// [`RowLock::commit`], its connection is closed rather than returned to the pool, so the server
+/// rolls the transaction back.
+pub struct RowLock {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl RowLock {
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.client.as_ref().expect("a RowLock has its client until it ends")
+    }
+
+    /// Observed, in this transaction: a version of `id` is loaded and serves these endpoints.
+    pub async fn record_loaded(&mut self, id: i64, l: &Loaded<'_>) -> Result<()> {
+        let c = self.client();
+        c.execute(
+            "UPDATE plugins SET state = 'loaded', error = NULL, path = $2, binary_path = $3, loaded_hash = $4,
+                    loaded_at = now(), description = $5, version = $6, author = $7, type = $8
+             WHERE id = $1",
+            &[&id, &l.manifest_path, &l.binary_path, &l.hash, &l.description, &l.version, &l.author, &l.kind],
+        )
+        .await?;
+        c.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
+        let insert = c
+            .prepare_cached(
+                "INSERT INTO plugin_endpoints (plugin_id, method, path, handler, type) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await?;
+        for e in l.endpoints {
+            c.execute(&insert, &[&id, &e.method, &e.path, &e.handler, &l.kind]).await?;
+        }
+        Ok(())
+    }
+
+    /// Observed, in this transaction: plugin `id` serves nothing (`state`, `error`).
+    pub async fn record_not_serving(&mut self, id: i64, state: &str, error: &str) -> Result<()> {
+        record_not_serving(self.client(), id, state, error).await
+    }
+
+    pub async fn commit(mut self) -> Result<()> {
+        let client = self.client.take().expect("a RowLock has its client until it ends");
+        match client.batch_execute("COMMIT").await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Ends the transaction without a change.
+    pub async fn rollback(mut self) {
+        if let Some(client) = self.client.take()
+            && client.batch_execute("ROLLBACK").await.is_err()
+        {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+impl Drop for RowLock {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            // Still in the transaction: never hand it back to the pool.
+            drop(deadpool_postgres::Object::take(client));
+        }
     }
 }

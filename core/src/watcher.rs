@@ -40,12 +40,19 @@ pub enum WatchMode {
 
 type Events = mpsc::UnboundedSender<notify::Result<Event>>;
 
-/// Starts watching in a background task (nothing when `mode` is `Off`).
-pub fn spawn(mode: WatchMode, plugin_dirs: Vec<PathBuf>, policy: Arc<FileConfig>, repo: Repo, reconciler: Reconciler) {
+/// Starts watching in a background task (nothing when `mode` is `Off`); aborting the task stops
+/// the watcher.
+pub fn spawn(
+    mode: WatchMode,
+    plugin_dirs: Vec<PathBuf>,
+    policy: Arc<FileConfig>,
+    repo: Repo,
+    reconciler: Reconciler,
+) -> Option<tokio::task::JoinHandle<()>> {
     if mode == WatchMode::Off {
-        return;
+        return None;
     }
-    tokio::spawn(async move {
+    Some(tokio::spawn(async move {
         let (tx, rx) = mpsc::unbounded_channel();
         let watcher = match make_watcher(mode, tx) {
             Ok(w) => w,
@@ -55,7 +62,7 @@ pub fn spawn(mode: WatchMode, plugin_dirs: Vec<PathBuf>, policy: Arc<FileConfig>
             }
         };
         Watch { watcher, watched: BTreeSet::new(), plugin_dirs, policy, repo, reconciler }.run(rx).await;
-    });
+    }))
 }
 
 fn make_watcher(mode: WatchMode, tx: Events) -> notify::Result<Box<dyn Watcher + Send>> {

@@ -71,7 +71,7 @@ async fn a_colliding_route_is_refused_and_the_first_owner_keeps_it() {
     db.execute("INSERT INTO plugins (name, source_path) VALUES ('collider', $1)", &[&dir.to_string_lossy().as_ref()])
         .await
         .unwrap();
-    let row = server.wait_state("collider", "failed").await;
+    let row = server.wait_state("collider", "waiting").await;
     let error = row["error"].as_str().unwrap();
     assert!(error.starts_with("RouteConflict"), "{error}");
     assert!(error.contains("/powertable/{key}") && error.contains("\"powertable\""), "names both sides: {error}");

@@ -1,0 +1,310 @@
+//! The reconciler: the heart of kiln. It brings what the server serves (actual state) to what the
+//! `plugins` table asks for (desired state), one plugin at a time.
+//!
+//! Everything else only feeds it: the listener forwards NOTIFY hints, startup and reconnects ask
+//! for a full resync, the admin API asks for a pass and waits for its result. A hint only means
+//! "look at plugin X again": each pass re-reads the row, so handling a hint twice is harmless.
+//!
+//! Each plugin id has a worker task. Hints that arrive while a pass runs are coalesced into one
+//! further pass (no timers), and different plugins proceed independently: a long build of one
+//! does not delay a toggle of another (builds themselves queue in the compiler).
+//!
+//! - `pass.rs`: one pass over one plugin (build → load → init → publish → record).
+//! - `ownership.rs`: the served set, path ownership and the atomic publish.
+//!
+//! This folder is the one place where what kiln serves changes.
+
+mod ownership;
+mod pass;
+
+use crate::compiler::{BuildError, Compiler};
+use crate::error_code::ErrorCode;
+use crate::loader::{LoadError, LoadedPlugin, Retirements};
+use crate::manifest::ManifestError;
+use crate::repo::{Repo, RepoError};
+use crate::routes::RouteSink;
+use ownership::Served;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a pass could not bring a plugin to its desired state.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Database(#[from] RepoError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The crate at `source_path` is a different package than the row names.
+    #[error("the crate at {dir} is the package {package:?}, but the row is named {row:?}")]
+    NameMismatch { dir: PathBuf, package: String, row: String },
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A route is malformed.
+    #[error("invalid route: {0}")]
+    InvalidRoute(String),
+    /// A route overlaps an older plugin's or the admin API's.
+    #[error("route conflict: {0}")]
+    RouteConflict(String),
+    /// The plugin's `configure` hook refused the new configuration.
+    #[error("the plugin refused the new config: {0}")]
+    ConfigRejected(String),
+    /// The row's config does not match the plugin's configSchema.
+    #[error("invalid config: {}", .0.iter().map(|v| format!("{} {}", if v.path.is_empty() { "(root)" } else { &v.path }, v.message)).collect::<Vec<_>>().join("; "))]
+    InvalidConfig(Vec<crate::plugin_config::Violation>),
+    /// The row changed (or went) while the pass worked: the pass starts over. Never reported.
+    #[error("the row changed during the pass")]
+    Superseded,
+    /// The server is shutting down: nothing more is published.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl ReconcileError {
+    /// A stable code for API answers and rows.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Database(e) => ErrorCode::from(e),
+            Self::Manifest(ManifestError::NotFound(_)) => ErrorCode::ManifestNotFound,
+            Self::Manifest(_) | Self::NameMismatch { .. } => ErrorCode::InvalidManifest,
+            Self::Build(_) => ErrorCode::BuildFailed,
+            Self::Load(LoadError::AbiMismatch { .. }) => ErrorCode::AbiMismatch,
+            Self::Load(LoadError::EntrypointNotFound { .. }) => ErrorCode::EntrypointNotFound,
+            Self::Load(LoadError::Init(_)) => ErrorCode::InitFailed,
+            Self::Load(_) => ErrorCode::LoadError,
+            Self::InvalidRoute(_) => ErrorCode::InvalidRoute,
+            Self::RouteConflict(_) => ErrorCode::RouteConflict,
+            Self::InvalidConfig(_) | Self::ConfigRejected(_) => ErrorCode::InvalidConfig,
+            Self::Superseded | Self::ShuttingDown => ErrorCode::Internal,
+        }
+    }
+}
+
+/// What a pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new version (or a fresh instance) now serves; `built` says whether cargo ran.
+    Loaded { built: bool },
+    /// The version already serving is the wanted one.
+    Unchanged,
+    /// The serving instance applied a new configuration in place.
+    Configured,
+    /// The plugin is disabled and serves nothing.
+    Inactive,
+    /// The row is gone and nothing serves for it.
+    Gone,
+}
+
+/// A failed pass, as reported to waiters (cloneable: several waiters may share one pass).
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+type Reply = oneshot::Sender<Result<Outcome, Failure>>;
+
+/// A request for a pass over one plugin.
+struct Job {
+    /// Reload even if the source is unchanged (a fresh instance).
+    force: bool,
+    reply: Option<Reply>,
+}
+
+/// Handle to the reconciler; cheap to clone.
+#[derive(Clone)]
+pub struct Reconciler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    repo: Repo,
+    compiler: Arc<Compiler>,
+    sink: Arc<dyn RouteSink>,
+    /// The versions served now, by plugin id. The lock is held across conflict check and publish
+    /// so that two plugins loading at once cannot both claim a path.
+    served: Mutex<BTreeMap<i64, Served>>,
+    /// The worker of each plugin id, and its task (awaited at shutdown).
+    workers: Mutex<HashMap<i64, (mpsc::UnboundedSender<Job>, tokio::task::JoinHandle<()>)>>,
+    /// Plugins with a pass running or queued (reported by /health; 0 means settled).
+    busy: AtomicUsize,
+    /// Plugins refused a path an older plugin owns. Hinted whenever a version stops serving or
+    /// is replaced, so that a freed path goes to its claimant at once (not at the next resync).
+    waiting: Mutex<BTreeSet<i64>>,
+    /// Set when shutdown begins (under the `served` lock): no job is taken and nothing is
+    /// published any more.
+    closed: AtomicBool,
+    /// Every loaded instance until its cleanup ran (awaited at shutdown).
+    retirements: Arc<Retirements>,
+    /// This `Inner` itself, to start workers from `&self`.
+    me: Weak<Inner>,
+}
+
+impl Reconciler {
+    pub fn new(repo: Repo, compiler: Arc<Compiler>, sink: Arc<dyn RouteSink>) -> Self {
+        Self {
+            inner: Arc::new_cyclic(|me| Inner {
+                repo,
+                compiler,
+                sink,
+                served: Mutex::new(BTreeMap::new()),
+                workers: Mutex::new(HashMap::new()),
+                busy: Default::default(),
+                waiting: Default::default(),
+                closed: Default::default(),
+                retirements: Default::default(),
+                me: me.clone(),
+            }),
+        }
+    }
+
+    /// "Look at plugin `id` again", without waiting.
+    pub fn hint(&self, id: i64) {
+        self.inner.send(id, Job { force: false, reply: None });
+    }
+
+    /// Runs a pass over plugin `id` (starting after this call) and waits for its result.
+    /// `force` reloads a fresh instance even when the source did not change.
+    pub async fn reconcile(&self, id: i64, force: bool) -> Result<Outcome, Failure> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.send(id, Job { force, reply: Some(tx) });
+        rx.await.unwrap_or_else(|_| Err(shutting_down()))
+    }
+
+    /// Hints every plugin that has a row or is served: after startup, a reconnect, or as the
+    /// periodic safety net.
+    pub async fn resync_all(&self) -> Result<usize, RepoError> {
+        let rows = self.inner.repo.list().await?;
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        ids.extend(self.inner.served.lock().expect("served lock").keys());
+        ids.sort_unstable();
+        ids.dedup();
+        for &id in &ids {
+            self.hint(id);
+        }
+        Ok(ids.len())
+    }
+
+    /// Shutdown, once what feeds the reconciler has stopped: takes no more jobs, lets the passes
+    /// in progress end (none publishes any more), stops serving every plugin, and waits until
+    /// every instance ever loaded has run its cleanup, exactly once. Instances still held by
+    /// requests are waited for at most `patience`.
+    pub async fn shut_down(&self, patience: Duration) {
+        {
+            let _served = self.inner.served.lock().expect("served lock");
+            self.inner.closed.store(true, Ordering::SeqCst);
+        }
+        let workers: Vec<_> = self.inner.workers.lock().expect("workers lock").drain().map(|(_, w)| w).collect();
+        for (tx, task) in workers {
+            drop(tx); // the worker ends after the jobs it has
+            let _ = task.await;
+        }
+        self.inner.retire_all().await;
+        if tokio::time::timeout(patience, self.inner.retirements.all_done()).await.is_err() {
+            tracing::warn!(
+                pending = self.inner.retirements.pending(),
+                "plugin instances still in use after {patience:?}: their cleanup did not run"
+            );
+        }
+    }
+
+    /// How many plugins have a pass running or queued.
+    pub fn reconciling(&self) -> usize {
+        self.inner.busy.load(Ordering::Relaxed)
+    }
+
+    /// How many plugin builds ran since start.
+    pub fn builds_run(&self) -> u64 {
+        self.inner.compiler.builds_run()
+    }
+
+    /// How many plugin versions serve now.
+    pub fn served_count(&self) -> usize {
+        self.inner.served.lock().expect("served lock").len()
+    }
+}
+
+fn shutting_down() -> Failure {
+    Failure { code: ErrorCode::Internal, message: "the server is shutting down".into() }
+}
+
+impl Inner {
+    /// Queues a job for plugin `id`'s worker (started on first use).
+    fn send(&self, id: i64, job: Job) {
+        let Some(me) = self.me.upgrade() else { return };
+        let mut workers = self.workers.lock().expect("workers lock");
+        if self.closed.load(Ordering::SeqCst) {
+            if let Some(reply) = job.reply {
+                let _ = reply.send(Err(shutting_down()));
+            }
+            return;
+        }
+        let (tx, _) = workers.entry(id).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (tx, tokio::spawn(worker(me, id, rx)))
+        });
+        // Counted before it is queued, so /health never shows 0 while a hint waits.
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        // The worker lives until shutdown drains this map, so the send cannot fail.
+        let _ = tx.send(job);
+    }
+
+    /// Hints every plugin waiting for a path but those in `except` (after a version stopped
+    /// serving or was replaced, which may have freed one).
+    fn hint_waiting(&self, except: &[i64]) {
+        let waiting: Vec<i64> = self.waiting.lock().expect("waiting lock").iter().copied().collect();
+        for id in waiting.into_iter().filter(|id| !except.contains(id)) {
+            self.send(id, Job { force: false, reply: None });
+        }
+    }
+
+    /// Stops serving every plugin and runs their cleanup, here, waiting for it: a cleanup merely
+    /// queued on the blocking pool could be cancelled as the runtime exits.
+    async fn retire_all(&self) {
+        let served = std::mem::take(&mut *self.served.lock().expect("served lock"));
+        if let Err(e) = self.sink.publish(&[]) {
+            tracing::error!("could not clear the route table: {e}");
+        }
+        let plugins: Vec<Arc<LoadedPlugin>> = served.into_values().map(|s| s.plugin).collect();
+        let retire = move || {
+            for plugin in plugins {
+                match Arc::try_unwrap(plugin) {
+                    Ok(p) => p.retire_now(),
+                    Err(still_used) => drop(still_used), // its last request retires it
+                }
+            }
+        };
+        let _ = tokio::task::spawn_blocking(retire).await;
+    }
+}
+
+/// The loop of one plugin's worker: take every pending job, run one pass, answer them all.
+/// It ends when its sender is dropped (at shutdown), after the jobs it has.
+async fn worker(inner: Arc<Inner>, id: i64, mut rx: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut force = first.force;
+        let mut replies: Vec<Reply> = first.reply.into_iter().collect();
+        let mut jobs = 1;
+        while let Ok(more) = rx.try_recv() {
+            force |= more.force;
+            replies.extend(more.reply);
+            jobs += 1;
+        }
+        let result = inner.pass(id, force).await.map_err(|e| {
+            let failure = Failure { code: e.code(), message: e.to_string() };
+            if !matches!(e, ReconcileError::ShuttingDown) {
+                tracing::warn!(plugin_id = id, code = failure.code.as_str(), "{}", failure.message);
+            }
+            failure
+        });
+        inner.busy.fetch_sub(jobs, Ordering::Relaxed);
+        for reply in replies {
+            let _ = reply.send(result.clone());
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! One pass over one plugin: re-read its row, then unload it, keep it, reconfigure it, or build,
+//! load, publish and record its wanted version.
+
+use super::ownership::Displaced;
+use super::{Inner, Outcome, ReconcileError};
+use crate::compiler::Artifact;
+use crate::error_code::ErrorCode;
+use crate::loader::{Configured, LoadError, LoadedPlugin};
+use crate::manifest::{Manifest, ManifestError};
+use crate::repo::{Loaded, NewEndpoint, PluginRow, RowLock};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+impl Inner {
+    /// One pass over plugin `id`, started over while the row changes under it.
+    pub(super) async fn pass(&self, id: i64, force: bool) -> Result<Outcome, ReconcileError> {
+        loop {
+            match self.pass_once(id, force).await {
+                Err(ReconcileError::Superseded) => tracing::debug!(plugin_id = id, "the row changed; passing again"),
+                other => return other,
+            }
+        }
+    }
+
+    async fn pass_once(&self, id: i64, force: bool) -> Result<Outcome, ReconcileError> {
+        let Some(row) = self.repo.get(id).await? else {
+            // Deleted: its endpoint rows went with it (ON DELETE CASCADE); its libraries go too,
+            // but for those a served version or a pass in progress uses (the same crate under a
+            // new row, say).
+            self.waiting.lock().expect("waiting lock").remove(&id);
+            if let Some(name) = self.retire(id) {
+                self.compiler.collect_garbage(&name, &self.served_libraries());
+            }
+            return Ok(Outcome::Gone);
+        };
+        if !row.wants_active() {
+            self.waiting.lock().expect("waiting lock").remove(&id);
+            self.retire(id);
+            if row.state != "inactive" || row.binary_path.is_some() {
+                self.repo.record_unloaded(id).await?;
+            }
+            return Ok(Outcome::Inactive);
+        }
+        let mut serving = self.served.lock().expect("served lock").contains_key(&id);
+        let e = match self.load_wanted(&row, force).await {
+            Ok(outcome) => {
+                self.waiting.lock().expect("waiting lock").remove(&id);
+                return Ok(outcome);
+            }
+            Err(e @ (ReconcileError::Superseded | ReconcileError::ShuttingDown)) => return Err(e),
+            Err(e) => e,
+        };
+        if matches!(e, ReconcileError::Manifest(ManifestError::NotFound(_)))
+            && crate::manifest::exists_off_worker(std::path::Path::new(&row.source_path)).await == Some(false)
+        {
+            // The crate was removed: that is a decision, not a failed build. Unload.
+            self.retire(id);
+            serving = false;
+        }
+        let waits = e.code() == ErrorCode::RouteConflict && !serving;
+        {
+            let mut waiting = self.waiting.lock().expect("waiting lock");
+            if waits {
+                waiting.insert(id)
+            } else {
+                waiting.remove(&id)
+            };
+        }
+        let text = format!("{}: {e}", e.code());
+        let state = if waits { "waiting" } else { "failed" };
+        if let Err(db) = self.repo.record_failed(id, &text, serving, state).await {
+            tracing::warn!(plugin = %row.name, "could not record the failure: {db}");
+        }
+        Err(e)
+    }
+
+    /// Makes the wanted version of an active plugin serve.
+    async fn load_wanted(&self, row: &PluginRow, force: bool) -> Result<Outcome, ReconcileError> {
+        let manifest = Manifest::read_off_worker(&PathBuf::from(&row.source_path)).await?;
+        if manifest.name != row.name {
+            return Err(ReconcileError::NameMismatch {
+                dir: manifest.dir,
+                package: manifest.name,
+                row: row.name.clone(),
+            });
+        }
+        // An invalid config is not applied: the instance serving keeps its last good one.
+        let config = match &manifest.config_schema {
+            Some(schema) => {
+                crate::plugin_config::validate(schema, &row.config).map_err(ReconcileError::InvalidConfig)?
+            }
+            None => row.config.clone(),
+        };
+        let hash = self.compiler.source_hash(&manifest).await?;
+        // From here to the end of the pass no garbage collection removes this library.
+        let _pin = self.compiler.pin(&self.compiler.artifact_path(&manifest.name, &hash));
+        let current = self
+            .served
+            .lock()
+            .expect("served lock")
+            .get(&row.id)
+            .map(|s| (s.hash.clone(), s.config.clone(), s.plugin.clone()));
+        if let Some((current_hash, current_config, plugin)) = &current
+            && !force
+            && *current_hash == hash
+            && *current_config == config
+        {
+            // Serving the wanted version; make sure the row says so (it may show an old error).
+            if row.state != "loaded" || row.error.is_some() || row.loaded_hash.as_deref() != Some(hash.as_str()) {
+                self.record_loaded(row.id, &manifest, &hash, plugin).await?;
+            }
+            return Ok(Outcome::Unchanged);
+        }
+        // Same code, new config: the plugin's hook may apply it in place (no reload at all).
+        if let Some((current_hash, current_config, plugin)) = &current
+            && !force
+            && *current_hash == hash
+            && *current_config != config
+            && !manifest.reload_on_config_change
+        {
+            let (hook_plugin, json) = (plugin.clone(), serde_json::to_vec(&config).expect("a Value always serializes"));
+            let answer = tokio::task::spawn_blocking(move || hook_plugin.configure(&json))
+                .await
+                .map_err(|e| ReconcileError::ConfigRejected(format!("the configure task failed: {e}")))?;
+            match answer.map_err(ReconcileError::ConfigRejected)? {
+                Configured::Applied => {
+                    if let Some(s) = self.served.lock().expect("served lock").get_mut(&row.id)
+                        && Arc::ptr_eq(&s.plugin, plugin)
+                    {
+                        s.config = config;
+                    }
+                    self.record_loaded(row.id, &manifest, &hash, plugin).await?;
+                    tracing::info!(plugin = %row.name, "configuration applied in place");
+                    return Ok(Outcome::Configured);
+                }
+                Configured::Reload => {} // a fresh instance below
+            }
+        }
+        if current.is_none() {
+            self.repo.record_building(row.id).await?;
+        }
+        let artifact = self.build(row.id, &manifest, &hash).await?;
+        let (path, retirements) = (artifact.path.clone(), self.retirements.clone());
+        let config_json = serde_json::to_vec(&config).expect("a Value always serializes");
+        let plugin = tokio::task::spawn_blocking(move || LoadedPlugin::load_tracked(&path, &config_json, &retirements))
+            .await
+            .map_err(|e| LoadError::Init(format!("the load task failed: {e}")))??;
+        self.publish_and_record(row, &manifest, &hash, config, Arc::new(plugin)).await?;
+        tracing::info!(plugin = %row.name, built = artifact.built, library = %artifact.path.display(), "serving");
+        self.compiler.collect_garbage(&row.name, &self.served_libraries());
+        Ok(Outcome::Loaded { built: artifact.built })
+    }
+
+    /// Publishes a loaded version and records it, as one step: with the row locked (a delete or
+    /// an edit of it waits), checks that the row still wants what was built, publishes, writes
+    /// the endpoint rows and commits. If the row changed, nothing is published (the pass starts
+    /// over); if recording fails, the publish is undone. Endpoint rows equal what is served.
+    async fn publish_and_record(
+        &self,
+        row: &PluginRow,
+        manifest: &Manifest,
+        hash: &str,
+        config: serde_json::Value,
+        plugin: Arc<LoadedPlugin>,
+    ) -> Result<(), ReconcileError> {
+        let Some((mut lock, now)) = self.repo.lock_row(row.id).await? else {
+            return Err(ReconcileError::Superseded);
+        };
+        if !(now.wants_active() && now.source_path == row.source_path && now.config == row.config) {
+            lock.rollback().await;
+            return Err(ReconcileError::Superseded);
+        }
+        let displaced = match self.publish(row, hash, config, plugin.clone()) {
+            Ok(d) => d,
+            Err(e) => {
+                lock.rollback().await;
+                return Err(e);
+            }
+        };
+        match record_publish(&mut lock, row.id, manifest, hash, &plugin, &displaced).await {
+            Ok(()) => match lock.commit().await {
+                Ok(()) => {
+                    self.published(row.id, displaced);
+                    Ok(())
+                }
+                Err(e) => {
+                    self.unpublish(row.id, displaced);
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                lock.rollback().await;
+                self.unpublish(row.id, displaced);
+                Err(e)
+            }
+        }
+    }
+
+    /// Builds through the compiler and records every build that ran in the history.
+    async fn build(&self, id: i64, manifest: &Manifest, hash: &str) -> Result<Artifact, ReconcileError> {
+        let started_at = chrono::Utc::now();
+        let clock = std::time::Instant::now();
+        let result = self.compiler.build(manifest, hash).await;
+        let diagnostics = match &result {
+            Ok(a) if !a.built => return Ok(a.clone()),
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        let ms = clock.elapsed().as_millis() as i64;
+        if let Err(e) = self.repo.record_build(id, hash, started_at, ms, diagnostics.as_deref()).await {
+            tracing::warn!(plugin = %manifest.name, "could not record the build: {e}");
+        }
+        Ok(result?)
+    }
+
+    /// Refreshes the row of a version that serves already (its endpoints included).
+    async fn record_loaded(
+        &self,
+        id: i64,
+        manifest: &Manifest,
+        hash: &str,
+        plugin: &LoadedPlugin,
+    ) -> Result<(), ReconcileError> {
+        let endpoints = endpoints_of(plugin);
+        if self.repo.record_loaded(id, &loaded(manifest, hash, plugin, &endpoints)).await? {
+            Ok(())
+        } else {
+            Err(ReconcileError::Superseded)
+        }
+    }
+}
+
+/// The rows of a publish, in its transaction: the new version's, and those of plugins that gave
+/// way to it.
+async fn record_publish(
+    lock: &mut RowLock,
+    id: i64,
+    manifest: &Manifest,
+    hash: &str,
+    plugin: &LoadedPlugin,
+    displaced: &Displaced,
+) -> Result<(), ReconcileError> {
+    for (other, _, why) in &displaced.evicted {
+        lock.record_not_serving(*other, "waiting", why).await?;
+    }
+    let endpoints = endpoints_of(plugin);
+    lock.record_loaded(id, &loaded(manifest, hash, plugin, &endpoints)).await?;
+    Ok(())
+}
+
+fn endpoints_of(plugin: &LoadedPlugin) -> Vec<NewEndpoint> {
+    let d = plugin.description();
+    d.routes
+        .iter()
+        .map(|r| NewEndpoint { method: r.method.clone(), path: r.path.clone(), handler: r.handler.clone() })
+        .collect()
+}
+
+fn loaded<'a>(
+    manifest: &'a Manifest,
+    hash: &'a str,
+    plugin: &'a LoadedPlugin,
+    endpoints: &'a [NewEndpoint],
+) -> Loaded<'a> {
+    let d = plugin.description();
+    Loaded {
+        manifest_path: manifest.manifest_path.to_string_lossy(),
+        binary_path: plugin.binary_path().to_string_lossy(),
+        hash,
+        description: &d.description,
+        version: &d.version,
+        author: &d.author,
+        kind: &manifest.kind,
+        endpoints,
+    }
+}
