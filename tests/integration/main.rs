@@ -2,6 +2,7 @@
 //! HTTP. One test binary (see `support` for the harness).
 
 mod boundary;
+mod control_plane;
 mod db_faults;
 mod faults;
 mod lifecycle;

@@ -116,6 +116,9 @@ struct Job {
     reply: Option<Reply>,
 }
 
+/// A plugin's worker: where its jobs go, and its task.
+type Worker = (mpsc::UnboundedSender<Job>, tokio::task::JoinHandle<()>);
+
 /// Handle to the reconciler; cheap to clone.
 #[derive(Clone)]
 pub struct Reconciler {
@@ -130,7 +133,7 @@ struct Inner {
     /// so that two plugins loading at once cannot both claim a path.
     served: Mutex<BTreeMap<i64, Served>>,
     /// The worker of each plugin id, and its task (awaited at shutdown).
-    workers: Mutex<HashMap<i64, (mpsc::UnboundedSender<Job>, tokio::task::JoinHandle<()>)>>,
+    workers: Mutex<HashMap<i64, Worker>>,
     /// Plugins with a pass running or queued (reported by /health; 0 means settled).
     busy: AtomicUsize,
     /// Plugins refused a path an older plugin owns. Hinted whenever a version stops serving or
