@@ -180,3 +180,16 @@ async fn the_private_cluster_starts_from_a_private_home_directory() {
 fn nix_is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
+
+/// A taken port stops `kiln serve` before it starts anything, so nothing is left running.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bind_failure_leaves_no_private_postgres_behind() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let mut config = kiln::Config::under(root.path(), String::new());
+    config.database_url = None;
+    config.addr = taken.local_addr().unwrap();
+    let err = kiln::run(config).await.expect_err("the port is taken");
+    assert!(format!("{err:#}").contains("binding"), "{err:#}");
+    assert!(!root.path().join("data/pgdata").exists(), "no private PostgreSQL was started");
+}
