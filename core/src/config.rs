@@ -63,6 +63,10 @@ pub struct Config {
     #[arg(long, env = "KILN_DB_WAIT_SECS", default_value_t = 60)]
     pub db_wait_secs: u64,
 
+    /// Seconds a request body may take to arrive; a client that stops sending gets 408.
+    #[arg(long, env = "KILN_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_timeout_secs: u64,
+
     /// Largest request body passed to a plugin, in bytes.
     #[arg(long, env = "KILN_MAX_BODY", default_value_t = 8 * 1024 * 1024)]
     pub max_body: usize,
@@ -84,6 +88,7 @@ impl Config {
             types_dir: PathBuf::from(DEFAULT_TYPES_DIR),
             resync_secs: 60,
             db_wait_secs: 60,
+            body_timeout_secs: 30,
             watch: WatchMode::Off,
             max_body: 8 * 1024 * 1024,
         }
@@ -92,6 +97,11 @@ impl Config {
     /// How long startup waits for the database.
     pub fn db_wait(&self) -> Duration {
         Duration::from_secs(self.db_wait_secs)
+    }
+
+    /// How long a request body may take to arrive.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_timeout_secs.max(1))
     }
 
     /// The interval of the safety-net resync.

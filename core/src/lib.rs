@@ -63,7 +63,7 @@ pub async fn serve(
 
     let compiler = Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone())
         .context("preparing the build directories")?;
-    let router = Arc::new(http::PluginRouter::new(config.max_body));
+    let router = Arc::new(http::PluginRouter::new(config.max_body, config.body_timeout()));
     let reconciler = Reconciler::new(repo.clone(), Arc::new(compiler), router.clone());
     let listener_up = Arc::new(AtomicBool::new(false));
     let api = http::AdminApi {
@@ -74,7 +74,7 @@ pub async fn serve(
         install_dir: config.install_dir.clone(),
         policy: policy.clone(),
     };
-    let app = http::app(api, router, config.admin_token.clone())?;
+    let app = http::app(api, router, config.admin_token.clone(), config.body_timeout())?;
 
     let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), listener_up));
     let watch_task = watcher::spawn(config.watch, config.plugin_dirs.clone(), policy, repo.clone(), reconciler.clone());

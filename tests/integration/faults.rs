@@ -143,3 +143,39 @@ async fn a_source_that_blocks_on_open_stalls_nothing_else() {
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&fifo);
 }
+
+/// Sends `head` (and nothing more) on a raw connection; the status line of the answer, read
+/// within `within`.
+async fn raw_answer(server: &TestServer, head: &str, within: std::time::Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = server.base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(within, conn.read(&mut answer)).await.expect("an answer in time").unwrap();
+    String::from_utf8_lossy(&answer[..n]).lines().next().unwrap_or_default().to_string()
+}
+
+/// A client that declares a huge body, or stops sending one, cannot hold a connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_lying_clients_are_answered_at_once_or_timed_out() {
+    let server =
+        TestServer::start_with(crate::support::cluster().await, &["powertable"], |c| c.body_timeout_secs = 1).await;
+    server.wait_state("powertable", "loaded").await;
+    let quick = std::time::Duration::from_secs(2);
+    let huge = "Content-Length: 99999999999\r\n\r\nx";
+    let plugin = raw_answer(&server, &format!("POST /powertable HTTP/1.1\r\nHost: k\r\n{huge}"), quick).await;
+    assert!(plugin.starts_with("HTTP/1.1 413"), "{plugin}");
+    let admin =
+        raw_answer(&server, &format!("PUT /plugins/powertable/config HTTP/1.1\r\nHost: k\r\n{huge}"), quick).await;
+    assert!(admin.starts_with("HTTP/1.1 413"), "{admin}");
+    // Ten bytes declared, one sent: 408 once the body timeout (1 s here) passes.
+    let stalled = "Content-Type: application/json\r\nContent-Length: 10\r\n\r\n{";
+    let within = std::time::Duration::from_secs(5);
+    let plugin = raw_answer(&server, &format!("POST /powertable HTTP/1.1\r\nHost: k\r\n{stalled}"), within).await;
+    assert!(plugin.starts_with("HTTP/1.1 408"), "{plugin}");
+    let admin =
+        raw_answer(&server, &format!("PUT /plugins/powertable/config HTTP/1.1\r\nHost: k\r\n{stalled}"), within).await;
+    assert!(admin.starts_with("HTTP/1.1 408"), "{admin}");
+    assert_eq!(server.get("/powertable/1").await.0, 200);
+}

@@ -6,6 +6,7 @@
 //! is exact and costs one comparison per request.
 
 mod admin;
+mod body;
 mod docs;
 mod error;
 mod plugin_routes;
@@ -29,6 +30,7 @@ pub fn app(
     api: AdminApi,
     router: Arc<PluginRouter>,
     admin_token: Option<String>,
+    body_timeout: std::time::Duration,
 ) -> anyhow::Result<impl Endpoint<Output = Response>> {
     let service = OpenApiService::new(api, "kiln", env!("CARGO_PKG_VERSION"))
         .description("Admin API of kiln, and the endpoints of every plugin it serves now (tagged by plugin).");
@@ -58,7 +60,7 @@ pub fn app(
             json_error(code, &err.to_string())
         })
         .boxed();
-    let admin = AdminGate { inner: admin, token: admin_token, methods }.boxed();
+    let admin = AdminGate { inner: admin, token: admin_token, methods, body_timeout }.boxed();
     Ok(Front { admin, router })
 }
 
@@ -90,7 +92,9 @@ fn admin_methods(spec: &str) -> anyhow::Result<Vec<(Pattern, String)>> {
 }
 
 /// Largest plugin archive accepted by `POST /plugins/install`.
-const MAX_UPLOAD: u64 = 32 << 20;
+const MAX_UPLOAD: usize = 32 << 20;
+/// Largest body of any other admin request (a config is small).
+const MAX_ADMIN_BODY: usize = 1 << 20;
 
 /// Guards the admin API: the bearer token (when configured) and the upload size.
 struct AdminGate<E> {
@@ -98,6 +102,8 @@ struct AdminGate<E> {
     token: Option<String>,
     /// (path pattern, `Allow` value) of every admin path: a 405 names the methods it allows.
     methods: Vec<(Pattern, String)>,
+    /// How long a request body may take to arrive.
+    body_timeout: std::time::Duration,
 }
 
 impl<E: Endpoint<Output = Response>> Endpoint for AdminGate<E> {
@@ -119,8 +125,9 @@ impl<E: Endpoint<Output = Response>> Endpoint for AdminGate<E> {
                 return Ok(resp);
             }
         }
-        if req.method() == poem::http::Method::POST && path == "/plugins/install" {
-            let length = req.header("content-length").and_then(|l| l.parse::<u64>().ok());
+        let upload = req.method() == poem::http::Method::POST && path == "/plugins/install";
+        if upload {
+            let length = req.header("content-length").and_then(|l| l.parse::<usize>().ok());
             match length {
                 None => {
                     return Ok(json_error(ErrorCode::LengthRequired, "uploads need a Content-Length"));
@@ -131,6 +138,15 @@ impl<E: Endpoint<Output = Response>> Endpoint for AdminGate<E> {
                 }
                 Some(_) => {}
             }
+        }
+        // The body is read here, with a limit and a deadline, before the API sees it: a client
+        // that declares a huge body or stops sending cannot hold the connection.
+        let mut req = req;
+        let limit = if upload { MAX_UPLOAD } else { MAX_ADMIN_BODY };
+        match body::read(&mut req, limit, self.body_timeout).await {
+            Ok(Some(bytes)) => req.set_body(bytes),
+            Ok(None) => {}
+            Err(answer) => return Ok(answer),
         }
         // Cloning the Uri shares its bytes: kept to name the allowed methods of a 405.
         let uri = req.uri().clone();

@@ -10,9 +10,10 @@ use crate::error_code::ErrorCode;
 use crate::loader::{CallError, CallRequest, LoadedPlugin};
 use crate::routes::{Pattern, RouteSink};
 use arc_swap::ArcSwap;
-use poem::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use poem::http::{HeaderName, HeaderValue, Method, StatusCode};
 use poem::{Endpoint, Request, Response, Route, RouteMethod};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 /// One published table: poem's router, and the methods of each path (for `Allow` on a 405).
 pub struct Table {
@@ -34,12 +35,13 @@ pub struct PluginRouter {
     /// router); always before the first publish.
     docs: OnceLock<Arc<Docs>>,
     max_body: usize,
+    body_timeout: Duration,
 }
 
 impl PluginRouter {
-    pub fn new(max_body: usize) -> Self {
+    pub fn new(max_body: usize, body_timeout: Duration) -> Self {
         let empty = Table { route: Route::new(), methods: Vec::new() };
-        Self { current: ArcSwap::from_pointee(empty), docs: OnceLock::new(), max_body }
+        Self { current: ArcSwap::from_pointee(empty), docs: OnceLock::new(), max_body, body_timeout }
     }
 
     /// Connects the docs that every publish updates.
@@ -72,6 +74,7 @@ impl RouteSink for PluginRouter {
                     params: pattern.params().map(str::to_string).collect(),
                     blocking: r.blocking,
                     max_body: self.max_body,
+                    body_timeout: self.body_timeout,
                 };
                 match allow.iter_mut().find(|(p, _)| *p == pattern) {
                     Some((_, m)) => m.push(&r.method),
@@ -112,6 +115,7 @@ struct PluginEndpoint {
     /// Run on the blocking pool (the plugin marked the route as blocking).
     blocking: bool,
     max_body: usize,
+    body_timeout: Duration,
 }
 
 impl Endpoint for PluginEndpoint {
@@ -119,17 +123,9 @@ impl Endpoint for PluginEndpoint {
 
     async fn call(&self, mut req: Request) -> poem::Result<Response> {
         let name = &self.plugin.description().name;
-        // A request that declares no body has none (RFC 9112 §6.3): skip reading it, which would
-        // cost a poll of the connection for nothing.
-        let has_body =
-            req.headers().contains_key(header::CONTENT_LENGTH) || req.headers().contains_key(header::TRANSFER_ENCODING);
-        let body = if has_body {
-            match req.take_body().into_bytes_limit(self.max_body).await {
-                Ok(b) => b,
-                Err(e) => return Ok(json_error(ErrorCode::BodyTooLarge, &e.to_string())),
-            }
-        } else {
-            bytes::Bytes::new()
+        let body = match super::body::read(&mut req, self.max_body, self.body_timeout).await {
+            Ok(b) => b.unwrap_or_default(),
+            Err(answer) => return Ok(answer),
         };
         let result = if self.blocking {
             // Off the async workers: the request is copied so it can move to another thread.
