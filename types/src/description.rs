@@ -40,4 +40,19 @@ pub struct RouteDescription {
     /// The handler may block (I/O, sleeps, heavy work): the server runs it on its blocking
     /// thread pool instead of inline on an async worker.
     pub blocking: bool,
+    /// The answers the handler gives, by status (in the API docs). When empty, a `200` with
+    /// `response_schema` is documented.
+    pub responses: Vec<ResponseDescription>,
+    /// JSON Schemas of path parameters, by name (default: a string).
+    pub params: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// One answer a route documents.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ResponseDescription {
+    pub status: u16,
+    pub description: String,
+    /// JSON Schema of the body, if it has one.
+    pub schema: Option<serde_json::Value>,
 }

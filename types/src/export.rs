@@ -75,6 +75,8 @@ fn description<P>(routes: &[Route<P>], pkg: PackageInfo) -> PluginDescription {
                 request_schema: r.request_schema.clone(),
                 response_schema: r.response_schema.clone(),
                 blocking: r.blocking,
+                responses: r.responses.clone(),
+                params: r.params.clone(),
             })
             .collect(),
     }

@@ -31,7 +31,7 @@ pub mod description;
 pub mod export;
 mod sdk;
 
-pub use description::{PluginDescription, RouteDescription};
+pub use description::{PluginDescription, ResponseDescription, RouteDescription};
 pub use sdk::{ConfigChange, Handler, InitContext, Plugin, Request, Response, Route};
 pub use serde_json;
 

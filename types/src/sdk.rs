@@ -60,6 +60,8 @@ pub struct Route<P> {
     pub(crate) request_schema: Option<serde_json::Value>,
     pub(crate) response_schema: Option<serde_json::Value>,
     pub(crate) blocking: bool,
+    pub(crate) responses: Vec<crate::description::ResponseDescription>,
+    pub(crate) params: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl<P> Route<P> {
@@ -74,6 +76,8 @@ impl<P> Route<P> {
             request_schema: None,
             response_schema: None,
             blocking: false,
+            responses: Vec::new(),
+            params: Default::default(),
         }
     }
 
@@ -132,6 +136,22 @@ impl<P> Route<P> {
     /// JSON Schema of the response body, shown in the API docs.
     pub fn response_schema(mut self, schema: serde_json::Value) -> Self {
         self.response_schema = Some(schema);
+        self
+    }
+
+    /// Documents an answer the handler gives: its status, what it means, and the JSON Schema
+    /// of its body (`None`: no body, or kiln's error shape for a 4xx or 5xx). Once any is
+    /// documented, the docs list exactly these (and the answers kiln itself may give).
+    pub fn response(mut self, status: u16, description: impl Into<String>, schema: Option<serde_json::Value>) -> Self {
+        let description = description.into();
+        self.responses.push(crate::description::ResponseDescription { status, description, schema });
+        self
+    }
+
+    /// JSON Schema of path parameter `name` in the API docs (by default a string), e.g.
+    /// `json!({"type": "integer", "minimum": 0})`.
+    pub fn param_schema(mut self, name: &str, schema: serde_json::Value) -> Self {
+        self.params.insert(name.to_string(), schema);
         self
     }
 }

@@ -48,13 +48,18 @@ pub struct Plugin {
     /// Directory of the plugin's crate.
     pub source_path: String,
     /// The manifest (Cargo.toml) last read.
+    #[oai(nullable)]
     pub path: Option<String>,
     /// The library serving now.
+    #[oai(nullable)]
     pub binary_path: Option<String>,
     /// Why the last attempt failed, with compiler diagnostics for build failures.
+    #[oai(nullable)]
     pub error: Option<String>,
     /// Content hash of the sources of the library serving now.
+    #[oai(nullable)]
     pub loaded_hash: Option<String>,
+    #[oai(nullable)]
     pub loaded_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -119,6 +124,7 @@ pub struct Health {
     pub reconciling: u64,
     /// Plugins by observed state, from their rows (absent while the database is down). A
     /// server with failed plugins still answers 200: it serves; these counts show what does not.
+    #[oai(nullable)]
     pub plugins: Option<PluginCounts>,
     pub version: String,
 }
@@ -169,6 +175,7 @@ pub struct PluginConfig {
     /// The configuration in effect (defaults applied), sensitive values replaced by `********`.
     pub config: serde_json::Value,
     /// The plugin's configSchema, if it declares one.
+    #[oai(nullable)]
     pub schema: Option<serde_json::Value>,
 }
 
@@ -181,6 +188,7 @@ pub struct Build {
     pub duration_ms: i64,
     pub success: bool,
     /// The compiler's diagnostics, for a failed build.
+    #[oai(nullable)]
     pub diagnostics: Option<String>,
 }
 
@@ -223,13 +231,19 @@ impl AdminApi {
 
     /// One plugin.
     #[oai(path = "/plugins/:name", method = "get", tag = "Tag::Plugins")]
-    async fn get(&self, name: Path<String>) -> Result<Plugin> {
+    async fn get(
+        &self,
+        #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
+    ) -> Result<Plugin> {
         Ok(Json(self.row(&name).await?.into()))
     }
 
     /// The endpoints a plugin serves now.
     #[oai(path = "/plugins/:name/endpoints", method = "get", tag = "Tag::Plugins")]
-    async fn endpoints(&self, name: Path<String>) -> Result<Vec<Endpoint>> {
+    async fn endpoints(
+        &self,
+        #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
+    ) -> Result<Vec<Endpoint>> {
         let row = self.row(&name).await?;
         let eps = self.repo.endpoints(row.id).await.map_err(db_error)?;
         Ok(Json(eps.into_iter().map(Endpoint::from).collect()))
@@ -238,7 +252,10 @@ impl AdminApi {
     /// Rebuild the plugin if its source changed, then load a fresh instance in place of the
     /// serving one. On failure the previous version keeps serving and the answer says why.
     #[oai(path = "/plugins/:name/reload", method = "post", tag = "Tag::Plugins")]
-    async fn reload(&self, name: Path<String>) -> Result<Plugin> {
+    async fn reload(
+        &self,
+        #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
+    ) -> Result<Plugin> {
         let row = self.row(&name).await?;
         if !row.wants_active() {
             return Err(ErrorResponse::new(
@@ -252,7 +269,10 @@ impl AdminApi {
 
     /// Switch a plugin between active and inactive, and wait until that took effect.
     #[oai(path = "/plugins/:name/toggle", method = "post", tag = "Tag::Plugins")]
-    async fn toggle(&self, name: Path<String>) -> Result<Plugin> {
+    async fn toggle(
+        &self,
+        #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
+    ) -> Result<Plugin> {
         let row = self.row(&name).await?;
         let status = if row.wants_active() { "inactive" } else { "active" };
         self.repo.set_status(row.id, status).await.map_err(db_error)?;
@@ -262,7 +282,10 @@ impl AdminApi {
 
     /// A plugin's configuration (sensitive values masked) and its schema.
     #[oai(path = "/plugins/:name/config", method = "get", tag = "Tag::Plugins")]
-    async fn get_config(&self, name: Path<String>) -> Result<PluginConfig> {
+    async fn get_config(
+        &self,
+        #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
+    ) -> Result<PluginConfig> {
         let row = self.row(&name).await?;
         let schema =
             Manifest::read_off_worker(std::path::Path::new(&row.source_path)).await.ok().and_then(|m| m.config_schema);
@@ -279,11 +302,13 @@ impl AdminApi {
     /// `reloadOnConfigChange`) a fresh instance is loaded with it, the old one serving until then.
     /// A config the hook refuses is not stored either.
     #[oai(path = "/plugins/:name/config", method = "put", tag = "Tag::Plugins")]
-    async fn put_config(&self, name: Path<String>, config: Json<serde_json::Value>) -> Result<PluginConfig> {
+    async fn put_config(
+        &self,
+        #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
+        config: Json<std::collections::BTreeMap<String, serde_json::Value>>,
+    ) -> Result<PluginConfig> {
+        let config = Json(serde_json::Value::Object(config.0.into_iter().collect()));
         let row = self.row(&name).await?;
-        if !config.0.is_object() {
-            return Err(ErrorResponse::new(ErrorCode::InvalidConfig, "the config must be a JSON object"));
-        }
         let manifest = Manifest::read_off_worker(std::path::Path::new(&row.source_path))
             .await
             .map_err(|e| ErrorResponse::new(manifest_code(&e), e.to_string()))?;
@@ -316,7 +341,10 @@ impl AdminApi {
 
     /// The latest builds of a plugin (at most 50), newest first.
     #[oai(path = "/plugins/:name/builds", method = "get", tag = "Tag::Plugins")]
-    async fn builds(&self, name: Path<String>) -> Result<Vec<Build>> {
+    async fn builds(
+        &self,
+        #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
+    ) -> Result<Vec<Build>> {
         let row = self.row(&name).await?;
         let builds = self.repo.builds(row.id, 50).await.map_err(db_error)?;
         Ok(Json(
@@ -336,7 +364,10 @@ impl AdminApi {
 
     /// Load a plugin now: mark it active if it is not, and wait until it serves (or say why not).
     #[oai(path = "/plugins/:name/load", method = "post", tag = "Tag::Plugins")]
-    async fn load(&self, name: Path<String>) -> Result<Plugin> {
+    async fn load(
+        &self,
+        #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
+    ) -> Result<Plugin> {
         let row = self.row(&name).await?;
         if !row.wants_active() {
             self.repo.set_status(row.id, "active").await.map_err(db_error)?;
@@ -348,7 +379,10 @@ impl AdminApi {
     /// Uninstall a plugin: unload it, delete its row (endpoints, builds) and libraries, and its
     /// source if it was installed by upload.
     #[oai(path = "/plugins/:name", method = "delete", tag = "Tag::Plugins")]
-    async fn uninstall(&self, name: Path<String>) -> Result<Plugin> {
+    async fn uninstall(
+        &self,
+        #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
+    ) -> Result<Plugin> {
         let row = self.row(&name).await?;
         self.repo.delete(row.id).await.map_err(db_error)?;
         self.reconciler.reconcile(row.id, false).await.map_err(failure)?;

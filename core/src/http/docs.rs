@@ -86,27 +86,56 @@ impl Docs {
     }
 }
 
-/// The OpenAPI operation of one plugin route.
+/// Answers kiln itself may give on any plugin route, with its error shape.
+const KILN_ANSWERS: &[(u16, &str)] = &[
+    (404, "NotFound: the plugin no longer serves this route"),
+    (405, "MethodNotAllowed: the path exists with other methods"),
+    (408, "RequestTimeout: the body stopped arriving"),
+    (413, "BodyTooLarge: the body is over the limit"),
+    (500, "PluginError: the handler panicked or answered something invalid"),
+];
+
+/// The OpenAPI operation of one plugin route: what the plugin documents, and what kiln may
+/// answer in its place.
 fn operation(plugin: &PluginDescription, route: &kiln_types::RouteDescription) -> Value {
     let params: Vec<Value> = route
         .path
         .split('/')
         .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
-        .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
+        .map(|name| {
+            let schema = route.params.get(name).cloned().unwrap_or_else(|| json!({ "type": "string" }));
+            json!({ "name": name, "in": "path", "required": true, "schema": schema })
+        })
         .collect();
-    let mut ok = json!({ "description": "Success" });
-    if let Some(schema) = &route.response_schema {
-        ok["content"] = json!({ "application/json": { "schema": schema } });
+    let error = json!({ "application/json": { "schema": { "$ref": "#/components/schemas/ApiError" } } });
+    let mut responses = Map::new();
+    if route.responses.is_empty() {
+        let mut ok = json!({ "description": "Success" });
+        if let Some(schema) = &route.response_schema {
+            ok["content"] = json!({ "application/json": { "schema": schema } });
+        }
+        responses.insert("200".into(), ok);
+    }
+    for r in &route.responses {
+        let mut answer = json!({ "description": r.description });
+        match &r.schema {
+            Some(schema) => answer["content"] = json!({ "application/json": { "schema": schema } }),
+            None if r.status >= 400 => answer["content"] = error.clone(),
+            None => {}
+        }
+        responses.insert(r.status.to_string(), answer);
+    }
+    for (status, description) in KILN_ANSWERS {
+        responses
+            .entry(status.to_string())
+            .or_insert_with(|| json!({ "description": description, "content": error.clone() }));
     }
     let mut op = json!({
         "tags": [plugin.name],
         "summary": route.summary,
         "operationId": format!("{}.{}", plugin.name, route.handler),
         "parameters": params,
-        "responses": {
-            "200": ok,
-            "500": { "description": "The plugin failed (JSON error body)" }
-        }
+        "responses": responses,
     });
     if let Some(schema) = &route.request_schema {
         op["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": schema } } });

@@ -49,6 +49,12 @@ pub fn app(
             if err.is_from_response() {
                 return err.into_response();
             }
+            if let Some(e) = err.downcast_ref::<poem_openapi::error::ParseParamError>()
+                && e.name == "name"
+            {
+                let msg = "invalid plugin name: use 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-', starting with a letter or digit";
+                return json_error(ErrorCode::InvalidName, msg);
+            }
             let code = match err.status() {
                 StatusCode::NOT_FOUND => ErrorCode::NotFound,
                 StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,

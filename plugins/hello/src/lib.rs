@@ -34,13 +34,19 @@ impl Plugin for Hello {
     }
 
     fn routes() -> Vec<Route<Self>> {
-        let schema = json!({
-            "type": "object",
-            "properties": { "message": { "type": "string" }, "greetings": { "type": "integer" } }
-        });
+        let greeting = || {
+            json!({
+                "type": "object",
+                "properties": { "message": { "type": "string" }, "greetings": { "type": "integer" } }
+            })
+        };
         vec![
-            Route::get("/hello", Self::hello).summary("Greet the world").response_schema(schema.clone()),
-            Route::get("/hello/{name}", Self::hello_name).summary("Greet someone").response_schema(schema),
+            Route::get("/hello", Self::hello).summary("Greet the world").response(200, "A greeting", Some(greeting())),
+            Route::get("/hello/{name}", Self::hello_name).summary("Greet someone").response(
+                200,
+                "A greeting",
+                Some(greeting()),
+            ),
         ]
     }
 }

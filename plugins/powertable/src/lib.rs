@@ -107,20 +107,29 @@ impl Plugin for PowerTable {
             Route::get("/powertable", Self::list)
                 .summary("List the appliances and their power draw")
                 .handler_name("list")
-                .response_schema(json!({ "type": "array", "items": row_schema() })),
+                .response(200, "Every appliance", Some(json!({ "type": "array", "items": row_schema() }))),
             Route::post("/powertable", Self::create)
                 .summary("Add an appliance")
                 .handler_name("create")
                 .request_schema(json!({
                     "type": "object",
                     "required": ["name", "watts"],
-                    "properties": { "name": { "type": "string" }, "watts": { "type": "number", "minimum": 0 } }
+                    "additionalProperties": false,
+                    "properties": {
+                        "name": { "type": "string", "pattern": "\\S" },
+                        "watts": { "type": "number", "minimum": 0 }
+                    }
                 }))
-                .response_schema(row_schema()),
+                .response(201, "Added", Some(row_schema()))
+                .response(400, "The body is not a row", None)
+                .response(422, "An empty name or a negative power", None),
             Route::get("/powertable/{id}", Self::get)
                 .summary("Read one appliance")
                 .handler_name("get")
-                .response_schema(row_schema()),
+                .param_schema("id", json!({ "type": "integer", "minimum": 0, "maximum": 9007199254740991_u64 }))
+                .response(200, "The appliance", Some(row_schema()))
+                .response(400, "The id is not a number", None)
+                .response(404, "No appliance has this id", None),
         ]
     }
 }
