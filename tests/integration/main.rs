@@ -11,6 +11,7 @@ mod operations;
 mod quiet;
 mod rollback;
 mod support;
+mod unload;
 mod uploads;
 mod watch;
 mod zero_drop;

@@ -27,7 +27,13 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     }
 
     /// Runs when the server retires this instance: after it was unloaded, disabled or replaced,
-    /// and after its last in-flight request finished.
+    /// and after its last in-flight request finished. It runs exactly once per instance, also at
+    /// shutdown.
+    ///
+    /// Stop and join every thread the instance started, and end whatever else runs on its behalf
+    /// (timers, runtimes): nothing of an instance may run after its cleanup. kiln keeps every
+    /// library version mapped until the server exits, so a thread left behind does not crash the
+    /// server, but it keeps running and holding what it holds, for nothing.
     fn cleanup(&mut self) {}
 }
 
