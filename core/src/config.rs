@@ -59,6 +59,11 @@ pub struct Config {
     #[arg(long, env = "KILN_WATCH", value_enum, default_value = "auto")]
     pub watch: WatchMode,
 
+    /// Run the server under a supervisor process that starts it again when a plugin takes it
+    /// down (and marks that plugin's row with the signal or exit code).
+    #[arg(long, env = "KILN_SUPERVISE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub supervise: bool,
+
     /// Seconds to wait at startup for PostgreSQL to accept connections.
     #[arg(long, env = "KILN_DB_WAIT_SECS", default_value_t = 60)]
     pub db_wait_secs: u64,
@@ -87,6 +92,7 @@ impl Config {
             data_dir: root.join("data"),
             types_dir: PathBuf::from(DEFAULT_TYPES_DIR),
             resync_secs: 60,
+            supervise: false,
             db_wait_secs: 60,
             body_timeout_secs: 30,
             watch: WatchMode::Off,

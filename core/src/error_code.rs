@@ -28,6 +28,7 @@ pub enum ErrorCode {
     EntrypointNotFound,
     LoadError,
     InitFailed,
+    CrashedDuringLoad,
     RouteConflict,
     InvalidRoute,
     InvalidConfig,
@@ -61,6 +62,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::EntrypointNotFound,
     ErrorCode::LoadError,
     ErrorCode::InitFailed,
+    ErrorCode::CrashedDuringLoad,
     ErrorCode::RouteConflict,
     ErrorCode::InvalidRoute,
     ErrorCode::InvalidConfig,
@@ -127,6 +129,11 @@ impl ErrorCode {
             EntrypointNotFound => ("EntrypointNotFound", 422, "the library lacks an export of `export_plugin!`"),
             LoadError => ("LoadError", 422, "the library does not open, or describes itself unreadably"),
             InitFailed => ("InitFailed", 422, "the plugin's `init` returned an error or panicked"),
+            CrashedDuringLoad => (
+                "CrashedDuringLoad",
+                422,
+                "this version took the server down while loading (how: signal or exit code); it is skipped until the row or the source changes",
+            ),
             RouteConflict => (
                 "RouteConflict",
                 422,

@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod error_code;
 mod http;
 pub mod listener;
+pub mod load_marker;
 pub mod loader;
 pub mod local_pg;
 pub mod manifest;
@@ -21,6 +22,7 @@ pub mod reconciler;
 pub mod repo;
 pub mod routes;
 pub mod staging;
+pub mod supervisor;
 pub mod watcher;
 
 pub use config::Config;
@@ -64,7 +66,9 @@ pub async fn serve(
     let compiler = Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone())
         .context("preparing the build directories")?;
     let router = Arc::new(http::PluginRouter::new(config.max_body, config.body_timeout()));
-    let reconciler = Reconciler::new(repo.clone(), Arc::new(compiler), router.clone());
+    let markers = load_marker::LoadMarkers::new(config.data_dir.join("loading"));
+    record_crashes(&repo, &markers).await?;
+    let reconciler = Reconciler::new(repo.clone(), Arc::new(compiler), router.clone(), markers);
     let listener_up = Arc::new(AtomicBool::new(false));
     let api = http::AdminApi {
         repo: repo.clone(),
@@ -180,6 +184,19 @@ async fn wait_for_database(pg: &tokio_postgres::Config, patience: Duration) -> a
             }
         }
     }
+}
+
+/// Marks every plugin that took the previous process down while it was being loaded (see
+/// `load_marker`), so that this start does not load it again.
+async fn record_crashes(repo: &Repo, markers: &load_marker::LoadMarkers) -> anyhow::Result<()> {
+    let last_exit = std::env::var(load_marker::LAST_EXIT_ENV).ok();
+    for marker in markers.take_all() {
+        let message = load_marker::crash_message(&marker, last_exit.as_deref());
+        tracing::error!(plugin = %marker.name, "{message}");
+        let error = format!("{}: {message}", error_code::ErrorCode::CrashedDuringLoad);
+        repo.record_crashed(marker.plugin_id, &marker.hash, &error).await.context("recording a crash during load")?;
+    }
+    Ok(())
 }
 
 /// Creates database `name` unless it exists.

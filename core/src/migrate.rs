@@ -12,6 +12,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "002_config_origin_builds.sql", include_str!("../../sql/002_config_origin_builds.sql")),
     (3, "003_uninstalled.sql", include_str!("../../sql/003_uninstalled.sql")),
     (4, "004_waiting.sql", include_str!("../../sql/004_waiting.sql")),
+    (5, "005_quarantine.sql", include_str!("../../sql/005_quarantine.sql")),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

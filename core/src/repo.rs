@@ -32,6 +32,8 @@ pub struct PluginRow {
     pub config: serde_json::Value,
     /// `discovered`, `sql` or `upload`.
     pub origin: String,
+    /// Observed: a version that took the server down while loading (see `load_marker`).
+    pub quarantined_hash: Option<String>,
 }
 
 impl PluginRow {
@@ -55,6 +57,7 @@ impl PluginRow {
             updated_at: r.get("updated_at"),
             config: r.get("config"),
             origin: r.get("origin"),
+            quarantined_hash: r.get("quarantined_hash"),
         }
     }
 
@@ -351,6 +354,17 @@ impl Repo {
         }
         let tx = c.transaction().await?;
         record_not_serving(&tx, id, state, error).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Observed: version `hash` of plugin `id` took the previous server process down while it was
+    /// loaded; it is not loaded again until the row or the source changes.
+    pub async fn record_crashed(&self, id: i64, hash: &str, error: &str) -> Result<()> {
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await?;
+        record_not_serving(&tx, id, "failed", error).await?;
+        tx.execute("UPDATE plugins SET quarantined_hash = $2 WHERE id = $1", &[&id, &hash]).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 mod boundary;
 mod control_plane;
+mod crashes;
 mod db_faults;
 mod faults;
 mod lifecycle;

@@ -19,6 +19,7 @@ mod pass;
 
 use crate::compiler::{BuildError, Compiler};
 use crate::error_code::ErrorCode;
+use crate::load_marker::LoadMarkers;
 use crate::loader::{LoadError, LoadedPlugin, Retirements};
 use crate::manifest::ManifestError;
 use crate::repo::{Repo, RepoError};
@@ -60,6 +61,10 @@ pub enum ReconcileError {
     /// The row changed (or went) while the pass worked: the pass starts over. Never reported.
     #[error("the row changed during the pass")]
     Superseded,
+    /// This version took the server down while it was loaded; it is skipped until the row or
+    /// the source changes.
+    #[error("{0}")]
+    Quarantined(String),
     /// The server is shutting down: nothing more is published.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -76,6 +81,7 @@ impl ReconcileError {
             Self::Load(LoadError::AbiMismatch { .. }) => ErrorCode::AbiMismatch,
             Self::Load(LoadError::EntrypointNotFound { .. }) => ErrorCode::EntrypointNotFound,
             Self::Load(LoadError::Init(_)) => ErrorCode::InitFailed,
+            Self::Quarantined(_) => ErrorCode::CrashedDuringLoad,
             Self::Load(_) => ErrorCode::LoadError,
             Self::InvalidRoute(_) => ErrorCode::InvalidRoute,
             Self::RouteConflict(_) => ErrorCode::RouteConflict,
@@ -144,12 +150,14 @@ struct Inner {
     closed: AtomicBool,
     /// Every loaded instance until its cleanup ran (awaited at shutdown).
     retirements: Arc<Retirements>,
+    /// Where a load in progress is recorded, for the next start if this process dies in it.
+    markers: LoadMarkers,
     /// This `Inner` itself, to start workers from `&self`.
     me: Weak<Inner>,
 }
 
 impl Reconciler {
-    pub fn new(repo: Repo, compiler: Arc<Compiler>, sink: Arc<dyn RouteSink>) -> Self {
+    pub fn new(repo: Repo, compiler: Arc<Compiler>, sink: Arc<dyn RouteSink>, markers: LoadMarkers) -> Self {
         Self {
             inner: Arc::new_cyclic(|me| Inner {
                 repo,
@@ -161,6 +169,7 @@ impl Reconciler {
                 waiting: Default::default(),
                 closed: Default::default(),
                 retirements: Default::default(),
+                markers,
                 me: me.clone(),
             }),
         }

@@ -92,6 +92,11 @@ impl Inner {
             None => row.config.clone(),
         };
         let hash = self.compiler.source_hash(&manifest).await?;
+        if row.quarantined_hash.as_deref() == Some(hash.as_str()) {
+            let why = row.error.as_deref().unwrap_or_default();
+            let why = why.strip_prefix("CrashedDuringLoad: ").unwrap_or(why).to_string();
+            return Err(ReconcileError::Quarantined(why));
+        }
         // From here to the end of the pass no garbage collection removes this library.
         let _pin = self.compiler.pin(&self.compiler.artifact_path(&manifest.name, &hash));
         let current = self
@@ -142,9 +147,17 @@ impl Inner {
         let artifact = self.build(row.id, &manifest, &hash).await?;
         let (path, retirements) = (artifact.path.clone(), self.retirements.clone());
         let config_json = serde_json::to_vec(&config).expect("a Value always serializes");
-        let plugin = tokio::task::spawn_blocking(move || LoadedPlugin::load_tracked(&path, &config_json, &retirements))
-            .await
-            .map_err(|e| LoadError::Init(format!("the load task failed: {e}")))??;
+        let (markers, id, name, marked_hash) = (self.markers.clone(), row.id, row.name.clone(), hash.clone());
+        let plugin = tokio::task::spawn_blocking(move || {
+            // If this process dies inside the plugin's init, the next start knows who did it.
+            let marker = markers.begin(id, &name, &marked_hash);
+            if let Err(e) = &marker {
+                tracing::warn!(plugin = %name, "could not record the load in progress: {e}");
+            }
+            LoadedPlugin::load_tracked(&path, &config_json, &retirements)
+        })
+        .await
+        .map_err(|e| LoadError::Init(format!("the load task failed: {e}")))??;
         self.publish_and_record(row, &manifest, &hash, config, Arc::new(plugin)).await?;
         tracing::info!(plugin = %row.name, built = artifact.built, library = %artifact.path.display(), "serving");
         self.compiler.collect_garbage(&row.name, &self.served_libraries());

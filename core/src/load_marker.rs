@@ -1,0 +1,121 @@
+//! Which plugin kiln is calling into while it loads one, kept where the next start finds it.
+//!
+//! A plugin whose `init` aborts, segfaults or calls `exit` takes the whole process down, and on
+//! every start it would do so again. So before kiln opens a library and runs its init, it writes
+//! a marker file naming the plugin and version, and removes it when the call returns. A marker
+//! found at startup names the plugin that took the previous process down: kiln marks its row
+//! `failed` (`CrashedDuringLoad`) and quarantines that version until the row or the source
+//! changes. The supervisor of `kiln serve` passes the previous process's signal or exit code
+//! along (`KILN_LAST_EXIT`), so the row can say how it died.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The environment variable through which the supervisor tells a restarted server how the
+/// previous one ended ("killed by signal 6 (SIGABRT)", "exited with code 3").
+pub const LAST_EXIT_ENV: &str = "KILN_LAST_EXIT";
+
+/// What a marker says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Marker {
+    pub plugin_id: i64,
+    pub name: String,
+    /// Content hash of the version being loaded.
+    pub hash: String,
+    /// The process that was loading it.
+    pub pid: u32,
+    /// When the load began (RFC 3339).
+    pub started: String,
+}
+
+/// The directory of markers (one file per plugin id being loaded).
+#[derive(Debug, Clone)]
+pub struct LoadMarkers {
+    dir: PathBuf,
+}
+
+/// Removes its marker when dropped (the call into the plugin returned, one way or another).
+#[derive(Debug)]
+pub struct Guard {
+    path: PathBuf,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl LoadMarkers {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    /// Records that plugin `plugin_id` (`name`, version `hash`) is about to be called into.
+    /// Blocking (a small file write). The marker stays if the process dies before the guard drops.
+    pub fn begin(&self, plugin_id: i64, name: &str, hash: &str) -> std::io::Result<Guard> {
+        std::fs::create_dir_all(&self.dir)?;
+        let marker = Marker {
+            plugin_id,
+            name: name.to_string(),
+            hash: hash.to_string(),
+            pid: std::process::id(),
+            started: chrono::Utc::now().to_rfc3339(),
+        };
+        let path = self.dir.join(plugin_id.to_string());
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&marker).expect("a marker serializes"))?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(Guard { path })
+    }
+
+    /// The markers left by a process that ended while loading, removed as they are read.
+    pub fn take_all(&self) -> Vec<Marker> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        let mut markers = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Some(m) = read(&path) {
+                markers.push(m);
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        markers.sort_by_key(|m| m.plugin_id);
+        markers
+    }
+}
+
+fn read(path: &Path) -> Option<Marker> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// The row's message for a version that took the process down while loading.
+pub fn crash_message(marker: &Marker, last_exit: Option<&str>) -> String {
+    let how = last_exit.map_or_else(|| "ended".to_string(), |e| format!("was {e}"));
+    format!(
+        "the kiln process (pid {}) {how} while loading this version ({}) at {}; it is not loaded \
+         again until the plugin's row or source changes",
+        marker.pid,
+        &marker.hash[..marker.hash.len().min(16)],
+        marker.started
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_marker_outlives_only_a_call_that_never_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let markers = LoadMarkers::new(dir.path().join("loading"));
+        drop(markers.begin(1, "returned", "aaaa").unwrap());
+        let guard = markers.begin(2, "crashed", "bbbb").unwrap();
+        std::mem::forget(guard); // as a process that died inside the call leaves it
+        let left = markers.take_all();
+        assert_eq!(left.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["crashed"]);
+        assert!(markers.take_all().is_empty(), "taken once");
+        let msg = crash_message(&left[0], Some("killed by signal 6 (SIGABRT)"));
+        assert!(msg.contains("was killed by signal 6 (SIGABRT)") && msg.contains("bbbb"), "{msg}");
+    }
+}
