@@ -68,9 +68,10 @@ pub struct Config {
     #[arg(long, env = "KILN_DB_WAIT_SECS", default_value_t = 60)]
     pub db_wait_secs: u64,
 
-    /// Seconds a request body may take to arrive; a client that stops sending gets 408.
-    #[arg(long, env = "KILN_BODY_TIMEOUT_SECS", default_value_t = 30)]
-    pub body_timeout_secs: u64,
+    /// Seconds a request's head (request line and headers) and then its body may each take to
+    /// arrive; an idle keep-alive connection is closed after as long. A slow body gets 408.
+    #[arg(long, env = "KILN_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
 
     /// Largest request body passed to a plugin, in bytes.
     #[arg(long, env = "KILN_MAX_BODY", default_value_t = 8 * 1024 * 1024)]
@@ -94,7 +95,7 @@ impl Config {
             resync_secs: 60,
             supervise: false,
             db_wait_secs: 60,
-            body_timeout_secs: 30,
+            request_timeout_secs: 30,
             watch: WatchMode::Off,
             max_body: 8 * 1024 * 1024,
         }
@@ -105,9 +106,9 @@ impl Config {
         Duration::from_secs(self.db_wait_secs)
     }
 
-    /// How long a request body may take to arrive.
-    pub fn body_timeout(&self) -> Duration {
-        Duration::from_secs(self.body_timeout_secs.max(1))
+    /// How long a request's head, and then its body, may take to arrive.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
     }
 
     /// The interval of the safety-net resync.

@@ -108,7 +108,9 @@ impl ErrorCode {
             PluginNotFound => ("PluginNotFound", 404, "no plugin of that name"),
             NotFound => ("NotFound", 404, "no admin endpoint and no plugin route for this path"),
             MethodNotAllowed => ("MethodNotAllowed", 405, "the path exists with other methods, named in `Allow`"),
-            RequestTimeout => ("RequestTimeout", 408, "a request body that stopped arriving (`--body-timeout-secs`)"),
+            RequestTimeout => {
+                ("RequestTimeout", 408, "a request body that stopped arriving (`--request-timeout-secs`)")
+            }
             PluginExists => ("PluginExists", 409, "an upload whose plugin name is taken"),
             LengthRequired => ("LengthRequired", 411, "an upload without a Content-Length"),
             TooLarge => ("TooLarge", 413, "an upload over 32 MiB"),

@@ -65,7 +65,7 @@ pub async fn serve(
 
     let compiler = Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone())
         .context("preparing the build directories")?;
-    let router = Arc::new(http::PluginRouter::new(config.max_body, config.body_timeout()));
+    let router = Arc::new(http::PluginRouter::new(config.max_body, config.request_timeout()));
     let markers = load_marker::LoadMarkers::new(config.data_dir.join("loading"));
     record_crashes(&repo, &markers).await?;
     let reconciler = Reconciler::new(repo.clone(), Arc::new(compiler), router.clone(), markers);
@@ -78,7 +78,7 @@ pub async fn serve(
         install_dir: config.install_dir.clone(),
         policy: policy.clone(),
     };
-    let app = http::app(api, router, config.admin_token.clone(), config.body_timeout())?;
+    let app = http::app(api, router, config.admin_token.clone(), config.request_timeout())?;
 
     let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), listener_up));
     let watch_task = watcher::spawn(config.watch, config.plugin_dirs.clone(), policy, repo.clone(), reconciler.clone());
@@ -95,7 +95,10 @@ pub async fn serve(
     });
 
     tracing::info!(addr = %listener.local_addr()?, "serving");
-    let acceptor = poem::listener::TcpAcceptor::from_tokio(listener)?;
+    let acceptor = http::HeadDeadlineAcceptor {
+        inner: poem::listener::TcpAcceptor::from_tokio(listener)?,
+        limit: config.request_timeout(),
+    };
     let result = poem::Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(app, shutdown, Some(Duration::from_secs(10)))
         .await;

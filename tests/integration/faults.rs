@@ -160,7 +160,7 @@ async fn raw_answer(server: &TestServer, head: &str, within: std::time::Duration
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_and_lying_clients_are_answered_at_once_or_timed_out() {
     let server =
-        TestServer::start_with(crate::support::cluster().await, &["powertable"], |c| c.body_timeout_secs = 1).await;
+        TestServer::start_with(crate::support::cluster().await, &["powertable"], |c| c.request_timeout_secs = 1).await;
     server.wait_state("powertable", "loaded").await;
     let quick = std::time::Duration::from_secs(2);
     let huge = "Content-Length: 99999999999\r\n\r\nx";
@@ -177,5 +177,20 @@ async fn slow_and_lying_clients_are_answered_at_once_or_timed_out() {
     let admin =
         raw_answer(&server, &format!("PUT /plugins/powertable/config HTTP/1.1\r\nHost: k\r\n{stalled}"), within).await;
     assert!(admin.starts_with("HTTP/1.1 408"), "{admin}");
+    // Headers that never end, even trickled a byte at a time, end the connection at the deadline.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://")).await.unwrap();
+    conn.write_all(b"GET /powertable HTTP/1.1\r\nHost: k\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    while started.elapsed() < within && !closed {
+        let _ = conn.write_all(b"X").await; // a slowloris keeps sending
+        let mut byte = [0u8; 1];
+        closed = matches!(
+            tokio::time::timeout(std::time::Duration::from_millis(200), conn.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        );
+    }
+    assert!(closed, "a head that never ends holds the connection");
     assert_eq!(server.get("/powertable/1").await.0, 200);
 }

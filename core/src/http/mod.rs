@@ -9,10 +9,12 @@ mod admin;
 mod body;
 mod docs;
 mod error;
+mod head_deadline;
 mod plugin_routes;
 
 pub use admin::AdminApi;
 pub use docs::Docs;
+pub use head_deadline::HeadDeadlineAcceptor;
 pub use plugin_routes::PluginRouter;
 
 use crate::error_code::ErrorCode;

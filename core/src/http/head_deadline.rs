@@ -1,0 +1,133 @@
+//! A deadline for request heads: a client must send a request's complete head (request line and
+//! headers) within a time limit, counted from the connection's start or from the end of the
+//! previous answer. A client that sends headers that never end, or trickles them byte by byte
+//! (slowloris), or keeps an idle connection open, is disconnected then. poem 3 offers no header
+//! read timeout (hyper's needs a timer poem does not pass), so this wraps the accepted sockets.
+//!
+//! The connection tracks whether it awaits a head: from its start, and again after each answer
+//! it writes; the head ends at the first blank line (`\r\n\r\n`) the client sends. While it awaits
+//! one, a read that would wait past the deadline fails with `TimedOut`, which ends the connection.
+//! Once a head has arrived, the request takes as long as it takes (a build behind an admin call
+//! can take minutes); bodies have their own deadline (see `body`).
+
+use poem::http::uri::Scheme;
+use poem::listener::Acceptor;
+use poem::web::{LocalAddr, RemoteAddr};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Wraps an acceptor so that its connections have a head deadline.
+pub struct HeadDeadlineAcceptor<A> {
+    pub inner: A,
+    pub limit: Duration,
+}
+
+impl<A: Acceptor> Acceptor for HeadDeadlineAcceptor<A> {
+    type Io = HeadDeadline<A::Io>;
+
+    fn local_addr(&self) -> Vec<LocalAddr> {
+        self.inner.local_addr()
+    }
+
+    async fn accept(&mut self) -> io::Result<(Self::Io, LocalAddr, RemoteAddr, Scheme)> {
+        let (io, local, remote, scheme) = self.inner.accept().await?;
+        Ok((HeadDeadline::new(io, self.limit), local, remote, scheme))
+    }
+}
+
+/// A connection whose request heads must arrive in time.
+pub struct HeadDeadline<T> {
+    inner: T,
+    limit: Duration,
+    /// Armed while a head is awaited; fires at its deadline.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// The last three bytes read, to find a `\r\n\r\n` split across reads.
+    tail: [u8; 3],
+}
+
+impl<T> HeadDeadline<T> {
+    fn new(inner: T, limit: Duration) -> Self {
+        Self { inner, limit, deadline: Some(Box::pin(tokio::time::sleep(limit))), tail: [0; 3] }
+    }
+
+    /// Whether `bytes` (following `self.tail`) complete a head; updates the tail.
+    fn ends_head(&mut self, bytes: &[u8]) -> bool {
+        let mut window: Vec<u8> = self.tail.to_vec();
+        window.extend_from_slice(bytes);
+        let found = window.windows(4).any(|w| w == b"\r\n\r\n");
+        let keep = window.len().min(3);
+        self.tail = [0; 3];
+        self.tail[3 - keep..].copy_from_slice(&window[window.len() - keep..]);
+        found
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if self.deadline.is_some() {
+                    let new = buf.filled()[before..].to_vec();
+                    if self.ends_head(&new) {
+                        self.deadline = None;
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let expired = self.deadline.as_mut().is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                if expired {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the request head did not arrive in time")))
+                } else {
+                    Poll::Pending
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            // An answer went out: the next request's head is awaited from now.
+            let at = Instant::now() + self.limit;
+            match &mut self.deadline {
+                Some(sleep) => sleep.as_mut().reset(at),
+                None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            self.tail = [0; 3];
+        }
+        written
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_head_ends_at_a_blank_line_even_split_across_reads() {
+        let mut d = HeadDeadline::new((), Duration::from_secs(1));
+        assert!(!d.ends_head(b"GET / HTTP/1.1\r\nHost: x\r"));
+        assert!(!d.ends_head(b"\n"));
+        assert!(d.ends_head(b"\r\n"));
+        let mut d = HeadDeadline::new((), Duration::from_secs(1));
+        assert!(!d.ends_head(b"GET / HTTP/1.1\r\n"));
+        assert!(d.ends_head(b"\r\nbody"));
+    }
+}
