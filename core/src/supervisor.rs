@@ -37,6 +37,17 @@ pub async fn run(markers: &Path) -> anyhow::Result<ExitStatus> {
     loop {
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args(&args).env(CHILD_ENV, "1");
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+        // which is async-signal-safe. It asks the kernel to send SIGTERM to the server when the
+        // supervisor dies (even by SIGKILL), so no server outlives its supervisor.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         match &last_exit {
             Some(how) => cmd.env(LAST_EXIT_ENV, how),
             None => cmd.env_remove(LAST_EXIT_ENV),
