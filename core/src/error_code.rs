@@ -20,6 +20,7 @@ pub enum ErrorCode {
     LengthRequired,
     TooLarge,
     BodyTooLarge,
+    UriTooLong,
     UnsupportedMediaType,
     ManifestNotFound,
     InvalidManifest,
@@ -54,6 +55,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::LengthRequired,
     ErrorCode::TooLarge,
     ErrorCode::BodyTooLarge,
+    ErrorCode::UriTooLong,
     ErrorCode::UnsupportedMediaType,
     ErrorCode::ManifestNotFound,
     ErrorCode::InvalidManifest,
@@ -119,6 +121,7 @@ impl ErrorCode {
                 413,
                 "a request body over the limit (`--max-body` for plugins, 1 MiB for the admin API), refused before it is read",
             ),
+            UriTooLong => ("UriTooLong", 414, "a request line over 16 KiB (a long query string belongs in a body)"),
             UnsupportedMediaType => ("UnsupportedMediaType", 415, "a body without the content type the endpoint takes"),
             ManifestNotFound => ("ManifestNotFound", 422, "no `Cargo.toml` at the plugin's `source_path`"),
             InvalidManifest => (

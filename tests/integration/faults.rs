@@ -192,5 +192,14 @@ async fn slow_and_lying_clients_are_answered_at_once_or_timed_out() {
         );
     }
     assert!(closed, "a head that never ends holds the connection");
+    // An over-long query string gets kiln's JSON error, not an empty 414.
+    let mut conn = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://")).await.unwrap();
+    let head = format!("GET /powertable?x={} HTTP/1.1\r\nHost: k\r\n\r\n", "a".repeat(20_000));
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(within, conn.read_to_end(&mut answer)).await.expect("answered in time").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 414"), "{}", answer.lines().next().unwrap_or_default());
+    assert!(answer.contains(r#""error":"UriTooLong""#), "kiln's error shape");
     assert_eq!(server.get("/powertable/1").await.0, 200);
 }

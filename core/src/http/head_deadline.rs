@@ -9,7 +9,13 @@
 //! one, a read that would wait past the deadline fails with `TimedOut`, which ends the connection.
 //! Once a head has arrived, the request takes as long as it takes (a build behind an admin call
 //! can take minutes); bodies have their own deadline (see `body`).
+//!
+//! A request line longer than [`MAX_REQUEST_LINE`] (an over-long query string) is answered here,
+//! with kiln's JSON error shape, instead of hyper's empty 414: the answer is written, the rest of
+//! the head is read and dropped (so that the client reads the answer rather than a reset), and
+//! the connection ends.
 
+use crate::error_code::ErrorCode;
 use poem::http::uri::Scheme;
 use poem::listener::Acceptor;
 use poem::web::{LocalAddr, RemoteAddr};
@@ -19,6 +25,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+/// The longest request line (method, target, version) kiln reads.
+pub const MAX_REQUEST_LINE: usize = 16 * 1024;
+
+/// The most bytes of an over-long head read and dropped before the connection ends.
+const MAX_DISCARD: usize = 1 << 20;
 
 /// Wraps an acceptor so that its connections have a head deadline.
 pub struct HeadDeadlineAcceptor<A> {
@@ -47,11 +59,31 @@ pub struct HeadDeadline<T> {
     deadline: Option<Pin<Box<Sleep>>>,
     /// The last three bytes read, to find a `\r\n\r\n` split across reads.
     tail: [u8; 3],
+    /// Bytes of the awaited head's request line read so far (`None` once its `\r\n` came).
+    line: Option<usize>,
+    /// `Some(n)`: the request line was too long, the answer is sent, `n` bytes were dropped.
+    discarding: Option<usize>,
 }
 
 impl<T> HeadDeadline<T> {
     fn new(inner: T, limit: Duration) -> Self {
-        Self { inner, limit, deadline: Some(Box::pin(tokio::time::sleep(limit))), tail: [0; 3] }
+        let deadline = Some(Box::pin(tokio::time::sleep(limit)));
+        Self { inner, limit, deadline, tail: [0; 3], line: Some(0), discarding: None }
+    }
+
+    /// Counts `bytes` into the request line; whether it is now too long.
+    fn line_too_long(&mut self, bytes: &[u8]) -> bool {
+        let Some(n) = self.line else { return false };
+        match bytes.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                self.line = None;
+                n + i > MAX_REQUEST_LINE
+            }
+            None => {
+                self.line = Some(n + bytes.len());
+                n + bytes.len() > MAX_REQUEST_LINE
+            }
+        }
     }
 
     /// Whether `bytes` (following `self.tail`) complete a head; updates the tail.
@@ -66,13 +98,71 @@ impl<T> HeadDeadline<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
+/// kiln's answer to an over-long request line.
+fn uri_too_long() -> Vec<u8> {
+    let message = format!(
+        "the request line is longer than {MAX_REQUEST_LINE} bytes (a query string that long belongs in a body)"
+    );
+    let body =
+        serde_json::json!({ "error": ErrorCode::UriTooLong.as_str(), "message": message, "details": {} }).to_string();
+    format!(
+        "HTTP/1.1 414 URI Too Long\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> HeadDeadline<T> {
+    /// Reads and drops the rest of an over-long head; `Ready(Ok(()))` (end of stream, to hyper)
+    /// once it ended, the client stopped, or enough was dropped.
+    fn poll_discard(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut scratch = [0u8; 8192];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
+                    let dropped = self.discarding.unwrap_or(0) + n;
+                    self.discarding = Some(dropped);
+                    let filled = buf.filled().to_vec();
+                    if n == 0 || self.ends_head(&filled) || dropped > MAX_DISCARD {
+                        self.deadline = None;
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    let expired = self.deadline.as_mut().is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                    return if expired { Poll::Ready(Ok(())) } else { Poll::Pending };
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadDeadline<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.discarding.is_some() {
+            return self.poll_discard(cx);
+        }
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if self.deadline.is_some() {
                     let new = buf.filled()[before..].to_vec();
+                    if self.line_too_long(&new) {
+                        // Answer here (a small write to a fresh socket completes at once; if it
+                        // cannot, the connection just ends), then drop the rest of the head.
+                        let answer = uri_too_long();
+                        let _ = Pin::new(&mut self.inner).poll_write(cx, &answer);
+                        self.discarding = Some(0);
+                        buf.set_filled(before);
+                        if self.ends_head(&new) {
+                            self.deadline = None;
+                            return Poll::Ready(Ok(())); // the whole head was in this read
+                        }
+                        return self.poll_discard(cx);
+                    }
                     if self.ends_head(&new) {
                         self.deadline = None;
                     }
@@ -103,6 +193,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
                 None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
             }
             self.tail = [0; 3];
+            self.line = Some(0);
         }
         written
     }
@@ -129,5 +220,17 @@ mod tests {
         let mut d = HeadDeadline::new((), Duration::from_secs(1));
         assert!(!d.ends_head(b"GET / HTTP/1.1\r\n"));
         assert!(d.ends_head(b"\r\nbody"));
+    }
+
+    #[tokio::test]
+    async fn a_request_line_is_measured_within_a_read_and_across_reads() {
+        let mut d = HeadDeadline::new((), Duration::from_secs(1));
+        assert!(!d.line_too_long(b"GET /short HTTP/1.1\r\nHost: x\r\n\r\n"));
+        let long = format!("GET /?{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_REQUEST_LINE));
+        let mut d = HeadDeadline::new((), Duration::from_secs(1));
+        assert!(d.line_too_long(long.as_bytes()), "all in one read");
+        let mut d = HeadDeadline::new((), Duration::from_secs(1));
+        assert!(!d.line_too_long(&long.as_bytes()[..MAX_REQUEST_LINE]));
+        assert!(d.line_too_long(&long.as_bytes()[MAX_REQUEST_LINE..]), "split across reads");
     }
 }
