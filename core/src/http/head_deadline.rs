@@ -86,14 +86,19 @@ impl<T> HeadDeadline<T> {
         }
     }
 
-    /// Whether `bytes` (following `self.tail`) complete a head; updates the tail.
+    /// Whether `bytes` (following `self.tail`) complete a head; updates the tail. No copy of
+    /// `bytes`: this runs on every read of every request head.
     fn ends_head(&mut self, bytes: &[u8]) -> bool {
-        let mut window: Vec<u8> = self.tail.to_vec();
-        window.extend_from_slice(bytes);
-        let found = window.windows(4).any(|w| w == b"\r\n\r\n");
-        let keep = window.len().min(3);
-        self.tail = [0; 3];
-        self.tail[3 - keep..].copy_from_slice(&window[window.len() - keep..]);
+        let k = bytes.len().min(3);
+        let mut seam = [0u8; 6];
+        seam[..3].copy_from_slice(&self.tail);
+        seam[3..3 + k].copy_from_slice(&bytes[..k]);
+        let seam = &seam[..3 + k];
+        let found = seam.windows(4).any(|w| w == b"\r\n\r\n") || bytes.windows(4).any(|w| w == b"\r\n\r\n");
+        self.tail.copy_from_slice(&seam[seam.len() - 3..]);
+        if bytes.len() >= 3 {
+            self.tail.copy_from_slice(&bytes[bytes.len() - 3..]);
+        }
         found
     }
 }
@@ -149,21 +154,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadDeadline<T> {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if self.deadline.is_some() {
-                    let new = buf.filled()[before..].to_vec();
-                    if self.line_too_long(&new) {
+                    let new = &buf.filled()[before..];
+                    if self.line_too_long(new) {
                         // Answer here (a small write to a fresh socket completes at once; if it
                         // cannot, the connection just ends), then drop the rest of the head.
+                        let whole_head = self.ends_head(new);
                         let answer = uri_too_long();
                         let _ = Pin::new(&mut self.inner).poll_write(cx, &answer);
                         self.discarding = Some(0);
                         buf.set_filled(before);
-                        if self.ends_head(&new) {
+                        if whole_head {
                             self.deadline = None;
                             return Poll::Ready(Ok(())); // the whole head was in this read
                         }
                         return self.poll_discard(cx);
                     }
-                    if self.ends_head(&new) {
+                    if self.ends_head(new) {
                         self.deadline = None;
                     }
                 }
