@@ -115,6 +115,7 @@ async fn a_row_deleted_while_its_plugin_builds_is_never_served() {
 async fn one_name_deleted_and_inserted_in_one_transaction_serves_the_new_row() {
     let server = TestServer::start(&["hello"]).await;
     let old = server.wait_state("hello", "loaded").await;
+    let builds_before = server.get("/health").await.1["builds_run"].clone();
     let dir = server.plugin_dir("hello");
     let mut db = server.sql().await;
     let tx = db.transaction().await.unwrap();
@@ -132,6 +133,7 @@ async fn one_name_deleted_and_inserted_in_one_transaction_serves_the_new_row() {
     let row = server.plugin("hello").await;
     let library = row["binary_path"].as_str().expect("a library").to_string();
     assert!(std::path::Path::new(&library).exists(), "its library was not collected: {library}");
+    assert_eq!(server.get("/health").await.1["builds_run"], builds_before, "the same library serves, not a rebuild");
     assert_eq!(server.get("/hello").await.0, 200);
 }
 

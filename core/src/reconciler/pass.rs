@@ -25,11 +25,14 @@ impl Inner {
     async fn pass_once(&self, id: i64, force: bool) -> Result<Outcome, ReconcileError> {
         let Some(row) = self.repo.get(id).await? else {
             // Deleted: its endpoint rows went with it (ON DELETE CASCADE); its libraries go too,
-            // but for those a served version or a pass in progress uses (the same crate under a
-            // new row, say).
+            // but for those a served version or a pass in progress uses.
             self.waiting.lock().expect("waiting lock").remove(&id);
             if let Some(name) = self.retire(id) {
-                self.compiler.collect_garbage(&name, &self.served_libraries());
+                // A new row of the same name (deleted and inserted in one transaction) is about
+                // to load these libraries, and collects them itself once it serves.
+                if self.repo.get_by_name(&name).await?.is_none() {
+                    self.compiler.collect_garbage(&name, &self.served_libraries());
+                }
             }
             return Ok(Outcome::Gone);
         };
