@@ -92,28 +92,31 @@ impl Inner {
             .into_iter()
             .map(|(id, why)| (id, served.remove(&id).expect("listed from the served set"), why))
             .collect();
-        let previous = served.insert(row.id, Served { hash: hash.to_string(), config, plugin });
+        let previous = served.insert(row.id, Served { hash: hash.to_string(), config, plugin: plugin.clone() });
         let all: Vec<Arc<LoadedPlugin>> = served.values().map(|s| s.plugin.clone()).collect();
         let displaced = Displaced { previous, evicted };
         if let Err(e) = self.sink.publish(&all) {
             // The route table did not change: put back what served before.
             drop(served);
-            self.unpublish(row.id, displaced);
+            self.unpublish(row.id, &plugin, displaced);
             return Err(ReconcileError::InvalidRoute(e));
         }
         Ok(displaced)
     }
 
-    /// Undoes a publish (its recording failed): the displaced versions serve again, and the new
-    /// one is dropped.
-    pub(super) fn unpublish(&self, id: i64, displaced: Displaced) {
+    /// Undoes a publish of `published` (its recording failed): the displaced versions serve
+    /// again, and the new one is dropped. What changed meanwhile stays: if an older plugin has
+    /// evicted `published` already, or a displaced plugin serves again, nothing is put back there.
+    pub(super) fn unpublish(&self, id: i64, published: &Arc<LoadedPlugin>, displaced: Displaced) {
         let mut served = self.served.lock().expect("served lock");
-        let new = match displaced.previous {
-            Some(p) => served.insert(id, p),
-            None => served.remove(&id),
+        let ours = served.get(&id).is_some_and(|s| Arc::ptr_eq(&s.plugin, published));
+        let new = match (ours, displaced.previous) {
+            (true, Some(p)) => served.insert(id, p),
+            (true, None) => served.remove(&id),
+            (false, _) => None,
         };
         for (other, s, _) in displaced.evicted {
-            served.insert(other, s);
+            served.entry(other).or_insert(s);
         }
         let all: Vec<Arc<LoadedPlugin>> = served.values().map(|s| s.plugin.clone()).collect();
         if let Err(e) = self.sink.publish(&all) {

@@ -200,13 +200,13 @@ impl Inner {
                     Ok(())
                 }
                 Err(e) => {
-                    self.unpublish(row.id, displaced);
+                    self.unpublish(row.id, &plugin, displaced);
                     Err(e.into())
                 }
             },
             Err(e) => {
                 lock.rollback().await;
-                self.unpublish(row.id, displaced);
+                self.unpublish(row.id, &plugin, displaced);
                 Err(e)
             }
         }
