@@ -9,6 +9,7 @@ pub mod compiler;
 pub mod config;
 pub mod discovery;
 pub mod error_code;
+pub mod host;
 mod http;
 pub mod listener;
 pub mod load_marker;
@@ -65,10 +66,11 @@ pub async fn serve(
 
     let compiler = Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone())
         .context("preparing the build directories")?;
-    let router = Arc::new(http::PluginRouter::new(config.max_body, config.request_timeout()));
+    let logs: Arc<host::logs::LogStore> = Default::default();
+    let router = Arc::new(http::PluginRouter::new(config.max_body, config.request_timeout(), logs.clone()));
     let markers = load_marker::LoadMarkers::new(config.data_dir.join("loading"));
-    record_crashes(&repo, &markers).await?;
-    let reconciler = Reconciler::new(repo.clone(), Arc::new(compiler), router.clone(), markers);
+    record_crashes(&repo, &markers, &logs).await?;
+    let reconciler = Reconciler::new(repo.clone(), Arc::new(compiler), router.clone(), markers, logs.clone());
     let listener_up = Arc::new(AtomicBool::new(false));
     let api = http::AdminApi {
         repo: repo.clone(),
@@ -77,6 +79,7 @@ pub async fn serve(
         plugin_dirs: config.plugin_dirs.clone(),
         install_dir: config.install_dir.clone(),
         policy: policy.clone(),
+        logs: logs.clone(),
     };
     let app = http::app(api, router, config.admin_token.clone(), config.request_timeout())?;
 
@@ -191,11 +194,16 @@ async fn wait_for_database(pg: &tokio_postgres::Config, patience: Duration) -> a
 
 /// Marks every plugin that took the previous process down while it was being loaded (see
 /// `load_marker`), so that this start does not load it again.
-async fn record_crashes(repo: &Repo, markers: &load_marker::LoadMarkers) -> anyhow::Result<()> {
+async fn record_crashes(
+    repo: &Repo,
+    markers: &load_marker::LoadMarkers,
+    logs: &host::logs::LogStore,
+) -> anyhow::Result<()> {
     let last_exit = std::env::var(load_marker::LAST_EXIT_ENV).ok();
     for marker in markers.take_all() {
         let message = load_marker::crash_message(&marker, last_exit.as_deref());
         tracing::error!(plugin = %marker.name, "{message}");
+        logs.record(&marker.name, host::logs::Kind::Init, message.clone(), None);
         let error = format!("{}: {message}", error_code::ErrorCode::CrashedDuringLoad);
         repo.record_crashed(marker.plugin_id, &marker.hash, &error).await.context("recording a crash during load")?;
     }

@@ -6,6 +6,7 @@
 //! cleanup runs and the library is closed. Calls into the plugin are blocking: run them off the
 //! async workers.
 
+use crate::host::HostCtx;
 use kiln_types::PluginDescription;
 use kiln_types::abi::{
     self, AbiVersionFn, CleanupFn, ConfigureFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnPair, KilnRequest,
@@ -135,6 +136,8 @@ struct Live {
     free_fn: FreeBufFn,
     /// Told when this instance's cleanup has run.
     tracker: Option<Arc<Retirements>>,
+    /// The host context of this instance: retired after its cleanup.
+    host: Arc<HostCtx>,
     /// Must stay the last field: the function pointers above point into it, so it drops last.
     _library: Library,
 }
@@ -152,9 +155,14 @@ impl std::fmt::Debug for LoadedPlugin {
 }
 
 impl LoadedPlugin {
-    /// [`LoadedPlugin::load`], counted in `tracker` until its cleanup has run.
-    pub fn load_tracked(path: &Path, config: &[u8], tracker: &Arc<Retirements>) -> Result<Self, LoadError> {
-        let mut plugin = Self::load(path, config)?;
+    /// [`LoadedPlugin::load_with`], counted in `tracker` until its cleanup has run.
+    pub fn load_tracked(
+        path: &Path,
+        config: &[u8],
+        host: &Arc<HostCtx>,
+        tracker: &Arc<Retirements>,
+    ) -> Result<Self, LoadError> {
+        let mut plugin = Self::load_with(path, config, host)?;
         tracker.loaded();
         if let Some(live) = &mut plugin.live {
             live.tracker = Some(tracker.clone());
@@ -162,9 +170,16 @@ impl LoadedPlugin {
         Ok(plugin)
     }
 
-    /// Opens the library at `path`, checks its ABI version, reads its description and creates an
-    /// instance with `config` (JSON). Blocking.
+    /// [`LoadedPlugin::load_with`] with a host of its own, whose logs go to tracing only (for
+    /// callers outside a server, such as the benchmark).
     pub fn load(path: &Path, config: &[u8]) -> Result<Self, LoadError> {
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Self::load_with(path, config, &HostCtx::new(&name, "", Default::default()))
+    }
+
+    /// Opens the library at `path`, checks its ABI version, reads its description and creates an
+    /// instance with `config` (JSON), served by `host`. Blocking.
+    pub fn load_with(path: &Path, config: &[u8], host: &Arc<HostCtx>) -> Result<Self, LoadError> {
         // Unload policy: a library is never unmapped (RTLD_NODELETE). glibc seldom unmaps a Rust
         // cdylib anyway (its std's thread-local destructors pin it), and when it did, a thread the
         // plugin spawned and did not stop would run unmapped code. Kept mapped, such a thread
@@ -213,9 +228,11 @@ impl LoadedPlugin {
 
         let mut instance: *mut c_void = std::ptr::null_mut();
         let (mut described, mut err) = (KilnBuf::EMPTY, KilnBuf::EMPTY);
-        // SAFETY: `config` outlives the call; the three out-pointers are valid for writes.
-        let status = unsafe { init(KilnStr::new(config), &mut instance, &mut described, &mut err) };
+        // SAFETY: the host table lives until the process exits; `config` outlives the call; the
+        // three out-pointers are valid for writes.
+        let status = unsafe { init(host.table(), KilnStr::new(config), &mut instance, &mut described, &mut err) };
         if status != abi::STATUS_OK || instance.is_null() {
+            host.retire();
             // SAFETY: `err` was written by this library (or is empty) and is freed once.
             let msg = unsafe { take_string(free_fn, err) };
             let msg = if status == abi::STATUS_PANIC { format!("panicked: {msg}") } else { msg };
@@ -228,6 +245,7 @@ impl LoadedPlugin {
             cleanup_fn,
             free_fn,
             tracker: None,
+            host: host.clone(),
             _library: library,
         };
         // SAFETY: `described` was written by this library and is freed exactly once, by it.
@@ -355,6 +373,7 @@ impl Live {
         } else {
             tracing::error!(plugin = %name, library = %path.display(), "cleanup panicked: {msg}");
         }
+        self.host.retire();
         let tracker = self.tracker.clone();
         drop(self);
         if let Some(t) = tracker {

@@ -25,6 +25,7 @@ pub const ADMIN_PATHS: &[&str] = &[
     "/plugins/{name}/endpoints",
     "/plugins/{name}/config",
     "/plugins/{name}/builds",
+    "/plugins/{name}/logs",
     "/plugins/{name}/load",
     "/plugins/install",
     "/plugins/discover",

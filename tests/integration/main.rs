@@ -6,6 +6,7 @@ mod control_plane;
 mod crashes;
 mod db_faults;
 mod faults;
+mod host;
 mod lifecycle;
 mod newcomer;
 mod operations;

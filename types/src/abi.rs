@@ -18,8 +18,8 @@ use std::ffi::c_void;
 /// History: 1 — first version; 2 — `kiln_configure` (config changes without a reload);
 /// 3 — response headers as length-prefixed pairs, request header values as raw bytes, and the
 /// description returned by `kiln_init` from the same route list the instance dispatches by
-/// (`kiln_describe` is gone).
-pub const ABI_VERSION: u32 = 3;
+/// (`kiln_describe` is gone); 4 — the host table ([`KilnHost`]) passed to `kiln_init`.
+pub const ABI_VERSION: u32 = 4;
 
 /// Symbol: `extern "C" fn() -> u32`, returns the [`ABI_VERSION`] the library was built with.
 pub const SYM_ABI_VERSION: &[u8] = b"kiln_abi_version\0";
@@ -44,16 +44,45 @@ pub const STATUS_PANIC: i32 = 1;
 pub const STATUS_ERROR: i32 = 2;
 /// `kiln_configure` only: the plugin does not apply config changes in place; reload it.
 pub const STATUS_RELOAD: i32 = 3;
+/// A host call made after the instance it belongs to was retired: nothing was done.
+pub const STATUS_RETIRED: i32 = 4;
+
+/// Levels of [`KilnHost::log`].
+pub const LOG_ERROR: u32 = 1;
+pub const LOG_WARN: u32 = 2;
+pub const LOG_INFO: u32 = 3;
+pub const LOG_DEBUG: u32 = 4;
+pub const LOG_TRACE: u32 = 5;
+
+/// Logs `message` at `level` (`LOG_*`), with `fields` (a JSON object, or empty), under the
+/// plugin's name. [`STATUS_OK`], [`STATUS_RETIRED`] or [`STATUS_ERROR`] (bad arguments).
+pub type HostLogFn = unsafe extern "C" fn(ctx: *const c_void, level: u32, message: KilnStr, fields: KilnStr) -> i32;
+
+/// The host's side of the boundary: functions a plugin calls, and the context they take. kiln
+/// passes one to `kiln_init` for each instance. The table and its context stay valid until the
+/// process exits, so a call from a thread the plugin left running is safe; once the instance is
+/// retired, every call answers [`STATUS_RETIRED`]. Host functions are thread-safe and never
+/// unwind.
+#[repr(C)]
+#[derive(Debug)]
+pub struct KilnHost {
+    /// The ABI version the host speaks (equal to the plugin's, or the plugin was not loaded).
+    pub abi: u32,
+    pub ctx: *const c_void,
+    pub log: HostLogFn,
+}
 
 /// `extern "C" fn() -> u32`
 pub type AbiVersionFn = unsafe extern "C" fn() -> u32;
 /// `extern "C" fn() -> KilnStr`
 pub type TypesVersionFn = unsafe extern "C" fn() -> KilnStr;
-/// Creates an instance from `config` (JSON). On success writes the instance pointer to
+/// Creates an instance from `config` (JSON), with `host` (valid until the process exits) as the
+/// host of every call into it. On success writes the instance pointer to
 /// `instance_out` and the plugin's description (JSON, see [`crate::PluginDescription`]) to
 /// `description_out`: its routes are the list the instance dispatches by, so a request's route
 /// index always means the route described. On failure writes the message to `err_out`.
 pub type InitFn = unsafe extern "C" fn(
+    host: *const KilnHost,
     config: KilnStr,
     instance_out: *mut *mut c_void,
     description_out: *mut KilnBuf,

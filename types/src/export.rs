@@ -4,7 +4,7 @@
 //! Every function catches panics: a panic unwinding out of an `extern "C"` function would abort
 //! the server, and the server cannot catch it itself (it is a foreign exception to its std).
 
-use crate::abi::{self, KilnBuf, KilnRequest, KilnResponse, KilnStr};
+use crate::abi::{self, KilnBuf, KilnHost, KilnRequest, KilnResponse, KilnStr};
 use crate::description::{PluginDescription, RouteDescription};
 use crate::sdk::{ConfigChange, Handler, InitContext, Plugin, Request, Response, Route};
 use std::any::Any;
@@ -20,10 +20,33 @@ pub struct PackageInfo {
     pub authors: &'static str,
 }
 
-/// One loaded instance: the plugin value and its handlers, indexed like its described routes.
+/// One loaded instance: the plugin value, its handlers (indexed like its described routes), and
+/// the host of every call into it.
 struct Instance<P> {
     plugin: P,
     handlers: Vec<Handler<P>>,
+    host: *const KilnHost,
+}
+
+thread_local! {
+    /// Where the last panic on this thread happened (set by the hook `init` installs).
+    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Installs (once per library) a panic hook that remembers where a panic happened, so that the
+/// message kiln shows names the file and line. The previous hook still runs.
+fn remember_panic_locations() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(l) = info.location() {
+                let at = format!("{}:{}:{}", l.file(), l.line(), l.column());
+                let _ = PANIC_AT.try_with(|p| p.borrow_mut().replace(at));
+            }
+            previous(info);
+        }));
+    });
 }
 
 /// The text of a panic payload; the payload is disposed of here.
@@ -32,13 +55,16 @@ struct Instance<P> {
 /// inside `catch_unwind`, and a payload of that second panic is leaked rather than dropped, so no
 /// panic can escape into the `extern "C"` frame (which would abort the server).
 fn panic_message(payload: Box<dyn Any + Send>) -> String {
-    let message = if let Some(s) = payload.downcast_ref::<&str>() {
+    let mut message = if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
         "panic with a non-string payload".to_string()
     };
+    if let Some(at) = PANIC_AT.try_with(|p| p.borrow_mut().take()).ok().flatten() {
+        message = format!("{message} (at {at})");
+    }
     if let Err(second) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
         std::mem::forget(second);
         return format!("{message} (and its payload panicked when dropped)");
@@ -89,6 +115,7 @@ fn description<P>(routes: &[Route<P>], pkg: PackageInfo) -> PluginDescription {
 /// `config` is a valid view for the call; `instance_out`, `description_out` and `err_out` are
 /// valid for writes.
 pub unsafe fn init<P: Plugin>(
+    host: *const KilnHost,
     config: KilnStr,
     instance_out: *mut *mut c_void,
     description_out: *mut KilnBuf,
@@ -97,6 +124,8 @@ pub unsafe fn init<P: Plugin>(
 ) -> i32 {
     // SAFETY: `config` is valid for the call (caller).
     let config_bytes = unsafe { config.as_bytes() };
+    remember_panic_locations();
+    let _entered = crate::host::enter(host);
     let result = catch_unwind(AssertUnwindSafe(|| {
         let config = if config_bytes.is_empty() {
             serde_json::Value::Object(Default::default())
@@ -108,7 +137,7 @@ pub unsafe fn init<P: Plugin>(
             .map_err(|e| format!("could not serialize the description: {e}"))?;
         let plugin = P::init(&InitContext { config })?;
         let handlers = routes.into_iter().map(|r| r.handler).collect();
-        Ok::<_, String>((Box::new(Instance { plugin, handlers }), described))
+        Ok::<_, String>((Box::new(Instance { plugin, handlers, host }), described))
     }));
     match result {
         Ok(Ok((instance, described))) => {
@@ -136,6 +165,7 @@ pub unsafe fn handle<P: Plugin>(instance: *mut c_void, req: *const KilnRequest, 
     let instance = unsafe { &*(instance as *const Instance<P>) };
     // SAFETY: `req` is valid for the call (caller).
     let raw = unsafe { &*req };
+    let _entered = crate::host::enter(instance.host);
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `HandleFn`'s contract: the server's views live for the call and are UTF-8
         // wherever `Request` reads them as text.
@@ -170,6 +200,7 @@ pub unsafe fn configure<P: Plugin>(instance: *mut c_void, config: KilnStr, err_o
     let instance = unsafe { &*(instance as *const Instance<P>) };
     // SAFETY: `config` is valid for the call (caller).
     let config_bytes = unsafe { config.as_bytes() };
+    let _entered = crate::host::enter(instance.host);
     let result = catch_unwind(AssertUnwindSafe(|| {
         let config = serde_json::from_slice(config_bytes).map_err(|e| format!("invalid config JSON: {e}"))?;
         instance.plugin.configure(&InitContext { config })
@@ -191,6 +222,7 @@ pub unsafe fn configure<P: Plugin>(instance: *mut c_void, config: KilnStr, err_o
 pub unsafe fn cleanup<P: Plugin>(instance: *mut c_void, err_out: *mut KilnBuf) -> i32 {
     // SAFETY: `instance` was made by `Box::into_raw` in `init` and is given back once (caller).
     let mut instance = unsafe { Box::from_raw(instance as *mut Instance<P>) };
+    let _entered = crate::host::enter(instance.host);
     let result = catch_unwind(AssertUnwindSafe(move || {
         instance.plugin.cleanup();
         drop(instance);
@@ -239,6 +271,7 @@ macro_rules! export_plugin {
         /// See [`kiln_types::abi::InitFn`].
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn kiln_init(
+            host: *const $crate::abi::KilnHost,
             config: $crate::abi::KilnStr,
             instance_out: *mut *mut ::std::ffi::c_void,
             description_out: *mut $crate::abi::KilnBuf,
@@ -251,7 +284,7 @@ macro_rules! export_plugin {
                 authors: env!("CARGO_PKG_AUTHORS"),
             };
             // SAFETY: the server upholds the contract of `InitFn`.
-            unsafe { $crate::export::init::<$plugin>(config, instance_out, description_out, err_out, pkg) }
+            unsafe { $crate::export::init::<$plugin>(host, config, instance_out, description_out, err_out, pkg) }
         }
 
         /// # Safety
@@ -333,8 +366,20 @@ mod tests {
         }
     }
 
+    /// What the test host was told: (level, message, fields).
+    static LOGGED: std::sync::Mutex<Vec<(u32, String, String)>> = std::sync::Mutex::new(Vec::new());
+
+    unsafe extern "C" fn test_log(_ctx: *const c_void, level: u32, message: KilnStr, fields: KilnStr) -> i32 {
+        // SAFETY: the views live for the call (the SDK's contract).
+        let (m, f) = unsafe { (message.as_bytes(), fields.as_bytes()) };
+        let entry = (level, String::from_utf8_lossy(m).into_owned(), String::from_utf8_lossy(f).into_owned());
+        LOGGED.lock().unwrap().push(entry);
+        abi::STATUS_OK
+    }
+
     impl Glue {
         fn a(&self, req: &Request) -> Response {
+            crate::log::with_fields(crate::Level::Info, "a called", &serde_json::json!({ "route": "a" }));
             let name = req.header("x-name").unwrap_or("?").to_string();
             Response::text(200, "a").header("x-echo", name).header("x-evil", "x\nset-cookie\nsession=attacker")
         }
@@ -351,8 +396,11 @@ mod tests {
     /// An instance and its description, through `init`.
     fn load() -> (*mut c_void, PluginDescription) {
         let (mut instance, mut desc, mut err) = (std::ptr::null_mut(), KilnBuf::EMPTY, KilnBuf::EMPTY);
-        // SAFETY: every out-pointer is valid for a write; the config view is static.
-        let status = unsafe { init::<Glue>(KilnStr::from_static("{}"), &mut instance, &mut desc, &mut err, PKG) };
+        // A host lives until the process exits, as kiln's do.
+        let host: &'static KilnHost =
+            Box::leak(Box::new(KilnHost { abi: abi::ABI_VERSION, ctx: std::ptr::null(), log: test_log }));
+        // SAFETY: every out-pointer is valid for a write; the config view and the host are static.
+        let status = unsafe { init::<Glue>(host, KilnStr::from_static("{}"), &mut instance, &mut desc, &mut err, PKG) };
         assert_eq!(status, abi::STATUS_OK);
         // SAFETY: made by `from_vec` in this crate.
         let desc = unsafe { desc.into_vec() };
@@ -420,6 +468,19 @@ mod tests {
     }
 
     #[test]
+    fn handlers_log_through_the_host_of_their_instance() {
+        let (instance, desc) = load();
+        call(instance, &desc, "/a", b"");
+        let logged = LOGGED.lock().unwrap().clone();
+        assert!(logged.contains(&(abi::LOG_INFO, "a called".into(), r#"{"route":"a"}"#.into())), "{logged:?}");
+        retire(instance);
+        assert_eq!(
+            crate::log::try_log(crate::Level::Info, "outside", &serde_json::Value::Null),
+            Err(crate::HostError::NoHost)
+        );
+    }
+
+    #[test]
     fn a_payload_that_panics_when_dropped_is_contained() {
         let (instance, desc) = load();
         let (status, out) = call(instance, &desc, "/bomb", b"");
@@ -427,6 +488,7 @@ mod tests {
         // SAFETY: made by `from_vec` in this crate.
         let body = String::from_utf8(unsafe { out.body.into_vec() }).unwrap();
         assert!(body.contains("panicked when dropped"), "{body}");
+        assert!(body.contains("(at types/src/export.rs:"), "the panic names its place: {body}");
         retire(instance);
     }
 }

@@ -29,9 +29,11 @@ pub mod abi;
 pub mod description;
 #[doc(hidden)]
 pub mod export;
+mod host;
 mod sdk;
 
 pub use description::{PluginDescription, ResponseDescription, RouteDescription};
+pub use host::{Host, HostError, Level, log};
 pub use sdk::{ConfigChange, Handler, InitContext, Plugin, Request, Response, Route};
 pub use serde_json;
 

@@ -8,13 +8,14 @@ use super::error::{ApiError, ErrorResponse};
 use crate::archive;
 use crate::discovery;
 use crate::error_code::ErrorCode;
+use crate::host::logs::{Level as LogLevel, LogStore};
 use crate::manifest::{Manifest, ManifestError, validate_name};
 use crate::plugin_config::{self, mask};
 use crate::reconciler::{Failure, Reconciler};
 use crate::repo::Discovered;
 use crate::repo::{EndpointRow, PluginRow, Repo, RepoError};
 use chrono::{DateTime, Utc};
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::types::multipart::Upload;
 use poem_openapi::{ApiResponse, Multipart, Object, OpenApi, Tags};
@@ -167,6 +168,38 @@ pub struct AdminApi {
     pub install_dir: PathBuf,
     /// The initial status of discovered plugins (config file lists).
     pub policy: Arc<crate::config::FileConfig>,
+    /// Every plugin's recent logs, panics and init errors.
+    pub logs: Arc<LogStore>,
+}
+
+/// A log level, as a query parameter.
+#[derive(Debug, Clone, Copy, poem_openapi::Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum LevelParam {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// One line of a plugin's log.
+#[derive(Debug, Object)]
+pub struct LogLine {
+    /// Increases with every line the server keeps.
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub level: String,
+    /// `log` (the plugin logged it), `panic` (one of its calls panicked), `init` (its init failed
+    /// or took the server down).
+    pub kind: String,
+    pub message: String,
+    /// The fields the plugin logged with the line (a JSON object).
+    pub fields: serde_json::Value,
+    /// The route being handled (`METHOD /path`), for a handler's lines.
+    #[oai(nullable)]
+    pub route: Option<String>,
 }
 
 /// A plugin's configuration, sensitive values masked.
@@ -337,6 +370,43 @@ impl AdminApi {
             return Err(failure(f));
         }
         self.get_config(name).await
+    }
+
+    /// A plugin's recent log lines (the newest 1,000 are kept), oldest first: what it logged
+    /// through the host, its panics (with file and line) and its init errors. `level` keeps
+    /// lines at that level or more severe (default `trace`: all); `since` keeps lines after that
+    /// time (RFC 3339); `limit` keeps the newest so many (default 100, at most 1,000).
+    #[oai(path = "/plugins/:name/logs", method = "get", tag = "Tag::Plugins")]
+    async fn logs(
+        &self,
+        #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
+        level: Query<Option<LevelParam>>,
+        since: Query<Option<DateTime<Utc>>>,
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))] limit: Query<Option<u32>>,
+    ) -> Result<Vec<LogLine>> {
+        let row = self.row(&name).await?;
+        let level = match level.0 {
+            Some(LevelParam::Error) => LogLevel::Error,
+            Some(LevelParam::Warn) => LogLevel::Warn,
+            Some(LevelParam::Info) => LogLevel::Info,
+            Some(LevelParam::Debug) => LogLevel::Debug,
+            Some(LevelParam::Trace) | None => LogLevel::Trace,
+        };
+        let lines = self.logs.query(&row.name, level, since.0, limit.0.unwrap_or(100) as usize);
+        Ok(Json(
+            lines
+                .into_iter()
+                .map(|e| LogLine {
+                    seq: e.seq,
+                    at: e.at,
+                    level: e.level.as_str().into(),
+                    kind: e.kind.as_str().into(),
+                    message: e.message,
+                    fields: e.fields,
+                    route: e.route,
+                })
+                .collect(),
+        ))
     }
 
     /// The latest builds of a plugin (at most 50), newest first.

@@ -7,6 +7,7 @@
 use super::docs::Docs;
 use super::error::json_error;
 use crate::error_code::ErrorCode;
+use crate::host::logs::{Kind, LogStore};
 use crate::loader::{CallError, CallRequest, LoadedPlugin};
 use crate::routes::{Pattern, RouteSink};
 use arc_swap::ArcSwap;
@@ -36,12 +37,14 @@ pub struct PluginRouter {
     docs: OnceLock<Arc<Docs>>,
     max_body: usize,
     body_timeout: Duration,
+    /// Where a handler's panic is recorded, under its plugin.
+    logs: Arc<LogStore>,
 }
 
 impl PluginRouter {
-    pub fn new(max_body: usize, body_timeout: Duration) -> Self {
+    pub fn new(max_body: usize, body_timeout: Duration, logs: Arc<LogStore>) -> Self {
         let empty = Table { route: Route::new(), methods: Vec::new() };
-        Self { current: ArcSwap::from_pointee(empty), docs: OnceLock::new(), max_body, body_timeout }
+        Self { current: ArcSwap::from_pointee(empty), docs: OnceLock::new(), max_body, body_timeout, logs }
     }
 
     /// Connects the docs that every publish updates.
@@ -75,6 +78,8 @@ impl RouteSink for PluginRouter {
                     blocking: r.blocking,
                     max_body: self.max_body,
                     body_timeout: self.body_timeout,
+                    logs: self.logs.clone(),
+                    label: format!("{} {}", r.method, r.path).into(),
                 };
                 match allow.iter_mut().find(|(p, _)| *p == pattern) {
                     Some((_, m)) => m.push(&r.method),
@@ -116,6 +121,9 @@ struct PluginEndpoint {
     blocking: bool,
     max_body: usize,
     body_timeout: Duration,
+    logs: Arc<LogStore>,
+    /// `METHOD /path` of the route, for logs.
+    label: Arc<str>,
 }
 
 impl Endpoint for PluginEndpoint {
@@ -132,7 +140,9 @@ impl Endpoint for PluginEndpoint {
             let owned = OwnedRequest::new(&req, &self.params);
             let plugin = self.plugin.clone();
             let route = self.route;
+            let label = self.label.clone();
             let call = move || {
+                let _route = crate::host::on_route(&label);
                 let params: Vec<(&str, &str)> = owned.params.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
                 let headers: Vec<(&str, &[u8])> = owned.headers.iter().map(|(n, v)| (n.as_str(), &v[..])).collect();
                 plugin.call(&CallRequest {
@@ -155,6 +165,7 @@ impl Endpoint for PluginEndpoint {
                 self.params.iter().map(|n| (n.as_str(), req.raw_path_param(n).unwrap_or(""))).collect();
             let headers: Vec<(&str, &[u8])> = req.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
             let started = std::time::Instant::now();
+            let _route = crate::host::on_route(&self.label);
             let result = self.plugin.call(&CallRequest {
                 route: self.route,
                 method: req.method().as_str(),
@@ -178,6 +189,7 @@ impl Endpoint for PluginEndpoint {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(plugin = %name, path = %req.uri().path(), "{e}");
+                self.logs.record(name, Kind::Panic, e.to_string(), Some(self.label.to_string()));
                 let msg = format!("plugin {name}: {e}");
                 return Ok(json_error(ErrorCode::PluginError, &msg));
             }

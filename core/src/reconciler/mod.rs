@@ -19,6 +19,7 @@ mod pass;
 
 use crate::compiler::{BuildError, Compiler};
 use crate::error_code::ErrorCode;
+use crate::host::logs::LogStore;
 use crate::load_marker::LoadMarkers;
 use crate::loader::{LoadError, LoadedPlugin, Retirements};
 use crate::manifest::ManifestError;
@@ -152,12 +153,20 @@ struct Inner {
     retirements: Arc<Retirements>,
     /// Where a load in progress is recorded, for the next start if this process dies in it.
     markers: LoadMarkers,
+    /// Every plugin's recent logs, panics and init errors (the host keeps them).
+    logs: Arc<LogStore>,
     /// This `Inner` itself, to start workers from `&self`.
     me: Weak<Inner>,
 }
 
 impl Reconciler {
-    pub fn new(repo: Repo, compiler: Arc<Compiler>, sink: Arc<dyn RouteSink>, markers: LoadMarkers) -> Self {
+    pub fn new(
+        repo: Repo,
+        compiler: Arc<Compiler>,
+        sink: Arc<dyn RouteSink>,
+        markers: LoadMarkers,
+        logs: Arc<LogStore>,
+    ) -> Self {
         Self {
             inner: Arc::new_cyclic(|me| Inner {
                 repo,
@@ -170,6 +179,7 @@ impl Reconciler {
                 closed: Default::default(),
                 retirements: Default::default(),
                 markers,
+                logs,
                 me: me.clone(),
             }),
         }

@@ -5,6 +5,8 @@ use super::ownership::Displaced;
 use super::{Inner, Outcome, ReconcileError};
 use crate::compiler::Artifact;
 use crate::error_code::ErrorCode;
+use crate::host::HostCtx;
+use crate::host::logs::Kind;
 use crate::loader::{Configured, LoadError, LoadedPlugin};
 use crate::manifest::{Manifest, ManifestError};
 use crate::repo::{Loaded, NewEndpoint, PluginRow, RowLock};
@@ -32,6 +34,7 @@ impl Inner {
                 // to load these libraries, and collects them itself once it serves.
                 if self.repo.get_by_name(&name).await?.is_none() {
                     self.compiler.collect_garbage(&name, &self.served_libraries());
+                    self.logs.forget(&name);
                 }
             }
             return Ok(Outcome::Gone);
@@ -151,16 +154,26 @@ impl Inner {
         let (path, retirements) = (artifact.path.clone(), self.retirements.clone());
         let config_json = serde_json::to_vec(&config).expect("a Value always serializes");
         let (markers, id, name, marked_hash) = (self.markers.clone(), row.id, row.name.clone(), hash.clone());
-        let plugin = tokio::task::spawn_blocking(move || {
+        let host = HostCtx::new(&row.name, &manifest.version, self.logs.clone());
+        let loaded = tokio::task::spawn_blocking(move || {
             // If this process dies inside the plugin's init, the next start knows who did it.
             let marker = markers.begin(id, &name, &marked_hash);
             if let Err(e) = &marker {
                 tracing::warn!(plugin = %name, "could not record the load in progress: {e}");
             }
-            LoadedPlugin::load_tracked(&path, &config_json, &retirements)
+            LoadedPlugin::load_tracked(&path, &config_json, &host, &retirements)
         })
         .await
-        .map_err(|e| LoadError::Init(format!("the load task failed: {e}")))??;
+        .map_err(|e| LoadError::Init(format!("the load task failed: {e}")))?;
+        let plugin = match loaded {
+            Ok(p) => p,
+            Err(e) => {
+                if let LoadError::Init(msg) = &e {
+                    self.logs.record(&row.name, Kind::Init, format!("init failed: {msg}"), None);
+                }
+                return Err(e.into());
+            }
+        };
         self.publish_and_record(row, &manifest, &hash, config, Arc::new(plugin)).await?;
         tracing::info!(plugin = %row.name, built = artifact.built, library = %artifact.path.display(), "serving");
         self.compiler.collect_garbage(&row.name, &self.served_libraries());

@@ -14,6 +14,7 @@ pub struct Hello {
 impl Hello {
     fn greet(&self, who: &str) -> Response {
         let n = self.greetings.fetch_add(1, Ordering::Relaxed) + 1;
+        kiln_types::log::with_fields(kiln_types::Level::Info, "greeted", &json!({ "who": who, "greetings": n }));
         Response::json(200, &json!({ "message": format!("hello, {who}"), "greetings": n }))
     }
 

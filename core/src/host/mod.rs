@@ -1,0 +1,145 @@
+//! The host side of the plugin boundary: the functions kiln offers plugins through the
+//! `KilnHost` table (`kiln_types::abi`), and what they keep.
+//!
+//! - `mod.rs`: the per-instance context and the table, and the C functions behind it.
+//! - `logs.rs`: each plugin's recent log lines, panics and init errors.
+//!
+//! Nothing here changes what is served; the reconciler creates a context per instance and retires
+//! it with the instance. A table and its context are never freed (a few dozen bytes per load):
+//! a thread a plugin left running may call the host at any time, and must find it retired, not
+//! gone.
+
+pub mod logs;
+
+use kiln_types::abi::{self, KilnHost, KilnStr};
+use logs::{LogEntry, LogStore};
+use std::cell::Cell;
+use std::ffi::c_void;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Longest log message kept, in bytes (longer ones are cut).
+const MAX_MESSAGE: usize = 8 * 1024;
+
+/// What the host knows of one plugin instance.
+#[derive(Debug)]
+pub struct HostCtx {
+    plugin: String,
+    version: String,
+    /// Set once the instance's cleanup has run: later calls do nothing.
+    retired: AtomicBool,
+    logs: Arc<LogStore>,
+}
+
+impl HostCtx {
+    pub fn new(plugin: &str, version: &str, logs: Arc<LogStore>) -> Arc<Self> {
+        Arc::new(Self { plugin: plugin.into(), version: version.into(), retired: AtomicBool::new(false), logs })
+    }
+
+    /// The instance is gone: host calls made from now on answer `STATUS_RETIRED`.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    /// The table to hand the plugin, valid until the process exits (see the module docs).
+    pub fn table(self: &Arc<Self>) -> &'static KilnHost {
+        let ctx = Arc::into_raw(self.clone()).cast::<c_void>();
+        Box::leak(Box::new(KilnHost { abi: abi::ABI_VERSION, ctx, log: host_log }))
+    }
+}
+
+thread_local! {
+    /// The route being handled on this thread, if any: plugin calls are synchronous, so a host
+    /// call made during one runs on the thread that made it. A pointer, not a copy: this is set
+    /// for every request, and read only when the plugin logs.
+    static ROUTE: Cell<Option<*const str>> = const { Cell::new(None) };
+}
+
+/// Tags host calls made on this thread with `route` until the guard drops.
+pub fn on_route(route: &str) -> RouteGuard<'_> {
+    ROUTE.with(|r| r.set(Some(route as *const str)));
+    RouteGuard { _route: std::marker::PhantomData }
+}
+
+/// Clears the route of [`on_route`]; borrows it, so the route outlives its use.
+pub struct RouteGuard<'a> {
+    _route: std::marker::PhantomData<&'a str>,
+}
+
+impl Drop for RouteGuard<'_> {
+    fn drop(&mut self) {
+        ROUTE.with(|r| r.set(None));
+    }
+}
+
+/// The route set by [`on_route`] on this thread, copied.
+fn current_route() -> Option<String> {
+    // SAFETY: the pointer is set only while its `RouteGuard`, which borrows the string, lives
+    // on this thread, and cleared when the guard drops.
+    ROUTE.with(|r| r.get().map(|p| unsafe { &*p }.to_string()))
+}
+
+/// `KilnHost::log`.
+///
+/// # Safety
+/// `ctx` is the context of a table made by [`HostCtx::table`]; the views live for the call.
+unsafe extern "C" fn host_log(ctx: *const c_void, level: u32, message: KilnStr, fields: KilnStr) -> i32 {
+    // Nothing may unwind into the plugin: a panic here is a refused call.
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `ctx` came from `Arc::into_raw` in `table` and is never released.
+        let ctx = unsafe { &*ctx.cast::<HostCtx>() };
+        if ctx.retired.load(Ordering::SeqCst) {
+            return abi::STATUS_RETIRED;
+        }
+        // SAFETY: the plugin passes views that live for the call (the SDK's contract).
+        let (message, fields) = unsafe { (message.as_bytes(), fields.as_bytes()) };
+        let Some(level) = logs::Level::from_raw(level) else { return abi::STATUS_ERROR };
+        let fields: serde_json::Value = if fields.is_empty() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            match serde_json::from_slice(fields) {
+                Ok(v @ serde_json::Value::Object(_)) => v,
+                _ => return abi::STATUS_ERROR,
+            }
+        };
+        let message = String::from_utf8_lossy(&message[..message.len().min(MAX_MESSAGE)]).into_owned();
+        let route = current_route();
+        let entry = LogEntry::new(level, logs::Kind::Log, message, fields, route);
+        entry.trace(&ctx.plugin, &ctx.version);
+        ctx.logs.push(&ctx.plugin, entry);
+        abi::STATUS_OK
+    }))
+    .unwrap_or(abi::STATUS_ERROR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Calls the table's `log` as a plugin would.
+    fn log(table: &KilnHost, message: &str, fields: &str) -> i32 {
+        // SAFETY: the table came from `HostCtx::table`; both views live for the call.
+        unsafe {
+            (table.log)(table.ctx, abi::LOG_INFO, KilnStr::new(message.as_bytes()), KilnStr::new(fields.as_bytes()))
+        }
+    }
+
+    #[test]
+    fn a_host_call_after_retirement_fails_cleanly() {
+        let logs: Arc<LogStore> = Default::default();
+        let ctx = HostCtx::new("p", "1.0.0", logs.clone());
+        let table = ctx.table();
+        {
+            let _route = on_route("GET /p");
+            assert_eq!(log(table, "hello", r#"{"n":1}"#), abi::STATUS_OK);
+        }
+        assert_eq!(log(table, "bad fields", "[1]"), abi::STATUS_ERROR);
+        ctx.retire();
+        assert_eq!(log(table, "too late", ""), abi::STATUS_RETIRED);
+        let kept = logs.query("p", logs::Level::Trace, None, 10);
+        assert_eq!(kept.len(), 1);
+        assert_eq!((kept[0].message.as_str(), kept[0].route.as_deref()), ("hello", Some("GET /p")));
+        assert_eq!(kept[0].fields, serde_json::json!({ "n": 1 }));
+    }
+}

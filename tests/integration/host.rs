@@ -1,0 +1,46 @@
+//! The host side of the boundary, over HTTP: a plugin's own log lines, its panics (with their
+//! place) and its init errors, at `GET /plugins/{name}/logs`.
+
+use crate::support::TestServer;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugins_logs_panics_and_init_errors_are_kept_and_served() {
+    let server = TestServer::start(&["hello", "panicky", "lifecycle"]).await;
+    server.wait_state("hello", "loaded").await;
+    server.wait_state("panicky", "loaded").await;
+    server.wait_state("lifecycle", "loaded").await;
+
+    assert_eq!(server.get("/hello/kiln").await.0, 200);
+    let (status, lines) = server.get("/plugins/hello/logs").await;
+    assert_eq!(status, 200, "{lines}");
+    let line = lines.as_array().unwrap().iter().find(|l| l["message"] == "greeted").expect("the greeting was logged");
+    assert_eq!(line["level"], "info");
+    assert_eq!(line["kind"], "log");
+    assert_eq!(line["route"], "GET /hello/{name}");
+    assert_eq!(line["fields"], json!({ "who": "kiln", "greetings": 1 }));
+
+    assert_eq!(server.get("/panicky/boom").await.0, 500);
+    let (_, lines) = server.get("/plugins/panicky/logs?level=error").await;
+    let panic = &lines.as_array().unwrap()[0];
+    assert_eq!((panic["kind"].as_str(), panic["route"].as_str()), (Some("panic"), Some("GET /panicky/boom")));
+    let message = panic["message"].as_str().unwrap();
+    assert!(message.contains("panicky fixture: boom") && message.contains("(at src/lib.rs:"), "{message}");
+
+    // An init that refuses: its reason is kept with the plugin's lines.
+    let src = server.plugin_dir("lifecycle").join("src/lib.rs");
+    let code = std::fs::read_to_string(&src).unwrap();
+    std::fs::write(&src, code.replace("const VERSION: &str = \"v1\";", "const VERSION: &str = \"init-error\";"))
+        .unwrap();
+    assert_eq!(server.post("/plugins/lifecycle/reload", None).await.0, 422);
+    let (_, lines) = server.get("/plugins/lifecycle/logs?limit=1").await;
+    let last = &lines.as_array().unwrap()[0];
+    assert_eq!(last["kind"], "init");
+    assert!(last["message"].as_str().unwrap().contains("init refused"), "{last}");
+
+    // Filters and errors.
+    let (status, lines) = server.get("/plugins/hello/logs?level=warn").await;
+    assert_eq!((status, lines.as_array().map(Vec::len)), (200, Some(0)));
+    assert_eq!(server.get("/plugins/hello/logs?level=loud").await.0, 400);
+    assert_eq!(server.get("/plugins/nobody/logs").await.0, 404);
+}

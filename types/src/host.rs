@@ -1,0 +1,158 @@
+//! The host: what kiln offers a plugin while it runs. Today: logs under the plugin's name.
+//!
+//! ```
+//! kiln_types::log::info("note created");
+//! kiln_types::log::with_fields(kiln_types::log::Level::Warn, "slow", &kiln_types::serde_json::json!({ "ms": 120 }));
+//! ```
+//!
+//! Inside a call from kiln (init, a handler, configure, cleanup) the host is known: the free
+//! functions of [`log`](crate::log) use it. A thread the plugin starts takes a [`Host`] along
+//! (`Host::current()` before spawning). Once the instance is retired, host calls fail with
+//! [`HostError::Retired`]; they never crash.
+
+use crate::abi::{self, KilnHost, KilnStr};
+use std::cell::Cell;
+
+/// Log levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl Level {
+    fn raw(self) -> u32 {
+        match self {
+            Level::Error => abi::LOG_ERROR,
+            Level::Warn => abi::LOG_WARN,
+            Level::Info => abi::LOG_INFO,
+            Level::Debug => abi::LOG_DEBUG,
+            Level::Trace => abi::LOG_TRACE,
+        }
+    }
+}
+
+/// Why a host call did nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostError {
+    /// No host: not inside a call from kiln, and no [`Host`] was taken along.
+    NoHost,
+    /// The instance this host belongs to was retired.
+    Retired,
+    /// The host refused the call (a bad argument).
+    Failed,
+}
+
+impl std::fmt::Display for HostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostError::NoHost => "no kiln host on this thread",
+            HostError::Retired => "the plugin instance was retired",
+            HostError::Failed => "the host refused the call",
+        })
+    }
+}
+
+impl std::error::Error for HostError {}
+
+/// A handle to the host of one plugin instance. Cheap to copy, and may move to other threads.
+#[derive(Debug, Clone, Copy)]
+pub struct Host {
+    raw: *const KilnHost,
+}
+
+// SAFETY: the host table and its context live until the process exits (see `KilnHost`), and
+// every host function is thread-safe.
+unsafe impl Send for Host {}
+// SAFETY: as above.
+unsafe impl Sync for Host {}
+
+thread_local! {
+    /// The host of the call from kiln in progress on this thread (null outside one).
+    static CURRENT: Cell<*const KilnHost> = const { Cell::new(std::ptr::null()) };
+}
+
+impl Host {
+    /// The host of the call from kiln in progress on this thread.
+    pub fn current() -> Option<Host> {
+        let raw = CURRENT.with(Cell::get);
+        (!raw.is_null()).then_some(Host { raw })
+    }
+
+    /// Logs `message` at `level`, with `fields` (a JSON object; anything else is logged as
+    /// `{"value": …}`).
+    pub fn log(&self, level: Level, message: &str, fields: &serde_json::Value) -> Result<(), HostError> {
+        let fields = match fields {
+            serde_json::Value::Null => Vec::new(),
+            serde_json::Value::Object(_) => serde_json::to_vec(fields).unwrap_or_default(),
+            other => serde_json::to_vec(&serde_json::json!({ "value": other })).unwrap_or_default(),
+        };
+        // SAFETY: `raw` came from the host (see `enter`) and stays valid until the process
+        // exits; both views live for the call.
+        let status = unsafe {
+            let host = &*self.raw;
+            (host.log)(host.ctx, level.raw(), KilnStr::new(message.as_bytes()), KilnStr::new(&fields))
+        };
+        match status {
+            abi::STATUS_OK => Ok(()),
+            abi::STATUS_RETIRED => Err(HostError::Retired),
+            _ => Err(HostError::Failed),
+        }
+    }
+}
+
+/// Makes `raw` the current host of this thread until the guard drops (then the previous one).
+pub(crate) fn enter(raw: *const KilnHost) -> Entered {
+    Entered { previous: CURRENT.with(|c| c.replace(raw)) }
+}
+
+/// Restores the previous current host.
+pub(crate) struct Entered {
+    previous: *const KilnHost,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.previous));
+    }
+}
+
+/// Logging under the plugin's name, through the current host. Logging never fails a handler:
+/// outside a call from kiln (no host), these do nothing.
+pub mod log {
+    pub use super::Level;
+    use super::{Host, HostError};
+
+    /// Logs `message` with `fields` (a JSON object) at `level`.
+    pub fn with_fields(level: Level, message: &str, fields: &serde_json::Value) {
+        let _ = try_log(level, message, fields);
+    }
+
+    /// As [`with_fields`], telling why nothing was logged.
+    pub fn try_log(level: Level, message: &str, fields: &serde_json::Value) -> Result<(), HostError> {
+        Host::current().ok_or(HostError::NoHost)?.log(level, message, fields)
+    }
+
+    pub fn error(message: &str) {
+        with_fields(Level::Error, message, &serde_json::Value::Null);
+    }
+
+    pub fn warn(message: &str) {
+        with_fields(Level::Warn, message, &serde_json::Value::Null);
+    }
+
+    pub fn info(message: &str) {
+        with_fields(Level::Info, message, &serde_json::Value::Null);
+    }
+
+    pub fn debug(message: &str) {
+        with_fields(Level::Debug, message, &serde_json::Value::Null);
+    }
+
+    pub fn trace(message: &str) {
+        with_fields(Level::Trace, message, &serde_json::Value::Null);
+    }
+}
