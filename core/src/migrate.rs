@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "003_uninstalled.sql", include_str!("../../sql/003_uninstalled.sql")),
     (4, "004_waiting.sql", include_str!("../../sql/004_waiting.sql")),
     (5, "005_quarantine.sql", include_str!("../../sql/005_quarantine.sql")),
+    (6, "006_storage.sql", include_str!("../../sql/006_storage.sql")),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

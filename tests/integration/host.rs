@@ -44,3 +44,36 @@ async fn a_plugins_logs_panics_and_init_errors_are_kept_and_served() {
     assert_eq!(server.get("/plugins/hello/logs?level=loud").await.0, 400);
     assert_eq!(server.get("/plugins/nobody/logs").await.0, 404);
 }
+
+/// The host's key-value storage: compare-and-set under concurrency, from inline and blocking
+/// handlers; kept across a reload and a restart; gone with the plugin's row.
+#[tokio::test(flavor = "multi_thread")]
+async fn storage_counts_without_lost_updates_and_outlives_reloads_and_restarts() {
+    let server = TestServer::start(&["stored"]).await;
+    server.wait_state("stored", "loaded").await;
+    let hits = (0..20).map(|i| {
+        let path = if i % 2 == 0 { "/stored/count" } else { "/stored/count-blocking" };
+        server.get(path)
+    });
+    let answers = futures_util::future::join_all(hits).await;
+    assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
+    let mut counts: Vec<u64> = answers.iter().map(|(_, b)| b["count"].as_u64().unwrap()).collect();
+    counts.sort();
+    assert_eq!(counts, (1..=20).collect::<Vec<_>>(), "every increment counted once");
+
+    assert_eq!(server.post("/plugins/stored/reload", None).await.0, 200);
+    assert_eq!(server.get("/stored/count").await.1, json!({ "count": 21 }), "kept across a reload");
+    let (cluster, root, url) = server.stop().await;
+    let server = TestServer::start_in(cluster, root, url).await;
+    server.wait_state("stored", "loaded").await;
+    assert_eq!(server.get("/stored/count").await.1, json!({ "count": 22 }), "kept across a restart");
+    assert_eq!(server.get("/stored/keys").await.1, json!(["count"]));
+
+    assert_eq!(server.send_delete("/plugins/stored").await.0, 200);
+    let db = server.sql().await;
+    server
+        .wait_until("the storage goes with the plugin", crate::support::EDIT_DEADLINE, || async {
+            db.query("SELECT 1 FROM plugin_storage WHERE plugin = 'stored'", &[]).await.unwrap().is_empty()
+        })
+        .await;
+}

@@ -58,6 +58,16 @@ pub const LOG_TRACE: u32 = 5;
 /// plugin's name. [`STATUS_OK`], [`STATUS_RETIRED`] or [`STATUS_ERROR`] (bad arguments).
 pub type HostLogFn = unsafe extern "C" fn(ctx: *const c_void, level: u32, message: KilnStr, fields: KilnStr) -> i32;
 
+/// Called by the host to hand a result to the plugin: copies `bytes` into the plugin's own
+/// buffer `out` (so the plugin allocates and frees what it keeps).
+pub type WriteFn = unsafe extern "C" fn(out: *mut c_void, bytes: KilnStr);
+
+/// A host service call: `op` names it (`storage.get`, …), `args` is a JSON object. The answer
+/// (a JSON value for [`STATUS_OK`]; `{"code": …, "message": …}` for [`STATUS_ERROR`]) is handed
+/// over through `write(out, …)` before the call returns. [`STATUS_RETIRED`] writes nothing.
+pub type HostCallFn =
+    unsafe extern "C" fn(ctx: *const c_void, op: KilnStr, args: KilnStr, out: *mut c_void, write: WriteFn) -> i32;
+
 /// The host's side of the boundary: functions a plugin calls, and the context they take. kiln
 /// passes one to `kiln_init` for each instance. The table and its context stay valid until the
 /// process exits, so a call from a thread the plugin left running is safe; once the instance is
@@ -70,6 +80,7 @@ pub struct KilnHost {
     pub abi: u32,
     pub ctx: *const c_void,
     pub log: HostLogFn,
+    pub call: HostCallFn,
 }
 
 /// `extern "C" fn() -> u32`

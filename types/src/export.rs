@@ -369,6 +369,19 @@ mod tests {
     /// What the test host was told: (level, message, fields).
     static LOGGED: std::sync::Mutex<Vec<(u32, String, String)>> = std::sync::Mutex::new(Vec::new());
 
+    /// The test host offers no services.
+    unsafe extern "C" fn test_call(
+        _ctx: *const c_void,
+        _op: KilnStr,
+        _args: KilnStr,
+        out: *mut c_void,
+        write: abi::WriteFn,
+    ) -> i32 {
+        // SAFETY: the SDK's writer and buffer, during the call.
+        unsafe { write(out, KilnStr::from_static(r#"{"code":"NotFound","message":"no services"}"#)) };
+        abi::STATUS_ERROR
+    }
+
     unsafe extern "C" fn test_log(_ctx: *const c_void, level: u32, message: KilnStr, fields: KilnStr) -> i32 {
         // SAFETY: the views live for the call (the SDK's contract).
         let (m, f) = unsafe { (message.as_bytes(), fields.as_bytes()) };
@@ -397,8 +410,12 @@ mod tests {
     fn load() -> (*mut c_void, PluginDescription) {
         let (mut instance, mut desc, mut err) = (std::ptr::null_mut(), KilnBuf::EMPTY, KilnBuf::EMPTY);
         // A host lives until the process exits, as kiln's do.
-        let host: &'static KilnHost =
-            Box::leak(Box::new(KilnHost { abi: abi::ABI_VERSION, ctx: std::ptr::null(), log: test_log }));
+        let host: &'static KilnHost = Box::leak(Box::new(KilnHost {
+            abi: abi::ABI_VERSION,
+            ctx: std::ptr::null(),
+            log: test_log,
+            call: test_call,
+        }));
         // SAFETY: every out-pointer is valid for a write; the config view and the host are static.
         let status = unsafe { init::<Glue>(host, KilnStr::from_static("{}"), &mut instance, &mut desc, &mut err, PKG) };
         assert_eq!(status, abi::STATUS_OK);

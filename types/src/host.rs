@@ -1,4 +1,5 @@
-//! The host: what kiln offers a plugin while it runs. Today: logs under the plugin's name.
+//! The host: what kiln offers a plugin while it runs: logs under the plugin's name
+//! ([`log`](crate::log)) and a key-value store of its own ([`storage`](crate::storage)).
 //!
 //! ```
 //! kiln_types::log::info("note created");
@@ -44,6 +45,8 @@ pub enum HostError {
     Retired,
     /// The host refused the call (a bad argument).
     Failed,
+    /// The service answered with an error (`code` as in kiln's error table).
+    Service { code: String, message: String },
 }
 
 impl std::fmt::Display for HostError {
@@ -52,6 +55,7 @@ impl std::fmt::Display for HostError {
             HostError::NoHost => "no kiln host on this thread",
             HostError::Retired => "the plugin instance was retired",
             HostError::Failed => "the host refused the call",
+            HostError::Service { code, message } => return write!(f, "{code}: {message}"),
         })
     }
 }
@@ -104,6 +108,47 @@ impl Host {
     }
 }
 
+impl Host {
+    /// Calls host service `op` with `args` (a JSON object); its answer. Blocking: the services
+    /// do I/O (kiln moves the calling worker out of its async pool meanwhile).
+    pub fn call(&self, op: &str, args: &serde_json::Value) -> Result<serde_json::Value, HostError> {
+        let args = serde_json::to_vec(args).map_err(|_| HostError::Failed)?;
+        let mut answer: Vec<u8> = Vec::new();
+        // SAFETY: as in `log`; `answer` outlives the call, and `write_into` only appends to it.
+        let status = unsafe {
+            let host = &*self.raw;
+            (host.call)(
+                host.ctx,
+                KilnStr::new(op.as_bytes()),
+                KilnStr::new(&args),
+                (&mut answer as *mut Vec<u8>).cast(),
+                write_into,
+            )
+        };
+        let value = || serde_json::from_slice::<serde_json::Value>(&answer).map_err(|_| HostError::Failed);
+        match status {
+            abi::STATUS_OK => value(),
+            abi::STATUS_RETIRED => Err(HostError::Retired),
+            _ => {
+                let v = value()?;
+                let text = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+                Err(HostError::Service { code: text("code"), message: text("message") })
+            }
+        }
+    }
+}
+
+/// The `WriteFn` the SDK hands the host: appends to the `Vec<u8>` behind `out`.
+///
+/// # Safety
+/// `out` points at a live `Vec<u8>` (see [`Host::call`]); `bytes` is valid for the call.
+unsafe extern "C" fn write_into(out: *mut std::ffi::c_void, bytes: KilnStr) {
+    // Nothing may unwind into the host: a failed append (out of memory) aborts, as allocation
+    // failures do anyway.
+    // SAFETY: guaranteed by the caller.
+    unsafe { (*out.cast::<Vec<u8>>()).extend_from_slice(bytes.as_bytes()) };
+}
+
 /// Makes `raw` the current host of this thread until the guard drops (then the previous one).
 pub(crate) fn enter(raw: *const KilnHost) -> Entered {
     Entered { previous: CURRENT.with(|c| c.replace(raw)) }
@@ -154,5 +199,52 @@ pub mod log {
 
     pub fn trace(message: &str) {
         with_fields(Level::Trace, message, &serde_json::Value::Null);
+    }
+}
+
+/// The plugin's own key-value store, kept by kiln in PostgreSQL: values are JSON, keys are
+/// strings (1 to 512 bytes). It survives reloads and restarts, and goes with the plugin on
+/// uninstall. Calls block (they are database round trips) and need a host (a call from kiln, or
+/// a [`Host`] taken along).
+pub mod storage {
+    use super::{Host, HostError};
+    use serde_json::{Value, json};
+
+    fn call(op: &str, args: Value) -> Result<Value, HostError> {
+        Host::current().ok_or(HostError::NoHost)?.call(op, &args)
+    }
+
+    /// The value under `key`, if any.
+    pub fn get(key: &str) -> Result<Option<Value>, HostError> {
+        let v = call("storage.get", json!({ "key": key }))?;
+        Ok(v.get("value").cloned().filter(|v| !v.is_null()))
+    }
+
+    /// Stores `value` under `key`.
+    pub fn put(key: &str, value: &Value) -> Result<(), HostError> {
+        call("storage.put", json!({ "key": key, "value": value })).map(drop)
+    }
+
+    /// Removes `key`; whether it was there.
+    pub fn delete(key: &str) -> Result<bool, HostError> {
+        Ok(call("storage.delete", json!({ "key": key }))?["deleted"].as_bool().unwrap_or(false))
+    }
+
+    /// Every (key, value) whose key starts with `prefix`, in key order (at most 1,000).
+    pub fn list(prefix: &str) -> Result<Vec<(String, Value)>, HostError> {
+        let v = call("storage.list", json!({ "prefix": prefix }))?;
+        Ok(v["entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((e["key"].as_str()?.to_string(), e["value"].clone())))
+            .collect())
+    }
+
+    /// Stores `new` under `key` if the value there is `expected` (`None`: if there is none);
+    /// whether it did. The building block of counters and locks without lost updates.
+    pub fn compare_and_set(key: &str, expected: Option<&Value>, new: &Value) -> Result<bool, HostError> {
+        let v = call("storage.cas", json!({ "key": key, "expected": expected, "value": new }))?;
+        Ok(v["swapped"].as_bool().unwrap_or(false))
     }
 }

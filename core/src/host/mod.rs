@@ -10,6 +10,7 @@
 //! gone.
 
 pub mod logs;
+pub mod services;
 
 use kiln_types::abi::{self, KilnHost, KilnStr};
 use logs::{LogEntry, LogStore};
@@ -30,11 +31,24 @@ pub struct HostCtx {
     /// Set once the instance's cleanup has run: later calls do nothing.
     retired: AtomicBool,
     logs: Arc<LogStore>,
+    /// The services behind `KilnHost::call` (none outside a server: calls are refused).
+    services: Option<services::Services>,
 }
 
 impl HostCtx {
     pub fn new(plugin: &str, version: &str, logs: Arc<LogStore>) -> Arc<Self> {
-        Arc::new(Self { plugin: plugin.into(), version: version.into(), retired: AtomicBool::new(false), logs })
+        Self::with_services(plugin, version, logs, None)
+    }
+
+    /// A context whose service calls `services` answers.
+    pub fn with_services(
+        plugin: &str,
+        version: &str,
+        logs: Arc<LogStore>,
+        services: Option<services::Services>,
+    ) -> Arc<Self> {
+        let retired = AtomicBool::new(false);
+        Arc::new(Self { plugin: plugin.into(), version: version.into(), retired, logs, services })
     }
 
     /// The instance is gone: host calls made from now on answer `STATUS_RETIRED`.
@@ -45,7 +59,7 @@ impl HostCtx {
     /// The table to hand the plugin, valid until the process exits (see the module docs).
     pub fn table(self: &Arc<Self>) -> &'static KilnHost {
         let ctx = Arc::into_raw(self.clone()).cast::<c_void>();
-        Box::leak(Box::new(KilnHost { abi: abi::ABI_VERSION, ctx, log: host_log }))
+        Box::leak(Box::new(KilnHost { abi: abi::ABI_VERSION, ctx, log: host_log, call: host_call }))
     }
 }
 
@@ -109,6 +123,46 @@ unsafe extern "C" fn host_log(ctx: *const c_void, level: u32, message: KilnStr, 
         entry.trace(&ctx.plugin, &ctx.version);
         ctx.logs.push(&ctx.plugin, entry);
         abi::STATUS_OK
+    }))
+    .unwrap_or(abi::STATUS_ERROR)
+}
+
+/// `KilnHost::call`.
+///
+/// # Safety
+/// `ctx` is the context of a table made by [`HostCtx::table`]; the views live for the call;
+/// `write` with `out` may be called during the call.
+unsafe extern "C" fn host_call(
+    ctx: *const c_void,
+    op: KilnStr,
+    args: KilnStr,
+    out: *mut c_void,
+    write: abi::WriteFn,
+) -> i32 {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `ctx` came from `Arc::into_raw` in `table` and is never released.
+        let ctx = unsafe { &*ctx.cast::<HostCtx>() };
+        if ctx.retired.load(Ordering::SeqCst) {
+            return abi::STATUS_RETIRED;
+        }
+        // SAFETY: the plugin passes views that live for the call.
+        let (op, args) = unsafe { (op.as_bytes(), args.as_bytes()) };
+        let answer = match (std::str::from_utf8(op), serde_json::from_slice::<serde_json::Value>(args), &ctx.services) {
+            (Ok(op), Ok(args), Some(services)) => services.call(&ctx.plugin, op, &args),
+            (_, _, None) => Err(services::CallError { code: "Unavailable", message: "no host services here".into() }),
+            _ => Err(services::CallError {
+                code: "BadRequest",
+                message: "the op or its arguments are not readable".into(),
+            }),
+        };
+        let (status, body) = match answer {
+            Ok(value) => (abi::STATUS_OK, value),
+            Err(e) => (abi::STATUS_ERROR, serde_json::json!({ "code": e.code, "message": e.message })),
+        };
+        let bytes = serde_json::to_vec(&body).expect("a Value serializes");
+        // SAFETY: the plugin's writer, with its own `out`, during the call (the contract).
+        unsafe { write(out, KilnStr::new(&bytes)) };
+        status
     }))
     .unwrap_or(abi::STATUS_ERROR)
 }

@@ -7,6 +7,7 @@ use crate::compiler::Artifact;
 use crate::error_code::ErrorCode;
 use crate::host::HostCtx;
 use crate::host::logs::Kind;
+use crate::host::services::Services;
 use crate::loader::{Configured, LoadError, LoadedPlugin};
 use crate::manifest::{Manifest, ManifestError};
 use crate::repo::{Loaded, NewEndpoint, PluginRow, RowLock};
@@ -35,6 +36,7 @@ impl Inner {
                 if self.repo.get_by_name(&name).await?.is_none() {
                     self.compiler.collect_garbage(&name, &self.served_libraries());
                     self.logs.forget(&name);
+                    self.repo.storage_forget(&name).await?;
                 }
             }
             return Ok(Outcome::Gone);
@@ -154,7 +156,8 @@ impl Inner {
         let (path, retirements) = (artifact.path.clone(), self.retirements.clone());
         let config_json = serde_json::to_vec(&config).expect("a Value always serializes");
         let (markers, id, name, marked_hash) = (self.markers.clone(), row.id, row.name.clone(), hash.clone());
-        let host = HostCtx::new(&row.name, &manifest.version, self.logs.clone());
+        let services = Services { repo: self.repo.clone(), runtime: tokio::runtime::Handle::current() };
+        let host = HostCtx::with_services(&row.name, &manifest.version, self.logs.clone(), Some(services));
         let loaded = tokio::task::spawn_blocking(move || {
             // If this process dies inside the plugin's init, the next start knows who did it.
             let marker = markers.begin(id, &name, &marked_hash);

@@ -1,0 +1,89 @@
+//! The host's service calls (`KilnHost::call`): what a plugin asks kiln to do for it, by name
+//! with JSON arguments. Today: its key-value storage (`storage.get`, `.put`, `.delete`, `.list`,
+//! `.cas`), kept in PostgreSQL under the plugin's name.
+//!
+//! A plugin calls synchronously, on whatever thread runs it: an async worker (an inline
+//! handler), a blocking-pool thread, or a thread of its own. The database is asynchronous, so a
+//! call runs its query on kiln's runtime and waits: on an async worker through
+//! `block_in_place`, which hands the worker's other tasks to another thread first, so that a
+//! plugin's database call never stalls other requests.
+
+use crate::repo::{Repo, RepoError};
+use serde_json::{Value, json};
+
+/// Most entries `storage.list` answers.
+const LIST_LIMIT: i64 = 1000;
+/// Longest key, in bytes (as the table's check says).
+const MAX_KEY: usize = 512;
+
+/// What the host's service calls use.
+#[derive(Clone)]
+pub struct Services {
+    pub repo: Repo,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services").finish_non_exhaustive()
+    }
+}
+
+/// A refused call: `code` (kiln's error table) and a message for the plugin.
+#[derive(Debug)]
+pub struct CallError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl From<RepoError> for CallError {
+    fn from(e: RepoError) -> Self {
+        Self { code: crate::error_code::ErrorCode::from(&e).as_str(), message: e.to_string() }
+    }
+}
+
+fn bad(message: impl Into<String>) -> CallError {
+    CallError { code: "BadRequest", message: message.into() }
+}
+
+impl Services {
+    /// Runs service `op` for `plugin` with `args`, waiting on this (synchronous) thread.
+    pub fn call(&self, plugin: &str, op: &str, args: &Value) -> Result<Value, CallError> {
+        let run = || self.runtime.block_on(self.dispatch(plugin, op, args));
+        match tokio::runtime::Handle::try_current() {
+            // On one of the runtime's threads: free the worker for other tasks meanwhile.
+            Ok(_) => tokio::task::block_in_place(run),
+            Err(_) => run(),
+        }
+    }
+
+    async fn dispatch(&self, plugin: &str, op: &str, args: &Value) -> Result<Value, CallError> {
+        let key = || -> Result<&str, CallError> {
+            let key = args["key"].as_str().ok_or_else(|| bad("`key` must be a string"))?;
+            if key.is_empty() || key.len() > MAX_KEY {
+                return Err(bad(format!("a key has 1 to {MAX_KEY} bytes")));
+            }
+            Ok(key)
+        };
+        match op {
+            "storage.get" => Ok(json!({ "value": self.repo.storage_get(plugin, key()?).await? })),
+            "storage.put" => {
+                self.repo.storage_put(plugin, key()?, &args["value"]).await?;
+                Ok(json!({}))
+            }
+            "storage.delete" => Ok(json!({ "deleted": self.repo.storage_delete(plugin, key()?).await? })),
+            "storage.list" => {
+                let prefix = args["prefix"].as_str().unwrap_or("");
+                let entries = self.repo.storage_list(plugin, prefix, LIST_LIMIT).await?;
+                let entries: Vec<Value> = entries.into_iter().map(|(k, v)| json!({ "key": k, "value": v })).collect();
+                Ok(json!({ "entries": entries }))
+            }
+            "storage.cas" => {
+                let expected = args.get("expected").filter(|v| !v.is_null());
+                let swapped = self.repo.storage_compare_and_set(plugin, key()?, expected, &args["value"]).await?;
+                Ok(json!({ "swapped": swapped }))
+            }
+            _ => Err(CallError { code: "NotFound", message: format!("no host service {op:?}") }),
+        }
+    }
+}
