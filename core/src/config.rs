@@ -73,6 +73,11 @@ pub struct Config {
     #[arg(long, env = "KILN_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
 
+    /// The default deadline of a plugin route, in milliseconds (a route may set its own): past
+    /// it the client gets 504, and the handler's host calls fail.
+    #[arg(long, env = "KILN_ROUTE_DEADLINE_MS", default_value_t = 30_000)]
+    pub route_deadline_ms: u64,
+
     /// Largest request body passed to a plugin, in bytes.
     #[arg(long, env = "KILN_MAX_BODY", default_value_t = 8 * 1024 * 1024)]
     pub max_body: usize,
@@ -96,6 +101,7 @@ impl Config {
             supervise: false,
             db_wait_secs: 60,
             request_timeout_secs: 30,
+            route_deadline_ms: 30_000,
             watch: WatchMode::Off,
             max_body: 8 * 1024 * 1024,
         }

@@ -39,6 +39,7 @@ pub enum ErrorCode {
     Internal,
     DatabaseError,
     DatabaseUnavailable,
+    Timeout,
 }
 
 /// Every code, in the README's order.
@@ -74,6 +75,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::Internal,
     ErrorCode::DatabaseError,
     ErrorCode::DatabaseUnavailable,
+    ErrorCode::Timeout,
 ];
 
 impl ErrorCode {
@@ -160,6 +162,9 @@ impl ErrorCode {
             Internal => ("Internal", 500, "a failure inside kiln; the log has the details"),
             DatabaseError => ("DatabaseError", 500, "PostgreSQL refused a statement for a reason other than the data"),
             DatabaseUnavailable => ("DatabaseUnavailable", 503, "PostgreSQL cannot be reached (plugins keep serving)"),
+            Timeout => {
+                ("Timeout", 504, "a plugin handler ran past its route's deadline (its answer, if any, is dropped)")
+            }
         }
     }
 }

@@ -67,7 +67,12 @@ pub async fn serve(
     let compiler = Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone())
         .context("preparing the build directories")?;
     let logs: Arc<host::logs::LogStore> = Default::default();
-    let router = Arc::new(http::PluginRouter::new(config.max_body, config.request_timeout(), logs.clone()));
+    let limits = http::Limits {
+        max_body: config.max_body,
+        body_timeout: config.request_timeout(),
+        default_deadline: Duration::from_millis(config.route_deadline_ms.max(1)),
+    };
+    let router = Arc::new(http::PluginRouter::new(limits, logs.clone()));
     let markers = load_marker::LoadMarkers::new(config.data_dir.join("loading"));
     record_crashes(&repo, &markers, &logs).await?;
     let reconciler = Reconciler::new(repo.clone(), Arc::new(compiler), router.clone(), markers, logs.clone());

@@ -77,3 +77,30 @@ async fn storage_counts_without_lost_updates_and_outlives_reloads_and_restarts()
         })
         .await;
 }
+
+/// A handler past its route's deadline: the client gets 504 at the deadline, the server stays
+/// responsive, and the handler's later host calls fail at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handler_past_its_deadline_answers_504_and_its_host_calls_fail() {
+    let server = TestServer::start(&["stored"]).await;
+    server.wait_state("stored", "loaded").await;
+    let started = std::time::Instant::now();
+    let (status, body) = server.get("/stored/slow").await;
+    assert_eq!((status, body["error"].as_str()), (504, Some("Timeout")), "{body}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "answered at the deadline, not when the handler ended"
+    );
+    assert_eq!(server.get("/stored/keys").await.0, 200, "the server stays responsive");
+    server
+        .wait_until("the late handler's storage call failed with Timeout", crate::support::EDIT_DEADLINE, || async {
+            let (_, lines) = server.get("/plugins/stored/logs").await;
+            lines.as_array().into_iter().flatten().any(|l| {
+                l["message"] == "slow handler's late storage call"
+                    && l["fields"]["outcome"].as_str().is_some_and(|o| o.starts_with("Timeout"))
+            })
+        })
+        .await;
+    let (status, body) = server.get("/stored/slow-inline").await;
+    assert_eq!((status, body["error"].as_str()), (504, Some("Timeout")), "{body}");
+}

@@ -45,6 +45,8 @@ pub struct RouteDescription {
     pub responses: Vec<ResponseDescription>,
     /// JSON Schemas of path parameters, by name (default: a string).
     pub params: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The route's deadline in milliseconds (default: the server's `--route-deadline-ms`).
+    pub deadline_ms: Option<u64>,
 }
 
 /// One answer a route documents.

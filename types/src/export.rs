@@ -103,6 +103,7 @@ fn description<P>(routes: &[Route<P>], pkg: PackageInfo) -> PluginDescription {
                 blocking: r.blocking,
                 responses: r.responses.clone(),
                 params: r.params.clone(),
+                deadline_ms: r.deadline.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX)),
             })
             .collect(),
     }

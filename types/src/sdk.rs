@@ -68,6 +68,7 @@ pub struct Route<P> {
     pub(crate) blocking: bool,
     pub(crate) responses: Vec<crate::description::ResponseDescription>,
     pub(crate) params: std::collections::BTreeMap<String, serde_json::Value>,
+    pub(crate) deadline: Option<std::time::Duration>,
 }
 
 impl<P> Route<P> {
@@ -84,6 +85,7 @@ impl<P> Route<P> {
             blocking: false,
             responses: Vec::new(),
             params: Default::default(),
+            deadline: None,
         }
     }
 
@@ -130,6 +132,15 @@ impl<P> Route<P> {
     /// handlers that only compute briefly.
     pub fn blocking(mut self) -> Self {
         self.blocking = true;
+        self
+    }
+
+    /// How long the handler may take (default: the server's `--route-deadline-ms`, 30 s). Past
+    /// it the client gets 504 `Timeout`, and host calls the handler makes fail at once. kiln
+    /// cannot stop a handler in the middle: a blocking one runs on to its end on its thread (its
+    /// answer is dropped); an inline one holds its worker until it returns.
+    pub fn deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 

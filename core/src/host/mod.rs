@@ -19,6 +19,7 @@ use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 /// Longest log message kept, in bytes (longer ones are cut).
 const MAX_MESSAGE: usize = 8 * 1024;
@@ -68,11 +69,14 @@ thread_local! {
     /// call made during one runs on the thread that made it. A pointer, not a copy: this is set
     /// for every request, and read only when the plugin logs.
     static ROUTE: Cell<Option<*const str>> = const { Cell::new(None) };
+    /// The deadline of the route being handled on this thread: host calls after it fail.
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
-/// Tags host calls made on this thread with `route` until the guard drops.
-pub fn on_route(route: &str) -> RouteGuard<'_> {
+/// Tags host calls made on this thread with `route` and its `deadline` until the guard drops.
+pub fn on_route(route: &str, deadline: Instant) -> RouteGuard<'_> {
     ROUTE.with(|r| r.set(Some(route as *const str)));
+    DEADLINE.with(|d| d.set(Some(deadline)));
     RouteGuard { _route: std::marker::PhantomData }
 }
 
@@ -84,6 +88,7 @@ pub struct RouteGuard<'a> {
 impl Drop for RouteGuard<'_> {
     fn drop(&mut self) {
         ROUTE.with(|r| r.set(None));
+        DEADLINE.with(|d| d.set(None));
     }
 }
 
@@ -147,8 +152,9 @@ unsafe extern "C" fn host_call(
         }
         // SAFETY: the plugin passes views that live for the call.
         let (op, args) = unsafe { (op.as_bytes(), args.as_bytes()) };
+        let deadline = DEADLINE.with(Cell::get);
         let answer = match (std::str::from_utf8(op), serde_json::from_slice::<serde_json::Value>(args), &ctx.services) {
-            (Ok(op), Ok(args), Some(services)) => services.call(&ctx.plugin, op, &args),
+            (Ok(op), Ok(args), Some(services)) => services.call(&ctx.plugin, op, &args, deadline),
             (_, _, None) => Err(services::CallError { code: "Unavailable", message: "no host services here".into() }),
             _ => Err(services::CallError {
                 code: "BadRequest",
@@ -185,7 +191,7 @@ mod tests {
         let ctx = HostCtx::new("p", "1.0.0", logs.clone());
         let table = ctx.table();
         {
-            let _route = on_route("GET /p");
+            let _route = on_route("GET /p", Instant::now() + std::time::Duration::from_secs(60));
             assert_eq!(log(table, "hello", r#"{"n":1}"#), abi::STATUS_OK);
         }
         assert_eq!(log(table, "bad fields", "[1]"), abi::STATUS_ERROR);

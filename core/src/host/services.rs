@@ -10,6 +10,7 @@
 
 use crate::repo::{Repo, RepoError};
 use serde_json::{Value, json};
+use std::time::Instant;
 
 /// Most entries `storage.list` answers.
 const LIST_LIMIT: i64 = 1000;
@@ -47,9 +48,22 @@ fn bad(message: impl Into<String>) -> CallError {
 }
 
 impl Services {
-    /// Runs service `op` for `plugin` with `args`, waiting on this (synchronous) thread.
-    pub fn call(&self, plugin: &str, op: &str, args: &Value) -> Result<Value, CallError> {
-        let run = || self.runtime.block_on(self.dispatch(plugin, op, args));
+    /// Runs service `op` for `plugin` with `args`, waiting on this (synchronous) thread, and at
+    /// most until `deadline` (the handler's): past it, the call fails with `Timeout` at once.
+    pub fn call(&self, plugin: &str, op: &str, args: &Value, deadline: Option<Instant>) -> Result<Value, CallError> {
+        let timeout = || CallError { code: "Timeout", message: "the handler's deadline has passed".into() };
+        let remaining = match deadline {
+            Some(d) => Some(d.checked_duration_since(Instant::now()).ok_or_else(timeout)?),
+            None => None,
+        };
+        let run = || {
+            self.runtime.block_on(async {
+                match remaining {
+                    Some(r) => tokio::time::timeout(r, self.dispatch(plugin, op, args)).await.map_err(|_| timeout())?,
+                    None => self.dispatch(plugin, op, args).await,
+                }
+            })
+        };
         match tokio::runtime::Handle::try_current() {
             // On one of the runtime's threads: free the worker for other tasks meanwhile.
             Ok(_) => tokio::task::block_in_place(run),

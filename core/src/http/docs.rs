@@ -93,6 +93,7 @@ const KILN_ANSWERS: &[(u16, &str)] = &[
     (408, "RequestTimeout: the body stopped arriving"),
     (413, "BodyTooLarge: the body is over the limit"),
     (500, "PluginError: the handler panicked or answered something invalid"),
+    (504, "Timeout: the handler ran past its deadline"),
 ];
 
 /// The OpenAPI operation of one plugin route: what the plugin documents, and what kiln may

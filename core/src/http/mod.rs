@@ -15,7 +15,7 @@ mod plugin_routes;
 pub use admin::AdminApi;
 pub use docs::Docs;
 pub use head_deadline::HeadDeadlineAcceptor;
-pub use plugin_routes::PluginRouter;
+pub use plugin_routes::{Limits, PluginRouter};
 
 use crate::error_code::ErrorCode;
 use crate::routes::{ADMIN_ROOTS, Pattern};

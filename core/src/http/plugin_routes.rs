@@ -7,7 +7,7 @@
 use super::docs::Docs;
 use super::error::json_error;
 use crate::error_code::ErrorCode;
-use crate::host::logs::{Kind, LogStore};
+use crate::host::logs::{Kind, Level, LogEntry, LogStore};
 use crate::loader::{CallError, CallRequest, LoadedPlugin};
 use crate::routes::{Pattern, RouteSink};
 use arc_swap::ArcSwap;
@@ -35,16 +35,26 @@ pub struct PluginRouter {
     /// Set once the admin API's document exists (it needs the reconciler, which needs this
     /// router); always before the first publish.
     docs: OnceLock<Arc<Docs>>,
-    max_body: usize,
-    body_timeout: Duration,
+    limits: Limits,
     /// Where a handler's panic is recorded, under its plugin.
     logs: Arc<LogStore>,
 }
 
+/// What a plugin request may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body passed to a plugin.
+    pub max_body: usize,
+    /// How long the body may take to arrive.
+    pub body_timeout: Duration,
+    /// A route's deadline unless it sets its own.
+    pub default_deadline: Duration,
+}
+
 impl PluginRouter {
-    pub fn new(max_body: usize, body_timeout: Duration, logs: Arc<LogStore>) -> Self {
+    pub fn new(limits: Limits, logs: Arc<LogStore>) -> Self {
         let empty = Table { route: Route::new(), methods: Vec::new() };
-        Self { current: ArcSwap::from_pointee(empty), docs: OnceLock::new(), max_body, body_timeout, logs }
+        Self { current: ArcSwap::from_pointee(empty), docs: OnceLock::new(), limits, logs }
     }
 
     /// Connects the docs that every publish updates.
@@ -76,8 +86,9 @@ impl RouteSink for PluginRouter {
                     route: index as u32,
                     params: pattern.params().map(str::to_string).collect(),
                     blocking: r.blocking,
-                    max_body: self.max_body,
-                    body_timeout: self.body_timeout,
+                    max_body: self.limits.max_body,
+                    body_timeout: self.limits.body_timeout,
+                    deadline: r.deadline_ms.map_or(self.limits.default_deadline, Duration::from_millis),
                     logs: self.logs.clone(),
                     label: format!("{} {}", r.method, r.path).into(),
                 };
@@ -121,9 +132,24 @@ struct PluginEndpoint {
     blocking: bool,
     max_body: usize,
     body_timeout: Duration,
+    /// How long the handler may take (see `Route::deadline` in the SDK).
+    deadline: Duration,
     logs: Arc<LogStore>,
     /// `METHOD /path` of the route, for logs.
     label: Arc<str>,
+}
+
+impl PluginEndpoint {
+    /// The answer for a handler that ran past its deadline.
+    fn timed_out(&self, took: Duration) -> Response {
+        let name = &self.plugin.description().name;
+        let msg = format!("plugin {name}: {} ran past its deadline of {:?} ({took:?})", self.label, self.deadline);
+        tracing::warn!(plugin = %name, route = %self.label, "{msg}");
+        let entry =
+            LogEntry::new(Level::Warn, Kind::Log, msg.clone(), serde_json::json!({}), Some(self.label.to_string()));
+        self.logs.push(name, entry);
+        json_error(ErrorCode::Timeout, &msg)
+    }
 }
 
 impl Endpoint for PluginEndpoint {
@@ -135,6 +161,8 @@ impl Endpoint for PluginEndpoint {
             Ok(b) => b.unwrap_or_default(),
             Err(answer) => return Ok(answer),
         };
+        let started = std::time::Instant::now();
+        let deadline = started + self.deadline;
         let result = if self.blocking {
             // Off the async workers: the request is copied so it can move to another thread.
             let owned = OwnedRequest::new(&req, &self.params);
@@ -142,7 +170,7 @@ impl Endpoint for PluginEndpoint {
             let route = self.route;
             let label = self.label.clone();
             let call = move || {
-                let _route = crate::host::on_route(&label);
+                let _route = crate::host::on_route(&label, deadline);
                 let params: Vec<(&str, &str)> = owned.params.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
                 let headers: Vec<(&str, &[u8])> = owned.headers.iter().map(|(n, v)| (n.as_str(), &v[..])).collect();
                 plugin.call(&CallRequest {
@@ -155,17 +183,19 @@ impl Endpoint for PluginEndpoint {
                     body: &body,
                 })
             };
-            match tokio::task::spawn_blocking(call).await {
-                Ok(r) => r,
-                Err(e) => Err(CallError::Panic(format!("the handler task failed: {e}"))),
+            // Past the deadline the client is answered; the handler runs on to its end on its
+            // thread (nothing can stop it in the middle), and its answer is dropped.
+            match tokio::time::timeout_at(deadline.into(), tokio::task::spawn_blocking(call)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => Err(CallError::Panic(format!("the handler task failed: {e}"))),
+                Err(_) => return Ok(self.timed_out(started.elapsed())),
             }
         } else {
             // Inline, with the request borrowed: the fastest path, as for a linked-in handler.
             let params: Vec<(&str, &str)> =
                 self.params.iter().map(|n| (n.as_str(), req.raw_path_param(n).unwrap_or(""))).collect();
             let headers: Vec<(&str, &[u8])> = req.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
-            let started = std::time::Instant::now();
-            let _route = crate::host::on_route(&self.label);
+            let _route = crate::host::on_route(&self.label, deadline);
             let result = self.plugin.call(&CallRequest {
                 route: self.route,
                 method: req.method().as_str(),
@@ -182,6 +212,9 @@ impl Endpoint for PluginEndpoint {
                     plugin = %name, route = %format!("{} {}", route.method, route.path), ?took,
                     "a handler ran long on an async worker, stalling other requests; mark its route .blocking()"
                 );
+            }
+            if took > self.deadline {
+                return Ok(self.timed_out(took));
             }
             result
         };
