@@ -104,3 +104,32 @@ async fn a_handler_past_its_deadline_answers_504_and_its_host_calls_fail() {
     let (status, body) = server.get("/stored/slow-inline").await;
     assert_eq!((status, body["error"].as_str()), (504, Some("Timeout")), "{body}");
 }
+
+/// The live tail: `Accept: text/event-stream` on the logs path streams new lines as they come.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_live_tail_streams_new_lines() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(&["hello"]).await;
+    server.wait_state("hello", "loaded").await;
+    let mut tail = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://")).await.unwrap();
+    let head = "GET /plugins/hello/logs?level=info HTTP/1.1\r\nHost: k\r\nAccept: text/event-stream\r\n\r\n";
+    tail.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    // The stream answers at once (headers, then the recent lines, none yet).
+    let n = tail.read(&mut buf).await.unwrap();
+    seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    assert!(seen.starts_with("HTTP/1.1 200") && seen.contains("text/event-stream"), "{seen}");
+    assert_eq!(server.get("/hello/tailed").await.0, 200);
+    let found = tokio::time::timeout(crate::support::EDIT_DEADLINE, async {
+        while !seen.contains("tailed") {
+            let n = tail.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the stream ended");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "no live line within the deadline: {seen}");
+    assert!(seen.contains("event: log") && seen.contains(r#""message":"greeted""#), "{seen}");
+    assert_eq!(server.get("/plugins/nobody/logs").await.0, 404);
+}

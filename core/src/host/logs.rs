@@ -103,15 +103,32 @@ impl LogEntry {
     }
 }
 
-/// The entries of every plugin, by name.
-#[derive(Debug, Default)]
+/// The entries of every plugin, by name, and a feed of new ones for live tails.
+#[derive(Debug)]
 pub struct LogStore {
     by_plugin: Mutex<HashMap<String, VecDeque<LogEntry>>>,
+    /// Every new entry, with its plugin's name. Bounded: a tail that falls behind is told how
+    /// many entries it missed, and memory stays bounded.
+    feed: tokio::sync::broadcast::Sender<(std::sync::Arc<str>, LogEntry)>,
+}
+
+impl Default for LogStore {
+    fn default() -> Self {
+        Self { by_plugin: Default::default(), feed: tokio::sync::broadcast::channel(1024).0 }
+    }
 }
 
 impl LogStore {
+    /// New entries of every plugin, from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<(std::sync::Arc<str>, LogEntry)> {
+        self.feed.subscribe()
+    }
+
     /// Keeps `entry` for `plugin`, dropping its oldest beyond [`KEEP`].
     pub fn push(&self, plugin: &str, entry: LogEntry) {
+        if self.feed.receiver_count() > 0 {
+            let _ = self.feed.send((plugin.into(), entry.clone()));
+        }
         let mut all = self.by_plugin.lock().expect("log store lock");
         let entries = all.entry(plugin.to_string()).or_default();
         if entries.len() == KEEP {

@@ -375,7 +375,9 @@ impl AdminApi {
     /// A plugin's recent log lines (the newest 1,000 are kept), oldest first: what it logged
     /// through the host, its panics (with file and line) and its init errors. `level` keeps
     /// lines at that level or more severe (default `trace`: all); `since` keeps lines after that
-    /// time (RFC 3339); `limit` keeps the newest so many (default 100, at most 1,000).
+    /// time (RFC 3339); `limit` keeps the newest so many (default 100, at most 1,000). With
+    /// `Accept: text/event-stream`, the same path is a live tail (server-sent events, one `log`
+    /// event per line: the recent ones, then each new one as it is logged; `level` applies).
     #[oai(path = "/plugins/:name/logs", method = "get", tag = "Tag::Plugins")]
     async fn logs(
         &self,

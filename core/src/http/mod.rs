@@ -10,6 +10,7 @@ mod body;
 mod docs;
 mod error;
 mod head_deadline;
+mod log_tail;
 mod plugin_routes;
 
 pub use admin::AdminApi;
@@ -34,6 +35,7 @@ pub fn app(
     admin_token: Option<String>,
     body_timeout: std::time::Duration,
 ) -> anyhow::Result<impl Endpoint<Output = Response>> {
+    let (repo, logs) = (api.repo.clone(), api.logs.clone());
     let service = OpenApiService::new(api, "kiln", env!("CARGO_PKG_VERSION"))
         .description("Admin API of kiln, and the endpoints of every plugin it serves now (tagged by plugin).");
     let admin_token = admin_token.filter(|t| !t.is_empty());
@@ -68,7 +70,7 @@ pub fn app(
             json_error(code, &err.to_string())
         })
         .boxed();
-    let admin = AdminGate { inner: admin, token: admin_token, methods, body_timeout }.boxed();
+    let admin = AdminGate { inner: admin, token: admin_token, methods, body_timeout, repo, logs }.boxed();
     Ok(Front { admin, router })
 }
 
@@ -112,6 +114,9 @@ struct AdminGate<E> {
     methods: Vec<(Pattern, String)>,
     /// How long a request body may take to arrive.
     body_timeout: std::time::Duration,
+    /// For the live tail of plugin logs (an event stream, outside poem-openapi).
+    repo: crate::repo::Repo,
+    logs: Arc<crate::host::logs::LogStore>,
 }
 
 impl<E: Endpoint<Output = Response>> Endpoint for AdminGate<E> {
@@ -132,6 +137,9 @@ impl<E: Endpoint<Output = Response>> Endpoint for AdminGate<E> {
                 resp.headers_mut().insert("www-authenticate", poem::http::HeaderValue::from_static("Bearer"));
                 return Ok(resp);
             }
+        }
+        if let Some(name) = log_tail::wants_tail(&req) {
+            return Ok(log_tail::tail(&self.repo, &self.logs, &req, &name).await);
         }
         let upload = req.method() == poem::http::Method::POST && path == "/plugins/install";
         if upload {
