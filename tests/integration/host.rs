@@ -133,3 +133,46 @@ async fn the_live_tail_streams_new_lines() {
     assert!(seen.contains("event: log") && seen.contains(r#""message":"greeted""#), "{seen}");
     assert_eq!(server.get("/plugins/nobody/logs").await.0, 404);
 }
+
+/// Host calls block the plugin's thread, but never the server: inline handlers stuck in storage
+/// calls (their row is locked) leave both async workers free for everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_stuck_in_host_calls_do_not_stall_other_requests() {
+    let server = TestServer::start(&["stored", "hello"]).await;
+    server.wait_state("stored", "loaded").await;
+    server.wait_state("hello", "loaded").await;
+    assert_eq!(server.get("/stored/count").await.1, json!({ "count": 1 }));
+    let mut locker = server.sql().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM plugin_storage WHERE plugin = 'stored' AND key = 'count' FOR UPDATE", &[])
+        .await
+        .unwrap();
+    // More inline handlers than async workers, each waiting in a storage call on the lock.
+    let stuck: Vec<_> = (0..6)
+        .map(|_| {
+            let (http, url) = (server.http.clone(), server.url("/stored/count"));
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    let watcher = server.sql().await;
+    server
+        .wait_until("the handlers wait on the row lock", crate::support::EDIT_DEADLINE, || async {
+            let waiting: i64 = watcher
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            waiting >= 2
+        })
+        .await;
+    let quick = reqwest::Client::builder().timeout(std::time::Duration::from_secs(2)).build().unwrap();
+    for _ in 0..10 {
+        let resp = quick.get(server.url("/hello")).send().await.expect("answered while handlers are stuck");
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    lock.commit().await.unwrap();
+    for handle in stuck {
+        assert_eq!(handle.await.unwrap().unwrap(), 200);
+    }
+    assert_eq!(server.get("/stored/count").await.1, json!({ "count": 8 }), "every increment counted");
+}
