@@ -4,6 +4,11 @@
 //! which users also write and which notifies the server; and observed state (build and load
 //! results), which only the server writes and which must never notify it (see sql/001_plugins.sql).
 
+mod row_lock;
+mod storage;
+
+pub use row_lock::RowLock;
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
@@ -133,7 +138,7 @@ pub struct Repo {
     pool: Pool,
 }
 
-type Result<T> = std::result::Result<T, RepoError>;
+pub(super) type Result<T> = std::result::Result<T, RepoError>;
 
 /// A database failure: either PostgreSQL could not be reached, or it refused the statement.
 /// They call for different answers (retry later, 503; or fix the input, 4xx) and logs.
@@ -402,87 +407,6 @@ impl Repo {
             .collect())
     }
 
-    /// Plugin `plugin`'s stored value under `key`.
-    pub async fn storage_get(&self, plugin: &str, key: &str) -> Result<Option<serde_json::Value>> {
-        let c = self.pool.get().await?;
-        let row =
-            c.query_opt("SELECT value FROM plugin_storage WHERE plugin = $1 AND key = $2", &[&plugin, &key]).await?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
-    /// Stores `value` under `key` for `plugin`.
-    pub async fn storage_put(&self, plugin: &str, key: &str, value: &serde_json::Value) -> Result<()> {
-        let c = self.pool.get().await?;
-        c.execute(
-            "INSERT INTO plugin_storage (plugin, key, value) VALUES ($1, $2, $3)
-             ON CONFLICT (plugin, key) DO UPDATE SET value = EXCLUDED.value",
-            &[&plugin, &key, value],
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Removes `key` of `plugin`; whether it was there.
-    pub async fn storage_delete(&self, plugin: &str, key: &str) -> Result<bool> {
-        let c = self.pool.get().await?;
-        Ok(c.execute("DELETE FROM plugin_storage WHERE plugin = $1 AND key = $2", &[&plugin, &key]).await? == 1)
-    }
-
-    /// `plugin`'s (key, value) pairs whose key starts with `prefix`, in key order, at most `limit`.
-    pub async fn storage_list(
-        &self,
-        plugin: &str,
-        prefix: &str,
-        limit: i64,
-    ) -> Result<Vec<(String, serde_json::Value)>> {
-        let c = self.pool.get().await?;
-        // starts_with, not LIKE: a prefix may hold % and _.
-        let rows = c
-            .query(
-                "SELECT key, value FROM plugin_storage WHERE plugin = $1 AND starts_with(key, $2)
-                 ORDER BY key LIMIT $3",
-                &[&plugin, &prefix, &limit],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    }
-
-    /// Stores `value` under `key` if the stored value equals `expected` (`None`: absent);
-    /// whether it did. One statement each way, so concurrent callers cannot both win.
-    pub async fn storage_compare_and_set(
-        &self,
-        plugin: &str,
-        key: &str,
-        expected: Option<&serde_json::Value>,
-        value: &serde_json::Value,
-    ) -> Result<bool> {
-        let c = self.pool.get().await?;
-        let n = match expected {
-            None => {
-                c.execute(
-                    "INSERT INTO plugin_storage (plugin, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    &[&plugin, &key, value],
-                )
-                .await?
-            }
-            Some(expected) => {
-                c.execute(
-                    "UPDATE plugin_storage SET value = $4 WHERE plugin = $1 AND key = $2 AND value = $3",
-                    &[&plugin, &key, expected, value],
-                )
-                .await?
-            }
-        };
-        Ok(n == 1)
-    }
-
-    /// Forgets everything `plugin` stored (it was uninstalled).
-    pub async fn storage_forget(&self, plugin: &str) -> Result<()> {
-        let c = self.pool.get().await?;
-        c.execute("DELETE FROM plugin_storage WHERE plugin = $1", &[&plugin]).await?;
-        Ok(())
-    }
-
     /// (state, has an error, count) of every plugin row: one query, which also tells whether the
     /// database answers.
     pub async fn state_counts(&self) -> Result<Vec<(String, bool, i64)>> {
@@ -495,7 +419,7 @@ impl Repo {
 }
 
 /// Marks plugin `id` as serving nothing: `state`, `error`, no library, no endpoint rows.
-async fn record_not_serving(c: &impl GenericClient, id: i64, state: &str, error: &str) -> Result<()> {
+pub(super) async fn record_not_serving(c: &impl GenericClient, id: i64, state: &str, error: &str) -> Result<()> {
     c.execute(
         "UPDATE plugins SET state = $2, error = $3, binary_path = NULL, loaded_hash = NULL, loaded_at = NULL
          WHERE id = $1",
@@ -504,73 +428,4 @@ async fn record_not_serving(c: &impl GenericClient, id: i64, state: &str, error:
     .await?;
     c.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
     Ok(())
-}
-
-/// A transaction holding one plugin row `FOR SHARE` (see [`Repo::lock_row`]). Dropped without
-/// [`RowLock::commit`], its connection is closed rather than returned to the pool, so the server
-/// rolls the transaction back.
-pub struct RowLock {
-    client: Option<deadpool_postgres::Object>,
-}
-
-impl RowLock {
-    fn client(&self) -> &deadpool_postgres::Object {
-        self.client.as_ref().expect("a RowLock has its client until it ends")
-    }
-
-    /// Observed, in this transaction: a version of `id` is loaded and serves these endpoints.
-    pub async fn record_loaded(&mut self, id: i64, l: &Loaded<'_>) -> Result<()> {
-        let c = self.client();
-        c.execute(
-            "UPDATE plugins SET state = 'loaded', error = NULL, path = $2, binary_path = $3, loaded_hash = $4,
-                    loaded_at = now(), description = $5, version = $6, author = $7, type = $8
-             WHERE id = $1",
-            &[&id, &l.manifest_path, &l.binary_path, &l.hash, &l.description, &l.version, &l.author, &l.kind],
-        )
-        .await?;
-        c.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
-        let insert = c
-            .prepare_cached(
-                "INSERT INTO plugin_endpoints (plugin_id, method, path, handler, type) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .await?;
-        for e in l.endpoints {
-            c.execute(&insert, &[&id, &e.method, &e.path, &e.handler, &l.kind]).await?;
-        }
-        Ok(())
-    }
-
-    /// Observed, in this transaction: plugin `id` serves nothing (`state`, `error`).
-    pub async fn record_not_serving(&mut self, id: i64, state: &str, error: &str) -> Result<()> {
-        record_not_serving(self.client(), id, state, error).await
-    }
-
-    pub async fn commit(mut self) -> Result<()> {
-        let client = self.client.take().expect("a RowLock has its client until it ends");
-        match client.batch_execute("COMMIT").await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                drop(deadpool_postgres::Object::take(client));
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Ends the transaction without a change.
-    pub async fn rollback(mut self) {
-        if let Some(client) = self.client.take()
-            && client.batch_execute("ROLLBACK").await.is_err()
-        {
-            drop(deadpool_postgres::Object::take(client));
-        }
-    }
-}
-
-impl Drop for RowLock {
-    fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            // Still in the transaction: never hand it back to the pool.
-            drop(deadpool_postgres::Object::take(client));
-        }
-    }
 }

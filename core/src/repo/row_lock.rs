@@ -1,0 +1,73 @@
+//! The transaction a publish happens in: one plugin row held `FOR SHARE` (see
+//! [`Repo::lock_row`](super::Repo::lock_row)).
+
+use super::{Loaded, Result, record_not_serving};
+
+/// A transaction holding one plugin row `FOR SHARE` (see [`Repo::lock_row`]). Dropped without
+/// [`RowLock::commit`], its connection is closed rather than returned to the pool, so the server
+/// rolls the transaction back.
+pub struct RowLock {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl RowLock {
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.client.as_ref().expect("a RowLock has its client until it ends")
+    }
+
+    /// Observed, in this transaction: a version of `id` is loaded and serves these endpoints.
+    pub async fn record_loaded(&mut self, id: i64, l: &Loaded<'_>) -> Result<()> {
+        let c = self.client();
+        c.execute(
+            "UPDATE plugins SET state = 'loaded', error = NULL, path = $2, binary_path = $3, loaded_hash = $4,
+                    loaded_at = now(), description = $5, version = $6, author = $7, type = $8
+             WHERE id = $1",
+            &[&id, &l.manifest_path, &l.binary_path, &l.hash, &l.description, &l.version, &l.author, &l.kind],
+        )
+        .await?;
+        c.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
+        let insert = c
+            .prepare_cached(
+                "INSERT INTO plugin_endpoints (plugin_id, method, path, handler, type) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await?;
+        for e in l.endpoints {
+            c.execute(&insert, &[&id, &e.method, &e.path, &e.handler, &l.kind]).await?;
+        }
+        Ok(())
+    }
+
+    /// Observed, in this transaction: plugin `id` serves nothing (`state`, `error`).
+    pub async fn record_not_serving(&mut self, id: i64, state: &str, error: &str) -> Result<()> {
+        record_not_serving(self.client(), id, state, error).await
+    }
+
+    pub async fn commit(mut self) -> Result<()> {
+        let client = self.client.take().expect("a RowLock has its client until it ends");
+        match client.batch_execute("COMMIT").await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Ends the transaction without a change.
+    pub async fn rollback(mut self) {
+        if let Some(client) = self.client.take()
+            && client.batch_execute("ROLLBACK").await.is_err()
+        {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+impl Drop for RowLock {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            // Still in the transaction: never hand it back to the pool.
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
