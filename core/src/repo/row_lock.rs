@@ -7,11 +7,11 @@ use super::{Loaded, Result, record_not_serving};
 /// [`RowLock::commit`], its connection is closed rather than returned to the pool, so the server
 /// rolls the transaction back.
 pub struct RowLock {
-    client: Option<deadpool_postgres::Object>,
+    pub(super) client: Option<deadpool_postgres::Object>,
 }
 
 impl RowLock {
-    fn client(&self) -> &deadpool_postgres::Object {
+    pub(super) fn client(&self) -> &deadpool_postgres::Object {
         self.client.as_ref().expect("a RowLock has its client until it ends")
     }
 
