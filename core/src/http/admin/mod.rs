@@ -4,6 +4,8 @@
 //! the reconciler for a pass; a reload asks for a forced pass. Wire types live here and are
 //! converted from the repository's rows.
 
+mod wire;
+
 use super::error::{ApiError, ErrorResponse};
 use crate::archive;
 use crate::discovery;
@@ -13,16 +15,16 @@ use crate::manifest::{Manifest, ManifestError, validate_name};
 use crate::plugin_config::{self, mask};
 use crate::reconciler::{Failure, Reconciler};
 use crate::repo::Discovered;
-use crate::repo::{EndpointRow, PluginRow, Repo, RepoError};
+use crate::repo::{PluginRow, Repo, RepoError};
 use chrono::{DateTime, Utc};
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
-use poem_openapi::types::multipart::Upload;
-use poem_openapi::{ApiResponse, Multipart, Object, OpenApi, Tags};
+use poem_openapi::{OpenApi, Tags};
 use std::io::ErrorKind;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use wire::*;
 
 #[derive(Tags)]
 enum Tag {
@@ -30,130 +32,6 @@ enum Tag {
     Plugins,
     /// The server itself.
     Server,
-}
-
-/// A plugin: what the row asks for (`status`) and what the server did (`state`, `error`, …).
-#[derive(Debug, Object)]
-pub struct Plugin {
-    pub id: i64,
-    pub name: String,
-    pub description: String,
-    pub version: String,
-    pub author: String,
-    #[oai(rename = "type")]
-    pub kind: String,
-    /// Desired: `active` or `inactive`.
-    pub status: String,
-    /// Observed: `pending`, `building`, `loaded`, `inactive` or `failed`.
-    pub state: String,
-    /// Directory of the plugin's crate.
-    pub source_path: String,
-    /// The manifest (Cargo.toml) last read.
-    #[oai(nullable)]
-    pub path: Option<String>,
-    /// The library serving now.
-    #[oai(nullable)]
-    pub binary_path: Option<String>,
-    /// Why the last attempt failed, with compiler diagnostics for build failures.
-    #[oai(nullable)]
-    pub error: Option<String>,
-    /// Content hash of the sources of the library serving now.
-    #[oai(nullable)]
-    pub loaded_hash: Option<String>,
-    #[oai(nullable)]
-    pub loaded_at: Option<DateTime<Utc>>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl From<PluginRow> for Plugin {
-    fn from(r: PluginRow) -> Self {
-        Self {
-            id: r.id,
-            name: r.name,
-            description: r.description,
-            version: r.version,
-            author: r.author,
-            kind: r.kind,
-            status: r.status,
-            state: r.state,
-            source_path: r.source_path,
-            path: r.path,
-            binary_path: r.binary_path,
-            error: r.error,
-            loaded_hash: r.loaded_hash,
-            loaded_at: r.loaded_at,
-            created_at: r.created_at,
-            updated_at: r.updated_at,
-        }
-    }
-}
-
-/// An HTTP endpoint a plugin serves.
-#[derive(Debug, Object)]
-pub struct Endpoint {
-    pub id: i64,
-    pub plugin_id: i64,
-    pub method: String,
-    /// OpenAPI-style path, e.g. `/powertable/{id}`.
-    pub path: String,
-    pub handler: String,
-    #[oai(rename = "type")]
-    pub kind: String,
-}
-
-impl From<EndpointRow> for Endpoint {
-    fn from(e: EndpointRow) -> Self {
-        Self { id: e.id, plugin_id: e.plugin_id, method: e.method, path: e.path, handler: e.handler, kind: e.kind }
-    }
-}
-
-/// The server's health.
-#[derive(Debug, Object)]
-pub struct Health {
-    /// `ok` when the database answers and the listener is connected, else `degraded`.
-    pub status: String,
-    /// `up` or `down`.
-    pub database: String,
-    /// `connected` or `disconnected`: whether row edits reach the server now.
-    pub listener: String,
-    /// Plugin versions serving now.
-    pub plugins_served: u64,
-    /// Plugin builds (cargo runs) since the server started.
-    pub builds_run: u64,
-    /// Reconcile passes running or queued: 0 when every plugin is settled.
-    pub reconciling: u64,
-    /// Plugins by observed state, from their rows (absent while the database is down). A
-    /// server with failed plugins still answers 200: it serves; these counts show what does not.
-    #[oai(nullable)]
-    pub plugins: Option<PluginCounts>,
-    pub version: String,
-}
-
-/// How many plugins are in each observed state.
-#[derive(Debug, Default, Object)]
-pub struct PluginCounts {
-    pub loaded: u64,
-    /// The last attempt failed and nothing serves for them (see each row's `error`).
-    pub failed: u64,
-    /// Refused for now, and retried by themselves when what they wait for changes (a path
-    /// another plugin owns).
-    pub waiting: u64,
-    pub building: u64,
-    pub pending: u64,
-    pub inactive: u64,
-    /// Loaded, but their last change failed: an older version serves (see `error`).
-    pub loaded_with_error: u64,
-}
-
-#[derive(ApiResponse)]
-enum HealthResponse {
-    /// Everything works.
-    #[oai(status = 200)]
-    Ok(Json<Health>),
-    /// Plugins still serve, but the database or the listener is down.
-    #[oai(status = 503)]
-    Degraded(Json<Health>),
 }
 
 /// The admin API.
@@ -170,85 +48,6 @@ pub struct AdminApi {
     pub policy: Arc<crate::config::FileConfig>,
     /// Every plugin's recent logs, panics and init errors.
     pub logs: Arc<LogStore>,
-}
-
-/// A log level, as a query parameter.
-#[derive(Debug, Clone, Copy, poem_openapi::Enum)]
-#[oai(rename_all = "lowercase")]
-pub enum LevelParam {
-    Error,
-    Warn,
-    Info,
-    Debug,
-    Trace,
-}
-
-/// One line of a plugin's log.
-#[derive(Debug, Object)]
-pub struct LogLine {
-    /// Increases with every line the server keeps.
-    pub seq: u64,
-    pub at: DateTime<Utc>,
-    /// `error`, `warn`, `info`, `debug` or `trace`.
-    pub level: String,
-    /// `log` (the plugin logged it), `panic` (one of its calls panicked), `init` (its init failed
-    /// or took the server down).
-    pub kind: String,
-    pub message: String,
-    /// The fields the plugin logged with the line (a JSON object).
-    pub fields: serde_json::Value,
-    /// The route being handled (`METHOD /path`), for a handler's lines.
-    #[oai(nullable)]
-    pub route: Option<String>,
-}
-
-/// A plugin's configuration, sensitive values masked.
-#[derive(Debug, Object)]
-pub struct PluginConfig {
-    /// The configuration in effect (defaults applied), sensitive values replaced by `********`.
-    pub config: serde_json::Value,
-    /// The plugin's configSchema, if it declares one.
-    #[oai(nullable)]
-    pub schema: Option<serde_json::Value>,
-}
-
-/// A build kiln ran.
-#[derive(Debug, Object)]
-pub struct Build {
-    pub id: i64,
-    pub source_hash: String,
-    pub started_at: DateTime<Utc>,
-    pub duration_ms: i64,
-    pub success: bool,
-    /// The compiler's diagnostics, for a failed build.
-    #[oai(nullable)]
-    pub diagnostics: Option<String>,
-}
-
-/// What a discovery pass found.
-#[derive(Debug, Object)]
-pub struct DiscoverReport {
-    /// Plugin crates found in the plugin directories.
-    pub found: Vec<String>,
-    /// Of those, the ones that got a new row.
-    pub added: Vec<String>,
-    /// Discovered plugins whose crate is gone (they are unloaded).
-    pub removed: Vec<String>,
-    /// Crates or directories that could not be used, and why.
-    pub failed: Vec<DiscoverFailure>,
-}
-
-#[derive(Debug, Object)]
-pub struct DiscoverFailure {
-    pub path: String,
-    pub error: String,
-}
-
-/// An uploaded plugin archive.
-#[derive(Debug, Multipart)]
-pub struct InstallForm {
-    /// A `.tar.gz` of a plugin crate (Cargo.toml at its top, or in its one top-level directory).
-    pub file: Upload,
 }
 
 type Result<T> = std::result::Result<Json<T>, ErrorResponse>;
