@@ -14,8 +14,8 @@
 use crate::abi::{self, KilnHost, KilnStr};
 use std::cell::Cell;
 
-/// Log levels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Log levels, most severe first (so `level <= Level::Info` means "info or more severe").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     Error,
     Warn,
@@ -25,13 +25,30 @@ pub enum Level {
 }
 
 impl Level {
-    fn raw(self) -> u32 {
+    /// The level's number across the boundary (`abi::LOG_*`).
+    pub fn raw(self) -> u32 {
         match self {
             Level::Error => abi::LOG_ERROR,
             Level::Warn => abi::LOG_WARN,
             Level::Info => abi::LOG_INFO,
             Level::Debug => abi::LOG_DEBUG,
             Level::Trace => abi::LOG_TRACE,
+        }
+    }
+
+    /// The level of a number across the boundary.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        [Level::Error, Level::Warn, Level::Info, Level::Debug, Level::Trace].into_iter().find(|l| l.raw() == raw)
+    }
+
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Error => "error",
+            Level::Warn => "warn",
+            Level::Info => "info",
+            Level::Debug => "debug",
+            Level::Trace => "trace",
         }
     }
 }

@@ -10,29 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Entries kept per plugin.
 pub const KEEP: usize = 1000;
 
-/// Log levels, most severe first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
-    Error,
-    Warn,
-    Info,
-    Debug,
-    Trace,
-}
-
-impl Level {
-    pub fn from_raw(raw: u32) -> Option<Self> {
-        use kiln_types::abi::*;
-        Some(match raw {
-            LOG_ERROR => Level::Error,
-            LOG_WARN => Level::Warn,
-            LOG_INFO => Level::Info,
-            LOG_DEBUG => Level::Debug,
-            LOG_TRACE => Level::Trace,
-            _ => return None,
-        })
-    }
-}
+pub use kiln_types::Level;
 
 /// What an entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,18 +29,6 @@ impl Kind {
             Kind::Log => "log",
             Kind::Panic => "panic",
             Kind::Init => "init",
-        }
-    }
-}
-
-impl Level {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Error => "error",
-            Level::Warn => "warn",
-            Level::Info => "info",
-            Level::Debug => "debug",
-            Level::Trace => "trace",
         }
     }
 }

@@ -39,10 +39,13 @@ pub async fn tail(repo: &Repo, logs: &Arc<LogStore>, req: &Request, name: &str) 
     let level_param = req.uri().query().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("level="));
     let level = match level_param {
         None => Level::Trace,
-        Some(l) => match ["error", "warn", "info", "debug", "trace"].iter().position(|n| n.eq_ignore_ascii_case(l)) {
-            Some(i) => [Level::Error, Level::Warn, Level::Info, Level::Debug, Level::Trace][i],
-            None => return json_error(ErrorCode::BadRequest, "level is one of error, warn, info, debug, trace"),
-        },
+        Some(l) => {
+            let all = [Level::Error, Level::Warn, Level::Info, Level::Debug, Level::Trace];
+            match all.into_iter().find(|level| level.as_str().eq_ignore_ascii_case(l)) {
+                Some(level) => level,
+                None => return json_error(ErrorCode::BadRequest, "level is one of error, warn, info, debug, trace"),
+            }
+        }
     };
     // Subscribe before reading the recent lines, so that nothing falls between them.
     let feed = logs.subscribe();
