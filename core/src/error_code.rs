@@ -33,8 +33,12 @@ pub enum ErrorCode {
     RouteConflict,
     InvalidRoute,
     InvalidConfig,
+    InvalidResources,
+    MigrationFailed,
     PluginInactive,
     DatabaseRefused,
+    TableAccessDenied,
+    QueryFailed,
     PluginError,
     Internal,
     DatabaseError,
@@ -48,6 +52,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::InvalidName,
     ErrorCode::InvalidArchive,
     ErrorCode::Unauthorized,
+    ErrorCode::TableAccessDenied,
     ErrorCode::PluginNotFound,
     ErrorCode::NotFound,
     ErrorCode::MethodNotAllowed,
@@ -69,8 +74,11 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::RouteConflict,
     ErrorCode::InvalidRoute,
     ErrorCode::InvalidConfig,
+    ErrorCode::InvalidResources,
+    ErrorCode::MigrationFailed,
     ErrorCode::PluginInactive,
     ErrorCode::DatabaseRefused,
+    ErrorCode::QueryFailed,
     ErrorCode::PluginError,
     ErrorCode::Internal,
     ErrorCode::DatabaseError,
@@ -152,19 +160,41 @@ impl ErrorCode {
                 422,
                 "a config that does not match the plugin's schema (`details.violations` lists each `path` and `message`), or that its `configure` hook refused",
             ),
+            InvalidResources => (
+                "InvalidResources",
+                422,
+                "a row's `resources` that kiln cannot apply: an unknown key, a table that is not `schema.table`, a grant PostgreSQL refuses",
+            ),
+            MigrationFailed => (
+                "MigrationFailed",
+                422,
+                "a plugin migration failed (PostgreSQL's message), changed after it was applied, or left a declared table missing",
+            ),
             PluginInactive => ("PluginInactive", 422, "the plugin's row is `inactive`, so there is nothing to reload"),
             DatabaseRefused => (
                 "DatabaseRefused",
                 422,
                 "PostgreSQL refused the data (for example `\\u0000` in JSON); its message and constraint are kept",
             ),
+            TableAccessDenied => (
+                "TableAccessDenied",
+                403,
+                "PostgreSQL refused a plugin's query: its role has no right to that table (plugins reach only their own schema and what `resources` grants)",
+            ),
+            QueryFailed => (
+                "QueryFailed",
+                422,
+                "PostgreSQL refused a plugin's query for another reason (its SQLSTATE and message are kept)",
+            ),
             PluginError => ("PluginError", 500, "a plugin handler panicked or answered something invalid"),
             Internal => ("Internal", 500, "a failure inside kiln; the log has the details"),
             DatabaseError => ("DatabaseError", 500, "PostgreSQL refused a statement for a reason other than the data"),
             DatabaseUnavailable => ("DatabaseUnavailable", 503, "PostgreSQL cannot be reached (plugins keep serving)"),
-            Timeout => {
-                ("Timeout", 504, "a plugin handler ran past its route's deadline (its answer, if any, is dropped)")
-            }
+            Timeout => (
+                "Timeout",
+                504,
+                "a plugin handler ran past its route's deadline (its answer, if any, is dropped); to a plugin: a host call after the deadline, or a statement PostgreSQL cancelled at it",
+            ),
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod migrate;
 pub mod pg_binaries;
 pub mod plugin_config;
+pub mod plugin_db;
 pub mod reconciler;
 pub mod repo;
 pub mod routes;
@@ -75,7 +76,9 @@ pub async fn serve(
     let router = Arc::new(http::PluginRouter::new(limits, logs.clone()));
     let markers = load_marker::LoadMarkers::new(config.data_dir.join("loading"));
     record_crashes(&repo, &markers, &logs).await?;
-    let reconciler = Reconciler::new(repo.clone(), Arc::new(compiler), router.clone(), markers, logs.clone());
+    let databases = Arc::new(plugin_db::PluginDatabases::new(pg.clone(), repo.pool().clone()));
+    let reconciler =
+        Reconciler::new(repo.clone(), Arc::new(compiler), router.clone(), markers, logs.clone(), databases);
     let listener_up = Arc::new(AtomicBool::new(false));
     let api = http::AdminApi {
         repo: repo.clone(),

@@ -123,6 +123,8 @@ struct Instance(*mut c_void);
 pub struct LoadedPlugin {
     description: PluginDescription,
     binary_path: PathBuf,
+    /// The row's `deadline_ms` for routes that set none (0: none), changed without a reload.
+    deadline_ms: std::sync::atomic::AtomicU64,
     /// `Some` until dropped: `Drop` takes it to retire it (possibly on another thread).
     live: Option<Live>,
 }
@@ -257,12 +259,26 @@ impl LoadedPlugin {
                 return Err(LoadError::Describe(format!("invalid description JSON: {e}")));
             }
         };
-        Ok(Self { description, binary_path: path.to_path_buf(), live: Some(live) })
+        Ok(Self { description, binary_path: path.to_path_buf(), deadline_ms: Default::default(), live: Some(live) })
     }
 
     /// What the plugin said about itself.
     pub fn description(&self) -> &PluginDescription {
         &self.description
+    }
+
+    /// The deadline the plugin's row sets for routes that set none.
+    pub fn deadline(&self) -> Option<std::time::Duration> {
+        match self.deadline_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
+
+    /// Sets [`LoadedPlugin::deadline`] (the row's `deadline_ms`); takes effect on the next request.
+    pub fn set_deadline(&self, ms: Option<i32>) {
+        let ms = ms.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0);
+        self.deadline_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The library file this instance was loaded from.

@@ -9,6 +9,7 @@
 //!
 //! [package.metadata.kiln]
 //! type = "http"        # optional; the only kind today
+//! tables = ["notes"]   # optional; tables of its own in PostgreSQL (see `plugin_db`)
 //! ```
 
 use serde::Deserialize;
@@ -29,6 +30,9 @@ pub struct Manifest {
     /// `reloadOnConfigChange`: a config change always gets a fresh instance, without asking the
     /// plugin's `configure` hook.
     pub reload_on_config_change: bool,
+    /// `tables`: the tables of its own the plugin uses (its migrations create them). Declaring
+    /// any gives the plugin a PostgreSQL schema and role (see `plugin_db`).
+    pub tables: Vec<String>,
     /// The crate directory.
     pub dir: PathBuf,
     /// The `Cargo.toml` file.
@@ -77,6 +81,8 @@ struct KilnTable {
     config_schema: Option<toml::Value>,
     #[serde(rename = "reloadOnConfigChange", default)]
     reload_on_config_change: bool,
+    #[serde(default)]
+    tables: Vec<String>,
 }
 
 fn default_kind() -> String {
@@ -131,6 +137,9 @@ impl Manifest {
             }
             None => None,
         };
+        for table in &kiln.tables {
+            crate::plugin_db::check_identifier(table).map_err(|e| invalid(&manifest_path, format!("tables: {e}")))?;
+        }
         Ok(Self {
             name: package.name,
             version: plain_string(package.version),
@@ -142,6 +151,7 @@ impl Manifest {
             kind: kiln.kind,
             config_schema,
             reload_on_config_change: kiln.reload_on_config_change,
+            tables: kiln.tables,
             dir: dir.to_path_buf(),
             manifest_path,
         })
@@ -205,6 +215,14 @@ mod tests {
         assert_eq!(m.config_schema.unwrap()["properties"]["a"]["default"], 3);
         let broken = parse("[package]\nname = \"x\"\n[package.metadata.kiln.configSchema]\ntype = \"nonsense\"\n");
         assert!(matches!(broken, Err(ManifestError::Invalid { .. })), "{broken:?}");
+    }
+
+    #[test]
+    fn reads_tables_and_refuses_unplain_names() {
+        let m = parse("[package]\nname = \"x\"\n[package.metadata.kiln]\ntables = [\"notes\", \"tags_2\"]\n").unwrap();
+        assert_eq!(m.tables, ["notes", "tags_2"]);
+        let bad = parse("[package]\nname = \"x\"\n[package.metadata.kiln]\ntables = [\"public.notes\"]\n");
+        assert!(matches!(bad, Err(ManifestError::Invalid { .. })), "{bad:?}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "004_waiting.sql", include_str!("../../sql/004_waiting.sql")),
     (5, "005_quarantine.sql", include_str!("../../sql/005_quarantine.sql")),
     (6, "006_storage.sql", include_str!("../../sql/006_storage.sql")),
+    (7, "007_database.sql", include_str!("../../sql/007_database.sql")),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

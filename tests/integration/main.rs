@@ -4,6 +4,7 @@
 mod boundary;
 mod control_plane;
 mod crashes;
+mod database;
 mod db_faults;
 mod faults;
 mod host;

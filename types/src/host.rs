@@ -79,6 +79,17 @@ impl std::fmt::Display for HostError {
 
 impl std::error::Error for HostError {}
 
+impl HostError {
+    /// The code of a service's refusal (`"TableAccessDenied"`, `"Timeout"`, … as in kiln's
+    /// error table), if that is what this is.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            HostError::Service { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
 /// A handle to the host of one plugin instance. Cheap to copy, and may move to other threads.
 #[derive(Debug, Clone, Copy)]
 pub struct Host {
@@ -263,5 +274,54 @@ pub mod storage {
     pub fn compare_and_set(key: &str, expected: Option<&Value>, new: &Value) -> Result<bool, HostError> {
         let v = call("storage.cas", json!({ "key": key, "expected": expected, "value": new }))?;
         Ok(v["swapped"].as_bool().unwrap_or(false))
+    }
+}
+
+/// The plugin's own PostgreSQL schema, through kiln. Declare the tables in the manifest
+/// (`[package.metadata.kiln] tables = ["notes"]`) and create them with migrations
+/// (`migrations/*.sql` in the crate, applied once each before init). Statements run as the
+/// plugin's own role with its schema on the search path: `notes` is the plugin's table, and
+/// anything else is refused by PostgreSQL (`TableAccessDenied`) unless the operator grants it
+/// in the row's `resources`.
+///
+/// Parameters are JSON values bound as `$1`, `$2`, … (never spliced into the SQL); PostgreSQL
+/// reads each as the type the statement needs. Rows come back as JSON objects. Calls block
+/// (database round trips) and carry the handler's deadline as their statement timeout.
+///
+/// ```no_run
+/// use kiln_types::{db, serde_json::json};
+/// let rows = db::query("INSERT INTO notes (text) VALUES ($1) RETURNING id, text", &[json!("hi")])?;
+/// let n = db::execute("DELETE FROM notes WHERE id = $1", &[json!(7)])?;
+/// # Ok::<(), kiln_types::HostError>(())
+/// ```
+pub mod db {
+    use super::{Host, HostError};
+    use serde_json::{Value, json};
+
+    fn call(op: &str, sql: &str, params: &[Value]) -> Result<Value, HostError> {
+        Host::current().ok_or(HostError::NoHost)?.call(op, &json!({ "sql": sql, "params": params }))
+    }
+
+    /// Runs a statement that returns rows (`SELECT`, `VALUES`, `… RETURNING`); its rows, each a
+    /// JSON object of column name to value (at most 10,000: page with `LIMIT`).
+    pub fn query(sql: &str, params: &[Value]) -> Result<Vec<Value>, HostError> {
+        match call("db.query", sql, params)? {
+            Value::Object(mut o) => match o.remove("rows") {
+                Some(Value::Array(rows)) => Ok(rows),
+                _ => Err(HostError::Failed),
+            },
+            _ => Err(HostError::Failed),
+        }
+    }
+
+    /// As [`query`], for at most one row.
+    pub fn query_opt(sql: &str, params: &[Value]) -> Result<Option<Value>, HostError> {
+        Ok(query(sql, params)?.into_iter().next())
+    }
+
+    /// Runs a statement that returns no rows (`INSERT`, `UPDATE`, `DELETE`, DDL); how many rows
+    /// it touched.
+    pub fn execute(sql: &str, params: &[Value]) -> Result<u64, HostError> {
+        call("db.execute", sql, params)?["rows_affected"].as_u64().ok_or(HostError::Failed)
     }
 }

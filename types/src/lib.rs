@@ -33,7 +33,7 @@ mod host;
 mod sdk;
 
 pub use description::{PluginDescription, ResponseDescription, RouteDescription};
-pub use host::{Host, HostError, Level, log, storage};
+pub use host::{Host, HostError, Level, db, log, storage};
 pub use sdk::{ConfigChange, Handler, InitContext, Plugin, Request, Response, Route};
 pub use serde_json;
 

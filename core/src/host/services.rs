@@ -1,6 +1,7 @@
 //! The host's service calls (`KilnHost::call`): what a plugin asks kiln to do for it, by name
-//! with JSON arguments. Today: its key-value storage (`storage.get`, `.put`, `.delete`, `.list`,
-//! `.cas`), kept in PostgreSQL under the plugin's name.
+//! with JSON arguments: its key-value storage (`storage.get`, `.put`, `.delete`, `.list`,
+//! `.cas`), kept in PostgreSQL under the plugin's name, and its scoped database access
+//! (`db.query`, `db.execute`: see `plugin_db`).
 //!
 //! A plugin calls synchronously, on whatever thread runs it: an async worker (an inline
 //! handler), a blocking-pool thread, or a thread of its own. The database is asynchronous, so a
@@ -8,8 +9,10 @@
 //! `block_in_place`, which hands the worker's other tasks to another thread first, so that a
 //! plugin's database call never stalls other requests.
 
+use crate::plugin_db::PluginDatabases;
 use crate::repo::{Repo, RepoError};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Most entries `storage.list` answers.
@@ -21,6 +24,7 @@ const MAX_KEY: usize = 512;
 #[derive(Clone)]
 pub struct Services {
     pub repo: Repo,
+    pub databases: Arc<PluginDatabases>,
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -59,8 +63,10 @@ impl Services {
         let run = || {
             self.runtime.block_on(async {
                 match remaining {
-                    Some(r) => tokio::time::timeout(r, self.dispatch(plugin, op, args)).await.map_err(|_| timeout())?,
-                    None => self.dispatch(plugin, op, args).await,
+                    Some(r) => tokio::time::timeout(r, self.dispatch(plugin, op, args, deadline))
+                        .await
+                        .map_err(|_| timeout())?,
+                    None => self.dispatch(plugin, op, args, deadline).await,
                 }
             })
         };
@@ -71,7 +77,13 @@ impl Services {
         }
     }
 
-    async fn dispatch(&self, plugin: &str, op: &str, args: &Value) -> Result<Value, CallError> {
+    async fn dispatch(
+        &self,
+        plugin: &str,
+        op: &str,
+        args: &Value,
+        deadline: Option<Instant>,
+    ) -> Result<Value, CallError> {
         let key = || -> Result<&str, CallError> {
             let key = args["key"].as_str().ok_or_else(|| bad("`key` must be a string"))?;
             if key.is_empty() || key.len() > MAX_KEY {
@@ -96,6 +108,22 @@ impl Services {
                 let expected = args.get("expected").filter(|v| !v.is_null());
                 let swapped = self.repo.storage_compare_and_set(plugin, key()?, expected, &args["value"]).await?;
                 Ok(json!({ "swapped": swapped }))
+            }
+            "db.query" | "db.execute" => {
+                let scope = self.databases.scope(plugin).ok_or_else(|| CallError {
+                    code: "TableAccessDenied",
+                    message: format!(
+                        "plugin {plugin} has no database scope: declare its tables in [package.metadata.kiln] (tables = [...])"
+                    ),
+                })?;
+                let sql = args["sql"].as_str().ok_or_else(|| bad("`sql` must be a string"))?;
+                let params = match &args["params"] {
+                    Value::Null => &[][..],
+                    Value::Array(a) => &a[..],
+                    _ => return Err(bad("`params` must be an array")),
+                };
+                let answer = scope.run(op == "db.query", sql, params, deadline).await;
+                answer.map_err(|e| CallError { code: e.code.as_str(), message: e.message })
             }
             _ => Err(CallError { code: "NotFound", message: format!("no host service {op:?}") }),
         }

@@ -88,7 +88,8 @@ impl RouteSink for PluginRouter {
                     blocking: r.blocking,
                     max_body: self.limits.max_body,
                     body_timeout: self.limits.body_timeout,
-                    deadline: r.deadline_ms.map_or(self.limits.default_deadline, Duration::from_millis),
+                    route_deadline: r.deadline_ms.map(Duration::from_millis),
+                    server_deadline: self.limits.default_deadline,
                     logs: self.logs.clone(),
                     label: format!("{} {}", r.method, r.path).into(),
                 };
@@ -132,8 +133,10 @@ struct PluginEndpoint {
     blocking: bool,
     max_body: usize,
     body_timeout: Duration,
-    /// How long the handler may take (see `Route::deadline` in the SDK).
-    deadline: Duration,
+    /// How long the handler may take, if the route says (`Route::deadline` in the SDK); else
+    /// the plugin's row says (`deadline_ms`); else the server (`--route-deadline-ms`).
+    route_deadline: Option<Duration>,
+    server_deadline: Duration,
     logs: Arc<LogStore>,
     /// `METHOD /path` of the route, for logs.
     label: Arc<str>,
@@ -141,9 +144,9 @@ struct PluginEndpoint {
 
 impl PluginEndpoint {
     /// The answer for a handler that ran past its deadline.
-    fn timed_out(&self, took: Duration) -> Response {
+    fn timed_out(&self, limit: Duration, took: Duration) -> Response {
         let name = &self.plugin.description().name;
-        let msg = format!("plugin {name}: {} ran past its deadline of {:?} ({took:?})", self.label, self.deadline);
+        let msg = format!("plugin {name}: {} ran past its deadline of {limit:?} ({took:?})", self.label);
         tracing::warn!(plugin = %name, route = %self.label, "{msg}");
         let entry =
             LogEntry::new(Level::Warn, Kind::Log, msg.clone(), serde_json::json!({}), Some(self.label.to_string()));
@@ -162,7 +165,8 @@ impl Endpoint for PluginEndpoint {
             Err(answer) => return Ok(answer),
         };
         let started = std::time::Instant::now();
-        let deadline = started + self.deadline;
+        let limit = self.route_deadline.or_else(|| self.plugin.deadline()).unwrap_or(self.server_deadline);
+        let deadline = started + limit;
         let result = if self.blocking {
             // Off the async workers: the request is copied so it can move to another thread.
             let owned = OwnedRequest::new(&req, &self.params);
@@ -188,7 +192,7 @@ impl Endpoint for PluginEndpoint {
             match tokio::time::timeout_at(deadline.into(), tokio::task::spawn_blocking(call)).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => Err(CallError::Panic(format!("the handler task failed: {e}"))),
-                Err(_) => return Ok(self.timed_out(started.elapsed())),
+                Err(_) => return Ok(self.timed_out(limit, started.elapsed())),
             }
         } else {
             // Inline, with the request borrowed: the fastest path, as for a linked-in handler.
@@ -213,8 +217,8 @@ impl Endpoint for PluginEndpoint {
                     "a handler ran long on an async worker, stalling other requests; mark its route .blocking()"
                 );
             }
-            if took > self.deadline {
-                return Ok(self.timed_out(took));
+            if took > limit {
+                return Ok(self.timed_out(limit, took));
             }
             result
         };

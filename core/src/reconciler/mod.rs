@@ -23,6 +23,7 @@ use crate::host::logs::LogStore;
 use crate::load_marker::LoadMarkers;
 use crate::loader::{LoadError, LoadedPlugin, Retirements};
 use crate::manifest::ManifestError;
+use crate::plugin_db::{PluginDatabases, ScopeError};
 use crate::repo::{Repo, RepoError};
 use crate::routes::RouteSink;
 use ownership::Served;
@@ -47,6 +48,9 @@ pub enum ReconcileError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The plugin's database scope (role, schema, grants, migrations) could not be applied.
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
     /// A route is malformed.
     #[error("invalid route: {0}")]
     InvalidRoute(String),
@@ -84,6 +88,7 @@ impl ReconcileError {
             Self::Load(LoadError::Init(_)) => ErrorCode::InitFailed,
             Self::Quarantined(_) => ErrorCode::CrashedDuringLoad,
             Self::Load(_) => ErrorCode::LoadError,
+            Self::Scope(e) => e.code(),
             Self::InvalidRoute(_) => ErrorCode::InvalidRoute,
             Self::RouteConflict(_) => ErrorCode::RouteConflict,
             Self::InvalidConfig(_) | Self::ConfigRejected(_) => ErrorCode::InvalidConfig,
@@ -155,6 +160,8 @@ struct Inner {
     markers: LoadMarkers,
     /// Every plugin's recent logs, panics and init errors (the host keeps them).
     logs: Arc<LogStore>,
+    /// Every plugin's database scope.
+    databases: Arc<PluginDatabases>,
     /// This `Inner` itself, to start workers from `&self`.
     me: Weak<Inner>,
 }
@@ -166,6 +173,7 @@ impl Reconciler {
         sink: Arc<dyn RouteSink>,
         markers: LoadMarkers,
         logs: Arc<LogStore>,
+        databases: Arc<PluginDatabases>,
     ) -> Self {
         Self {
             inner: Arc::new_cyclic(|me| Inner {
@@ -180,6 +188,7 @@ impl Reconciler {
                 retirements: Default::default(),
                 markers,
                 logs,
+                databases,
                 me: me.clone(),
             }),
         }

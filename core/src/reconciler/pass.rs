@@ -37,6 +37,7 @@ impl Inner {
                     self.compiler.collect_garbage(&name, &self.served_libraries());
                     self.logs.forget(&name);
                     self.repo.storage_forget(&name).await?;
+                    self.databases.forget(&name).await?;
                 }
             }
             return Ok(Outcome::Gone);
@@ -118,7 +119,10 @@ impl Inner {
             && *current_hash == hash
             && *current_config == config
         {
-            // Serving the wanted version; make sure the row says so (it may show an old error).
+            // Serving the wanted version; its grants and deadline may have changed in the row.
+            self.databases.ensure(row, &manifest, &hash).await?;
+            plugin.set_deadline(row.deadline_ms);
+            // Make sure the row says it serves (it may show an old error).
             if row.state != "loaded" || row.error.is_some() || row.loaded_hash.as_deref() != Some(hash.as_str()) {
                 self.record_loaded(row.id, &manifest, &hash, plugin).await?;
             }
@@ -131,6 +135,8 @@ impl Inner {
             && *current_config != config
             && !manifest.reload_on_config_change
         {
+            self.databases.ensure(row, &manifest, &hash).await?;
+            plugin.set_deadline(row.deadline_ms);
             let (hook_plugin, json) = (plugin.clone(), serde_json::to_vec(&config).expect("a Value always serializes"));
             let answer = tokio::task::spawn_blocking(move || hook_plugin.configure(&json))
                 .await
@@ -153,10 +159,16 @@ impl Inner {
             self.repo.record_building(row.id).await?;
         }
         let artifact = self.build(row.id, &manifest, &hash).await?;
+        // Its schema, grants and migrations are in place before its init runs.
+        self.databases.ensure(row, &manifest, &hash).await?;
         let (path, retirements) = (artifact.path.clone(), self.retirements.clone());
         let config_json = serde_json::to_vec(&config).expect("a Value always serializes");
         let (markers, id, name, marked_hash) = (self.markers.clone(), row.id, row.name.clone(), hash.clone());
-        let services = Services { repo: self.repo.clone(), runtime: tokio::runtime::Handle::current() };
+        let services = Services {
+            repo: self.repo.clone(),
+            databases: self.databases.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
         let host = HostCtx::with_services(&row.name, &manifest.version, self.logs.clone(), Some(services));
         let loaded = tokio::task::spawn_blocking(move || {
             // If this process dies inside the plugin's init, the next start knows who did it.
@@ -177,6 +189,7 @@ impl Inner {
                 return Err(e.into());
             }
         };
+        plugin.set_deadline(row.deadline_ms);
         self.publish_and_record(row, &manifest, &hash, config, Arc::new(plugin)).await?;
         tracing::info!(plugin = %row.name, built = artifact.built, library = %artifact.path.display(), "serving");
         self.compiler.collect_garbage(&row.name, &self.served_libraries());

@@ -39,6 +39,11 @@ pub struct PluginRow {
     pub origin: String,
     /// Observed: a version that took the server down while loading (see `load_marker`).
     pub quarantined_hash: Option<String>,
+    /// Desired: what the operator grants the plugin in the database beyond its own schema
+    /// (see `plugin_db::Resources`).
+    pub resources: serde_json::Value,
+    /// Desired: the plugin's route deadline in milliseconds, for routes that set none.
+    pub deadline_ms: Option<i32>,
 }
 
 impl PluginRow {
@@ -63,6 +68,8 @@ impl PluginRow {
             config: r.get("config"),
             origin: r.get("origin"),
             quarantined_hash: r.get("quarantined_hash"),
+            resources: r.get("resources"),
+            deadline_ms: r.get("deadline_ms"),
         }
     }
 

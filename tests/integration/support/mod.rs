@@ -200,6 +200,10 @@ impl TestServer {
         .await
     }
 
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(self.http.put(self.url(path)).json(&body)).await
+    }
+
     pub async fn send_delete(&self, path: &str) -> (u16, Value) {
         self.send(self.http.delete(self.url(path))).await
     }
