@@ -33,6 +33,17 @@ impl Conn {
         Ok(Self { stream, buf: Vec::with_capacity(8192), request })
     }
 
+    /// A connection that sends `POST path` with a JSON `body`.
+    pub async fn post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<Self> {
+        let mut conn = Self::open(addr, path).await?;
+        conn.request = format!(
+            "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes();
+        Ok(conn)
+    }
+
     /// Sends the request and reads the whole response; returns its status.
     pub async fn get(&mut self) -> std::io::Result<u16> {
         self.stream.write_all(&self.request).await?;

@@ -1,12 +1,14 @@
 //! kiln's benchmark. Every figure is measured in this run, next to its baseline where there is
 //! one, and repeated to quote medians. Prints a table (markdown) at the end.
 //!
-//! Run: `cargo run --release -p kiln-bench` (about 5 minutes on 2 cores).
-//! `KILN_BENCH_QUICK=1` shortens every section (for a smoke run); `KILN_BENCH_ONLY=a,b` runs
-//! only the named sections (calls, throughput, toggles, reloads, load, cold, restarts, scale).
+//! Run: `bench/run` (installs wrk, then `cargo run --release -p kiln-bench`; about 6 minutes on
+//! 2 cores). `KILN_BENCH_QUICK=1` shortens every section (for a smoke run);
+//! `KILN_BENCH_ONLY=a,b` runs only the named sections (calls, throughput, neighbours, toggles,
+//! reloads, load, cold, restarts, scale).
 
 mod load;
 mod setup;
+mod wrk;
 
 use load::quantile;
 use setup::{Db, Kiln, copy_crate, generate_plugin, http, rss_kib};
@@ -49,14 +51,18 @@ async fn main() -> anyhow::Result<()> {
     // One server with the example plugins, used by sections 1–3 and 5.
     let plugins = work.path().join("plugins");
     copy_crate(&setup::repo_root().join("plugins/powertable"), &plugins.join("powertable"))?;
+    copy_crate(&setup::repo_root().join("tests/fixtures/sqlrun"), &plugins.join("sqlrun"))?;
     let server = Kiln::start(&work.path().join("main"), vec![plugins.clone()], &db.fresh("bench_main").await?).await?;
-    server.wait_serving(1, Duration::from_secs(600)).await?;
+    server.wait_serving(2, Duration::from_secs(600)).await?;
 
     if on("calls") {
         call_overhead(&server, quick, &mut rows).await?;
     }
     if on("throughput") {
         throughput(&server, quick, &mut rows).await?;
+    }
+    if on("neighbours") {
+        neighbours(&server, quick, &mut rows).await?;
     }
     if on("toggles") {
         toggles(&server, quick, &mut rows).await?;
@@ -92,15 +98,16 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 1. The same handler, loaded dynamically through kiln vs linked statically.
+/// Section 1: the same handler, loaded dynamically through kiln vs linked statically,
+/// under load from wrk (another process).
 async fn throughput(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let static_addr = setup::start_static()?;
     let (rounds, secs, conns) = if quick { (2, 1, 16) } else { (5, 3, 16) };
     let (mut dynamic, mut baseline) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         // Alternate, so drift on a shared machine hits both alike.
-        let s = load::run(static_addr, "/powertable", conns, Duration::from_secs(secs)).await;
-        let d = load::run(server.addr, "/powertable", conns, Duration::from_secs(secs)).await;
+        let s = wrk::run(static_addr, "/powertable", conns, Duration::from_secs(secs)).await?;
+        let d = wrk::run(server.addr, "/powertable", conns, Duration::from_secs(secs)).await?;
         eprintln!("  round {round}: static {:.0} req/s, kiln {:.0} req/s", s.rps, d.rps);
         anyhow::ensure!(s.failed == 0 && d.failed == 0, "requests failed during the throughput run");
         baseline.push(s);
@@ -109,7 +116,7 @@ async fn throughput(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyhow::
     let med = |v: &[load::Stats], f: fn(&load::Stats) -> f64| quantile(&mut v.iter().map(f).collect::<Vec<_>>(), 0.5);
     let (d_rps, s_rps) = (med(&dynamic, |s| s.rps), med(&baseline, |s| s.rps));
     rows.push(row(
-        format!("GET /powertable throughput ({conns} conns, median of {rounds}×{secs}s)"),
+        format!("GET /powertable throughput (wrk, {conns} conns, median of {rounds}×{secs}s)"),
         format!("{d_rps:.0} req/s ({:.2}× static)", d_rps / s_rps),
         format!("{s_rps:.0} req/s static"),
         "≥ 0.95× static",
@@ -119,6 +126,74 @@ async fn throughput(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyhow::
         format!("{:.0} / {:.0} µs", med(&dynamic, |s| s.p50_us), med(&dynamic, |s| s.p99_us)),
         format!("{:.0} / {:.0} µs static", med(&baseline, |s| s.p50_us), med(&baseline, |s| s.p99_us)),
         "",
+    ));
+    Ok(())
+}
+
+/// Section 2: host calls never stall the server. The p99 of a fast route of one plugin, idle
+/// and while fifty requests to another plugin each run a 100 ms query (from an inline handler,
+/// the hard case: kiln moves the worker out of the async pool for the call).
+async fn neighbours(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let (rounds, secs, conns, slow) = if quick { (1, 1, 4, 50) } else { (3, 3, 4, 50) };
+    // 50 connections for the plugin's role, so that the 50 queries run at once.
+    let db = tokio_postgres::connect(&server.db_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(db.1);
+    db.0.execute("UPDATE plugins SET resources = '{\"connections\": 50}' WHERE name = 'sqlrun'", &[]).await?;
+    let body = r#"{"sql": "SELECT 1 AS one FROM pg_sleep(0.1)"}"#;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut probe = load::Conn::post(server.addr, "/sqlrun/inline", body).await?;
+        if probe.get().await? == 200 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "sqlrun does not answer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut idle, mut busy, mut slow_done) = (Vec::new(), Vec::new(), 0u64);
+    for round in 0..rounds {
+        let i = wrk::run(server.addr, "/powertable", conns, Duration::from_secs(secs)).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..slow {
+            let stop = stop.clone();
+            let addr = server.addr;
+            tasks.push(tokio::spawn(async move {
+                let (mut done, mut failed) = (0u64, 0u64);
+                let Ok(mut conn) = load::Conn::post(addr, "/sqlrun/inline", body).await else { return (0, 1) };
+                while !stop.load(Ordering::Relaxed) {
+                    match conn.get().await {
+                        Ok(200) => done += 1,
+                        _ => failed += 1,
+                    }
+                }
+                (done, failed)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await; // the queries are under way
+        let b = wrk::run(server.addr, "/powertable", conns, Duration::from_secs(secs)).await?;
+        stop.store(true, Ordering::Relaxed);
+        let (mut done, mut failed) = (0, 0);
+        for t in tasks {
+            let (d, f) = t.await?;
+            done += d;
+            failed += f;
+        }
+        eprintln!(
+            "  round {round}: fast route p99 idle {:.0} µs, beside {slow} slow queries {:.0} µs ({done} queries done)",
+            i.p99_us, b.p99_us
+        );
+        anyhow::ensure!(failed == 0 && i.failed == 0 && b.failed == 0, "requests failed during the neighbours run");
+        idle.push(i);
+        busy.push(b);
+        slow_done += done;
+    }
+    let med = |v: &[load::Stats], f: fn(&load::Stats) -> f64| quantile(&mut v.iter().map(f).collect::<Vec<_>>(), 0.5);
+    let (idle_p99, busy_p99) = (med(&idle, |s| s.p99_us), med(&busy, |s| s.p99_us));
+    rows.push(row(
+        format!("fast route p99 beside {slow} × 100 ms queries of another plugin (wrk, {conns} conns)"),
+        format!("{busy_p99:.0} µs ({:.2}× idle; {slow_done} queries)", busy_p99 / idle_p99),
+        format!("{idle_p99:.0} µs idle"),
+        "≤ 2× idle",
     ));
     Ok(())
 }

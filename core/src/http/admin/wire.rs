@@ -39,6 +39,12 @@ pub struct Plugin {
     pub loaded_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Desired: what the plugin may reach in the database beyond its own schema (`tables`,
+    /// `names`, `connections`; edit the row to change it).
+    pub resources: serde_json::Value,
+    /// Desired: the route deadline in milliseconds for routes that set none (null: the server's).
+    #[oai(nullable)]
+    pub deadline_ms: Option<i32>,
 }
 
 impl From<PluginRow> for Plugin {
@@ -60,6 +66,8 @@ impl From<PluginRow> for Plugin {
             loaded_at: r.loaded_at,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            resources: r.resources,
+            deadline_ms: r.deadline_ms,
         }
     }
 }
