@@ -65,19 +65,72 @@ pub struct CallRequest<'a> {
     pub body: &'a [u8],
 }
 
-/// A response copied out of the plugin.
+/// A plugin's response, in the plugin's own buffers (nothing is copied out of them).
 #[derive(Debug)]
 pub struct CallResponse {
     pub status: u16,
     /// Header pairs, length-prefixed as the plugin encoded them (see [`CallResponse::headers`]).
-    head: Vec<u8>,
-    pub body: Vec<u8>,
+    head: PluginBuf,
+    body: PluginBuf,
 }
 
 impl CallResponse {
-    /// The response's (name, value) pairs, not yet checked as HTTP header names and values.
+    /// The response's (name, value) pairs, not yet checked as HTTP header names and values:
+    /// views into the plugin's buffer.
     pub fn headers(&self) -> Result<Vec<abi::HeaderPair<'_>>, CallError> {
-        abi::decode_headers(&self.head).map_err(CallError::InvalidResponse)
+        abi::decode_headers(self.head.as_ref()).map_err(CallError::InvalidResponse)
+    }
+
+    /// The body, handed over without a copy: the plugin's buffer goes back to the plugin when
+    /// the last reference to it drops (after the body is written to the client).
+    pub fn into_body(self) -> bytes::Bytes {
+        if self.body.as_ref().is_empty() { bytes::Bytes::new() } else { bytes::Bytes::from_owner(self.body) }
+    }
+}
+
+/// A buffer a plugin allocated and kiln holds: freed by the plugin's own `kiln_free_buf` when
+/// dropped, on whatever thread drops it.
+pub struct PluginBuf {
+    buf: KilnBuf,
+    free: FreeBufFn,
+}
+
+impl PluginBuf {
+    /// # Safety
+    /// `buf` was returned by the library `free` belongs to, and is handed over (not used or
+    /// freed elsewhere).
+    unsafe fn new(free: FreeBufFn, buf: KilnBuf) -> Self {
+        Self { buf, free }
+    }
+}
+
+impl std::fmt::Debug for PluginBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PluginBuf({} bytes)", self.buf.len)
+    }
+}
+
+// SAFETY: the buffer is plain bytes owned by this value alone; the plugin's `kiln_free_buf`
+// returns it to the plugin's allocator, which (like every Rust global allocator) is thread-safe,
+// and the function stays mapped: libraries are never unmapped (RTLD_NODELETE, see `load`).
+unsafe impl Send for PluginBuf {}
+// SAFETY: shared access only reads the bytes.
+unsafe impl Sync for PluginBuf {}
+
+impl AsRef<[u8]> for PluginBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: a live buffer of the plugin's (see `new`), not freed before `self` drops.
+        unsafe { self.buf.as_bytes() }
+    }
+}
+
+impl Drop for PluginBuf {
+    fn drop(&mut self) {
+        if !self.buf.ptr.is_null() {
+            let buf = KilnBuf { ptr: self.buf.ptr, len: self.buf.len, cap: self.buf.cap };
+            // SAFETY: freed once, here, by the library that allocated it (see `new`).
+            unsafe { (self.free)(buf) };
+        }
     }
 }
 
@@ -314,10 +367,11 @@ impl LoadedPlugin {
         // SAFETY: the instance is live (cleanup only runs in Drop); every view in `raw` points at
         // data borrowed for this call; `out` is valid for a write.
         let status = unsafe { (live.handle_fn)(live.instance.0, &raw, &mut out) };
-        // SAFETY: both buffers were written by this library and each is freed once, by it.
-        let (head, body) = unsafe { (take_bytes(live.free_fn, out.headers), take_bytes(live.free_fn, out.body)) };
+        // SAFETY: both buffers were written by this library and are handed over to kiln.
+        let (head, body) =
+            unsafe { (PluginBuf::new(live.free_fn, out.headers), PluginBuf::new(live.free_fn, out.body)) };
         if status == abi::STATUS_PANIC {
-            return Err(CallError::Panic(String::from_utf8_lossy(&body).into_owned()));
+            return Err(CallError::Panic(String::from_utf8_lossy(body.as_ref()).into_owned()));
         }
         if status != abi::STATUS_OK {
             return Err(CallError::InvalidResponse(format!("status code {status}")));

@@ -254,7 +254,7 @@ impl Endpoint for PluginEndpoint {
                 _ => return invalid(format!("an invalid header {:?}", String::from_utf8_lossy(n))),
             }
         }
-        Ok(builder.body(response.body))
+        Ok(builder.body(response.into_body()))
     }
 }
 
