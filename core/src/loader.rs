@@ -194,6 +194,8 @@ struct Live {
     /// The host context of this instance: retired after its cleanup.
     host: Arc<HostCtx>,
     /// Must stay the last field: the function pointers above point into it, so it drops last.
+    /// (Its code stays mapped even after: libraries are opened with RTLD_NODELETE, which is what
+    /// lets a response body outlive the instance and still be freed by the plugin: `PluginBuf`.)
     _library: Library,
 }
 

@@ -24,6 +24,9 @@ const LOCK_KEY: i64 = 0x6b69_6c6e; // "kiln"
 pub async fn run(pool: &Pool) -> anyhow::Result<usize> {
     let mut client = pool.get().await.context("connecting to PostgreSQL")?;
     let tx = client.transaction().await?;
+    // Bounded: a session holding the key (any role may take any advisory lock) fails the start
+    // with a message instead of hanging it.
+    tx.batch_execute("SET LOCAL lock_timeout = '60s'").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS kiln_migrations (

@@ -195,6 +195,7 @@ async fn a_migration_runs_once_and_a_changed_one_is_refused() {
 async fn the_rows_deadline_bounds_handlers_and_their_statements() {
     let server = TestServer::start(&["sqlrun", "hello"]).await;
     server.wait_state("sqlrun", "loaded").await;
+    server.wait_state("hello", "loaded").await;
     let db = server.sql().await;
     db.execute("UPDATE plugins SET deadline_ms = 300 WHERE name = 'sqlrun'", &[]).await.unwrap();
     let started = Instant::now();
@@ -222,4 +223,66 @@ async fn the_rows_deadline_bounds_handlers_and_their_statements() {
     assert!(t.elapsed() < Duration::from_secs(1), "the server stayed responsive");
     let short = sql(&server, "query", "SELECT 1 AS one FROM pg_sleep(0.01)", json!([])).await;
     assert_eq!(short, json!([{ "one": 1 }]), "short statements still run");
+}
+
+/// Every call gets a clean connection (a transaction, a setting or an advisory lock a previous
+/// call left is undone), and a schema kiln did not make is neither adopted nor dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_start_clean_and_foreign_schemas_are_left_alone() {
+    let server = TestServer::start(&["sqlrun"]).await;
+    server.wait_state("sqlrun", "loaded").await;
+    let db = server.sql().await;
+    // One connection, so that every call below reuses the one before's.
+    db.execute("UPDATE plugins SET resources = '{\"connections\": 1}' WHERE name = 'sqlrun'", &[]).await.unwrap();
+    server
+        .wait_until("the connection limit applies", EDIT_DEADLINE, || async {
+            let limit: Option<i32> = db
+                .query_opt(
+                    "SELECT rolconnlimit FROM pg_roles, pg_database d
+                      WHERE d.datname = current_database() AND rolname = 'kiln' || d.oid || '_sqlrun'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get(0));
+            // and the connections of the larger pool have ended (PostgreSQL enforces the limit)
+            let open: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity, pg_database d
+                      WHERE d.datname = current_database() AND usename = 'kiln' || d.oid || '_sqlrun'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            limit == Some(1) && open <= 1
+        })
+        .await;
+    assert_eq!(sql(&server, "execute", "BEGIN", json!([])).await, json!(0));
+    assert_eq!(sql(&server, "execute", "SET search_path = public", json!([])).await, json!(0));
+    assert_eq!(
+        sql(&server, "query", "SELECT 1 AS one FROM pg_advisory_lock(4242)", json!([])).await,
+        json!([{ "one": 1 }])
+    );
+    let open = sql(&server, "query", "SELECT count(*) AS n FROM items", json!([])).await;
+    assert_eq!(open, json!([{ "n": 0 }]), "its own search path again, outside any transaction: {open}");
+    let free: bool = db.query_one("SELECT pg_try_advisory_lock(4242)", &[]).await.unwrap().get(0);
+    assert!(free, "the advisory lock a call left was released");
+
+    // An operator's schema of the plugin's name is refused, not adopted, and survives uninstall.
+    db.batch_execute(
+        "ALTER SCHEMA plugin_sqlrun OWNER TO CURRENT_USER; COMMENT ON SCHEMA plugin_sqlrun IS 'the operator''s now'",
+    )
+    .await
+    .unwrap();
+    db.execute("UPDATE plugins SET resources = '{}' WHERE name = 'sqlrun'", &[]).await.unwrap();
+    server
+        .wait_until("the row says why", EDIT_DEADLINE, || async {
+            let e = server.plugin("sqlrun").await["error"].as_str().unwrap_or_default().to_string();
+            e.contains("a schema named plugin_sqlrun exists that kiln did not make")
+        })
+        .await;
+    assert_eq!(server.send_delete("/plugins/sqlrun").await.0, 200);
+    let kept = db.query_opt("SELECT 1 FROM pg_namespace WHERE nspname = 'plugin_sqlrun'", &[]).await.unwrap();
+    assert!(kept.is_some(), "a schema kiln did not make is not dropped");
 }

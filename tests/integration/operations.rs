@@ -80,11 +80,12 @@ async fn config_is_validated_masked_applied_and_kept() {
     // A good one written with SQL applies, clears the error, and survives a restart.
     db.execute(r#"UPDATE plugins SET config = '{"greeting": "kept"}' WHERE name = 'configured'"#, &[]).await.unwrap();
     server
-        .wait_until("the SQL config applies", EDIT_DEADLINE, || async {
+        .wait_until("the SQL config applies and the row's error clears", EDIT_DEADLINE, || async {
+            // The row is written just after the new config serves: wait for both.
             server.get("/configured").await.1["greeting"] == "kept"
+                && server.plugin("configured").await["error"].is_null()
         })
         .await;
-    assert!(server.plugin("configured").await["error"].is_null());
     let (cluster, root, url) = server.stop().await;
     let server = TestServer::start_in(cluster, root, url).await;
     server.wait_state("configured", "loaded").await;

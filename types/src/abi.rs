@@ -107,7 +107,10 @@ pub type HandleFn = unsafe extern "C" fn(instance: *mut c_void, req: *const Kiln
 pub type ConfigureFn = unsafe extern "C" fn(instance: *mut c_void, config: KilnStr, err_out: *mut KilnBuf) -> i32;
 /// Runs the plugin's cleanup and frees the instance. The pointer is invalid afterwards.
 pub type CleanupFn = unsafe extern "C" fn(instance: *mut c_void, err_out: *mut KilnBuf) -> i32;
-/// Frees a buffer the plugin returned.
+/// Frees a buffer the plugin returned. The host may call it from any thread, concurrently with
+/// other calls, and after the instance's cleanup (a response body is freed once it has been
+/// written to the client): it must only return the buffer to the allocator it came from, which
+/// must outlive every instance (the process's global allocator, as the SDK does).
 pub type FreeBufFn = unsafe extern "C" fn(buf: KilnBuf);
 
 /// A borrowed byte string: valid for the duration of one call. Making one is safe; reading

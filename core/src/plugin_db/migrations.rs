@@ -81,9 +81,7 @@ pub(super) async fn apply(
     let mut ran = 0;
     for file in files {
         let record = admin.transaction().await?;
-        record
-            .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("kiln-plugin-db:{}", names.plugin)])
-            .await?;
+        super::provision::lock(&record, names).await?;
         let applied = record
             .query_opt(
                 "SELECT sha256 FROM plugin_migrations WHERE plugin = $1 AND name = $2",

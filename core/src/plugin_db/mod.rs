@@ -13,8 +13,9 @@
 //!   when the row stops granting it;
 //! - is limited by the database: `CONNECTION LIMIT` (resources.connections), a statement
 //!   timeout (the handler's deadline, else 30 s), and an idle-in-transaction timeout;
-//! - is `NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT` (PostgreSQL's defaults), with a
-//!   random password kiln sets as a SCRAM verifier each time it starts serving the plugin.
+//! - is `NOSUPERUSER NOCREATEDB NOCREATEROLE`, a member of no role (a role or schema of its
+//!   name that kiln did not make is refused, never adopted), with a random password kiln sets as
+//!   a SCRAM verifier whenever it applies the plugin's scope.
 //!
 //! kiln's own database user must be able to create roles (`CREATEROLE`, or a superuser, as in
 //! the quick start and docker-compose) and `pg_hba.conf` must let those roles log in with a
@@ -104,7 +105,8 @@ impl Names {
 }
 
 /// `prefix` + `name`, within PostgreSQL's 63 bytes: a long name is cut and made unique by a
-/// hash of the whole name. (Plugin names are ASCII.)
+/// hash of the whole name, after a `$`, which no plugin name holds, so that no other plugin's
+/// uncut name can equal it. (Plugin names are ASCII.)
 fn fit(prefix: &str, name: &str) -> String {
     let full = format!("{prefix}{name}");
     if full.len() <= 63 {
@@ -112,7 +114,7 @@ fn fit(prefix: &str, name: &str) -> String {
     }
     use sha2::Digest;
     let hash = hex::encode(sha2::Sha256::digest(name.as_bytes()));
-    format!("{prefix}{}_{}", &name[..63 - prefix.len() - 9], &hash[..8])
+    format!("{prefix}{}${}", &name[..63 - prefix.len() - 9], &hash[..8])
 }
 
 /// An identifier, double-quoted for SQL.
@@ -121,13 +123,20 @@ pub fn quote(ident: &str) -> String {
 }
 
 /// One plugin's scope, as this process serves it.
-#[derive(Debug)]
 pub struct Scope {
     pub names: Names,
     /// Connections logged in as the plugin's role.
     pool: Pool,
+    /// The role's password, as this process set it.
+    password: String,
     /// The version and resources last applied (a pass with the same ones does nothing).
     applied: Mutex<Option<(String, Resources)>>,
+}
+
+impl std::fmt::Debug for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scope").field("names", &self.names).finish_non_exhaustive() // not the password
+    }
 }
 
 impl Scope {
@@ -197,32 +206,38 @@ impl PluginDatabases {
             return Ok(());
         }
         let names = self.names(&row.name).await?;
-        let password = existing.is_none().then(random_password).transpose()?;
-        let verifier = password.as_deref().map(|p| postgres_protocol::password::scram_sha_256(p.as_bytes()));
+        // The password of this process's pool, set again on every apply (a role dropped and
+        // made again in between would have none).
+        let password = match &existing {
+            Some(scope) => scope.password.clone(),
+            None => random_password()?,
+        };
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
         {
             let mut admin = self.admin.get().await?;
-            provision::apply(&mut admin, &names, verifier.as_deref(), &resources).await?;
+            provision::apply(&mut admin, &names, &verifier, &resources).await?;
         }
         let scope = match existing {
             Some(scope) => {
                 scope.pool.resize(resources.connection_limit() as usize);
                 scope
             }
-            None => {
-                let password = password.expect("a new scope has a new password");
-                Arc::new(Scope {
-                    pool: self.pool_for(&names, &password, resources.connection_limit())?,
-                    names: names.clone(),
-                    applied: Mutex::new(None),
-                })
-            }
+            None => Arc::new(Scope {
+                pool: self.pool_for(&names, &password, resources.connection_limit())?,
+                password,
+                names: names.clone(),
+                applied: Mutex::new(None),
+            }),
         };
         {
             let mut admin = self.admin.get().await?;
             let mut own = scope.pool.get().await.map_err(|e| {
                 ScopeError::Provision(format!("logging in as the plugin's role {:?} failed: {e}", names.role))
             })?;
-            migrations::apply(&names, &mut admin, &mut own, &files).await?;
+            if migrations::apply(&names, &mut admin, &mut own, &files).await? > 0 {
+                // Statements prepared before the migration may describe tables it changed.
+                scope.pool.manager().statement_caches.clear();
+            }
             provision::check_tables(&own, &names, &manifest.tables).await?;
         }
         *scope.applied.lock().expect("applied lock") = Some((hash.to_string(), resources));
@@ -244,7 +259,13 @@ impl PluginDatabases {
     fn pool_for(&self, names: &Names, password: &str, size: u32) -> Result<Pool, ScopeError> {
         let mut config = self.base.clone();
         config.user(&names.role).password(password).application_name(format!("kiln plugin {}", names.plugin));
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        // Each checkout starts clean: whatever a previous call left on the connection (an open or
+        // failed transaction, settings, advisory locks, LISTENs, temporary tables) is undone.
+        let recycling_method = RecyclingMethod::Custom(
+            "ROLLBACK; CLOSE ALL; RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;"
+                .into(),
+        );
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method });
         Pool::builder(manager)
             .max_size(size as usize)
             .runtime(Runtime::Tokio1)
@@ -278,6 +299,9 @@ mod tests {
         assert!(long_a.role.len() <= 63 && long_a.schema.len() <= 63, "{long_a:?}");
         assert_ne!(long_a.role, long_b.role);
         assert_ne!(long_a.schema, long_b.schema);
+        // A plugin named like a cut name cannot take its role or schema: names hold no `$`.
+        let cut = long_a.schema.strip_prefix("plugin_").unwrap().to_string();
+        assert!(crate::manifest::validate_name(&cut).is_err(), "{cut}");
         assert_eq!(quote("a\"b"), "\"a\"\"b\"");
     }
 }

@@ -13,40 +13,78 @@ use std::collections::BTreeSet;
 /// The comment on the views kiln makes for `resources.names` (how it knows which are its own).
 const VIEW_MARK: &str = "kiln: resources.names";
 
-/// Creates or updates `names`' role and schema and applies `resources`. `verifier`: a new
-/// password (SCRAM verifier) for the role.
+/// Creates or updates `names`' role and schema and applies `resources`; `verifier` is the
+/// role's password (a SCRAM verifier), set every time.
+///
+/// A role or schema of that name that kiln did not make for this plugin (its comment says so) is
+/// refused, never adopted: it may be an operator's, with rights a plugin must not get.
 pub(super) async fn apply(
     admin: &mut deadpool_postgres::Client,
     names: &Names,
-    verifier: Option<&str>,
+    verifier: &str,
     resources: &Resources,
 ) -> Result<(), ScopeError> {
     let tx = admin.transaction().await?;
     lock(&tx, names).await?;
-    let (role, schema) = (quote(&names.role), quote(&names.schema));
-    let exists = tx.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&names.role]).await?.is_some();
+    let (role, schema, mark) = (quote(&names.role), quote(&names.schema), mark(names));
     let refused = |e: tokio_postgres::Error| match e.as_db_error() {
         Some(db) => ScopeError::Provision(format!("{} (SQLSTATE {})", db.message(), db.code().code())),
         None => e.into(),
     };
-    if !exists {
-        tx.batch_execute(&format!("CREATE ROLE {role} NOLOGIN")).await.map_err(refused)?;
+    let existing = tx
+        .query_opt(
+            "SELECT shobj_description(r.oid, 'pg_authid'),
+                    r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls
+                    OR EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid)
+               FROM pg_roles r WHERE r.rolname = $1",
+            &[&names.role],
+        )
+        .await?;
+    match existing {
+        None => {
+            let sql = format!("CREATE ROLE {role} NOLOGIN; COMMENT ON ROLE {role} IS '{mark}'");
+            tx.batch_execute(&sql).await.map_err(refused)?;
+        }
+        Some(r) if r.get::<_, Option<String>>(0).as_deref() != Some(mark.as_str()) => {
+            return Err(ScopeError::Provision(format!(
+                "a role named {} exists that kiln did not make for plugin {}: rename or drop it",
+                names.role, names.plugin
+            )));
+        }
+        Some(r) if r.get::<_, bool>(1) => {
+            return Err(ScopeError::Provision(format!(
+                "role {} has rights a plugin's role must not have (superuser, createrole, createdb, replication, bypassrls or a role membership)",
+                names.role
+            )));
+        }
+        Some(_) => {}
     }
-    let mut sql = format!(
+    let schema_mark = tx
+        .query_opt("SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = $1", &[&names.schema])
+        .await?;
+    let create_schema = match schema_mark {
+        None => format!("CREATE SCHEMA {schema} AUTHORIZATION {role}; COMMENT ON SCHEMA {schema} IS '{mark}';"),
+        Some(r) if r.get::<_, Option<String>>(0).as_deref() == Some(mark.as_str()) => {
+            format!("ALTER SCHEMA {schema} OWNER TO {role};")
+        }
+        Some(_) => {
+            return Err(ScopeError::Provision(format!(
+                "a schema named {} exists that kiln did not make for plugin {}: rename or drop it",
+                names.schema, names.plugin
+            )));
+        }
+    };
+    // A SCRAM verifier, not the password: the password never reaches the server's logs.
+    debug_assert!(!verifier.contains('\''));
+    let sql = format!(
         "GRANT {role} TO CURRENT_USER;
-         ALTER ROLE {role} WITH LOGIN CONNECTION LIMIT {limit};
+         ALTER ROLE {role} WITH LOGIN CONNECTION LIMIT {limit} PASSWORD '{verifier}';
          ALTER ROLE {role} SET search_path = {schema};
          ALTER ROLE {role} SET statement_timeout = '30s';
          ALTER ROLE {role} SET idle_in_transaction_session_timeout = '60s';
-         CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role};
-         ALTER SCHEMA {schema} OWNER TO {role};",
+         {create_schema}",
         limit = resources.connection_limit()
     );
-    if let Some(verifier) = verifier {
-        // A SCRAM verifier, not the password: the password never reaches the server's logs.
-        debug_assert!(!verifier.contains('\''));
-        sql.push_str(&format!("ALTER ROLE {role} WITH PASSWORD '{verifier}';"));
-    }
     tx.batch_execute(&sql).await.map_err(refused)?;
     grants(&tx, names, resources).await?;
     views(&tx, names, resources).await?;
@@ -54,7 +92,15 @@ pub(super) async fn apply(
     Ok(())
 }
 
-async fn lock(tx: &impl GenericClient, names: &Names) -> Result<(), ScopeError> {
+/// The comment on a role and a schema kiln made for a plugin (plugin names need no quoting).
+fn mark(names: &Names) -> String {
+    format!("kiln: plugin {}", names.plugin)
+}
+
+/// Takes the plugin's lock (in the transaction `tx`), waiting at most 10 s: a lock that long
+/// held is a stuck or hostile session, and the pass fails (and is retried) instead of hanging.
+pub(super) async fn lock(tx: &impl GenericClient, names: &Names) -> Result<(), ScopeError> {
+    tx.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("kiln-plugin-db:{}", names.plugin)]).await?;
     Ok(())
 }
@@ -159,14 +205,36 @@ pub(super) async fn check_tables(own: &impl GenericClient, names: &Names, tables
     )))
 }
 
-/// Drops `names`' schema (with everything in it), the role's remaining rights, the role, and
-/// the record of its migrations. Harmless when they do not exist.
+/// Drops `names`' schema (with everything in it), the role's sessions, remaining rights and the
+/// role itself, and the record of its migrations: only what kiln made for this plugin (their
+/// comments say so). Harmless when they do not exist.
 pub(super) async fn drop(admin: &mut deadpool_postgres::Client, names: &Names) -> Result<(), ScopeError> {
     let tx = admin.transaction().await?;
     lock(&tx, names).await?;
-    tx.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(&names.schema))).await?;
-    if tx.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&names.role]).await?.is_some() {
+    let mark = mark(names);
+    let schema_ours = tx
+        .query_opt(
+            "SELECT 1 FROM pg_namespace WHERE nspname = $1 AND obj_description(oid, 'pg_namespace') = $2",
+            &[&names.schema, &mark],
+        )
+        .await?
+        .is_some();
+    if schema_ours {
+        tx.batch_execute(&format!("DROP SCHEMA {} CASCADE", quote(&names.schema))).await?;
+    }
+    let role_ours = tx
+        .query_opt(
+            "SELECT 1 FROM pg_roles WHERE rolname = $1 AND shobj_description(oid, 'pg_authid') = $2",
+            &[&names.role, &mark],
+        )
+        .await?
+        .is_some();
+    if role_ours {
         let role = quote(&names.role);
+        // Its open sessions (this or another server's pool) end first: they would keep running
+        // as a dropped role.
+        tx.batch_execute(&format!("ALTER ROLE {role} NOLOGIN")).await?;
+        tx.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", &[&names.role]).await?;
         tx.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await?;
     }
     tx.execute("DELETE FROM plugin_migrations WHERE plugin = $1", &[&names.plugin]).await?;

@@ -8,8 +8,9 @@
 //!   column type has its natural JSON form. A statement that returns rows (`SELECT`, `VALUES`,
 //!   `… RETURNING`) goes through `db.query`; anything else through `db.execute`.
 //! - **Deadline**: the statement's `statement_timeout` is what remains of the handler's
-//!   deadline (PostgreSQL cancels it there), else the role's 30 s.
-//! - Each call stands alone: an open transaction a previous call left is rolled back first.
+//!   deadline (PostgreSQL cancels it there), else 30 s.
+//! - Each call stands alone: the pool undoes what a previous call left on the connection (an open
+//!   transaction, settings, locks) before handing it out again (see `PluginDatabases::pool_for`).
 
 use crate::error_code::ErrorCode;
 use bytes::BufMut;
@@ -21,6 +22,10 @@ use tokio_postgres::types::{Format, IsNull, Kind, ToSql, Type, to_sql_checked};
 
 /// Most rows one query answers (more is an error: page with LIMIT).
 pub const MAX_ROWS: usize = 10_000;
+/// A statement's timeout outside a handler (init, a plugin's own thread).
+const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Most prepared statements kept per connection.
+const MAX_CACHED: usize = 256;
 /// Longest statement, in bytes, and most parameters.
 const MAX_SQL: usize = 1024 * 1024;
 const MAX_PARAMS: usize = 1000;
@@ -74,20 +79,23 @@ pub(super) async fn run(
             format!("at most {MAX_SQL} bytes of SQL and {MAX_PARAMS} parameters"),
         ));
     }
+    // Always set, never inherited: the role's own default is something a plugin can change.
     let timeout = match deadline {
         Some(d) => {
             let left = d.checked_duration_since(Instant::now()).filter(|l| !l.is_zero());
-            let left = left.ok_or_else(|| error(ErrorCode::Timeout, "the handler's deadline has passed"))?;
-            format!("SET statement_timeout = {}", left.as_millis().max(1))
+            left.ok_or_else(|| error(ErrorCode::Timeout, "the handler's deadline has passed"))?
         }
-        None => "RESET statement_timeout".into(),
+        None => DEFAULT_TIMEOUT,
     };
     let client = pool.get().await?;
+    if client.statement_cache.size() > MAX_CACHED {
+        client.statement_cache.clear(); // SQL built on the fly must not grow it without bound
+    }
     let text = if returns_rows { wrap(sql) } else { sql.to_string() };
     let statement = client.prepare_cached(&text).await?;
     let bound: Vec<JsonParam<'_>> = params.iter().map(JsonParam).collect();
-    // One round trip: the reset and the statement are pipelined on the connection, in order.
-    let setup_sql = format!("ROLLBACK; {timeout}");
+    // One round trip: the setting and the statement are pipelined on the connection, in order.
+    let setup_sql = format!("SET statement_timeout = {}", timeout.as_millis().max(1));
     let setup = client.batch_execute(&setup_sql);
     if returns_rows {
         let rows = client.query_raw(&statement, bound.iter().map(|p| p as &dyn ToSql));

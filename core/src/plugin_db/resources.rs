@@ -15,6 +15,17 @@
 use serde_json::Value;
 use std::collections::BTreeMap;
 
+/// kiln's own tables (in `public`): never granted to a plugin.
+const KILN_TABLES: &[&str] = &[
+    "plugins",
+    "plugin_endpoints",
+    "plugin_builds",
+    "plugin_tombstones",
+    "plugin_storage",
+    "plugin_migrations",
+    "kiln_migrations",
+];
+
 /// Most connections a plugin may ask for.
 const MAX_CONNECTIONS: u32 = 64;
 /// Connections a plugin gets unless its row says otherwise.
@@ -50,6 +61,17 @@ impl QualifiedTable {
             s.split_once('.').ok_or_else(|| format!("{s:?}: name a table with its schema (\"public.users\")"))?;
         check_identifier(schema)?;
         check_identifier(table)?;
+        if schema == "information_schema" || schema.starts_with("pg_") {
+            return Err(format!("{s}: the system catalogs are not grantable (they hold every role's secrets)"));
+        }
+        if schema.starts_with("plugin_") {
+            return Err(format!(
+                "{s}: another plugin's schema is not grantable (plugins share data through tables of yours)"
+            ));
+        }
+        if schema == "public" && KILN_TABLES.contains(&table) {
+            return Err(format!("{s}: kiln's own tables are not grantable (a plugin could change what kiln runs)"));
+        }
         Ok(Self { schema: schema.into(), table: table.into() })
     }
 
@@ -181,6 +203,11 @@ mod tests {
             json!({"connections": 0}),
             json!({"connections": 65}),
             json!({"grants": {}}),
+            json!({"tables": {"pg_catalog.pg_authid": "read"}}),
+            json!({"tables": {"information_schema.tables": "read"}}),
+            json!({"tables": {"plugin_other.notes": "read"}}),
+            json!({"tables": {"public.plugins": "write"}}),
+            json!({"names": {"secrets": "public.plugin_storage"}}),
         ] {
             assert!(Resources::parse(&bad).is_err(), "{bad}");
         }
