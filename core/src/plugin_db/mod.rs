@@ -7,8 +7,9 @@
 //! - owns its schema (`plugin_<name>`), which is first and alone on its `search_path`, so
 //!   `notes` means the plugin's own table; it may create, alter and drop anything in it;
 //! - has no other rights but those PostgreSQL gives every role (`PUBLIC`): it can read the
-//!   system catalogs (names of other tables, not their rows), call ordinary functions, and
-//!   create temporary tables; it cannot read or write kiln's tables or another plugin's schema;
+//!   system catalogs (other schemas' table names and view and function definitions, not their
+//!   rows), call ordinary functions, and create temporary tables; it cannot read or write
+//!   kiln's tables or another plugin's schema;
 //! - gets what the row's `resources` grants (tables, read or write; names as views), revoked
 //!   when the row stops granting it;
 //! - is limited by the database: `CONNECTION LIMIT` (resources.connections), a statement

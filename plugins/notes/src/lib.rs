@@ -15,6 +15,9 @@ use kiln_types::{HostError, InitContext, Plugin, Request, Response, Route, db, l
 
 pub struct Notes;
 
+/// The longest note, in characters (the table's CHECK says the same).
+const MAX_TEXT: usize = 10_000;
+
 impl Plugin for Notes {
     fn init(_: &InitContext) -> Result<Self, String> {
         Ok(Notes)
@@ -71,15 +74,16 @@ fn failed(e: &HostError) -> Response {
         Some("DatabaseUnavailable") => 503,
         _ => 500,
     };
-    Response::json(status, &json!({ "error": e.code().unwrap_or("HostError"), "message": e.to_string() }))
+    let body = json!({ "error": e.code().unwrap_or("HostError"), "message": e.to_string(), "details": {} });
+    Response::json(status, &body)
 }
 
 impl Notes {
     fn create(&self, req: &Request) -> Response {
         let text = match req.json::<Value>() {
             Ok(v) => match v.get("text").and_then(Value::as_str) {
-                Some(t) if !t.is_empty() => t.to_string(),
-                _ => return Response::error(400, "send {\"text\": \"...\"} with a non-empty text"),
+                Some(t) if !t.is_empty() && t.chars().count() <= MAX_TEXT => t.to_string(),
+                _ => return Response::error(400, "send {\"text\": \"...\"} with 1 to 10000 characters"),
             },
             Err(e) => return Response::error(400, &format!("the body is not JSON: {e}")),
         };
