@@ -229,35 +229,19 @@ async fn the_rows_deadline_bounds_handlers_and_their_statements() {
 /// call left is undone), and a schema kiln did not make is neither adopted nor dropped.
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_start_clean_and_foreign_schemas_are_left_alone() {
-    let server = TestServer::start(&["sqlrun"]).await;
-    server.wait_state("sqlrun", "loaded").await;
+    // One connection from the start (set in the row that installs it), so that every call below
+    // reuses the one before's.
+    let server = TestServer::start(&[]).await;
+    let dir = server.plugin_dir("sqlrun");
+    crate::support::copy_crate(&crate::support::crate_source("sqlrun"), &dir);
     let db = server.sql().await;
-    // One connection, so that every call below reuses the one before's.
-    db.execute("UPDATE plugins SET resources = '{\"connections\": 1}' WHERE name = 'sqlrun'", &[]).await.unwrap();
-    server
-        .wait_until("the connection limit applies", EDIT_DEADLINE, || async {
-            let limit: Option<i32> = db
-                .query_opt(
-                    "SELECT rolconnlimit FROM pg_roles, pg_database d
-                      WHERE d.datname = current_database() AND rolname = 'kiln' || d.oid || '_sqlrun'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .map(|r| r.get(0));
-            // and the connections of the larger pool have ended (PostgreSQL enforces the limit)
-            let open: i64 = db
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity, pg_database d
-                      WHERE d.datname = current_database() AND usename = 'kiln' || d.oid || '_sqlrun'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            limit == Some(1) && open <= 1
-        })
-        .await;
+    db.execute(
+        "INSERT INTO plugins (name, source_path, resources) VALUES ('sqlrun', $1, '{\"connections\": 1}')",
+        &[&dir.to_string_lossy().as_ref()],
+    )
+    .await
+    .unwrap();
+    server.wait_state("sqlrun", "loaded").await;
     assert_eq!(sql(&server, "execute", "BEGIN", json!([])).await, json!(0));
     assert_eq!(sql(&server, "execute", "SET search_path = public", json!([])).await, json!(0));
     assert_eq!(
