@@ -472,13 +472,8 @@ unsafe fn symbol<T: Copy>(library: &Library, path: &Path, name: &[u8]) -> Result
 /// # Safety
 /// `buf` was returned by the library that `free` belongs to, and is not used again.
 unsafe fn take_bytes(free: FreeBufFn, buf: KilnBuf) -> Vec<u8> {
-    // SAFETY: a live buffer of this library (caller).
-    let bytes = unsafe { buf.as_bytes() }.to_vec();
-    if !buf.ptr.is_null() {
-        // SAFETY: freed once, by the library that allocated it.
-        unsafe { free(buf) };
-    }
-    bytes
+    // SAFETY: forwarded from the caller; the buffer is freed when the `PluginBuf` drops.
+    unsafe { PluginBuf::new(free, buf) }.as_ref().to_vec()
 }
 
 /// # Safety

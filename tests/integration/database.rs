@@ -198,7 +198,6 @@ async fn the_rows_deadline_bounds_handlers_and_their_statements() {
     server.wait_state("hello", "loaded").await;
     let db = server.sql().await;
     db.execute("UPDATE plugins SET deadline_ms = 300 WHERE name = 'sqlrun'", &[]).await.unwrap();
-    let started = Instant::now();
     server
         .wait_until("the deadline applies", Duration::from_secs(30), || async {
             let (status, _) =
@@ -206,7 +205,6 @@ async fn the_rows_deadline_bounds_handlers_and_their_statements() {
             status == 504
         })
         .await;
-    assert!(started.elapsed() < Duration::from_secs(30));
     // The statement was cancelled by PostgreSQL at the deadline, not left running.
     server
         .wait_until("no statement of the plugin still runs", EDIT_DEADLINE, || async {

@@ -130,8 +130,6 @@ pub struct Scope {
     pool: Pool,
     /// The role's password, as this process set it.
     password: String,
-    /// The version and resources last applied (a pass with the same ones does nothing).
-    applied: Mutex<Option<(String, Resources)>>,
 }
 
 impl std::fmt::Debug for Scope {
@@ -162,11 +160,16 @@ pub struct PluginDatabases {
     admin: Pool,
     database_oid: tokio::sync::OnceCell<u32>,
     scopes: Mutex<HashMap<String, Arc<Scope>>>,
+    /// The version (source hash) and resources last brought into effect for each plugin, with a
+    /// scope or without one. The hash covers the crate's every file (migrations and manifest
+    /// included), so a pass with the same pair has nothing to do and reads nothing.
+    applied: Mutex<HashMap<String, (String, Resources)>>,
 }
 
 impl PluginDatabases {
     pub fn new(base: tokio_postgres::Config, admin: Pool) -> Self {
-        Self { base, admin, database_oid: Default::default(), scopes: Default::default() }
+        let (database_oid, scopes, applied) = Default::default();
+        Self { base, admin, database_oid, scopes, applied }
     }
 
     /// The scope plugin `plugin` may query through, if it has one.
@@ -192,6 +195,11 @@ impl PluginDatabases {
     /// the same version and resources were applied already.
     pub async fn ensure(&self, row: &PluginRow, manifest: &Manifest, hash: &str) -> Result<(), ScopeError> {
         let resources = Resources::parse(&row.resources).map_err(ScopeError::InvalidResources)?;
+        let wanted = (hash.to_string(), resources);
+        if self.applied.lock().expect("applied lock").get(&row.name) == Some(&wanted) {
+            return Ok(());
+        }
+        let resources = &wanted.1;
         let files = migrations::read_off_worker(&manifest.dir).await?;
         let existing = self.scope(&row.name);
         if manifest.tables.is_empty() && files.is_empty() && resources.is_empty() {
@@ -199,11 +207,7 @@ impl PluginDatabases {
             if let Some(scope) = self.scopes.lock().expect("scopes lock").remove(&row.name) {
                 scope.pool.close();
             }
-            return Ok(());
-        }
-        if let Some(scope) = &existing
-            && scope.applied.lock().expect("applied lock").as_ref() == Some(&(hash.to_string(), resources.clone()))
-        {
+            self.applied.lock().expect("applied lock").insert(row.name.clone(), wanted);
             return Ok(());
         }
         let names = self.names(&row.name).await?;
@@ -216,7 +220,7 @@ impl PluginDatabases {
         let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
         {
             let mut admin = self.admin.get().await?;
-            provision::apply(&mut admin, &names, &verifier, &resources).await?;
+            provision::apply(&mut admin, &names, &verifier, resources).await?;
         }
         let scope = match existing {
             Some(scope) => {
@@ -227,7 +231,6 @@ impl PluginDatabases {
                 pool: self.pool_for(&names, &password, resources.connection_limit())?,
                 password,
                 names: names.clone(),
-                applied: Mutex::new(None),
             }),
         };
         {
@@ -241,14 +244,15 @@ impl PluginDatabases {
             }
             provision::check_tables(&own, &names, &manifest.tables).await?;
         }
-        *scope.applied.lock().expect("applied lock") = Some((hash.to_string(), resources));
         self.scopes.lock().expect("scopes lock").insert(row.name.clone(), scope);
+        self.applied.lock().expect("applied lock").insert(row.name.clone(), wanted);
         Ok(())
     }
 
     /// The plugin was uninstalled: its schema (its tables and data), its role and its record of
     /// migrations go with it.
     pub async fn forget(&self, plugin: &str) -> Result<(), ScopeError> {
+        self.applied.lock().expect("applied lock").remove(plugin);
         if let Some(scope) = self.scopes.lock().expect("scopes lock").remove(plugin) {
             scope.pool.close();
         }

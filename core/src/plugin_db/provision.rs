@@ -212,23 +212,19 @@ pub(super) async fn drop(admin: &mut deadpool_postgres::Client, names: &Names) -
     let tx = admin.transaction().await?;
     lock(&tx, names).await?;
     let mark = mark(names);
-    let schema_ours = tx
-        .query_opt(
-            "SELECT 1 FROM pg_namespace WHERE nspname = $1 AND obj_description(oid, 'pg_namespace') = $2",
-            &[&names.schema, &mark],
+    let ours = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace
+                             WHERE nspname = $1 AND obj_description(oid, 'pg_namespace') = $3),
+                    EXISTS (SELECT 1 FROM pg_roles
+                             WHERE rolname = $2 AND shobj_description(oid, 'pg_authid') = $3)",
+            &[&names.schema, &names.role, &mark],
         )
-        .await?
-        .is_some();
+        .await?;
+    let (schema_ours, role_ours): (bool, bool) = (ours.get(0), ours.get(1));
     if schema_ours {
         tx.batch_execute(&format!("DROP SCHEMA {} CASCADE", quote(&names.schema))).await?;
     }
-    let role_ours = tx
-        .query_opt(
-            "SELECT 1 FROM pg_roles WHERE rolname = $1 AND shobj_description(oid, 'pg_authid') = $2",
-            &[&names.role, &mark],
-        )
-        .await?
-        .is_some();
     if role_ours {
         let role = quote(&names.role);
         // Its open sessions (this or another server's pool) end first: they would keep running

@@ -120,8 +120,7 @@ impl Inner {
             && *current_config == config
         {
             // Serving the wanted version; its grants and deadline may have changed in the row.
-            self.databases.ensure(row, &manifest, &hash).await?;
-            plugin.set_deadline(row.deadline_ms);
+            self.apply_row_settings(row, &manifest, &hash, plugin).await?;
             // Make sure the row says it serves (it may show an old error).
             if row.state != "loaded" || row.error.is_some() || row.loaded_hash.as_deref() != Some(hash.as_str()) {
                 self.record_loaded(row.id, &manifest, &hash, plugin).await?;
@@ -135,8 +134,7 @@ impl Inner {
             && *current_config != config
             && !manifest.reload_on_config_change
         {
-            self.databases.ensure(row, &manifest, &hash).await?;
-            plugin.set_deadline(row.deadline_ms);
+            self.apply_row_settings(row, &manifest, &hash, plugin).await?;
             let (hook_plugin, json) = (plugin.clone(), serde_json::to_vec(&config).expect("a Value always serializes"));
             let answer = tokio::task::spawn_blocking(move || hook_plugin.configure(&json))
                 .await
@@ -239,6 +237,20 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+
+    /// Brings what the row sets beside code and config into effect for a version that serves
+    /// already: its database scope (`resources`) and its deadline (`deadline_ms`).
+    async fn apply_row_settings(
+        &self,
+        row: &PluginRow,
+        manifest: &Manifest,
+        hash: &str,
+        plugin: &LoadedPlugin,
+    ) -> Result<(), ReconcileError> {
+        self.databases.ensure(row, manifest, hash).await?;
+        plugin.set_deadline(row.deadline_ms);
+        Ok(())
     }
 
     /// Builds through the compiler and records every build that ran in the history.
