@@ -6,6 +6,7 @@
 //! `KILN_BENCH_ONLY=a,b` runs only the named sections (calls, throughput, neighbours, toggles,
 //! reloads, load, cold, restarts, scale).
 
+mod cpu;
 mod load;
 mod setup;
 mod wrk;
@@ -102,13 +103,33 @@ async fn main() -> anyhow::Result<()> {
 /// under load from wrk (another process).
 async fn throughput(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let static_addr = setup::start_static()?;
-    let (rounds, secs, conns) = if quick { (2, 1, 16) } else { (5, 3, 16) };
+    // Many short rounds: this shared machine's speed swings by a third within seconds, and a
+    // median over many back-to-back pairs is what stays put between runs.
+    let (rounds, secs, conns) = if quick { (3, 1, 16) } else { (11, 2, 16) };
     let (mut dynamic, mut baseline) = (Vec::new(), Vec::new());
+    let (mut cpu_ratios, mut cpu_us) = (Vec::new(), Vec::new());
     for round in 0..rounds {
-        // Alternate, so drift on a shared machine hits both alike.
-        let s = wrk::run(static_addr, "/powertable", conns, Duration::from_secs(secs)).await?;
-        let d = wrk::run(server.addr, "/powertable", conns, Duration::from_secs(secs)).await?;
-        eprintln!("  round {round}: static {:.0} req/s, kiln {:.0} req/s", s.rps, d.rps);
+        // Alternate, so drift on a shared machine hits both alike; who goes first alternates
+        // too.
+        let run = |addr, threads: &'static str| async move {
+            let cpu = cpu::threads_ns(threads);
+            let stats = wrk::run(addr, "/powertable", conns, Duration::from_secs(secs)).await?;
+            let per_request = (cpu::threads_ns(threads) - cpu) as f64 / stats.ok.max(1) as f64 / 1e3;
+            anyhow::Ok((stats, per_request))
+        };
+        let ((s, s_cpu), (d, d_cpu)) = if round % 2 == 0 {
+            let s = run(static_addr, setup::STATIC_THREADS).await?;
+            (s, run(server.addr, setup::KILN_THREADS).await?)
+        } else {
+            let d = run(server.addr, setup::KILN_THREADS).await?;
+            (run(static_addr, setup::STATIC_THREADS).await?, d)
+        };
+        cpu_ratios.push(d_cpu / s_cpu);
+        cpu_us.push((d_cpu, s_cpu));
+        eprintln!(
+            "  round {round}: static {:.0} req/s, {s_cpu:.1} µs CPU/request; kiln {:.0} req/s, {d_cpu:.1} µs CPU/request",
+            s.rps, d.rps
+        );
         anyhow::ensure!(s.failed == 0 && d.failed == 0, "requests failed during the throughput run");
         baseline.push(s);
         dynamic.push(d);
@@ -125,6 +146,15 @@ async fn throughput(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyhow::
         format!("{d_rps:.0} req/s; {ratio:.2}× static (median of the rounds' ratios, {lowest:.2}–{highest:.2})"),
         format!("{s_rps:.0} req/s static"),
         "≥ 0.95× static",
+    ));
+    let cpu_ratio = quantile(&mut cpu_ratios, 0.5);
+    let d_cpu = quantile(&mut cpu_us.iter().map(|c| c.0).collect::<Vec<_>>(), 0.5);
+    let s_cpu = quantile(&mut cpu_us.iter().map(|c| c.1).collect::<Vec<_>>(), 0.5);
+    rows.push(row(
+        "GET /powertable server CPU per request (the servers' threads, same rounds)",
+        format!("{d_cpu:.1} µs; {cpu_ratio:.2}× static (median of the rounds' ratios)"),
+        format!("{s_cpu:.1} µs static"),
+        "",
     ));
     rows.push(row(
         "GET /powertable latency p50 / p99",
@@ -210,14 +240,18 @@ async fn call_overhead(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyho
     let n = if quick { 50_000 } else { 500_000 };
     let (dynamic, direct) = tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
         let plugin = LoadedPlugin::load(Path::new(&library), b"{}")?;
-        let headers: [(&str, &[u8]); 2] = [("host", b"bench"), ("accept", b"*/*")];
+        use kiln_types::abi::{KilnHeaders, KilnPair, KilnStr};
+        let pairs: &[KilnPair] = &[
+            KilnPair { name: KilnStr::from_static("host"), value: KilnStr::from_static("bench") },
+            KilnPair { name: KilnStr::from_static("accept"), value: KilnStr::from_static("*/*") },
+        ];
         let call = CallRequest {
             route: 0,
             method: "GET",
             path: "/powertable",
             query: "",
             params: &[],
-            headers: &headers,
+            headers: KilnHeaders::over_pairs(&pairs),
             body: &[],
         };
         let start = Instant::now();
@@ -234,8 +268,7 @@ async fn call_overhead(server: &Kiln, quick: bool, rows: &mut Vec<Row>) -> anyho
             query: kiln_types::abi::KilnStr::new(b""),
             params: std::ptr::null(),
             params_len: 0,
-            headers: std::ptr::null(),
-            headers_len: 0,
+            headers: KilnHeaders::over_pairs(&pairs),
             body: kiln_types::abi::KilnStr::new(&[]),
         };
         // SAFETY: every view points at static UTF-8 bytes.

@@ -61,7 +61,11 @@ impl Kiln {
         let (stop, stopped) = oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .thread_name(KILN_THREADS)
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
                 addr_tx.send(listener.local_addr().expect("addr")).expect("send addr");
@@ -144,6 +148,11 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<
     Ok((status, body))
 }
 
+/// Names of the threads of a kiln server's runtime and of the static baseline's (see
+/// [`crate::cpu`]; at most 15 bytes, Linux's limit).
+pub const KILN_THREADS: &str = "bench-kiln";
+pub const STATIC_THREADS: &str = "bench-static";
+
 /// The baseline: the same powertable handler, linked into a plain poem server and called
 /// directly (no library, no C ABI, no blocking pool, no dynamic route table).
 pub fn start_static() -> anyhow::Result<SocketAddr> {
@@ -159,8 +168,7 @@ pub fn start_static() -> anyhow::Result<SocketAddr> {
                 query: KilnStr::new(query.as_bytes()),
                 params: std::ptr::null(),
                 params_len: 0,
-                headers: std::ptr::null(),
-                headers_len: 0,
+                headers: kiln_types::abi::KilnHeaders::NONE,
                 body: KilnStr::new(&[]),
             };
             // SAFETY: every view points at this request's data (UTF-8 strs), alive for the call.
@@ -174,7 +182,11 @@ pub fn start_static() -> anyhow::Result<SocketAddr> {
     }
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .thread_name(STATIC_THREADS)
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             addr_tx.send(listener.local_addr().expect("addr")).expect("send");

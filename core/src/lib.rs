@@ -106,10 +106,8 @@ pub async fn serve(
     });
 
     tracing::info!(addr = %listener.local_addr()?, "serving");
-    let acceptor = http::HeadDeadlineAcceptor {
-        inner: poem::listener::TcpAcceptor::from_tokio(listener)?,
-        limit: config.request_timeout(),
-    };
+    let acceptor =
+        http::HeadDeadlineAcceptor::new(poem::listener::TcpAcceptor::from_tokio(listener)?, config.request_timeout());
     let result = poem::Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(app, shutdown, Some(Duration::from_secs(10)))
         .await;

@@ -9,8 +9,8 @@
 use crate::host::HostCtx;
 use kiln_types::PluginDescription;
 use kiln_types::abi::{
-    self, AbiVersionFn, CleanupFn, ConfigureFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnPair, KilnRequest,
-    KilnResponse, KilnStr, TypesVersionFn,
+    self, AbiVersionFn, CleanupFn, ConfigureFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnHeaders, KilnPair,
+    KilnRequest, KilnResponse, KilnStr, TypesVersionFn,
 };
 use libloading::Library;
 use std::ffi::c_void;
@@ -60,8 +60,9 @@ pub struct CallRequest<'a> {
     pub path: &'a str,
     pub query: &'a str,
     pub params: &'a [(&'a str, &'a str)],
-    /// (lower-case name, raw value): values are passed as the client sent them.
-    pub headers: &'a [(&'a str, &'a [u8])],
+    /// The request's headers, read by the plugin through the host when it asks (the HTTP
+    /// edge provides them over its own header map).
+    pub headers: KilnHeaders,
     pub body: &'a [u8],
 }
 
@@ -77,8 +78,8 @@ pub struct CallResponse {
 impl CallResponse {
     /// The response's (name, value) pairs, not yet checked as HTTP header names and values:
     /// views into the plugin's buffer.
-    pub fn headers(&self) -> Result<Vec<abi::HeaderPair<'_>>, CallError> {
-        abi::decode_headers(self.head.as_ref()).map_err(CallError::InvalidResponse)
+    pub fn headers(&self) -> abi::HeaderPairs<'_> {
+        abi::HeaderPairs::new(self.head.as_ref())
     }
 
     /// The body, handed over without a copy: the plugin's buffer goes back to the plugin when
@@ -348,11 +349,6 @@ impl LoadedPlugin {
             .iter()
             .map(|(n, v)| KilnPair { name: KilnStr::new(n.as_bytes()), value: KilnStr::new(v.as_bytes()) })
             .collect();
-        let headers: Vec<KilnPair> = req
-            .headers
-            .iter()
-            .map(|(n, v)| KilnPair { name: KilnStr::new(n.as_bytes()), value: KilnStr::new(v) })
-            .collect();
         let raw = KilnRequest {
             route: req.route,
             method: KilnStr::new(req.method.as_bytes()),
@@ -360,8 +356,7 @@ impl LoadedPlugin {
             query: KilnStr::new(req.query.as_bytes()),
             params: params.as_ptr(),
             params_len: params.len(),
-            headers: headers.as_ptr(),
-            headers_len: headers.len(),
+            headers: req.headers,
             body: KilnStr::new(req.body),
         };
         let live = self.live.as_ref().expect("a LoadedPlugin is live until dropped");

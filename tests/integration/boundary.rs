@@ -25,9 +25,12 @@ async fn the_boundary_holds_against_injection_panicking_payloads_and_odd_headers
 
     // UTF-8 header values reach the plugin; other bytes come as bytes.
     let echo = |value: &'static [u8]| {
-        let req = server.http.get(server.url("/panicky/echo")).header("x-name", value);
+        let req = server.http.get(server.url("/panicky/echo")).header("x-name", value).header("X-Other", "2");
         async move { req.send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
     };
-    assert_eq!(echo("José".as_bytes()).await, json!({ "text": "José", "bytes": "José".as_bytes() }));
-    assert_eq!(echo(b"\xff").await, json!({ "text": null, "bytes": [255] }));
+    let all = json!(["x-name=plain", "x-other=2"]);
+    assert_eq!(echo(b"plain").await, json!({ "text": "plain", "bytes": b"plain", "x": all }), "names lower case");
+    assert_eq!(echo("José".as_bytes()).await["bytes"], json!("José".as_bytes()));
+    assert_eq!(echo(b"\xff").await["text"], json!(null), "not UTF-8: no text, but the bytes");
+    assert_eq!(echo(b"\xff").await["bytes"], json!([255]));
 }

@@ -63,6 +63,14 @@ async fn discovered_plugins_are_compiled_served_and_recorded() {
     // Unknown things answer JSON errors.
     let (status, body) = server.get("/nothing-here").await;
     assert_eq!((status, body["error"].as_str()), (404, Some("NotFound")));
+    assert_eq!(body["message"], "no route for GET /nothing-here");
+    let (status, body) = server.get("/powertable/1/more").await;
+    assert_eq!((status, body["message"].as_str()), (404, Some("no route for GET /powertable/1/more")));
+    // HEAD is GET without the body.
+    let resp = server.http.head(server.url("/powertable")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    assert!(resp.bytes().await.unwrap().is_empty());
     let (status, body) = server.send_delete("/powertable").await;
     assert_eq!((status, body["error"].as_str()), (405, Some("MethodNotAllowed")), "{body}");
     assert!(body["message"].as_str().unwrap().contains("/powertable does not accept DELETE"), "{body}");

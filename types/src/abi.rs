@@ -18,8 +18,10 @@ use std::ffi::c_void;
 /// History: 1 — first version; 2 — `kiln_configure` (config changes without a reload);
 /// 3 — response headers as length-prefixed pairs, request header values as raw bytes, and the
 /// description returned by `kiln_init` from the same route list the instance dispatches by
-/// (`kiln_describe` is gone); 4 — the host table ([`KilnHost`]) passed to `kiln_init`.
-pub const ABI_VERSION: u32 = 4;
+/// (`kiln_describe` is gone); 4 — the host table ([`KilnHost`]) passed to `kiln_init`; 5 —
+/// request headers read through the host on demand ([`KilnHeaders`]) instead of copied into
+/// pairs for every request.
+pub const ABI_VERSION: u32 = 5;
 
 /// Symbol: `extern "C" fn() -> u32`, returns the [`ABI_VERSION`] the library was built with.
 pub const SYM_ABI_VERSION: &[u8] = b"kiln_abi_version\0";
@@ -170,12 +172,75 @@ pub struct KilnRequest {
     /// Path parameters of the matched route.
     pub params: *const KilnPair,
     pub params_len: usize,
-    /// Request headers: names lower case (ASCII), values the raw bytes the client sent (any
-    /// bytes but CR, LF and NUL; not necessarily UTF-8).
-    pub headers: *const KilnPair,
-    pub headers_len: usize,
+    /// Request headers, read through the host when the handler asks: nothing is copied for a
+    /// request whose handler reads none.
+    pub headers: KilnHeaders,
     /// Request body.
     pub body: KilnStr,
+}
+
+/// Finds the first value of header `name` (ASCII case ignored): writes a view of it to `value`
+/// and returns 1, or returns 0 when there is none. The view lives for the request's call.
+pub type HeaderGetFn = unsafe extern "C" fn(ctx: *const c_void, name: KilnStr, value: *mut KilnStr) -> i32;
+/// Receives one header from [`HeaderEachFn`]: `state` is the caller's, the views live for the
+/// request's call. Must not unwind.
+pub type HeaderVisitFn = unsafe extern "C" fn(state: *mut c_void, name: KilnStr, value: KilnStr);
+/// Calls `visit(state, name, value)` for every header, in the request's order, before returning.
+pub type HeaderEachFn = unsafe extern "C" fn(ctx: *const c_void, state: *mut c_void, visit: HeaderVisitFn);
+
+/// The request's headers, as the host keeps them: names lower case (ASCII), values the raw bytes
+/// the client sent (any bytes but CR, LF and NUL; not necessarily UTF-8). Valid for the call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilnHeaders {
+    pub ctx: *const c_void,
+    pub get: HeaderGetFn,
+    pub each: HeaderEachFn,
+}
+
+impl KilnHeaders {
+    /// No headers.
+    pub const NONE: KilnHeaders = KilnHeaders { ctx: std::ptr::null(), get: none_get, each: none_each };
+
+    /// Headers over a slice of pairs (names in any case), for hosts that call handlers directly
+    /// (tests, a statically linked baseline). `pairs` (a reference to the slice reference, so
+    /// the context is one thin pointer) must outlive every use of the result.
+    pub fn over_pairs(pairs: &&[KilnPair]) -> Self {
+        Self { ctx: pairs as *const &[KilnPair] as *const c_void, get: pairs_get, each: pairs_each }
+    }
+}
+
+unsafe extern "C" fn none_get(_: *const c_void, _: KilnStr, _: *mut KilnStr) -> i32 {
+    0
+}
+
+unsafe extern "C" fn none_each(_: *const c_void, _: *mut c_void, _: HeaderVisitFn) {}
+
+/// # Safety
+/// `ctx` comes from [`KilnHeaders::over_pairs`], whose slice is alive, as are its views.
+unsafe extern "C" fn pairs_get(ctx: *const c_void, name: KilnStr, value: *mut KilnStr) -> i32 {
+    // SAFETY: `ctx` points at a live `&[KilnPair]` (the caller); `name` lives for the call.
+    let (pairs, name) = unsafe { (*(ctx as *const &[KilnPair]), name.as_bytes()) };
+    // SAFETY: every view in the pairs is alive (the caller).
+    match pairs.iter().find(|p| unsafe { p.name.as_bytes() }.eq_ignore_ascii_case(name)) {
+        Some(p) => {
+            // SAFETY: `value` is valid for a write (HeaderGetFn's contract).
+            unsafe { value.write(p.value) };
+            1
+        }
+        None => 0,
+    }
+}
+
+/// # Safety
+/// As [`pairs_get`]; `visit` with `state` as [`HeaderEachFn`] says.
+unsafe extern "C" fn pairs_each(ctx: *const c_void, state: *mut c_void, visit: HeaderVisitFn) {
+    // SAFETY: `ctx` points at a live `&[KilnPair]` (the caller).
+    let pairs = unsafe { *(ctx as *const &[KilnPair]) };
+    for p in pairs {
+        // SAFETY: the visitor takes the state it was given with views alive for the call.
+        unsafe { visit(state, p.name, p.value) };
+    }
 }
 
 /// A byte buffer allocated by the plugin (the parts of a `Vec<u8>`), freed by its `kiln_free_buf`.
@@ -240,8 +305,14 @@ impl KilnResponse {
 
 /// Encodes header pairs for [`KilnResponse::headers`]: for each pair, the name's length (`u32`,
 /// native byte order), the name, the value's length, the value.
-pub fn encode_headers<'a>(pairs: impl IntoIterator<Item = HeaderPair<'a>>) -> Vec<u8> {
-    let mut out = Vec::new();
+pub fn encode_headers<'a, I>(pairs: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = HeaderPair<'a>>,
+    I::IntoIter: Clone,
+{
+    let pairs = pairs.into_iter();
+    // Sized once: growing from empty would reallocate several times for a single header.
+    let mut out = Vec::with_capacity(pairs.clone().map(|(n, v)| 8 + n.len() + v.len()).sum());
     for (name, value) in pairs {
         for part in [name, value] {
             // A part over 4 GiB cannot be a header; it is cut, and the host refuses the result.
@@ -257,21 +328,44 @@ pub fn encode_headers<'a>(pairs: impl IntoIterator<Item = HeaderPair<'a>>) -> Ve
 pub type HeaderPair<'a> = (&'a [u8], &'a [u8]);
 
 /// Decodes what [`encode_headers`] wrote. `Err` names what is malformed.
-pub fn decode_headers(mut raw: &[u8]) -> Result<Vec<HeaderPair<'_>>, String> {
-    fn part<'a>(raw: &mut &'a [u8]) -> Result<&'a [u8], String> {
-        let (len, rest) = raw.split_first_chunk::<4>().ok_or("a header length is cut short")?;
+pub fn decode_headers(raw: &[u8]) -> Result<Vec<HeaderPair<'_>>, String> {
+    HeaderPairs::new(raw).collect()
+}
+
+/// The pairs [`encode_headers`] wrote, read in place one by one; a malformed part yields one
+/// `Err` naming it, and ends the pairs.
+#[derive(Debug, Clone)]
+pub struct HeaderPairs<'a> {
+    raw: &'a [u8],
+}
+
+impl<'a> HeaderPairs<'a> {
+    pub fn new(raw: &'a [u8]) -> Self {
+        Self { raw }
+    }
+
+    fn part(&mut self) -> Result<&'a [u8], &'static str> {
+        let (len, rest) = self.raw.split_first_chunk::<4>().ok_or("a header length is cut short")?;
         let len = u32::from_ne_bytes(*len) as usize;
         let (value, rest) = rest.split_at_checked(len).ok_or("a header is cut short")?;
-        *raw = rest;
+        self.raw = rest;
         Ok(value)
     }
-    let mut pairs = Vec::new();
-    while !raw.is_empty() {
-        let name = part(&mut raw)?;
-        let value = part(&mut raw)?;
-        pairs.push((name, value));
+}
+
+impl<'a> Iterator for HeaderPairs<'a> {
+    type Item = Result<HeaderPair<'a>, String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.raw.is_empty() {
+            return None;
+        }
+        let pair = self.part().and_then(|name| Ok((name, self.part()?)));
+        if pair.is_err() {
+            self.raw = &[];
+        }
+        Some(pair.map_err(str::to_string))
     }
-    Ok(pairs)
 }
 
 #[cfg(test)]

@@ -337,7 +337,7 @@ macro_rules! export_plugin {
 mod tests {
     //! The glue called in-process, as the server calls it through the exports.
     use super::*;
-    use crate::abi::{KilnPair, KilnRequest};
+    use crate::abi::{KilnHeaders, KilnPair, KilnRequest};
     use std::sync::atomic::{AtomicU32, Ordering};
 
     struct Glue;
@@ -435,7 +435,7 @@ mod tests {
     /// Calls route `path` of `instance` with one header; (status code, response).
     fn call(instance: *mut c_void, desc: &PluginDescription, path: &str, header: &[u8]) -> (i32, KilnResponse) {
         let route = desc.routes.iter().position(|r| r.path == path).unwrap() as u32;
-        let headers = [KilnPair { name: KilnStr::from_static("x-name"), value: KilnStr::new(header) }];
+        let pairs: &[KilnPair] = &[KilnPair { name: KilnStr::from_static("x-name"), value: KilnStr::new(header) }];
         let raw = KilnRequest {
             route,
             method: KilnStr::from_static("GET"),
@@ -443,8 +443,7 @@ mod tests {
             query: KilnStr::from_static(""),
             params: std::ptr::null(),
             params_len: 0,
-            headers: headers.as_ptr(),
-            headers_len: 1,
+            headers: KilnHeaders::over_pairs(&pairs),
             body: KilnStr::from_static(""),
         };
         let mut out = KilnResponse::EMPTY;
@@ -483,6 +482,37 @@ mod tests {
         let head = unsafe { out.headers.into_vec() };
         assert_eq!(abi::decode_headers(&head).unwrap()[1].1, b"?", "a non-UTF-8 value is not text");
         retire(instance);
+    }
+
+    #[test]
+    fn headers_are_read_through_the_host_by_name_and_in_order() {
+        let pairs: &[KilnPair] = &[
+            KilnPair { name: KilnStr::from_static("host"), value: KilnStr::from_static("a") },
+            KilnPair { name: KilnStr::from_static("x-name"), value: KilnStr::new(b"\xff") },
+        ];
+        for (headers, expected) in [(KilnHeaders::over_pairs(&pairs), 2), (KilnHeaders::NONE, 0)] {
+            let raw = KilnRequest {
+                route: 0,
+                method: KilnStr::from_static("GET"),
+                path: KilnStr::from_static("/"),
+                query: KilnStr::from_static(""),
+                params: std::ptr::null(),
+                params_len: 0,
+                headers,
+                body: KilnStr::from_static(""),
+            };
+            // SAFETY: every view is static or lives in `pairs`, which outlives `req`.
+            let req = unsafe { Request::from_raw(&raw) };
+            let all: Vec<_> = req.headers().collect();
+            assert_eq!(all.len(), expected);
+            if expected == 2 {
+                assert_eq!(all, vec![(&b"host"[..], &b"a"[..]), (b"x-name", b"\xff")]);
+                assert_eq!(req.header("HOST"), Some("a"), "names match in any case");
+                assert_eq!(req.header_bytes("x-name"), Some(&b"\xff"[..]));
+                assert_eq!(req.header("x-name"), None, "not UTF-8");
+            }
+            assert_eq!(req.header("accept"), None);
+        }
     }
 
     #[test]

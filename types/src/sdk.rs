@@ -3,6 +3,7 @@
 use crate::abi::{KilnPair, KilnRequest, KilnStr};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::ffi::c_void;
 
 /// A kiln plugin. Implement it and call [`export_plugin!`](crate::export_plugin) once.
 ///
@@ -185,9 +186,9 @@ impl<'a> Request<'a> {
     ///
     /// # Safety
     /// Every view in `raw` must point at initialized bytes that stay valid and unmodified for
-    /// `'a`: `params`/`params_len` and `headers`/`headers_len` at that many pairs (or a length
-    /// of 0). `method`, `path`, `query` and both parts of every parameter must be UTF-8; header
-    /// values may be any bytes.
+    /// `'a`: `params`/`params_len` at that many pairs (or a length of 0), and every view the
+    /// `headers` functions give. `method`, `path`, `query` and both parts of every parameter
+    /// must be UTF-8; header values may be any bytes.
     #[doc(hidden)]
     pub unsafe fn from_raw(raw: &'a KilnRequest) -> Self {
         Self { raw }
@@ -227,16 +228,32 @@ impl<'a> Request<'a> {
 
     /// A request header's raw value by name (any case): the bytes the client sent.
     pub fn header_bytes(&self, name: &str) -> Option<&'a [u8]> {
-        // SAFETY: `from_raw`'s contract: `headers_len` pairs of views that live for 'a.
-        unsafe { find_pair(self.raw.headers, self.raw.headers_len, name) }
+        let h = &self.raw.headers;
+        let mut value = KilnStr::new(&[]);
+        // SAFETY: `from_raw`'s contract: the host's functions answer with views living for 'a;
+        // `name` lives for the call and `value` is valid for a write.
+        let found = unsafe { (h.get)(h.ctx, KilnStr::new(name.as_bytes()), &mut value) };
+        // SAFETY: as above: a found value lives for 'a.
+        (found == 1).then(|| unsafe { value.as_bytes() })
     }
 
-    /// Every request header, as (lower-case name, raw value), in the order the client sent them.
+    /// Every request header, as (lower-case name, raw value), in the order the client sent them
+    /// (several values of one name together). Read from the host when called.
     pub fn headers(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
-        // SAFETY: `from_raw`'s contract: `headers_len` pairs of views that live for 'a.
-        let pairs = unsafe { pairs_of(self.raw.headers, self.raw.headers_len) };
-        // SAFETY: as above: every view in the pairs lives for 'a.
-        pairs.iter().map(|p| unsafe { (p.name.as_bytes(), p.value.as_bytes()) })
+        /// Collects what the host visits. Cannot unwind: it only pushes (an allocation failure
+        /// aborts).
+        unsafe extern "C" fn visit(state: *mut c_void, name: KilnStr, value: KilnStr) {
+            // SAFETY: `state` is the `Vec` below, borrowed mutably for the host's call; the
+            // views live for the request's call ('a).
+            unsafe { (*(state as *mut Vec<(KilnStr, KilnStr)>)).push((name, value)) };
+        }
+        let h = &self.raw.headers;
+        let mut pairs: Vec<(KilnStr, KilnStr)> = Vec::new();
+        // SAFETY: `from_raw`'s contract: the host's `each` calls `visit` with live views before
+        // it returns; `pairs` outlives the call.
+        unsafe { (h.each)(h.ctx, &mut pairs as *mut Vec<(KilnStr, KilnStr)> as *mut c_void, visit) };
+        // SAFETY: as above: every view lives for 'a.
+        pairs.into_iter().map(|(n, v)| unsafe { (n.as_bytes(), v.as_bytes()) })
     }
 
     /// The first value of a query parameter, percent-decoding not applied.

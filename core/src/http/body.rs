@@ -7,6 +7,12 @@ use poem::http::header;
 use poem::{Request, Response};
 use std::time::Duration;
 
+/// Whether `req` declares a body (a `Content-Length` or a `Transfer-Encoding`): without either
+/// it has none (RFC 9112 §6.3).
+pub fn declared(req: &Request) -> bool {
+    req.headers().contains_key(header::CONTENT_LENGTH) || req.headers().contains_key(header::TRANSFER_ENCODING)
+}
+
 /// The whole body of `req`, at most `limit` bytes, read within `timeout`. `Ok(None)` when the
 /// request declares no body (RFC 9112 §6.3: then it has none, and reading would cost a poll of
 /// the connection for nothing). `Err` is the answer to give instead.

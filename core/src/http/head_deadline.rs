@@ -14,17 +14,25 @@
 //! with kiln's JSON error shape, instead of hyper's empty 414: the answer is written, the rest of
 //! the head is read and dropped (so that the client reads the answer rather than a reset), and
 //! the connection ends.
+//!
+//! One timer serves every connection: a watch task ticks a coarse clock (every 1/32 of the
+//! limit, between 10 and 250 ms) and wakes the connections whose head is overdue. A timer per
+//! connection, re-armed after every answer, made each park of a runtime worker walk tokio's
+//! timer wheel and cost about 8% of the CPU of a small request (`bench/run`, the throughput
+//! section). A head gets the limit, give or take one tick.
 
 use crate::error_code::ErrorCode;
+use futures_util::task::AtomicWaker;
 use poem::http::uri::Scheme;
 use poem::listener::Acceptor;
 use poem::web::{LocalAddr, RemoteAddr};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
 
 /// The longest request line (method, target, version) kiln reads.
 pub const MAX_REQUEST_LINE: usize = 16 * 1024;
@@ -34,8 +42,20 @@ const MAX_DISCARD: usize = 1 << 20;
 
 /// Wraps an acceptor so that its connections have a head deadline.
 pub struct HeadDeadlineAcceptor<A> {
-    pub inner: A,
-    pub limit: Duration,
+    inner: A,
+    limit: Duration,
+    watch: Arc<Watch>,
+}
+
+impl<A> HeadDeadlineAcceptor<A> {
+    /// Wraps `inner`, and starts the watch task (on the current runtime; it ends when the
+    /// acceptor is dropped).
+    pub fn new(inner: A, limit: Duration) -> Self {
+        let watch = Arc::new(Watch::default());
+        let tick = (limit / 32).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        tokio::spawn(watch_task(Arc::downgrade(&watch), tick));
+        Self { inner, limit, watch }
+    }
 }
 
 impl<A: Acceptor> Acceptor for HeadDeadlineAcceptor<A> {
@@ -47,18 +67,59 @@ impl<A: Acceptor> Acceptor for HeadDeadlineAcceptor<A> {
 
     async fn accept(&mut self) -> io::Result<(Self::Io, LocalAddr, RemoteAddr, Scheme)> {
         let (io, local, remote, scheme) = self.inner.accept().await?;
-        Ok((HeadDeadline::new(io, self.limit), local, remote, scheme))
+        Ok((HeadDeadline::new(io, self.limit, &self.watch), local, remote, scheme))
+    }
+}
+
+/// The coarse clock and the connections it watches.
+#[derive(Default)]
+struct Watch {
+    /// Milliseconds since the watch started, as of its last tick.
+    now_ms: AtomicU64,
+    conns: Mutex<Vec<Weak<Overdue>>>,
+}
+
+/// What the watch task knows of one connection.
+#[derive(Default)]
+struct Overdue {
+    /// When the awaited head is overdue, on the watch's clock (`u64::MAX`: no head awaited).
+    at_ms: AtomicU64,
+    /// The task reading the connection, woken once the head is overdue.
+    waker: AtomicWaker,
+}
+
+/// Ticks the clock of `watch` and wakes the connections whose head is overdue, until the
+/// acceptor is gone.
+async fn watch_task(watch: Weak<Watch>, tick: Duration) {
+    let start = tokio::time::Instant::now();
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(watch) = watch.upgrade() else { return };
+        let now = start.elapsed().as_millis() as u64;
+        watch.now_ms.store(now, Ordering::Relaxed);
+        let mut conns = watch.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|conn| match conn.upgrade() {
+            Some(conn) => {
+                if conn.at_ms.load(Ordering::Relaxed) <= now {
+                    conn.waker.wake();
+                }
+                true
+            }
+            None => false,
+        });
     }
 }
 
 /// A connection whose request heads must arrive in time.
 pub struct HeadDeadline<T> {
     inner: T,
-    limit: Duration,
-    /// Whether a head is awaited (then `sleep` bounds the wait).
+    limit_ms: u64,
+    /// Whether a head is awaited (then `overdue` bounds the wait).
     awaiting: bool,
-    /// The head deadline's timer, allocated once per connection.
-    sleep: Pin<Box<Sleep>>,
+    watch: Arc<Watch>,
+    overdue: Arc<Overdue>,
     /// The last three bytes read, to find a `\r\n\r\n` split across reads.
     tail: [u8; 3],
     /// Bytes of the awaited head's request line read so far (`None` once its `\r\n` came).
@@ -68,9 +129,46 @@ pub struct HeadDeadline<T> {
 }
 
 impl<T> HeadDeadline<T> {
-    fn new(inner: T, limit: Duration) -> Self {
-        let sleep = Box::pin(tokio::time::sleep(limit));
-        Self { inner, limit, awaiting: true, sleep, tail: [0; 3], line: Some(0), discarding: None }
+    fn new(inner: T, limit: Duration, watch: &Arc<Watch>) -> Self {
+        let overdue = Arc::new(Overdue::default());
+        watch.conns.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&overdue));
+        let mut conn = Self {
+            inner,
+            limit_ms: limit.as_millis() as u64,
+            awaiting: true,
+            watch: watch.clone(),
+            overdue,
+            tail: [0; 3],
+            line: Some(0),
+            discarding: None,
+        };
+        conn.await_head();
+        conn
+    }
+
+    /// A head is awaited from now.
+    fn await_head(&mut self) {
+        let now = self.watch.now_ms.load(Ordering::Relaxed);
+        self.overdue.at_ms.store(now.saturating_add(self.limit_ms), Ordering::Relaxed);
+        self.awaiting = true;
+        self.tail = [0; 3];
+        self.line = Some(0);
+    }
+
+    /// The awaited head came.
+    fn head_came(&mut self) {
+        self.awaiting = false;
+        self.overdue.at_ms.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    /// On a read that must wait: whether the awaited head is overdue; if not, the watch will
+    /// wake this task when it is.
+    fn overdue(&self, cx: &Context<'_>) -> bool {
+        if !self.awaiting {
+            return false;
+        }
+        self.overdue.waker.register(cx.waker());
+        self.overdue.at_ms.load(Ordering::Relaxed) <= self.watch.now_ms.load(Ordering::Relaxed)
     }
 
     /// Counts `bytes` into the request line; whether it is now too long.
@@ -133,14 +231,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> HeadDeadline<T> {
                     self.discarding = Some(dropped);
                     let filled = buf.filled().to_vec();
                     if n == 0 || self.ends_head(&filled) || dropped > MAX_DISCARD {
-                        self.awaiting = false;
+                        self.head_came();
                         return Poll::Ready(Ok(()));
                     }
                 }
                 Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
                 Poll::Pending => {
-                    let expired = self.awaiting && self.sleep.as_mut().poll(cx).is_ready();
-                    return if expired { Poll::Ready(Ok(())) } else { Poll::Pending };
+                    return if self.overdue(cx) { Poll::Ready(Ok(())) } else { Poll::Pending };
                 }
             }
         }
@@ -166,20 +263,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadDeadline<T> {
                         self.discarding = Some(0);
                         buf.set_filled(before);
                         if whole_head {
-                            self.awaiting = false;
+                            self.head_came();
                             return Poll::Ready(Ok(())); // the whole head was in this read
                         }
                         return self.poll_discard(cx);
                     }
                     if self.ends_head(new) {
-                        self.awaiting = false;
+                        self.head_came();
                     }
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                let expired = self.awaiting && self.sleep.as_mut().poll(cx).is_ready();
-                if expired {
+                if self.overdue(cx) {
                     Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the request head did not arrive in time")))
                 } else {
                     Poll::Pending
@@ -190,23 +286,37 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadDeadline<T> {
     }
 }
 
+impl<T> HeadDeadline<T> {
+    /// After a write of `written`: once an answer went out, the next request's head is awaited
+    /// from now.
+    fn wrote(&mut self, written: &Poll<io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
+            self.await_head();
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            // An answer went out: the next request's head is awaited from now. Re-arming the
-            // timer is a trip to tokio's timer wheel, which under load would be one per request;
-            // it is skipped while the armed deadline lies within 1/32 of the limit of the exact
-            // one (so a head may get up to 3% less time than the limit, never more).
-            let at = Instant::now() + self.limit;
-            if at.saturating_duration_since(self.sleep.deadline()) > self.limit / 32 {
-                self.sleep.as_mut().reset(at);
-            }
-            self.awaiting = true;
-            self.tail = [0; 3];
-            self.line = Some(0);
-        }
+        self.wrote(&written);
         written
+    }
+
+    /// Passed through, so hyper writes a response's head and body in one `writev` (without it,
+    /// hyper copies every body into its head buffer first).
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -224,23 +334,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_head_ends_at_a_blank_line_even_split_across_reads() {
-        let mut d = HeadDeadline::new((), Duration::from_secs(1));
+        let mut d = HeadDeadline::new((), Duration::from_secs(1), &Arc::default());
         assert!(!d.ends_head(b"GET / HTTP/1.1\r\nHost: x\r"));
         assert!(!d.ends_head(b"\n"));
         assert!(d.ends_head(b"\r\n"));
-        let mut d = HeadDeadline::new((), Duration::from_secs(1));
+        let mut d = HeadDeadline::new((), Duration::from_secs(1), &Arc::default());
         assert!(!d.ends_head(b"GET / HTTP/1.1\r\n"));
         assert!(d.ends_head(b"\r\nbody"));
     }
 
     #[tokio::test]
     async fn a_request_line_is_measured_within_a_read_and_across_reads() {
-        let mut d = HeadDeadline::new((), Duration::from_secs(1));
+        let mut d = HeadDeadline::new((), Duration::from_secs(1), &Arc::default());
         assert!(!d.line_too_long(b"GET /short HTTP/1.1\r\nHost: x\r\n\r\n"));
         let long = format!("GET /?{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_REQUEST_LINE));
-        let mut d = HeadDeadline::new((), Duration::from_secs(1));
+        let mut d = HeadDeadline::new((), Duration::from_secs(1), &Arc::default());
         assert!(d.line_too_long(long.as_bytes()), "all in one read");
-        let mut d = HeadDeadline::new((), Duration::from_secs(1));
+        let mut d = HeadDeadline::new((), Duration::from_secs(1), &Arc::default());
         assert!(!d.line_too_long(&long.as_bytes()[..MAX_REQUEST_LINE]));
         assert!(d.line_too_long(&long.as_bytes()[MAX_REQUEST_LINE..]), "split across reads");
     }

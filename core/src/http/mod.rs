@@ -12,6 +12,7 @@ mod error;
 mod head_deadline;
 mod log_tail;
 mod plugin_routes;
+mod request_headers;
 
 pub use admin::AdminApi;
 pub use docs::Docs;
@@ -21,10 +22,9 @@ pub use plugin_routes::{Limits, PluginRouter};
 use crate::error_code::ErrorCode;
 use crate::routes::{ADMIN_ROOTS, Pattern};
 use error::json_error;
-use poem::error::{MethodNotAllowedError, NotFoundError};
 use poem::http::StatusCode;
 use poem::web::Html;
-use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, handler};
+use poem::{Endpoint, EndpointExt, Request, Response, Route, handler};
 use poem_openapi::OpenApiService;
 use std::sync::Arc;
 
@@ -191,24 +191,9 @@ impl Endpoint for Front {
         if ADMIN_ROOTS.contains(&first) {
             return self.admin.call(req).await;
         }
-        // For the 404 message only: cloning the Uri shares its bytes (no allocation per request).
-        let (method, uri) = (req.method().clone(), req.uri().clone());
-        // Hold this table (and the plugin versions in it) until the request is done.
+        // Hold this table (and the plugin versions in it) until the request is done. Its
+        // catch-all answers every path no plugin serves.
         let table = self.router.table();
-        match table.route.call(req).await {
-            Ok(resp) => Ok(resp.into_response()),
-            Err(e) if e.is::<NotFoundError>() => {
-                Ok(json_error(ErrorCode::NotFound, &format!("no route for {method} {}", uri.path())))
-            }
-            Err(e) if e.is::<MethodNotAllowedError>() => {
-                let mut resp =
-                    json_error(ErrorCode::MethodNotAllowed, &format!("{} does not accept {method}", uri.path()));
-                if let Some(allow) = table.allowed(uri.path()) {
-                    resp.headers_mut().insert(poem::http::header::ALLOW, allow);
-                }
-                Ok(resp)
-            }
-            Err(e) => Ok(e.into_response()),
-        }
+        Ok(table.route.call(req).await.unwrap_or_else(|e| e.into_response()))
     }
 }

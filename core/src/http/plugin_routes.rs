@@ -6,27 +6,21 @@
 
 use super::docs::Docs;
 use super::error::json_error;
+use super::request_headers;
 use crate::error_code::ErrorCode;
 use crate::host::logs::{Kind, Level, LogEntry, LogStore};
-use crate::loader::{CallError, CallRequest, LoadedPlugin};
+use crate::loader::{CallError, CallRequest, CallResponse, LoadedPlugin};
 use crate::routes::{Pattern, RouteSink};
 use arc_swap::ArcSwap;
-use poem::http::{HeaderName, HeaderValue, Method, StatusCode};
-use poem::{Endpoint, Request, Response, Route, RouteMethod};
+use poem::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use poem::{Endpoint, Request, Response, Route};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// One published table: poem's router, and the methods of each path (for `Allow` on a 405).
+/// One published table: poem's router over every plugin path, and a catch-all that answers
+/// 404 for the rest.
 pub struct Table {
     pub route: Route,
-    methods: Vec<(Pattern, HeaderValue)>,
-}
-
-impl Table {
-    /// The `Allow` value for a request path that exists with other methods.
-    pub fn allowed(&self, path: &str) -> Option<HeaderValue> {
-        self.methods.iter().find(|(p, _)| p.matches(path)).map(|(_, m)| m.clone())
-    }
 }
 
 /// The swappable table of plugin routes, and the docs that describe it.
@@ -53,7 +47,7 @@ pub struct Limits {
 
 impl PluginRouter {
     pub fn new(limits: Limits, logs: Arc<LogStore>) -> Self {
-        let empty = Table { route: Route::new(), methods: Vec::new() };
+        let empty = Table { route: Route::new().at("/*rest", NoRoute) };
         Self { current: ArcSwap::from_pointee(empty), docs: OnceLock::new(), limits, logs }
     }
 
@@ -62,21 +56,21 @@ impl PluginRouter {
         let _ = self.docs.set(docs);
     }
 
-    /// The table in effect now.
-    pub fn table(&self) -> Arc<Table> {
-        self.current.load_full()
+    /// The table in effect now. The guard keeps it (and the plugin versions in it) alive, like
+    /// an `Arc`, without a reference count shared by every worker on the hot path.
+    pub fn table(&self) -> arc_swap::Guard<Arc<Table>> {
+        self.current.load()
     }
 }
 
 impl RouteSink for PluginRouter {
     fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String> {
         let mut route = Route::new();
-        let mut methods = Vec::new();
         for plugin in plugins {
             let description = plugin.description();
-            // One RouteMethod per path: a plugin may serve GET and POST on the same path.
-            let mut by_path: Vec<(String, RouteMethod)> = Vec::new();
-            let mut allow: Vec<(Pattern, Vec<&str>)> = Vec::new();
+            // One endpoint per path, dispatching by method: a plugin may serve GET and POST on
+            // the same path.
+            let mut by_path: Vec<(Pattern, PathEndpoint)> = Vec::new();
             for (index, r) in description.routes.iter().enumerate() {
                 let pattern = Pattern::parse(&r.path)?;
                 let method =
@@ -93,29 +87,64 @@ impl RouteSink for PluginRouter {
                     logs: self.logs.clone(),
                     label: format!("{} {}", r.method, r.path).into(),
                 };
-                match allow.iter_mut().find(|(p, _)| *p == pattern) {
-                    Some((_, m)) => m.push(&r.method),
-                    None => allow.push((pattern.clone(), vec![&r.method])),
-                }
-                let poem_path = pattern.to_poem();
-                match by_path.iter_mut().find(|(p, _)| *p == poem_path) {
-                    Some((_, rm)) => *rm = std::mem::take(rm).method(method, endpoint),
-                    None => by_path.push((poem_path, RouteMethod::new().method(method, endpoint))),
+                match by_path.iter_mut().find(|(p, _)| *p == pattern) {
+                    Some((_, path)) => path.methods.push((method, endpoint)),
+                    None => by_path.push((pattern, PathEndpoint { methods: vec![(method, endpoint)] })),
                 }
             }
-            for (path, rm) in by_path {
-                route = route.try_at(&path, rm).map_err(|e| format!("{}: {e}", description.name))?;
-            }
-            for (pattern, m) in allow {
-                let value = HeaderValue::from_str(&m.join(", ")).map_err(|e| format!("{}: {e}", description.name))?;
-                methods.push((pattern, value));
+            for (pattern, endpoint) in by_path {
+                route = route.try_at(pattern.to_poem(), endpoint).map_err(|e| format!("{}: {e}", description.name))?;
             }
         }
+        route = route.try_at("/*rest", NoRoute).map_err(|e| e.to_string())?;
         if let Some(docs) = self.docs.get() {
             docs.update(plugins.iter().map(|p| p.description()));
         }
-        self.current.store(Arc::new(Table { route, methods }));
+        self.current.store(Arc::new(Table { route }));
         Ok(())
+    }
+}
+
+/// Every path no plugin serves: 404 in kiln's error shape.
+struct NoRoute;
+
+impl Endpoint for NoRoute {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        Ok(json_error(ErrorCode::NotFound, &format!("no route for {} {}", req.method(), req.uri().path())))
+    }
+}
+
+/// The routes of one path, by method. A `HEAD` the path does not serve itself is its `GET`
+/// without the body; any other method it does not serve answers 405 with `Allow`.
+struct PathEndpoint {
+    methods: Vec<(Method, PluginEndpoint)>,
+}
+
+impl Endpoint for PathEndpoint {
+    type Output = Response;
+
+    async fn call(&self, mut req: Request) -> poem::Result<Response> {
+        let find = |m: &Method| self.methods.iter().find(|(method, _)| method == m).map(|(_, e)| e);
+        if let Some(endpoint) = find(req.method()) {
+            return endpoint.call(req).await;
+        }
+        if req.method() == Method::HEAD
+            && let Some(get) = find(&Method::GET)
+        {
+            req.set_method(Method::GET);
+            let mut resp = get.call(req).await?;
+            resp.set_body(());
+            return Ok(resp);
+        }
+        let msg = format!("{} does not accept {}", req.uri().path(), req.method());
+        let mut resp = json_error(ErrorCode::MethodNotAllowed, &msg);
+        let allow: Vec<&str> = self.methods.iter().map(|(m, _)| m.as_str()).collect();
+        if let Ok(allow) = HeaderValue::from_str(&allow.join(", ")) {
+            resp.headers_mut().insert(poem::http::header::ALLOW, allow);
+        }
+        Ok(resp)
     }
 }
 
@@ -143,6 +172,37 @@ struct PluginEndpoint {
 }
 
 impl PluginEndpoint {
+    /// Calls the handler on the blocking pool, off the async workers (the request is owned, so
+    /// it can move to another thread). `None` past the deadline: the client is answered then;
+    /// the handler runs on to its end on its thread (nothing can stop it in the middle), and its
+    /// answer is dropped.
+    async fn call_blocking(
+        &self,
+        owned: OwnedRequest,
+        body: bytes::Bytes,
+        deadline: std::time::Instant,
+    ) -> Option<Result<CallResponse, CallError>> {
+        let (plugin, route, label) = (self.plugin.clone(), self.route, self.label.clone());
+        let call = move || {
+            let _route = crate::host::on_route(&label, deadline);
+            let params: Vec<(&str, &str)> = owned.params.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            plugin.call(&CallRequest {
+                route,
+                method: &owned.method,
+                path: &owned.path,
+                query: &owned.query,
+                params: &params,
+                headers: request_headers::over(&owned.headers),
+                body: &body,
+            })
+        };
+        match tokio::time::timeout_at(deadline.into(), tokio::task::spawn_blocking(call)).await {
+            Ok(Ok(r)) => Some(r),
+            Ok(Err(e)) => Some(Err(CallError::Panic(format!("the handler task failed: {e}")))),
+            Err(_) => None,
+        }
+    }
+
     /// The answer for a handler that ran past its deadline.
     fn timed_out(&self, limit: Duration, took: Duration) -> Response {
         let name = &self.plugin.description().name;
@@ -160,45 +220,29 @@ impl Endpoint for PluginEndpoint {
 
     async fn call(&self, mut req: Request) -> poem::Result<Response> {
         let name = &self.plugin.description().name;
-        let body = match super::body::read(&mut req, self.max_body, self.body_timeout).await {
-            Ok(b) => b.unwrap_or_default(),
-            Err(answer) => return Ok(answer),
+        // The body's read and the blocking call are boxed, so that this future, moved on every
+        // request, stays small for the common case: an inline handler and no body.
+        let body = if super::body::declared(&req) {
+            match Box::pin(super::body::read(&mut req, self.max_body, self.body_timeout)).await {
+                Ok(b) => b.unwrap_or_default(),
+                Err(answer) => return Ok(answer),
+            }
+        } else {
+            bytes::Bytes::new()
         };
         let started = std::time::Instant::now();
         let limit = self.route_deadline.or_else(|| self.plugin.deadline()).unwrap_or(self.server_deadline);
         let deadline = started + limit;
         let result = if self.blocking {
-            // Off the async workers: the request is copied so it can move to another thread.
             let owned = OwnedRequest::new(&req, &self.params);
-            let plugin = self.plugin.clone();
-            let route = self.route;
-            let label = self.label.clone();
-            let call = move || {
-                let _route = crate::host::on_route(&label, deadline);
-                let params: Vec<(&str, &str)> = owned.params.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-                let headers: Vec<(&str, &[u8])> = owned.headers.iter().map(|(n, v)| (n.as_str(), &v[..])).collect();
-                plugin.call(&CallRequest {
-                    route,
-                    method: &owned.method,
-                    path: &owned.path,
-                    query: &owned.query,
-                    params: &params,
-                    headers: &headers,
-                    body: &body,
-                })
-            };
-            // Past the deadline the client is answered; the handler runs on to its end on its
-            // thread (nothing can stop it in the middle), and its answer is dropped.
-            match tokio::time::timeout_at(deadline.into(), tokio::task::spawn_blocking(call)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => Err(CallError::Panic(format!("the handler task failed: {e}"))),
-                Err(_) => return Ok(self.timed_out(limit, started.elapsed())),
+            match Box::pin(self.call_blocking(owned, body, deadline)).await {
+                Some(r) => r,
+                None => return Ok(self.timed_out(limit, started.elapsed())),
             }
         } else {
             // Inline, with the request borrowed: the fastest path, as for a linked-in handler.
             let params: Vec<(&str, &str)> =
                 self.params.iter().map(|n| (n.as_str(), req.raw_path_param(n).unwrap_or(""))).collect();
-            let headers: Vec<(&str, &[u8])> = req.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
             let _route = crate::host::on_route(&self.label, deadline);
             let result = self.plugin.call(&CallRequest {
                 route: self.route,
@@ -206,7 +250,7 @@ impl Endpoint for PluginEndpoint {
                 path: req.uri().path(),
                 query: req.uri().query().unwrap_or(""),
                 params: &params,
-                headers: &headers,
+                headers: request_headers::over(req.headers()),
                 body: &body,
             });
             let took = started.elapsed();
@@ -242,13 +286,13 @@ impl Endpoint for PluginEndpoint {
             tracing::error!(plugin = %name, "{msg}");
             Ok(json_error(ErrorCode::PluginError, &msg))
         };
-        let pairs = match response.headers() {
-            Ok(p) => p,
-            Err(e) => return invalid(e.to_string()),
-        };
         // Names and values are checked as HTTP defines them: a value holding CR or LF is refused,
         // it cannot become another header.
-        for (n, v) in pairs {
+        for pair in response.headers() {
+            let (n, v) = match pair {
+                Ok(pair) => pair,
+                Err(e) => return invalid(e),
+            };
             match (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
                 (Ok(n), Ok(v)) => builder = builder.header(n, v),
                 _ => return invalid(format!("an invalid header {:?}", String::from_utf8_lossy(n))),
@@ -264,7 +308,7 @@ struct OwnedRequest {
     path: String,
     query: String,
     params: Vec<(String, String)>,
-    headers: Vec<(String, Vec<u8>)>,
+    headers: HeaderMap,
 }
 
 impl OwnedRequest {
@@ -274,7 +318,7 @@ impl OwnedRequest {
             path: req.uri().path().to_string(),
             query: req.uri().query().unwrap_or("").to_string(),
             params: params.iter().map(|n| (n.clone(), req.raw_path_param(n).unwrap_or("").to_string())).collect(),
-            headers: req.headers().iter().map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())).collect(),
+            headers: req.headers().clone(),
         }
     }
 }
