@@ -35,6 +35,7 @@ pub enum ErrorCode {
     InvalidConfig,
     InvalidResources,
     MigrationFailed,
+    InvalidEvent,
     PluginInactive,
     DatabaseRefused,
     TableAccessDenied,
@@ -76,6 +77,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::InvalidConfig,
     ErrorCode::InvalidResources,
     ErrorCode::MigrationFailed,
+    ErrorCode::InvalidEvent,
     ErrorCode::PluginInactive,
     ErrorCode::DatabaseRefused,
     ErrorCode::QueryFailed,
@@ -169,6 +171,11 @@ impl ErrorCode {
                 "MigrationFailed",
                 422,
                 "a plugin migration failed (PostgreSQL's message), changed after it was applied, or left a declared table missing",
+            ),
+            InvalidEvent => (
+                "InvalidEvent",
+                422,
+                "an event kiln refuses: a topic that is not dot-separated segments of letters, digits, `_` and `-`, a `kiln.` topic from anyone but kiln, data over 1 MiB; or a bad topic pattern",
             ),
             PluginInactive => ("PluginInactive", 422, "the plugin's row is `inactive`, so there is nothing to reload"),
             DatabaseRefused => (

@@ -9,6 +9,7 @@ pub mod compiler;
 pub mod config;
 pub mod discovery;
 pub mod error_code;
+pub mod events;
 pub mod host;
 mod http;
 pub mod listener;
@@ -77,8 +78,11 @@ pub async fn serve(
     let markers = load_marker::LoadMarkers::new(config.data_dir.join("loading"));
     record_crashes(&repo, &markers, &logs).await?;
     let databases = Arc::new(plugin_db::PluginDatabases::new(pg.clone(), repo.pool().clone()));
+    let events = events::EventBus::new(logs.clone(), events::DEFAULT_TIMEOUT);
+    // What serves is published to the route table and to the event bus alike.
+    let sink = Arc::new(routes::Fanout { routes: router.clone(), events: events.clone() });
     let reconciler =
-        Reconciler::new(repo.clone(), Arc::new(compiler), router.clone(), markers, logs.clone(), databases);
+        Reconciler::new(repo.clone(), Arc::new(compiler), sink, markers, logs.clone(), databases, events.clone());
     let listener_up = Arc::new(AtomicBool::new(false));
     let api = http::AdminApi {
         repo: repo.clone(),
@@ -88,10 +92,11 @@ pub async fn serve(
         install_dir: config.install_dir.clone(),
         policy: policy.clone(),
         logs: logs.clone(),
+        events: events.clone(),
     };
     let app = http::app(api, router, config.admin_token.clone(), config.request_timeout())?;
 
-    let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), listener_up));
+    let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), events, listener_up));
     let watch_task = watcher::spawn(config.watch, config.plugin_dirs.clone(), policy, repo.clone(), reconciler.clone());
     let resync = reconciler.clone();
     let every = config.resync_interval();

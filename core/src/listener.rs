@@ -1,10 +1,12 @@
 //! The listener: a dedicated PostgreSQL connection LISTENing on `plugin_changes`, turning each
-//! notification into a reconciler hint.
+//! notification into a reconciler hint, and on `kiln_events`, publishing each notification's
+//! `{"topic": …, "data": …}` on the event bus (so a trigger on any table can drive plugins).
 //!
 //! Not a pooled connection: a pool may recycle it (running `UNLISTEN *`) and nobody polls an idle
 //! pooled connection for notifications. Notifications sent while the connection is down are lost
 //! for good, so after every (re)connect the listener LISTENs first, then asks for a full resync.
 
+use crate::events::{EventBus, Source};
 use crate::reconciler::Reconciler;
 use futures_util::future::poll_fn;
 use std::sync::Arc;
@@ -15,6 +17,8 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 /// The channel the `plugins` triggers notify.
 pub const CHANNEL: &str = "plugin_changes";
+/// The channel any transaction may notify to publish an event.
+pub const EVENTS_CHANNEL: &str = "kiln_events";
 
 /// Reconnect attempts start at this pause and double up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -25,7 +29,7 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_millis(400);
 
 /// Listens forever, reconnecting with backoff. `up` tells whether the connection is live.
-pub async fn run(mut pg: tokio_postgres::Config, reconciler: Reconciler, up: Arc<AtomicBool>) {
+pub async fn run(mut pg: tokio_postgres::Config, reconciler: Reconciler, events: Arc<EventBus>, up: Arc<AtomicBool>) {
     pg.keepalives(true)
         .keepalives_idle(Duration::from_secs(10))
         .keepalives_interval(Duration::from_secs(5))
@@ -33,7 +37,7 @@ pub async fn run(mut pg: tokio_postgres::Config, reconciler: Reconciler, up: Arc
         .connect_timeout(Duration::from_secs(5));
     let mut backoff = MIN_BACKOFF;
     loop {
-        match listen(&pg, &reconciler, &up, &mut backoff).await {
+        match listen(&pg, &reconciler, &events, &up, &mut backoff).await {
             Ok(()) => tracing::warn!("listener connection closed; reconnecting"),
             Err(e) => tracing::warn!("listener: {e:#}; reconnecting in {backoff:?}"),
         }
@@ -47,6 +51,7 @@ pub async fn run(mut pg: tokio_postgres::Config, reconciler: Reconciler, up: Arc
 async fn listen(
     pg: &tokio_postgres::Config,
     reconciler: &Reconciler,
+    events: &EventBus,
     up: &AtomicBool,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
@@ -70,13 +75,17 @@ async fn listen(
         }
     });
     let result = async {
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {EVENTS_CHANNEL}")).await?;
         up.store(true, Ordering::Relaxed);
         *backoff = MIN_BACKOFF;
         let n = reconciler.resync_all().await?;
         tracing::info!(plugins = n, "listening on {CHANNEL}; resync requested");
         while let Some(msg) = rx.recv().await {
             let note = msg?;
+            if note.channel() == EVENTS_CHANNEL {
+                publish(events, note.payload());
+                continue;
+            }
             match parse_id(note.payload()) {
                 Some(id) => reconciler.hint(id),
                 None => {
@@ -91,6 +100,18 @@ async fn listen(
     driver.abort();
     drop(client);
     result
+}
+
+/// Publishes the event of a `kiln_events` notification; one kiln cannot read is logged.
+fn publish(events: &EventBus, payload: &str) {
+    let parsed = serde_json::from_str::<serde_json::Value>(payload).map_err(|e| e.to_string()).and_then(|mut v| {
+        let topic = v.get("topic").and_then(|t| t.as_str()).ok_or("it has no \"topic\" string")?.to_string();
+        let data = v.get_mut("data").map(serde_json::Value::take).unwrap_or(serde_json::Value::Null);
+        events.publish(&topic, data, Source::Postgres)
+    });
+    if let Err(e) = parsed {
+        tracing::warn!(payload, "a {EVENTS_CHANNEL} notification was not published: {e}");
+    }
 }
 
 /// The plugin id of a notification payload (`{"operation":…,"id":…,…}`).

@@ -9,7 +9,7 @@
 use crate::host::HostCtx;
 use kiln_types::PluginDescription;
 use kiln_types::abi::{
-    self, AbiVersionFn, CleanupFn, ConfigureFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnHeaders, KilnPair,
+    self, AbiVersionFn, CleanupFn, ConfigureFn, EventFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnHeaders, KilnPair,
     KilnRequest, KilnResponse, KilnStr, TypesVersionFn,
 };
 use libloading::Library;
@@ -188,6 +188,7 @@ struct Live {
     instance: Instance,
     handle_fn: HandleFn,
     configure_fn: ConfigureFn,
+    event_fn: EventFn,
     cleanup_fn: CleanupFn,
     free_fn: FreeBufFn,
     /// Told when this instance's cleanup has run.
@@ -280,6 +281,8 @@ impl LoadedPlugin {
         // SAFETY: see above.
         let configure_fn: ConfigureFn = unsafe { symbol(&library, path, abi::SYM_CONFIGURE)? };
         // SAFETY: see above.
+        let event_fn: EventFn = unsafe { symbol(&library, path, abi::SYM_EVENT)? };
+        // SAFETY: see above.
         let cleanup_fn: CleanupFn = unsafe { symbol(&library, path, abi::SYM_CLEANUP)? };
         // SAFETY: see above.
         let free_fn: FreeBufFn = unsafe { symbol(&library, path, abi::SYM_FREE_BUF)? };
@@ -300,6 +303,7 @@ impl LoadedPlugin {
             instance: Instance(instance),
             handle_fn,
             configure_fn,
+            event_fn,
             cleanup_fn,
             free_fn,
             tracker: None,
@@ -374,6 +378,35 @@ impl LoadedPlugin {
             return Err(CallError::InvalidResponse(format!("status code {status}")));
         }
         Ok(CallResponse { status: out.status, head, body })
+    }
+}
+
+impl LoadedPlugin {
+    /// Hands event `topic` with `data` (JSON) to the instance's subscription `subscription`
+    /// (its index in the description). Blocking: the handler runs on this thread, with host
+    /// calls bounded by `deadline`. `Err` carries the plugin's error or its panic message.
+    pub fn event(
+        &self,
+        subscription: u32,
+        topic: &str,
+        data: &[u8],
+        deadline: std::time::Instant,
+    ) -> Result<(), String> {
+        let live = self.live.as_ref().expect("a LoadedPlugin is live until dropped");
+        let label = format!("event {topic}");
+        let _route = crate::host::on_route(&label, deadline);
+        let mut err = KilnBuf::EMPTY;
+        // SAFETY: the instance is live; both views outlive the call; `err` is valid for a write.
+        let status = unsafe {
+            (live.event_fn)(live.instance.0, subscription, KilnStr::new(topic.as_bytes()), KilnStr::new(data), &mut err)
+        };
+        // SAFETY: `err` was written by this library (or is empty) and is freed once.
+        let msg = unsafe { take_string(live.free_fn, err) };
+        match status {
+            abi::STATUS_OK => Ok(()),
+            abi::STATUS_PANIC => Err(format!("panicked: {msg}")),
+            _ => Err(msg),
+        }
     }
 }
 

@@ -16,6 +16,21 @@ pub trait RouteSink: Send + Sync {
     fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String>;
 }
 
+/// Publishes to the route table and then, once the table took it, to the event bus (whose
+/// subscriptions follow what serves).
+pub struct Fanout<R> {
+    pub routes: Arc<R>,
+    pub events: Arc<crate::events::EventBus>,
+}
+
+impl<R: RouteSink> RouteSink for Fanout<R> {
+    fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String> {
+        self.routes.publish(plugins)?;
+        self.events.serve(plugins);
+        Ok(())
+    }
+}
+
 /// Paths the admin API serves, as patterns.
 pub const ADMIN_PATHS: &[&str] = &[
     "/plugins",
@@ -29,6 +44,8 @@ pub const ADMIN_PATHS: &[&str] = &[
     "/plugins/{name}/load",
     "/plugins/install",
     "/plugins/discover",
+    "/events",
+    "/events/{topic}",
     "/health",
     "/openapi.json",
     "/docs",
@@ -36,7 +53,7 @@ pub const ADMIN_PATHS: &[&str] = &[
 ];
 
 /// First path segments kept for the admin API, now and later.
-pub const ADMIN_ROOTS: &[&str] = &["plugins", "health", "openapi.json", "docs"];
+pub const ADMIN_ROOTS: &[&str] = &["plugins", "events", "health", "openapi.json", "docs"];
 
 /// One segment of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use std::ffi::c_void;
 /// description returned by `kiln_init` from the same route list the instance dispatches by
 /// (`kiln_describe` is gone); 4 — the host table ([`KilnHost`]) passed to `kiln_init`; 5 —
 /// request headers read through the host on demand ([`KilnHeaders`]) instead of copied into
-/// pairs for every request.
+/// pairs for every request, and events ([`EventFn`], subscriptions in the description).
 pub const ABI_VERSION: u32 = 5;
 
 /// Symbol: `extern "C" fn() -> u32`, returns the [`ABI_VERSION`] the library was built with.
@@ -35,6 +35,8 @@ pub const SYM_HANDLE: &[u8] = b"kiln_handle\0";
 pub const SYM_CLEANUP: &[u8] = b"kiln_cleanup\0";
 /// Symbol: [`ConfigureFn`].
 pub const SYM_CONFIGURE: &[u8] = b"kiln_configure\0";
+/// Symbol: [`EventFn`].
+pub const SYM_EVENT: &[u8] = b"kiln_event\0";
 /// Symbol: [`FreeBufFn`].
 pub const SYM_FREE_BUF: &[u8] = b"kiln_free_buf\0";
 
@@ -107,6 +109,16 @@ pub type HandleFn = unsafe extern "C" fn(instance: *mut c_void, req: *const Kiln
 /// Gives a live instance a new configuration (JSON): [`STATUS_OK`] applied, [`STATUS_RELOAD`]
 /// reload instead, [`STATUS_ERROR`]/[`STATUS_PANIC`] refused (message in `err_out`).
 pub type ConfigureFn = unsafe extern "C" fn(instance: *mut c_void, config: KilnStr, err_out: *mut KilnBuf) -> i32;
+/// Hands an event to the instance's subscription number `subscription` (its index in the
+/// description's `subscriptions`): `topic`, and `data` as JSON text, both valid for the call.
+/// [`STATUS_OK`] handled; [`STATUS_ERROR`]/[`STATUS_PANIC`] not (message in `err_out`).
+pub type EventFn = unsafe extern "C" fn(
+    instance: *mut c_void,
+    subscription: u32,
+    topic: KilnStr,
+    data: KilnStr,
+    err_out: *mut KilnBuf,
+) -> i32;
 /// Runs the plugin's cleanup and frees the instance. The pointer is invalid afterwards.
 pub type CleanupFn = unsafe extern "C" fn(instance: *mut c_void, err_out: *mut KilnBuf) -> i32;
 /// Frees a buffer the plugin returned. The host may call it from any thread, concurrently with

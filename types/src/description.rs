@@ -19,6 +19,20 @@ pub struct PluginDescription {
     pub author: String,
     /// The routes the plugin serves, in order; a request names its route by index.
     pub routes: Vec<RouteDescription>,
+    /// The event subscriptions the plugin declares, in order; an event names its subscription
+    /// by index.
+    pub subscriptions: Vec<SubscriptionDescription>,
+}
+
+/// One event subscription of a plugin: a topic pattern and the handler it goes to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SubscriptionDescription {
+    /// Dot-separated topic segments, `*` matching any one (`notes.*`).
+    pub pattern: String,
+    /// Name of the handler (unique within the plugin): with the pattern, what identifies the
+    /// subscription across versions.
+    pub handler: String,
 }
 
 /// One route of a plugin.

@@ -5,8 +5,10 @@
 //! the server, and the server cannot catch it itself (it is a foreign exception to its std).
 
 use crate::abi::{self, KilnBuf, KilnHost, KilnRequest, KilnResponse, KilnStr};
-use crate::description::{PluginDescription, RouteDescription};
-use crate::sdk::{ConfigChange, Handler, InitContext, Plugin, Request, Response, Route};
+use crate::description::{PluginDescription, RouteDescription, SubscriptionDescription};
+use crate::sdk::{
+    ConfigChange, Event, EventHandler, Handler, InitContext, Plugin, Request, Response, Route, Subscription,
+};
 use std::any::Any;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -25,6 +27,8 @@ pub struct PackageInfo {
 struct Instance<P> {
     plugin: P,
     handlers: Vec<Handler<P>>,
+    /// Indexed like its described subscriptions.
+    events: Vec<EventHandler<P>>,
     host: *const KilnHost,
 }
 
@@ -84,9 +88,23 @@ unsafe fn fail(out: *mut KilnBuf, status: i32, msg: String) -> i32 {
     status
 }
 
-/// The description of a plugin: package fields and the routes it serves, in `routes`' order.
-fn description<P>(routes: &[Route<P>], pkg: PackageInfo) -> PluginDescription {
+/// The description of a plugin: package fields, the routes it serves in `routes`' order, and
+/// its subscriptions in `events`' order (a handler name used twice gets `#2`, `#3`, …).
+fn description<P>(routes: &[Route<P>], events: &[Subscription<P>], pkg: PackageInfo) -> PluginDescription {
+    let mut subscriptions: Vec<SubscriptionDescription> = Vec::new();
+    for e in events {
+        let base = e.name.clone().unwrap_or_else(|| e.pattern.clone());
+        let taken = |h: &str| subscriptions.iter().any(|s| s.pattern == e.pattern && s.handler == h);
+        let mut handler = base.clone();
+        let mut n = 1;
+        while taken(&handler) {
+            n += 1;
+            handler = format!("{base}#{n}");
+        }
+        subscriptions.push(SubscriptionDescription { pattern: e.pattern.clone(), handler });
+    }
     PluginDescription {
+        subscriptions,
         name: pkg.name.to_string(),
         version: pkg.version.to_string(),
         description: pkg.description.to_string(),
@@ -133,12 +151,13 @@ pub unsafe fn init<P: Plugin>(
         } else {
             serde_json::from_slice(config_bytes).map_err(|e| format!("invalid config JSON: {e}"))?
         };
-        let routes = P::routes();
-        let described = serde_json::to_vec(&description(&routes, pkg))
+        let (routes, subscriptions) = (P::routes(), P::events());
+        let described = serde_json::to_vec(&description(&routes, &subscriptions, pkg))
             .map_err(|e| format!("could not serialize the description: {e}"))?;
         let plugin = P::init(&InitContext { config })?;
         let handlers = routes.into_iter().map(|r| r.handler).collect();
-        Ok::<_, String>((Box::new(Instance { plugin, handlers, host }), described))
+        let events = subscriptions.into_iter().map(|s| s.handler).collect();
+        Ok::<_, String>((Box::new(Instance { plugin, handlers, events, host }), described))
     }));
     match result {
         Ok(Ok((instance, described))) => {
@@ -209,6 +228,40 @@ pub unsafe fn configure<P: Plugin>(instance: *mut c_void, config: KilnStr, err_o
     match result {
         Ok(Ok(ConfigChange::Applied)) => abi::STATUS_OK,
         Ok(Ok(ConfigChange::Reload)) => abi::STATUS_RELOAD,
+        // SAFETY: `err_out` is valid for a write (caller).
+        Ok(Err(msg)) => unsafe { fail(err_out, abi::STATUS_ERROR, msg) },
+        // SAFETY: as above.
+        Err(p) => unsafe { fail(err_out, abi::STATUS_PANIC, panic_message(p)) },
+    }
+}
+
+/// Body of `kiln_event`.
+///
+/// # Safety
+/// `instance` comes from [`init`] for the same `P` and is live; `topic` and `data` are valid for
+/// the call; `err_out` is valid for a write.
+pub unsafe fn event<P: Plugin>(
+    instance: *mut c_void,
+    subscription: u32,
+    topic: KilnStr,
+    data: KilnStr,
+    err_out: *mut KilnBuf,
+) -> i32 {
+    // SAFETY: `instance` is a live `Instance<P>` (caller); handlers take shared references.
+    let instance = unsafe { &*(instance as *const Instance<P>) };
+    // SAFETY: both views are valid for the call (caller).
+    let (topic, data) = unsafe { (topic.as_bytes(), data.as_bytes()) };
+    let _entered = crate::host::enter(instance.host);
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let topic = std::str::from_utf8(topic).map_err(|_| "the topic is not UTF-8".to_string())?;
+        let handler = instance
+            .events
+            .get(subscription as usize)
+            .ok_or_else(|| format!("subscription index {subscription} out of range"))?;
+        handler(&instance.plugin, &Event::new(topic, data))
+    }));
+    match result {
+        Ok(Ok(())) => abi::STATUS_OK,
         // SAFETY: `err_out` is valid for a write (caller).
         Ok(Err(msg)) => unsafe { fail(err_out, abi::STATUS_ERROR, msg) },
         // SAFETY: as above.
@@ -310,6 +363,20 @@ macro_rules! export_plugin {
         ) -> i32 {
             // SAFETY: the server upholds the contract of `ConfigureFn`.
             unsafe { $crate::export::configure::<$plugin>(instance, config, err_out) }
+        }
+
+        /// # Safety
+        /// See [`kiln_types::abi::EventFn`].
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn kiln_event(
+            instance: *mut ::std::ffi::c_void,
+            subscription: u32,
+            topic: $crate::abi::KilnStr,
+            data: $crate::abi::KilnStr,
+            err_out: *mut $crate::abi::KilnBuf,
+        ) -> i32 {
+            // SAFETY: the server upholds the contract of `EventFn`.
+            unsafe { $crate::export::event::<$plugin>(instance, subscription, topic, data, err_out) }
         }
 
         /// # Safety

@@ -1,5 +1,6 @@
 //! The host: what kiln offers a plugin while it runs: logs under the plugin's name
-//! ([`log`](crate::log)) and a key-value store of its own ([`storage`](crate::storage)).
+//! ([`log`](crate::log)), a key-value store of its own ([`storage`](crate::storage)), its own
+//! database schema ([`db`](crate::db)) and events ([`events`](crate::events)).
 //!
 //! ```
 //! kiln_types::log::info("note created");
@@ -323,5 +324,26 @@ pub mod db {
     /// it touched.
     pub fn execute(sql: &str, params: &[Value]) -> Result<u64, HostError> {
         call("db.execute", sql, params)?["rows_affected"].as_u64().ok_or(HostError::Failed)
+    }
+}
+
+/// Events: publish one for every plugin subscribed to its topic (see
+/// [`Plugin::events`](crate::Plugin::events) for subscribing). Delivery is asynchronous: `emit`
+/// returns once the event is queued for its subscribers, never waiting for them.
+///
+/// ```no_run
+/// kiln_types::events::emit("notes.created", &kiln_types::serde_json::json!({ "id": 7 }))?;
+/// # Ok::<(), kiln_types::HostError>(())
+/// ```
+pub mod events {
+    use super::{Host, HostError};
+    use serde_json::json;
+
+    /// Publishes `data` under `topic` (dot-separated segments of letters, digits, `_` and `-`;
+    /// `kiln.` topics are kiln's own); the event's id.
+    pub fn emit(topic: &str, data: &impl serde::Serialize) -> Result<u64, HostError> {
+        let host = Host::current().ok_or(HostError::NoHost)?;
+        let answer = host.call("events.emit", &json!({ "topic": topic, "data": data }))?;
+        answer["id"].as_u64().ok_or(HostError::Failed)
     }
 }

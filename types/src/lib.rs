@@ -32,9 +32,11 @@ pub mod export;
 mod host;
 mod sdk;
 
-pub use description::{PluginDescription, ResponseDescription, RouteDescription};
-pub use host::{Host, HostError, Level, db, log, storage};
-pub use sdk::{ConfigChange, Handler, InitContext, Plugin, Request, Response, Route};
+pub use description::{PluginDescription, ResponseDescription, RouteDescription, SubscriptionDescription};
+pub use host::{Host, HostError, Level, db, events, log, storage};
+pub use sdk::{
+    ConfigChange, Event, EventHandler, Handler, InitContext, Plugin, Request, Response, Route, Subscription,
+};
 pub use serde_json;
 
 /// Version of this crate, exported by every plugin so that skew can be reported by version.

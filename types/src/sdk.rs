@@ -17,6 +17,14 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     /// The routes the plugin serves. Called once per load, before [`Plugin::init`].
     fn routes() -> Vec<Route<Self>>;
 
+    /// The events the plugin subscribes to: topic patterns and their handlers. Called once per
+    /// load, like [`Plugin::routes`]. A subscription belongs to the plugin rather than to one
+    /// loaded version: across a reload its events queue and go to the new version, none lost
+    /// and none delivered twice.
+    fn events() -> Vec<Subscription<Self>> {
+        Vec::new()
+    }
+
     /// Called when the plugin's configuration changes (`ctx.config`, defaults applied, already
     /// valid against the manifest's configSchema), while requests may be running. Apply it in
     /// place and return [`ConfigChange::Applied`]; or return [`ConfigChange::Reload`] (the
@@ -56,6 +64,61 @@ pub struct InitContext {
 
 /// A request handler: a plain function of the plugin and the request.
 pub type Handler<P> = fn(&P, &Request<'_>) -> Response;
+
+/// An event handler: a plain function of the plugin and the event. An error (or a panic) is
+/// counted and logged by kiln; the event is not delivered again.
+pub type EventHandler<P> = fn(&P, &Event<'_>) -> Result<(), String>;
+
+/// One event subscription: a topic pattern and its handler (see [`Plugin::events`]).
+pub struct Subscription<P> {
+    pub(crate) pattern: String,
+    pub(crate) handler: EventHandler<P>,
+    pub(crate) name: Option<String>,
+}
+
+impl<P> Subscription<P> {
+    /// Events whose topic matches `pattern`: dot-separated segments, `*` matching any one
+    /// (`notes.*` matches `notes.created`, not `notes.a.b`).
+    pub fn on(pattern: impl Into<String>, handler: EventHandler<P>) -> Self {
+        Self { pattern: pattern.into(), handler, name: None }
+    }
+
+    /// The handler's name (default: the pattern): with the pattern, it identifies the
+    /// subscription from one version to the next.
+    pub fn handler_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+/// An event, borrowed from kiln for the duration of one handler call.
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) data: &'a [u8],
+}
+
+impl<'a> Event<'a> {
+    /// An event over its parts (for tests and hosts that call handlers directly).
+    pub fn new(topic: &'a str, data: &'a [u8]) -> Self {
+        Self { topic, data }
+    }
+
+    /// The event's topic (`notes.created`).
+    pub fn topic(&self) -> &'a str {
+        self.topic
+    }
+
+    /// The event's data, as JSON text.
+    pub fn data_bytes(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// The event's data, parsed.
+    pub fn data<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(self.data)
+    }
+}
 
 /// One HTTP route: method, OpenAPI-style path (`/items/{id}`) and handler.
 pub struct Route<P> {

@@ -1,7 +1,7 @@
 //! The host's service calls (`KilnHost::call`): what a plugin asks kiln to do for it, by name
 //! with JSON arguments: its key-value storage (`storage.get`, `.put`, `.delete`, `.list`,
 //! `.cas`), kept in PostgreSQL under the plugin's name, and its scoped database access
-//! (`db.query`, `db.execute`: see `plugin_db`).
+//! (`db.query`, `db.execute`: see `plugin_db`), and events it publishes (`events.emit`).
 //!
 //! A plugin calls synchronously, on whatever thread runs it: an async worker (an inline
 //! handler), a blocking-pool thread, or a thread of its own. The database is asynchronous, so a
@@ -9,6 +9,7 @@
 //! `block_in_place`, which hands the worker's other tasks to another thread first, so that a
 //! plugin's database call never stalls other requests.
 
+use crate::events::{EventBus, Source};
 use crate::plugin_db::PluginDatabases;
 use crate::repo::{Repo, RepoError};
 use serde_json::{Value, json};
@@ -25,6 +26,7 @@ const MAX_KEY: usize = 512;
 pub struct Services {
     pub repo: Repo,
     pub databases: Arc<PluginDatabases>,
+    pub events: Arc<EventBus>,
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -124,6 +126,15 @@ impl Services {
                 };
                 let answer = scope.run(op == "db.query", sql, params, deadline).await;
                 answer.map_err(|e| CallError { code: e.code.as_str(), message: e.message })
+            }
+            "events.emit" => {
+                let topic = args["topic"].as_str().ok_or_else(|| bad("`topic` must be a string"))?;
+                let data = args.get("data").cloned().unwrap_or(Value::Null);
+                let event = self
+                    .events
+                    .publish(topic, data, Source::Plugin(plugin.to_string()))
+                    .map_err(|message| CallError { code: "InvalidEvent", message })?;
+                Ok(json!({ "id": event.id }))
             }
             _ => Err(CallError { code: "NotFound", message: format!("no host service {op:?}") }),
         }

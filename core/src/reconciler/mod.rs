@@ -19,6 +19,7 @@ mod pass;
 
 use crate::compiler::{BuildError, Compiler};
 use crate::error_code::ErrorCode;
+use crate::events::EventBus;
 use crate::host::logs::LogStore;
 use crate::load_marker::LoadMarkers;
 use crate::loader::{LoadError, LoadedPlugin, Retirements};
@@ -162,6 +163,8 @@ struct Inner {
     logs: Arc<LogStore>,
     /// Every plugin's database scope.
     databases: Arc<PluginDatabases>,
+    /// Where kiln announces failures and config changes (`kiln.plugin.*`), and plugins publish.
+    events: Arc<EventBus>,
     /// This `Inner` itself, to start workers from `&self`.
     me: Weak<Inner>,
 }
@@ -174,6 +177,7 @@ impl Reconciler {
         markers: LoadMarkers,
         logs: Arc<LogStore>,
         databases: Arc<PluginDatabases>,
+        events: Arc<EventBus>,
     ) -> Self {
         Self {
             inner: Arc::new_cyclic(|me| Inner {
@@ -189,6 +193,7 @@ impl Reconciler {
                 markers,
                 logs,
                 databases,
+                events,
                 me: me.clone(),
             }),
         }

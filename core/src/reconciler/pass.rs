@@ -5,6 +5,7 @@ use super::ownership::Displaced;
 use super::{Inner, Outcome, ReconcileError};
 use crate::compiler::Artifact;
 use crate::error_code::ErrorCode;
+use crate::events::Source;
 use crate::host::HostCtx;
 use crate::host::logs::Kind;
 use crate::host::services::Services;
@@ -80,6 +81,8 @@ impl Inner {
         if let Err(db) = self.repo.record_failed(id, &text, serving, state).await {
             tracing::warn!(plugin = %row.name, "could not record the failure: {db}");
         }
+        let data = serde_json::json!({ "name": row.name, "error": text, "state": state, "serving": serving });
+        let _ = self.events.publish("kiln.plugin.failed", data, Source::Kiln);
         Err(e)
     }
 
@@ -147,6 +150,8 @@ impl Inner {
                         s.config = config;
                     }
                     self.record_loaded(row.id, &manifest, &hash, plugin).await?;
+                    let data = serde_json::json!({ "name": row.name, "version": manifest.version });
+                    let _ = self.events.publish("kiln.plugin.configured", data, Source::Kiln);
                     tracing::info!(plugin = %row.name, "configuration applied in place");
                     return Ok(Outcome::Configured);
                 }
@@ -165,6 +170,7 @@ impl Inner {
         let services = Services {
             repo: self.repo.clone(),
             databases: self.databases.clone(),
+            events: self.events.clone(),
             runtime: tokio::runtime::Handle::current(),
         };
         let host = HostCtx::with_services(&row.name, &manifest.version, self.logs.clone(), Some(services));

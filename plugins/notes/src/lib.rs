@@ -1,6 +1,7 @@
 //! notes: what a plugin does with kiln's host.
 //! - `POST /notes` with `{"text": "..."}` stores a note in the plugin's own `notes` table
-//!   (created by `migrations/001_notes.sql`) and answers 201 with `{"id": n, "text": "..."}`;
+//!   (created by `migrations/001_notes.sql`), answers 201 with `{"id": n, "text": "..."}` and
+//!   publishes the note as event `notes.created`;
 //! - `GET /notes` lists them, `GET /notes/{id}` answers one or 404;
 //! - `GET /notes/stats` answers `{"created": n}`, a counter in the plugin's key-value storage;
 //! - `GET /notes/forbidden` reads kiln's own `plugins` table, which PostgreSQL refuses: 403 with
@@ -11,7 +12,7 @@
 //! async pool during a host call), but the blocking pool is where waiting code belongs.
 
 use kiln_types::serde_json::{Value, json};
-use kiln_types::{HostError, InitContext, Plugin, Request, Response, Route, db, log, storage};
+use kiln_types::{HostError, InitContext, Plugin, Request, Response, Route, db, events, log, storage};
 
 pub struct Notes;
 
@@ -95,6 +96,9 @@ impl Notes {
             log::warn(&format!("the note was stored but not counted: {e}"));
         }
         log::with_fields(log::Level::Info, "note created", &json!({ "id": note["id"] }));
+        if let Err(e) = events::emit("notes.created", &note) {
+            log::warn(&format!("the note was stored but not announced: {e}"));
+        }
         Response::json(201, &note)
     }
 

@@ -10,6 +10,7 @@ use super::error::{ApiError, ErrorResponse};
 use crate::archive;
 use crate::discovery;
 use crate::error_code::ErrorCode;
+use crate::events::{EventBus, Source};
 use crate::host::logs::{Level as LogLevel, LogStore};
 use crate::manifest::{Manifest, ManifestError, validate_name};
 use crate::plugin_config::{self, mask};
@@ -30,6 +31,8 @@ use wire::*;
 enum Tag {
     /// Plugins known to kiln, and their lifecycle.
     Plugins,
+    /// Events: publish one, see the recent ones and where they went.
+    Events,
     /// The server itself.
     Server,
 }
@@ -48,6 +51,8 @@ pub struct AdminApi {
     pub policy: Arc<crate::config::FileConfig>,
     /// Every plugin's recent logs, panics and init errors.
     pub logs: Arc<LogStore>,
+    /// The event bus (`/events`, and each plugin's subscriptions).
+    pub events: Arc<EventBus>,
 }
 
 type Result<T> = std::result::Result<Json<T>, ErrorResponse>;
@@ -58,7 +63,7 @@ impl AdminApi {
     #[oai(path = "/plugins", method = "get", tag = "Tag::Plugins")]
     async fn list(&self) -> Result<Vec<Plugin>> {
         let rows = self.repo.list().await.map_err(db_error)?;
-        Ok(Json(rows.into_iter().map(Plugin::from).collect()))
+        Ok(Json(rows.into_iter().map(|r| self.plugin(r)).collect()))
     }
 
     /// One plugin.
@@ -67,7 +72,8 @@ impl AdminApi {
         &self,
         #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
     ) -> Result<Plugin> {
-        Ok(Json(self.row(&name).await?.into()))
+        let row = self.row(&name).await?;
+        Ok(Json(self.plugin(row)))
     }
 
     /// The endpoints a plugin serves now.
@@ -368,6 +374,42 @@ impl AdminApi {
         Ok(Json(self.row(&manifest.name).await?.into()))
     }
 
+    /// Publish an event: the body (any JSON) is its data. Topics are dot-separated segments of
+    /// letters, digits, `_` and `-`; those under `kiln.` are kiln's own.
+    #[oai(path = "/events/:topic", method = "post", tag = "Tag::Events")]
+    async fn publish(
+        &self,
+        topic: Path<String>,
+        data: Json<serde_json::Value>,
+    ) -> std::result::Result<PublishResponse, ErrorResponse> {
+        let event = self
+            .events
+            .publish(&topic, data.0, Source::Api)
+            .map_err(|msg| ErrorResponse::new(ErrorCode::InvalidEvent, msg))?;
+        Ok(PublishResponse::Accepted(Json(EventView::from(&*event))))
+    }
+
+    /// The most recent events (newest first, at most 500 are kept), with their deliveries.
+    #[oai(path = "/events", method = "get", tag = "Tag::Events")]
+    async fn events(
+        &self,
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))] limit: Query<Option<u32>>,
+        /// Only events whose topic matches this pattern (`orders.*`).
+        topic: Query<Option<String>>,
+    ) -> Result<Vec<EventView>> {
+        let pattern = match &topic.0 {
+            Some(p) => Some(
+                crate::events::topic::Pattern::parse(p)
+                    .map_err(|msg| ErrorResponse::new(ErrorCode::InvalidEvent, msg))?,
+            ),
+            None => None,
+        };
+        let limit = limit.0.unwrap_or(100) as usize;
+        let events = self.events.recent(500);
+        let matching = events.iter().filter(|e| pattern.as_ref().is_none_or(|p| p.matches(&e.topic)));
+        Ok(Json(matching.take(limit).map(|e| EventView::from(&**e)).collect()))
+    }
+
     /// Health of the server, the database and the listener.
     #[oai(path = "/health", method = "get", tag = "Tag::Server")]
     async fn health(&self) -> HealthResponse {
@@ -405,6 +447,25 @@ impl AdminApi {
 }
 
 impl AdminApi {
+    /// The API's view of a row, with the subscriptions of the version serving now.
+    fn plugin(&self, row: PluginRow) -> Plugin {
+        let mut plugin = Plugin::from(row);
+        plugin.events = self
+            .events
+            .stats(&plugin.name)
+            .into_iter()
+            .map(|s| Subscription {
+                pattern: s.pattern,
+                handler: s.handler,
+                delivered: s.delivered,
+                failed: s.failed,
+                timed_out: s.timed_out,
+                dropped: s.dropped,
+            })
+            .collect();
+        plugin
+    }
+
     async fn row(&self, name: &str) -> std::result::Result<PluginRow, ErrorResponse> {
         validate_name(name).map_err(|msg| ErrorResponse::new(ErrorCode::InvalidName, msg))?;
         self.repo

@@ -45,6 +45,75 @@ pub struct Plugin {
     /// Desired: the route deadline in milliseconds for routes that set none (null: the server's).
     #[oai(nullable)]
     pub deadline_ms: Option<i32>,
+    /// The event subscriptions of the version serving now, with their counters.
+    pub events: Vec<Subscription>,
+}
+
+/// One event subscription of a plugin, and what became of the events it matched.
+#[derive(Object, Debug, Clone)]
+pub struct Subscription {
+    /// Topic pattern (`notes.*`).
+    pub pattern: String,
+    /// The plugin's handler.
+    pub handler: String,
+    pub delivered: u64,
+    pub failed: u64,
+    pub timed_out: u64,
+    /// Not delivered: the subscriber's queue was full, or it went away first.
+    pub dropped: u64,
+}
+
+/// A published event and what became of it at each subscriber so far.
+#[derive(Object, Debug, Clone)]
+pub struct EventView {
+    pub id: u64,
+    pub topic: String,
+    pub data: serde_json::Value,
+    /// `kiln`, `api`, `postgres` or `plugin:<name>`.
+    pub source: String,
+    pub at: DateTime<Utc>,
+    pub deliveries: Vec<DeliveryView>,
+}
+
+/// What became of an event at one subscriber.
+#[derive(Object, Debug, Clone)]
+pub struct DeliveryView {
+    pub plugin: String,
+    pub handler: String,
+    /// `delivered`, `failed`, `timed_out` or `dropped`.
+    pub outcome: String,
+    #[oai(nullable)]
+    pub error: Option<String>,
+}
+
+impl From<&crate::events::Event> for EventView {
+    fn from(e: &crate::events::Event) -> Self {
+        Self {
+            id: e.id,
+            topic: e.topic.clone(),
+            data: e.data.clone(),
+            source: e.source.to_string(),
+            at: e.at.into(),
+            deliveries: e
+                .deliveries()
+                .into_iter()
+                .map(|d| DeliveryView {
+                    plugin: d.plugin,
+                    handler: d.handler,
+                    outcome: d.outcome.as_str().into(),
+                    error: d.error,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The answer to `POST /events/{topic}`.
+#[derive(ApiResponse)]
+pub enum PublishResponse {
+    /// Published: queued for every subscriber whose pattern matches.
+    #[oai(status = 202)]
+    Accepted(Json<EventView>),
 }
 
 impl From<PluginRow> for Plugin {
@@ -68,6 +137,7 @@ impl From<PluginRow> for Plugin {
             updated_at: r.updated_at,
             resources: r.resources,
             deadline_ms: r.deadline_ms,
+            events: Vec::new(),
         }
     }
 }

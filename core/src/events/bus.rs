@@ -1,0 +1,423 @@
+//! The bus itself: subscribers, their queues and delivery tasks, and the recent events.
+
+use super::topic::{self, Pattern};
+use crate::host::logs::{Kind, Level, LogEntry, LogStore};
+use crate::loader::LoadedPlugin;
+use serde_json::{Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+
+/// Events each subscription may have queued; one more is dropped (counted).
+pub const QUEUE: usize = 1024;
+/// How many recent events `GET /events` can show.
+const RECENT: usize = 500;
+/// Largest event data, as JSON text.
+pub const MAX_DATA: usize = 1 << 20;
+
+/// Who published an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// kiln itself (`kiln.*` topics).
+    Kiln,
+    /// A plugin, by name.
+    Plugin(String),
+    /// `POST /events/{topic}`.
+    Api,
+    /// `pg_notify('kiln_events', …)` in some transaction.
+    Postgres,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Kiln => f.write_str("kiln"),
+            Source::Plugin(name) => write!(f, "plugin:{name}"),
+            Source::Api => f.write_str("api"),
+            Source::Postgres => f.write_str("postgres"),
+        }
+    }
+}
+
+/// One published event, with what became of it at each subscriber.
+#[derive(Debug)]
+pub struct Event {
+    pub id: u64,
+    pub topic: String,
+    pub data: Value,
+    /// `data` as JSON text, as plugins get it.
+    json: String,
+    pub source: Source,
+    pub at: SystemTime,
+    deliveries: Mutex<Vec<Delivery>>,
+}
+
+impl Event {
+    /// What became of the event at each subscriber so far.
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.deliveries.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn record(&self, delivery: Delivery) {
+        self.deliveries.lock().unwrap_or_else(|p| p.into_inner()).push(delivery);
+    }
+}
+
+/// What became of an event at one subscriber.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub plugin: String,
+    pub handler: String,
+    pub outcome: Outcome,
+    /// The error, for `failed` and `timed_out`.
+    pub error: Option<String>,
+}
+
+/// See [`Delivery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Failed,
+    TimedOut,
+    /// The subscriber's queue was full, or it went away before the event's turn.
+    Dropped,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Failed => "failed",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Dropped => "dropped",
+        }
+    }
+}
+
+/// The counters of one subscription, for the plugin's API object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberStats {
+    pub pattern: String,
+    pub handler: String,
+    pub delivered: u64,
+    pub failed: u64,
+    pub timed_out: u64,
+    pub dropped: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    timed_out: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// One subscription: a declared (pattern, handler) of a plugin, and its queue.
+struct Subscriber {
+    plugin: String,
+    pattern: Pattern,
+    handler: String,
+    tx: mpsc::Sender<Arc<Event>>,
+    counters: Arc<Counters>,
+    task: tokio::task::AbortHandle,
+}
+
+/// The bus. Cheap to share (`Arc`).
+pub struct EventBus {
+    next_id: AtomicU64,
+    subscribers: RwLock<Vec<Arc<Subscriber>>>,
+    /// The version of each plugin serving now, by name: where deliveries go.
+    serving: RwLock<HashMap<String, Arc<LoadedPlugin>>>,
+    recent: Mutex<VecDeque<Arc<Event>>>,
+    logs: Arc<LogStore>,
+    /// How long a subscriber may take over one event.
+    timeout: Duration,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBus").finish_non_exhaustive()
+    }
+}
+
+impl EventBus {
+    /// A bus whose delivery tasks run on the current runtime.
+    pub fn new(logs: Arc<LogStore>, timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            next_id: AtomicU64::new(1),
+            subscribers: Default::default(),
+            serving: Default::default(),
+            recent: Default::default(),
+            logs,
+            timeout,
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// Publishes an event to every matching subscriber, without waiting for any. `Err` when the
+    /// topic or data is refused (a `kiln.` topic from anyone but kiln, data over [`MAX_DATA`]).
+    /// Answers the event.
+    pub fn publish(&self, topic: &str, data: Value, source: Source) -> Result<Arc<Event>, String> {
+        topic::check(topic, false)?;
+        if topic.starts_with(topic::KILN_PREFIX) && source != Source::Kiln {
+            return Err(format!("{:?}: topics under {:?} are kiln's own", topic, topic::KILN_PREFIX));
+        }
+        let json = data.to_string();
+        if json.len() > MAX_DATA {
+            return Err(format!("the event's data is {} bytes of JSON; at most {MAX_DATA} are accepted", json.len()));
+        }
+        let event = Arc::new(Event {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            topic: topic.to_string(),
+            data,
+            json,
+            source,
+            at: SystemTime::now(),
+            deliveries: Mutex::new(Vec::new()),
+        });
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(event.clone());
+        }
+        let subscribers = self.subscribers.read().unwrap_or_else(|p| p.into_inner());
+        for s in subscribers.iter().filter(|s| s.pattern.matches(topic)) {
+            if s.tx.try_send(event.clone()).is_err() {
+                s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                event.record(Delivery {
+                    plugin: s.plugin.clone(),
+                    handler: s.handler.clone(),
+                    outcome: Outcome::Dropped,
+                    error: Some("the subscriber's queue is full".into()),
+                });
+                let dropped = s.counters.dropped.load(Ordering::Relaxed);
+                // The first drop, and then every thousandth, so that a flood does not flood the log too.
+                if dropped == 1 || dropped.is_multiple_of(1000) {
+                    let msg = format!(
+                        "event {} dropped: the queue of subscription {} → {} is full ({QUEUE} events; {dropped} dropped so far)",
+                        event.topic,
+                        s.pattern.as_str(),
+                        s.handler
+                    );
+                    tracing::warn!(plugin = %s.plugin, "{msg}");
+                    self.logs.push(&s.plugin, LogEntry::new(Level::Warn, Kind::Log, msg, json!({}), None));
+                }
+            }
+        }
+        Ok(event)
+    }
+
+    /// The most recent events, newest first.
+    pub fn recent(&self, limit: usize) -> Vec<Arc<Event>> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().rev().take(limit).cloned().collect()
+    }
+
+    /// The counters of each subscription of `plugin`.
+    pub fn stats(&self, plugin: &str) -> Vec<SubscriberStats> {
+        let subscribers = self.subscribers.read().unwrap_or_else(|p| p.into_inner());
+        subscribers
+            .iter()
+            .filter(|s| s.plugin == plugin)
+            .map(|s| SubscriberStats {
+                pattern: s.pattern.as_str().to_string(),
+                handler: s.handler.clone(),
+                delivered: s.counters.delivered.load(Ordering::Relaxed),
+                failed: s.counters.failed.load(Ordering::Relaxed),
+                timed_out: s.counters.timed_out.load(Ordering::Relaxed),
+                dropped: s.counters.dropped.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// From now on these plugins serve (the whole set, as the route table gets it): their
+    /// declared subscriptions are kept or started, the others end, and kiln announces each
+    /// plugin that came (`kiln.plugin.loaded`, also for a new version of one already serving)
+    /// or went (`kiln.plugin.unloaded`).
+    pub fn serve(self: &Arc<Self>, plugins: &[Arc<LoadedPlugin>]) {
+        let now: HashMap<String, Arc<LoadedPlugin>> =
+            plugins.iter().map(|p| (p.description().name.clone(), p.clone())).collect();
+        let before = std::mem::replace(&mut *self.serving.write().unwrap_or_else(|p| p.into_inner()), now.clone());
+        {
+            let mut subscribers = self.subscribers.write().unwrap_or_else(|p| p.into_inner());
+            subscribers.retain(|s| {
+                let declared = now.get(&s.plugin).is_some_and(|p| {
+                    p.description()
+                        .subscriptions
+                        .iter()
+                        .any(|d| d.pattern == s.pattern.as_str() && d.handler == s.handler)
+                });
+                if !declared {
+                    s.task.abort();
+                }
+                declared
+            });
+            for plugin in plugins {
+                let name = &plugin.description().name;
+                for d in &plugin.description().subscriptions {
+                    let exists = subscribers
+                        .iter()
+                        .any(|s| &s.plugin == name && s.pattern.as_str() == d.pattern && s.handler == d.handler);
+                    if exists {
+                        continue;
+                    }
+                    // The manifest's patterns were checked at load (see `loader`); one that is not
+                    // valid here is skipped, not fatal.
+                    let Ok(pattern) = Pattern::parse(&d.pattern) else { continue };
+                    subscribers.push(self.subscribe(name, pattern, &d.handler));
+                }
+            }
+        }
+        for (name, plugin) in &now {
+            if !before.get(name).is_some_and(|b| Arc::ptr_eq(b, plugin)) {
+                let data = json!({ "name": name, "version": plugin.description().version });
+                let _ = self.publish("kiln.plugin.loaded", data, Source::Kiln);
+            }
+        }
+        for (name, plugin) in &before {
+            if !now.contains_key(name) {
+                let data = json!({ "name": name, "version": plugin.description().version });
+                let _ = self.publish("kiln.plugin.unloaded", data, Source::Kiln);
+            }
+        }
+    }
+
+    /// Starts a subscription of `plugin` and its delivery task.
+    fn subscribe(self: &Arc<Self>, plugin: &str, pattern: Pattern, handler: &str) -> Arc<Subscriber> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let counters = Arc::new(Counters::default());
+        let delivery = Delivering {
+            bus: Arc::downgrade(self),
+            plugin: plugin.to_string(),
+            pattern: pattern.as_str().to_string(),
+            handler: handler.to_string(),
+            counters: counters.clone(),
+            timeout: self.timeout,
+            current: Mutex::new(None),
+        };
+        let task = self.runtime.spawn(delivery.run(rx)).abort_handle();
+        Arc::new(Subscriber { plugin: plugin.to_string(), pattern, handler: handler.to_string(), tx, counters, task })
+    }
+
+    fn current(&self, plugin: &str) -> Option<Arc<LoadedPlugin>> {
+        self.serving.read().unwrap_or_else(|p| p.into_inner()).get(plugin).cloned()
+    }
+}
+
+/// Most events one trip to the blocking pool delivers.
+const BATCH: usize = 256;
+
+/// The delivery task of one subscription.
+struct Delivering {
+    bus: std::sync::Weak<EventBus>,
+    plugin: String,
+    pattern: String,
+    handler: String,
+    counters: Arc<Counters>,
+    timeout: Duration,
+    /// The event being handled now, since when, and whether it was already counted as timed
+    /// out (by the watch in `run`, while the handler still runs).
+    current: Mutex<Option<(Arc<Event>, std::time::Instant, bool)>>,
+}
+
+impl Delivering {
+    /// Takes the queued events in batches and hands each batch to the blocking pool, where they
+    /// are delivered one at a time, in order. Meanwhile it watches the time: an event whose
+    /// handler runs past the timeout is counted as timed out then (the handler cannot be
+    /// stopped: the subscription waits for it, and its queue fills and drops meanwhile).
+    async fn run(self, mut rx: mpsc::Receiver<Arc<Event>>) {
+        let me = Arc::new(self);
+        let mut batch = Vec::with_capacity(BATCH);
+        while rx.recv_many(&mut batch, BATCH).await > 0 {
+            let events = std::mem::take(&mut batch);
+            let deliver = me.clone();
+            let mut call = tokio::task::spawn_blocking(move || deliver.deliver(events));
+            loop {
+                match tokio::time::timeout(me.timeout.min(Duration::from_secs(1)), &mut call).await {
+                    Ok(_) => break,
+                    Err(_) => me.watch(),
+                }
+            }
+            if me.bus.strong_count() == 0 {
+                return;
+            }
+        }
+    }
+
+    /// Counts the event being handled as timed out once it has run past the timeout.
+    fn watch(&self) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((event, started, counted)) = current.as_mut()
+            && !*counted
+            && started.elapsed() > self.timeout
+        {
+            *counted = true;
+            let event = event.clone();
+            drop(current);
+            if let Some(bus) = self.bus.upgrade() {
+                let msg = format!("the handler ran past its timeout of {:?}", self.timeout);
+                self.record(&bus, &event, Outcome::TimedOut, Some(msg));
+            }
+        }
+    }
+
+    /// Delivers `events` one at a time on this (blocking) thread, each to the version of the
+    /// plugin serving when its turn comes.
+    fn deliver(&self, events: Vec<Arc<Event>>) {
+        for event in events {
+            let Some(bus) = self.bus.upgrade() else { return };
+            let Some(plugin) = bus.current(&self.plugin) else {
+                self.record(&bus, &event, Outcome::Dropped, Some("the plugin does not serve".into()));
+                continue;
+            };
+            let index = plugin
+                .description()
+                .subscriptions
+                .iter()
+                .position(|d| d.pattern == self.pattern && d.handler == self.handler);
+            let Some(index) = index else {
+                self.record(&bus, &event, Outcome::Dropped, Some("the serving version does not subscribe".into()));
+                continue;
+            };
+            let started = std::time::Instant::now();
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((event.clone(), started, false));
+            let result = plugin.event(index as u32, &event.topic, event.json.as_bytes(), started + self.timeout);
+            drop(plugin);
+            let counted = self.current.lock().unwrap_or_else(|p| p.into_inner()).take().is_some_and(|c| c.2);
+            if counted {
+                continue; // already counted as timed out
+            }
+            let (outcome, error) = match result {
+                Ok(()) if started.elapsed() > self.timeout => {
+                    (Outcome::TimedOut, Some(format!("the handler ran past its timeout of {:?}", self.timeout)))
+                }
+                Ok(()) => (Outcome::Delivered, None),
+                Err(e) => (Outcome::Failed, Some(e)),
+            };
+            self.record(&bus, &event, outcome, error);
+        }
+    }
+
+    fn record(&self, bus: &EventBus, event: &Event, outcome: Outcome, error: Option<String>) {
+        let counter = match outcome {
+            Outcome::Delivered => &self.counters.delivered,
+            Outcome::Failed => &self.counters.failed,
+            Outcome::TimedOut => &self.counters.timed_out,
+            Outcome::Dropped => &self.counters.dropped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(error) = &error {
+            let msg = format!("event {} → {}: {} ({error})", event.topic, self.handler, outcome.as_str());
+            tracing::warn!(plugin = %self.plugin, "{msg}");
+            let kind = if error.contains("panicked") { Kind::Panic } else { Kind::Log };
+            bus.logs.push(&self.plugin, LogEntry::new(Level::Warn, kind, msg, json!({ "event": event.id }), None));
+        }
+        event.record(Delivery { plugin: self.plugin.clone(), handler: self.handler.clone(), outcome, error });
+    }
+}

@@ -1,0 +1,81 @@
+//! audit: a kiln plugin that listens. It subscribes to `notes.*` (the notes example publishes
+//! `notes.created`), `orders.*` (a trigger on a user's table can publish these through
+//! `pg_notify('kiln_events', …)`: see the README) and `kiln.plugin.*` (kiln's own lifecycle
+//! events), and `GET /audit` answers the last 100 events it received, oldest first, as
+//! `[{"topic": …, "data": …}]`.
+
+use kiln_types::serde_json::{Value, json};
+use kiln_types::{Event, InitContext, Plugin, Request, Response, Route, Subscription};
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+/// How many events `GET /audit` shows.
+pub const KEEP: usize = 100;
+
+pub struct Audit {
+    heard: Mutex<VecDeque<(String, Value)>>,
+}
+
+impl Plugin for Audit {
+    fn init(_: &InitContext) -> Result<Self, String> {
+        Ok(Audit { heard: Mutex::new(VecDeque::with_capacity(KEEP)) })
+    }
+
+    fn routes() -> Vec<Route<Self>> {
+        vec![Route::get("/audit", Self::list).summary("The last 100 events heard, oldest first").response_schema(
+            json!({
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["topic", "data"],
+                    "properties": { "topic": { "type": "string" }, "data": {} }
+                }
+            }),
+        )]
+    }
+
+    fn events() -> Vec<Subscription<Self>> {
+        ["notes.*", "orders.*", "kiln.plugin.*"].into_iter().map(|p| Subscription::on(p, Self::heard)).collect()
+    }
+}
+
+impl Audit {
+    fn heard(&self, event: &Event) -> Result<(), String> {
+        let data: Value = event.data().map_err(|e| format!("the data is not JSON: {e}"))?;
+        // A handler that panicked while holding the lock must not silence the audit.
+        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        if heard.len() == KEEP {
+            heard.pop_front();
+        }
+        heard.push_back((event.topic().to_string(), data));
+        Ok(())
+    }
+
+    fn list(&self, _: &Request) -> Response {
+        let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        let events: Vec<Value> = heard.iter().map(|(topic, data)| json!({ "topic": topic, "data": data })).collect();
+        Response::json(200, &events)
+    }
+}
+
+kiln_types::export_plugin!(Audit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_last_hundred_events_in_order() {
+        let audit = Audit::init(&InitContext { config: json!({}) }).unwrap();
+        for i in 0..(KEEP + 5) {
+            let data = json!({ "n": i }).to_string();
+            audit.heard(&Event::new("orders.created", data.as_bytes())).unwrap();
+        }
+        let heard = audit.heard.lock().unwrap();
+        assert_eq!(heard.len(), KEEP);
+        assert_eq!(heard.front().unwrap().1["n"], 5);
+        assert_eq!(heard.back().unwrap().1["n"], KEEP + 4);
+        drop(heard);
+        assert!(audit.heard(&Event::new("orders.created", b"not json")).is_err());
+    }
+}

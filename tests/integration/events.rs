@@ -1,0 +1,200 @@
+//! Events: published by the admin API, by a PostgreSQL trigger's `pg_notify`, by plugins and by
+//! kiln itself, delivered to the plugins subscribed to them, in order, without one subscriber
+//! holding up another, and without loss across a reload.
+
+use crate::support::{EDIT_DEADLINE, TestServer};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// The audit example's events, as `(topic, data)`.
+async fn heard(server: &TestServer) -> Vec<(String, Value)> {
+    let (_, events) = server.get("/audit").await;
+    events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| (e["topic"].as_str().unwrap_or("").to_string(), e["data"].clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_from_the_api_a_trigger_a_plugin_and_kiln_reach_their_subscribers() {
+    let server = TestServer::start(&["audit", "notes"]).await;
+    server.wait_state("audit", "loaded").await;
+    server.wait_state("notes", "loaded").await;
+
+    // kiln announces what it loads (also a new version of what serves): audit hears notes
+    // reloaded (it may have missed notes' first load, if notes served before audit did).
+    assert_eq!(server.post("/plugins/notes/reload", None).await.0, 200);
+    server
+        .wait_until("audit hears kiln.plugin.loaded", EDIT_DEADLINE, || async {
+            heard(&server).await.iter().any(|(t, d)| t == "kiln.plugin.loaded" && d["name"] == "notes")
+        })
+        .await;
+
+    // The admin API publishes.
+    let (status, event) = server.post("/events/orders.created", Some(json!({ "id": 1, "via": "api" }))).await;
+    assert_eq!(status, 202, "{event}");
+    assert_eq!((event["topic"].as_str(), event["source"].as_str()), (Some("orders.created"), Some("api")));
+
+    // A trigger on a user's table publishes, in the inserting transaction's commit.
+    let sql = server.sql().await;
+    sql.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, item text NOT NULL);
+         CREATE FUNCTION orders_created() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_notify('kiln_events', json_build_object('topic', 'orders.created', 'data', row_to_json(NEW))::text);
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER orders_created AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION orders_created();
+         INSERT INTO orders VALUES (2, 'tea');",
+    )
+    .await
+    .unwrap();
+
+    // A plugin publishes: notes announces each note.
+    assert_eq!(server.post("/notes", Some(json!({ "text": "buy milk" }))).await.0, 201);
+
+    server
+        .wait_until("audit hears the API's, the trigger's and the plugin's events", EDIT_DEADLINE, || async {
+            let heard = heard(&server).await;
+            let has = |topic: &str, data: Value| heard.iter().any(|(t, d)| t == topic && *d == data);
+            has("orders.created", json!({ "id": 1, "via": "api" }))
+                && has("orders.created", json!({ "id": 2, "item": "tea" }))
+                && has("notes.created", json!({ "id": 1, "text": "buy milk" }))
+        })
+        .await;
+
+    // The event list shows where each went; the plugin shows its counters.
+    let (_, events) = server.get("/events?topic=orders.*").await;
+    let from_postgres = events.as_array().unwrap().iter().find(|e| e["source"] == "postgres").expect("listed");
+    assert_eq!(
+        from_postgres["deliveries"],
+        json!([{ "plugin": "audit", "handler": "orders.*", "outcome": "delivered", "error": null }])
+    );
+    let audit = server.plugin("audit").await;
+    let orders = audit["events"].as_array().unwrap().iter().find(|s| s["pattern"] == "orders.*").unwrap().clone();
+    assert_eq!(
+        (orders["delivered"].as_u64(), orders["failed"].as_u64(), orders["dropped"].as_u64()),
+        (Some(2), Some(0), Some(0))
+    );
+
+    // What kiln refuses: a malformed topic, a topic of kiln's own, a bad pattern; a bad
+    // notification is logged and dropped, and the next one still arrives.
+    for (path, why) in [("/events/a..b", "segments"), ("/events/kiln.plugin.loaded", "kiln's own")] {
+        let (status, body) = server.post(path, Some(json!({}))).await;
+        assert_eq!((status, body["error"].as_str()), (422, Some("InvalidEvent")), "{body}");
+        assert!(body["message"].as_str().unwrap().contains(why), "{body}");
+    }
+    assert_eq!(server.get("/events?topic=a.b*").await.0, 422);
+    sql.batch_execute("SELECT pg_notify('kiln_events', 'not json'); SELECT pg_notify('kiln_events', '{\"topic\": \"orders.late\", \"data\": 3}');")
+        .await
+        .unwrap();
+    server
+        .wait_until("the notification after a bad one arrives", EDIT_DEADLINE, || async {
+            heard(&server).await.iter().any(|(t, d)| t == "orders.late" && *d == json!(3))
+        })
+        .await;
+
+    // Unloading says so: audit hears notes go.
+    sql.execute("UPDATE plugins SET status = 'inactive' WHERE name = 'notes'", &[]).await.unwrap();
+    server
+        .wait_until("audit hears kiln.plugin.unloaded", EDIT_DEADLINE, || async {
+            heard(&server).await.iter().any(|(t, d)| t == "kiln.plugin.unloaded" && d["name"] == "notes")
+        })
+        .await;
+}
+
+/// The counters of eventsink's `fast`, `panics` and `slow` subscriptions.
+async fn subscriptions(server: &TestServer) -> (Value, Value, Value) {
+    let plugin = server.plugin("eventsink").await;
+    let of = |handler: &str| {
+        plugin["events"].as_array().unwrap().iter().find(|s| s["handler"] == handler).cloned().unwrap_or_default()
+    };
+    (of("fast"), of("panics"), of("slow"))
+}
+
+/// 10,000 events through a wildcard subscription, beside one that panics on every hundredth and
+/// one that takes 20 ms over each: the fast one gets every event, in order; the others are counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_and_a_slow_subscriber_cost_a_fast_one_nothing() {
+    let server = TestServer::start(&["eventsink"]).await;
+    server.wait_state("eventsink", "loaded").await;
+    const N: u64 = 10_000;
+    // Published from PostgreSQL in batches of 500, alternating two topics.
+    let sql = server.sql().await;
+    for batch in 0..(N / 500) {
+        let from = batch * 500;
+        sql.execute(
+            "SELECT pg_notify('kiln_events', json_build_object('topic', 'load.' || (n % 2), 'data', json_build_object('n', n / 2))::text)
+             FROM generate_series($1::bigint, $2::bigint) AS n",
+            &[&(from as i64), &((from + 499) as i64)],
+        )
+        .await
+        .unwrap();
+        // Paced like a busy application: the fast subscriber keeps up, the slow one cannot.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server
+        .wait_until("every event is accounted for at every subscriber", Duration::from_secs(60), || async {
+            let (fast, panics, slow) = subscriptions(&server).await;
+            let total = |s: &Value| {
+                ["delivered", "failed", "timed_out", "dropped"].iter().map(|k| s[k].as_u64().unwrap_or(0)).sum::<u64>()
+            };
+            total(&fast) == N && total(&panics) == N && total(&slow) == N
+        })
+        .await;
+    let (fast, panics, slow) = subscriptions(&server).await;
+    assert_eq!(fast["delivered"], N, "{fast}");
+    assert_eq!(server.get("/eventsink/fast").await.1, json!({ "count": N, "in_order": true }));
+    // One event in a hundred panics. Panics are slow (a backtrace is printed for each), so this
+    // subscriber's queue may overflow too: what counts is that each event is accounted for.
+    assert!(panics["failed"].as_u64().unwrap() > 0, "{panics}");
+    assert!(panics["delivered"].as_u64().unwrap() > 0, "{panics}");
+    assert!(slow["dropped"].as_u64().unwrap() > 0, "the slow subscriber's queue overflowed: {slow}");
+    assert!(slow["delivered"].as_u64().unwrap() > 0, "{slow}");
+    let (_, lines) = server.get("/plugins/eventsink/logs?level=warn").await;
+    let lines = lines.as_array().unwrap();
+    assert!(
+        lines.iter().any(|l| l["kind"] == "panic" && l["message"].as_str().unwrap().contains("this subscriber panics")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l["message"].as_str().unwrap().contains("queue of subscription load.* → slow is full")),
+        "{lines:?}"
+    );
+}
+
+/// A subscriber reloaded again and again while events flow gets each event once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_reloaded_while_events_flow_loses_none() {
+    let server = std::sync::Arc::new(TestServer::start(&["eventsink"]).await);
+    server.wait_state("eventsink", "loaded").await;
+    const N: u64 = 1_000;
+    let publisher = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            for n in 0..N {
+                let (status, body) = server.post("/events/count.up", Some(json!({ "n": n }))).await;
+                assert_eq!(status, 202, "{body}");
+            }
+        })
+    };
+    let mut reloads = 0;
+    while !publisher.is_finished() {
+        let (status, body) = server.post("/plugins/eventsink/reload", None).await;
+        assert_eq!(status, 200, "{body}");
+        reloads += 1;
+    }
+    publisher.await.unwrap();
+    assert!(reloads >= 2, "the events flowed across reloads ({reloads})");
+    server
+        .wait_until("every event is counted", EDIT_DEADLINE, || async {
+            server.get("/eventsink/count").await.1["seen"] == N
+        })
+        .await;
+    assert_eq!(server.get("/eventsink/count").await.1, json!({ "seen": N, "twice": 0 }));
+    let plugin = server.plugin("eventsink").await;
+    let count = plugin["events"].as_array().unwrap().iter().find(|s| s["handler"] == "count").unwrap().clone();
+    assert_eq!((count["delivered"].as_u64(), count["dropped"].as_u64()), (Some(N), Some(0)), "{count}");
+}
