@@ -39,6 +39,7 @@ pub enum ErrorCode {
     PluginInactive,
     DatabaseRefused,
     TableAccessDenied,
+    TopicReserved,
     QueryFailed,
     PluginError,
     Internal,
@@ -54,6 +55,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::InvalidArchive,
     ErrorCode::Unauthorized,
     ErrorCode::TableAccessDenied,
+    ErrorCode::TopicReserved,
     ErrorCode::PluginNotFound,
     ErrorCode::NotFound,
     ErrorCode::MethodNotAllowed,
@@ -175,7 +177,7 @@ impl ErrorCode {
             InvalidEvent => (
                 "InvalidEvent",
                 422,
-                "an event kiln refuses: a topic that is not dot-separated segments of letters, digits, `_` and `-`, a `kiln.` topic from anyone but kiln, data over 1 MiB; or a bad topic pattern",
+                "an event kiln refuses: a topic that is not dot-separated segments of letters, digits, `_` and `-`, a `kiln.` topic from a plugin or PostgreSQL, data over 1 MiB; or a bad topic pattern",
             ),
             PluginInactive => ("PluginInactive", 422, "the plugin's row is `inactive`, so there is nothing to reload"),
             DatabaseRefused => (
@@ -188,6 +190,7 @@ impl ErrorCode {
                 403,
                 "PostgreSQL refused a plugin's query: its role has no right to that table (plugins reach only their own schema and what `resources` grants)",
             ),
+            TopicReserved => ("TopicReserved", 403, "an event under `kiln.`, which only kiln publishes"),
             QueryFailed => (
                 "QueryFailed",
                 422,

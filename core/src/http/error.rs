@@ -39,6 +39,9 @@ pub enum ErrorResponse {
     /// `KILN_ADMIN_TOKEN` is set and the request lacks `Authorization: Bearer <token>`.
     #[oai(status = 401)]
     Unauthorized(Json<ApiError>),
+    /// Something only kiln may do (`TopicReserved`: publishing a `kiln.` event).
+    #[oai(status = 403)]
+    Forbidden(Json<ApiError>),
     /// No such plugin (`PluginNotFound`), or no such path (`NotFound`).
     #[oai(status = 404)]
     NotFound(Json<ApiError>),
@@ -60,7 +63,8 @@ pub enum ErrorResponse {
     /// The plugin could not be built, loaded, configured or served; the previous version, if any,
     /// still serves. Codes: `ManifestNotFound`, `InvalidManifest`, `BuildFailed`, `AbiMismatch`,
     /// `EntrypointNotFound`, `LoadError`, `InitFailed`, `RouteConflict`, `InvalidRoute`,
-    /// `InvalidConfig` (with `details.violations`), `PluginInactive`, `DatabaseRefused`.
+    /// `InvalidConfig` (with `details.violations`), `PluginInactive`, `DatabaseRefused`; and an
+    /// event kiln refuses (`InvalidEvent`).
     #[oai(status = 422)]
     Unprocessable(Json<ApiError>),
     /// An unexpected failure (`Internal`, `DatabaseError`).
@@ -83,6 +87,7 @@ impl ErrorResponse {
         match code.status() {
             400 => Self::BadRequest(body),
             401 => Self::Unauthorized(body),
+            403 => Self::Forbidden(body),
             404 => Self::NotFound(body),
             405 => Self::MethodNotAllowed(body),
             409 => Self::Conflict(body),

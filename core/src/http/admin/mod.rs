@@ -379,9 +379,13 @@ impl AdminApi {
     #[oai(path = "/events/:topic", method = "post", tag = "Tag::Events")]
     async fn publish(
         &self,
-        topic: Path<String>,
+        #[oai(validator(pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 200))] topic: Path<String>,
         data: Json<serde_json::Value>,
     ) -> std::result::Result<PublishResponse, ErrorResponse> {
+        if topic.starts_with(crate::events::topic::KILN_PREFIX) {
+            let msg = format!("{:?}: topics under {:?} are kiln's own", topic.0, crate::events::topic::KILN_PREFIX);
+            return Err(ErrorResponse::new(ErrorCode::TopicReserved, msg));
+        }
         let event = self
             .events
             .publish(&topic, data.0, Source::Api)
@@ -395,6 +399,7 @@ impl AdminApi {
         &self,
         #[oai(validator(minimum(value = "1"), maximum(value = "500")))] limit: Query<Option<u32>>,
         /// Only events whose topic matches this pattern (`orders.*`).
+        #[oai(validator(pattern = r"^(\*|[A-Za-z0-9_-]+)(\.(\*|[A-Za-z0-9_-]+))*$", max_length = 200))]
         topic: Query<Option<String>>,
     ) -> Result<Vec<EventView>> {
         let pattern = match &topic.0 {
