@@ -382,8 +382,14 @@ impl LoadedPlugin {
 }
 
 impl LoadedPlugin {
+    /// What identifies this instance to the event bus: its host context's key.
+    pub fn host_key(&self) -> usize {
+        self.live.as_ref().map_or(0, |l| l.host.key())
+    }
+
     /// Hands event `topic` with `data` (JSON) to the instance's subscription `subscription`
-    /// (its index in the description). Blocking: the handler runs on this thread, with host
+    /// (its index in the description, or `abi::RUNTIME_SUBSCRIPTION | id` for one it made at
+    /// runtime). Blocking: the handler runs on this thread, with host
     /// calls bounded by `deadline`. `Err` carries the plugin's error or its panic message.
     pub fn event(
         &self,

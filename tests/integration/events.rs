@@ -198,3 +198,47 @@ async fn a_subscriber_reloaded_while_events_flow_loses_none() {
     let count = plugin["events"].as_array().unwrap().iter().find(|s| s["handler"] == "count").unwrap().clone();
     assert_eq!((count["delivered"].as_u64(), count["dropped"].as_u64()), (Some(N), Some(0)), "{count}");
 }
+
+/// Subscriptions made at runtime: `on` until `off`, `once` for one event, and a reloaded
+/// instance makes its own again.
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_subscriptions_follow_on_once_and_off() {
+    let server = TestServer::start(&["eventsink"]).await;
+    server.wait_state("eventsink", "loaded").await;
+    for topic in ["rt.a", "rt.once", "rt.once", "rt.b"] {
+        assert_eq!(server.post(&format!("/events/{topic}"), Some(json!({}))).await.0, 202);
+    }
+    server
+        .wait_until("the runtime subscriptions got their events", EDIT_DEADLINE, || async {
+            server.get("/eventsink/runtime").await.1 == json!({ "on": 4, "once": 1 })
+        })
+        .await;
+    let plugin = server.plugin("eventsink").await;
+    let handlers: Vec<&str> =
+        plugin["events"].as_array().unwrap().iter().filter_map(|s| s["handler"].as_str()).collect();
+    assert_eq!(
+        handlers.iter().filter(|h| h.starts_with("runtime#")).count(),
+        1,
+        "the once subscription ended: {handlers:?}"
+    );
+
+    let (_, event) = server.post("/events/rt.a", Some(json!({}))).await;
+    assert_eq!(event["subscribers"], 1, "rt.* matches: {event}");
+    assert_eq!(server.post("/eventsink/off", None).await, (200, json!({ "removed": true })));
+    let (_, event) = server.post("/events/rt.a", Some(json!({}))).await;
+    assert_eq!(event["subscribers"], 0, "off ended it: {event}");
+    server
+        .wait_until("the last event before off is handled", EDIT_DEADLINE, || async {
+            server.get("/eventsink/runtime").await.1 == json!({ "on": 5, "once": 1 })
+        })
+        .await;
+
+    // A new instance subscribes again in its init.
+    assert_eq!(server.post("/plugins/eventsink/reload", None).await.0, 200);
+    assert_eq!(server.post("/events/rt.c", Some(json!({}))).await.0, 202);
+    server
+        .wait_until("the new instance's subscription gets events", EDIT_DEADLINE, || async {
+            server.get("/eventsink/runtime").await.1 == json!({ "on": 1, "once": 0 })
+        })
+        .await;
+}

@@ -109,8 +109,13 @@ pub type HandleFn = unsafe extern "C" fn(instance: *mut c_void, req: *const Kiln
 /// Gives a live instance a new configuration (JSON): [`STATUS_OK`] applied, [`STATUS_RELOAD`]
 /// reload instead, [`STATUS_ERROR`]/[`STATUS_PANIC`] refused (message in `err_out`).
 pub type ConfigureFn = unsafe extern "C" fn(instance: *mut c_void, config: KilnStr, err_out: *mut KilnBuf) -> i32;
+/// Marks a subscription number of [`EventFn`] as one the instance made at runtime (the rest of
+/// the number is the id it chose), not an index into its described subscriptions.
+pub const RUNTIME_SUBSCRIPTION: u32 = 1 << 31;
+
 /// Hands an event to the instance's subscription number `subscription` (its index in the
-/// description's `subscriptions`): `topic`, and `data` as JSON text, both valid for the call.
+/// description's `subscriptions`, or [`RUNTIME_SUBSCRIPTION`] with the id of one it made at
+/// runtime): `topic`, and `data` as JSON text, both valid for the call.
 /// [`STATUS_OK`] handled; [`STATUS_ERROR`]/[`STATUS_PANIC`] not (message in `err_out`).
 pub type EventFn = unsafe extern "C" fn(
     instance: *mut c_void,

@@ -159,6 +159,10 @@ pub unsafe fn init<P: Plugin>(
         let events = subscriptions.into_iter().map(|s| s.handler).collect();
         Ok::<_, String>((Box::new(Instance { plugin, handlers, events, host }), described))
     }));
+    if !matches!(result, Ok(Ok(_))) {
+        // No instance: what its init subscribed to at runtime goes with it.
+        crate::host::events::forget_host(host as usize);
+    }
     match result {
         Ok(Ok((instance, described))) => {
             // SAFETY: both out-pointers are valid for writes (caller).
@@ -254,11 +258,18 @@ pub unsafe fn event<P: Plugin>(
     let _entered = crate::host::enter(instance.host);
     let result = catch_unwind(AssertUnwindSafe(|| {
         let topic = std::str::from_utf8(topic).map_err(|_| "the topic is not UTF-8".to_string())?;
+        let event = Event::new(topic, data);
+        if subscription & abi::RUNTIME_SUBSCRIPTION != 0 {
+            let id = subscription & !abi::RUNTIME_SUBSCRIPTION;
+            let handler = crate::host::events::handler(instance.host as usize, id)
+                .ok_or_else(|| format!("no runtime subscription {id}"))?;
+            return handler(&event);
+        }
         let handler = instance
             .events
             .get(subscription as usize)
             .ok_or_else(|| format!("subscription index {subscription} out of range"))?;
-        handler(&instance.plugin, &Event::new(topic, data))
+        handler(&instance.plugin, &event)
     }));
     match result {
         Ok(Ok(())) => abi::STATUS_OK,
@@ -277,6 +288,7 @@ pub unsafe fn cleanup<P: Plugin>(instance: *mut c_void, err_out: *mut KilnBuf) -
     // SAFETY: `instance` was made by `Box::into_raw` in `init` and is given back once (caller).
     let mut instance = unsafe { Box::from_raw(instance as *mut Instance<P>) };
     let _entered = crate::host::enter(instance.host);
+    crate::host::events::forget_host(instance.host as usize);
     let result = catch_unwind(AssertUnwindSafe(move || {
         instance.plugin.cleanup();
         drop(instance);

@@ -115,6 +115,11 @@ impl Host {
         (!raw.is_null()).then_some(Host { raw })
     }
 
+    /// What tells this host (so, the instance it serves) from others in the library.
+    pub(crate) fn key(&self) -> usize {
+        self.raw as usize
+    }
+
     /// Logs `message` at `level`, with `fields` (a JSON object; anything else is logged as
     /// `{"value": …}`).
     pub fn log(&self, level: Level, message: &str, fields: &serde_json::Value) -> Result<(), HostError> {
@@ -337,7 +342,10 @@ pub mod db {
 /// ```
 pub mod events {
     use super::{Host, HostError};
+    use crate::sdk::Event;
     use serde_json::json;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
 
     /// Publishes `data` under `topic` (dot-separated segments of letters, digits, `_` and `-`;
     /// `kiln.` topics are kiln's own); the event's id.
@@ -345,5 +353,72 @@ pub mod events {
         let host = Host::current().ok_or(HostError::NoHost)?;
         let answer = host.call("events.emit", &json!({ "topic": topic, "data": data }))?;
         answer["id"].as_u64().ok_or(HostError::Failed)
+    }
+
+    /// A subscription made at runtime ([`on`], [`once`]); [`off`] ends it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct SubscriptionId(pub(crate) u32);
+
+    /// A handler of a runtime subscription.
+    pub type RuntimeHandler = Arc<dyn Fn(&Event<'_>) -> Result<(), String> + Send + Sync>;
+
+    /// The runtime subscriptions of every instance of this library: (host, id, handler, once).
+    static RUNTIME: Mutex<Vec<(usize, u32, RuntimeHandler)>> = Mutex::new(Vec::new());
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+
+    /// Subscribes this instance to `pattern` from now on, until [`off`] or its retirement:
+    /// unlike [`Plugin::events`](crate::Plugin::events), such a subscription belongs to the
+    /// instance (a reloaded plugin makes it again, in its `init`), and events published while
+    /// it is not serving yet are not delivered to it.
+    pub fn on(
+        pattern: &str,
+        handler: impl Fn(&Event<'_>) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Result<SubscriptionId, HostError> {
+        subscribe(pattern, Arc::new(handler), false)
+    }
+
+    /// As [`on`], for the first matching event only.
+    pub fn once(
+        pattern: &str,
+        handler: impl Fn(&Event<'_>) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Result<SubscriptionId, HostError> {
+        subscribe(pattern, Arc::new(handler), true)
+    }
+
+    /// Ends a runtime subscription; whether it was still there.
+    pub fn off(id: SubscriptionId) -> Result<bool, HostError> {
+        let host = Host::current().ok_or(HostError::NoHost)?;
+        let answer = host.call("events.off", &json!({ "id": id.0 }))?;
+        forget(|h, n| h == host.key() && n == id.0);
+        Ok(answer["removed"].as_bool().unwrap_or(false))
+    }
+
+    fn subscribe(pattern: &str, handler: RuntimeHandler, once: bool) -> Result<SubscriptionId, HostError> {
+        let host = Host::current().ok_or(HostError::NoHost)?;
+        let id = NEXT.fetch_add(1, Ordering::Relaxed) & !crate::abi::RUNTIME_SUBSCRIPTION;
+        lock().push((host.key(), id, handler));
+        if let Err(e) = host.call("events.on", &json!({ "pattern": pattern, "id": id, "once": once })) {
+            forget(|h, n| h == host.key() && n == id);
+            return Err(e);
+        }
+        Ok(SubscriptionId(id))
+    }
+
+    fn lock() -> std::sync::MutexGuard<'static, Vec<(usize, u32, RuntimeHandler)>> {
+        RUNTIME.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forget(which: impl Fn(usize, u32) -> bool) {
+        lock().retain(|(h, n, _)| !which(*h, *n));
+    }
+
+    /// The handler of runtime subscription `id` of the instance served by `host`.
+    pub(crate) fn handler(host: usize, id: u32) -> Option<RuntimeHandler> {
+        lock().iter().find(|(h, n, _)| *h == host && *n == id).map(|(_, _, f)| f.clone())
+    }
+
+    /// Drops every runtime subscription of the instance served by `host` (at its cleanup).
+    pub(crate) fn forget_host(host: usize) {
+        forget(|h, _| h == host);
     }
 }

@@ -3,6 +3,7 @@
 use super::topic::{self, Pattern};
 use crate::host::logs::{Kind, Level, LogEntry, LogStore};
 use crate::loader::LoadedPlugin;
+use kiln_types::abi::RUNTIME_SUBSCRIPTION;
 use serde_json::{Value, json};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +52,8 @@ pub struct Event {
     json: String,
     pub source: Source,
     pub at: SystemTime,
+    /// How many subscriptions matched it when it was published.
+    pub subscribers: std::sync::atomic::AtomicU32,
     deliveries: Mutex<Vec<Delivery>>,
 }
 
@@ -115,14 +118,25 @@ struct Counters {
     dropped: AtomicU64,
 }
 
-/// One subscription: a declared (pattern, handler) of a plugin, and its queue.
+/// One subscription of a plugin, and its queue.
 struct Subscriber {
     plugin: String,
     pattern: Pattern,
+    /// The declared handler's name, or `runtime#<id>`.
     handler: String,
+    target: Target,
     tx: mpsc::Sender<Arc<Event>>,
     counters: Arc<Counters>,
     task: tokio::task::AbortHandle,
+}
+
+/// Where a subscription's events go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// A subscription the plugin declares (`Plugin::events`): to whichever version serves.
+    Declared,
+    /// One an instance made at runtime (`events::on`): to that instance only, while it serves.
+    Runtime { instance: usize, id: u32, once: bool },
 }
 
 /// The bus. Cheap to share (`Arc`).
@@ -177,6 +191,7 @@ impl EventBus {
             json,
             source,
             at: SystemTime::now(),
+            subscribers: Default::default(),
             deliveries: Mutex::new(Vec::new()),
         });
         {
@@ -188,6 +203,7 @@ impl EventBus {
         }
         let subscribers = self.subscribers.read().unwrap_or_else(|p| p.into_inner());
         for s in subscribers.iter().filter(|s| s.pattern.matches(topic)) {
+            event.subscribers.fetch_add(1, Ordering::Relaxed);
             if s.tx.try_send(event.clone()).is_err() {
                 s.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 event.record(Delivery {
@@ -247,30 +263,35 @@ impl EventBus {
         {
             let mut subscribers = self.subscribers.write().unwrap_or_else(|p| p.into_inner());
             subscribers.retain(|s| {
-                let declared = now.get(&s.plugin).is_some_and(|p| {
-                    p.description()
-                        .subscriptions
-                        .iter()
-                        .any(|d| d.pattern == s.pattern.as_str() && d.handler == s.handler)
-                });
-                if !declared {
+                // Runtime subscriptions end with their instance (`forget_instance`).
+                let keep = s.target != Target::Declared
+                    || now.get(&s.plugin).is_some_and(|p| {
+                        p.description()
+                            .subscriptions
+                            .iter()
+                            .any(|d| d.pattern == s.pattern.as_str() && d.handler == s.handler)
+                    });
+                if !keep {
                     s.task.abort();
                 }
-                declared
+                keep
             });
             for plugin in plugins {
                 let name = &plugin.description().name;
                 for d in &plugin.description().subscriptions {
-                    let exists = subscribers
-                        .iter()
-                        .any(|s| &s.plugin == name && s.pattern.as_str() == d.pattern && s.handler == d.handler);
+                    let exists = subscribers.iter().any(|s| {
+                        s.target == Target::Declared
+                            && &s.plugin == name
+                            && s.pattern.as_str() == d.pattern
+                            && s.handler == d.handler
+                    });
                     if exists {
                         continue;
                     }
                     // The manifest's patterns were checked at load (see `loader`); one that is not
                     // valid here is skipped, not fatal.
                     let Ok(pattern) = Pattern::parse(&d.pattern) else { continue };
-                    subscribers.push(self.subscribe(name, pattern, &d.handler));
+                    subscribers.push(self.subscribe(name, pattern, &d.handler, Target::Declared));
                 }
             }
         }
@@ -288,8 +309,53 @@ impl EventBus {
         }
     }
 
+    /// Subscribes instance `instance` of `plugin` (see `HostCtx::key`) to `pattern` at runtime,
+    /// as its subscription `id`; with `once`, for the first matching event only. It ends with
+    /// the instance, or with [`EventBus::unsubscribe_runtime`].
+    pub fn subscribe_runtime(
+        self: &Arc<Self>,
+        plugin: &str,
+        instance: usize,
+        pattern: &str,
+        id: u32,
+        once: bool,
+    ) -> Result<(), String> {
+        let pattern = Pattern::parse(pattern)?;
+        let target = Target::Runtime { instance, id, once };
+        let mut subscribers = self.subscribers.write().unwrap_or_else(|p| p.into_inner());
+        let taken = |s: &Arc<Subscriber>| matches!(s.target, Target::Runtime { instance: i, id: n, .. } if i == instance && n == id);
+        if subscribers.iter().any(taken) {
+            return Err(format!("subscription {id} exists already"));
+        }
+        subscribers.push(self.subscribe(plugin, pattern, &format!("runtime#{id}"), target));
+        Ok(())
+    }
+
+    /// Ends runtime subscription `id` of `instance`; whether there was one.
+    pub fn unsubscribe_runtime(&self, instance: usize, id: u32) -> bool {
+        self.remove(|t| matches!(t, Target::Runtime { instance: i, id: n, .. } if *i == instance && *n == id))
+    }
+
+    /// Ends every runtime subscription of `instance` (it was retired).
+    pub fn forget_instance(&self, instance: usize) {
+        self.remove(|t| matches!(t, Target::Runtime { instance: i, .. } if *i == instance));
+    }
+
+    fn remove(&self, which: impl Fn(&Target) -> bool) -> bool {
+        let mut subscribers = self.subscribers.write().unwrap_or_else(|p| p.into_inner());
+        let before = subscribers.len();
+        subscribers.retain(|s| {
+            let gone = which(&s.target);
+            if gone {
+                s.task.abort();
+            }
+            !gone
+        });
+        subscribers.len() != before
+    }
+
     /// Starts a subscription of `plugin` and its delivery task.
-    fn subscribe(self: &Arc<Self>, plugin: &str, pattern: Pattern, handler: &str) -> Arc<Subscriber> {
+    fn subscribe(self: &Arc<Self>, plugin: &str, pattern: Pattern, handler: &str, target: Target) -> Arc<Subscriber> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
         let delivery = Delivering {
@@ -297,12 +363,21 @@ impl EventBus {
             plugin: plugin.to_string(),
             pattern: pattern.as_str().to_string(),
             handler: handler.to_string(),
+            target,
             counters: counters.clone(),
             timeout: self.timeout,
             current: Mutex::new(None),
         };
         let task = self.runtime.spawn(delivery.run(rx)).abort_handle();
-        Arc::new(Subscriber { plugin: plugin.to_string(), pattern, handler: handler.to_string(), tx, counters, task })
+        Arc::new(Subscriber {
+            plugin: plugin.to_string(),
+            pattern,
+            handler: handler.to_string(),
+            target,
+            tx,
+            counters,
+            task,
+        })
     }
 
     fn current(&self, plugin: &str) -> Option<Arc<LoadedPlugin>> {
@@ -319,6 +394,7 @@ struct Delivering {
     plugin: String,
     pattern: String,
     handler: String,
+    target: Target,
     counters: Arc<Counters>,
     timeout: Duration,
     /// The event being handled now, since when, and whether it was already counted as timed
@@ -376,18 +452,28 @@ impl Delivering {
                 self.record(&bus, &event, Outcome::Dropped, Some("the plugin does not serve".into()));
                 continue;
             };
-            let index = plugin
-                .description()
-                .subscriptions
-                .iter()
-                .position(|d| d.pattern == self.pattern && d.handler == self.handler);
+            let index = match self.target {
+                Target::Declared => plugin
+                    .description()
+                    .subscriptions
+                    .iter()
+                    .position(|d| d.pattern == self.pattern && d.handler == self.handler)
+                    .map(|i| i as u32),
+                Target::Runtime { instance, id, .. } => {
+                    (plugin.host_key() == instance).then_some(RUNTIME_SUBSCRIPTION | id)
+                }
+            };
             let Some(index) = index else {
                 self.record(&bus, &event, Outcome::Dropped, Some("the serving version does not subscribe".into()));
                 continue;
             };
+            if let Target::Runtime { instance, id, once: true } = self.target {
+                // This event is its one: nothing is queued or delivered after it.
+                bus.unsubscribe_runtime(instance, id);
+            }
             let started = std::time::Instant::now();
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((event.clone(), started, false));
-            let result = plugin.event(index as u32, &event.topic, event.json.as_bytes(), started + self.timeout);
+            let result = plugin.event(index, &event.topic, event.json.as_bytes(), started + self.timeout);
             drop(plugin);
             let counted = self.current.lock().unwrap_or_else(|p| p.into_inner()).take().is_some_and(|c| c.2);
             if counted {
@@ -401,6 +487,9 @@ impl Delivering {
                 Err(e) => (Outcome::Failed, Some(e)),
             };
             self.record(&bus, &event, outcome, error);
+            if matches!(self.target, Target::Runtime { once: true, .. }) {
+                return; // its one event
+            }
         }
     }
 

@@ -52,9 +52,19 @@ impl HostCtx {
         Arc::new(Self { plugin: plugin.into(), version: version.into(), retired, logs, services })
     }
 
-    /// The instance is gone: host calls made from now on answer `STATUS_RETIRED`.
+    /// The instance is gone: host calls made from now on answer `STATUS_RETIRED`, and the
+    /// event subscriptions it made at runtime end.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::SeqCst);
+        if let Some(services) = &self.services {
+            services.events.forget_instance(self.key());
+        }
+    }
+
+    /// What identifies this instance to the event bus (the context's address: contexts are
+    /// never freed, so it is never reused).
+    pub fn key(&self) -> usize {
+        self as *const Self as usize
     }
 
     /// The table to hand the plugin, valid until the process exits (see the module docs).
@@ -154,7 +164,7 @@ unsafe extern "C" fn host_call(
         let (op, args) = unsafe { (op.as_bytes(), args.as_bytes()) };
         let deadline = DEADLINE.with(Cell::get);
         let answer = match (std::str::from_utf8(op), serde_json::from_slice::<serde_json::Value>(args), &ctx.services) {
-            (Ok(op), Ok(args), Some(services)) => services.call(&ctx.plugin, op, &args, deadline),
+            (Ok(op), Ok(args), Some(services)) => services.call(&ctx.plugin, ctx.key(), op, &args, deadline),
             (_, _, None) => Err(services::CallError { code: "Unavailable", message: "no host services here".into() }),
             _ => Err(services::CallError {
                 code: "BadRequest",

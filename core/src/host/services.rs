@@ -1,7 +1,8 @@
 //! The host's service calls (`KilnHost::call`): what a plugin asks kiln to do for it, by name
 //! with JSON arguments: its key-value storage (`storage.get`, `.put`, `.delete`, `.list`,
 //! `.cas`), kept in PostgreSQL under the plugin's name, and its scoped database access
-//! (`db.query`, `db.execute`: see `plugin_db`), and events it publishes (`events.emit`).
+//! (`db.query`, `db.execute`: see `plugin_db`), and events it publishes (`events.emit`) or subscribes to at runtime
+//! (`events.on`, `events.off`).
 //!
 //! A plugin calls synchronously, on whatever thread runs it: an async worker (an inline
 //! handler), a blocking-pool thread, or a thread of its own. The database is asynchronous, so a
@@ -56,7 +57,15 @@ fn bad(message: impl Into<String>) -> CallError {
 impl Services {
     /// Runs service `op` for `plugin` with `args`, waiting on this (synchronous) thread, and at
     /// most until `deadline` (the handler's): past it, the call fails with `Timeout` at once.
-    pub fn call(&self, plugin: &str, op: &str, args: &Value, deadline: Option<Instant>) -> Result<Value, CallError> {
+    /// `instance` identifies the calling instance (`HostCtx::key`).
+    pub fn call(
+        &self,
+        plugin: &str,
+        instance: usize,
+        op: &str,
+        args: &Value,
+        deadline: Option<Instant>,
+    ) -> Result<Value, CallError> {
         let timeout = || CallError { code: "Timeout", message: "the handler's deadline has passed".into() };
         let remaining = match deadline {
             Some(d) => Some(d.checked_duration_since(Instant::now()).ok_or_else(timeout)?),
@@ -65,10 +74,10 @@ impl Services {
         let run = || {
             self.runtime.block_on(async {
                 match remaining {
-                    Some(r) => tokio::time::timeout(r, self.dispatch(plugin, op, args, deadline))
+                    Some(r) => tokio::time::timeout(r, self.dispatch(plugin, instance, op, args, deadline))
                         .await
                         .map_err(|_| timeout())?,
-                    None => self.dispatch(plugin, op, args, deadline).await,
+                    None => self.dispatch(plugin, instance, op, args, deadline).await,
                 }
             })
         };
@@ -82,6 +91,7 @@ impl Services {
     async fn dispatch(
         &self,
         plugin: &str,
+        instance: usize,
         op: &str,
         args: &Value,
         deadline: Option<Instant>,
@@ -135,6 +145,25 @@ impl Services {
                     .publish(topic, data, Source::Plugin(plugin.to_string()))
                     .map_err(|message| CallError { code: "InvalidEvent", message })?;
                 Ok(json!({ "id": event.id }))
+            }
+            "events.on" => {
+                let pattern = args["pattern"].as_str().ok_or_else(|| bad("`pattern` must be a string"))?;
+                let id = args["id"]
+                    .as_u64()
+                    .and_then(|id| u32::try_from(id).ok())
+                    .ok_or_else(|| bad("`id` must be a u32"))?;
+                let once = args["once"].as_bool().unwrap_or(false);
+                self.events
+                    .subscribe_runtime(plugin, instance, pattern, id, once)
+                    .map_err(|message| CallError { code: "InvalidEvent", message })?;
+                Ok(json!({}))
+            }
+            "events.off" => {
+                let id = args["id"]
+                    .as_u64()
+                    .and_then(|id| u32::try_from(id).ok())
+                    .ok_or_else(|| bad("`id` must be a u32"))?;
+                Ok(json!({ "removed": self.events.unsubscribe_runtime(instance, id) }))
             }
             _ => Err(CallError { code: "NotFound", message: format!("no host service {op:?}") }),
         }

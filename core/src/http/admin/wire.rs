@@ -72,6 +72,9 @@ pub struct EventView {
     /// `kiln`, `api`, `postgres` or `plugin:<name>`.
     pub source: String,
     pub at: DateTime<Utc>,
+    /// How many subscriptions matched it when it was published.
+    pub subscribers: u32,
+    /// What became of it at each of them so far (delivery is asynchronous).
     pub deliveries: Vec<DeliveryView>,
 }
 
@@ -94,6 +97,7 @@ impl From<&crate::events::Event> for EventView {
             data: e.data.clone(),
             source: e.source.to_string(),
             at: e.at.into(),
+            subscribers: e.subscribers.load(std::sync::atomic::Ordering::Relaxed),
             deliveries: e
                 .deliveries()
                 .into_iter()
