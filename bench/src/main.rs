@@ -7,6 +7,7 @@
 //! reloads, load, cold, restarts, scale).
 
 mod cpu;
+mod events;
 mod load;
 mod setup;
 mod wrk;
@@ -19,14 +20,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// One line of the result table.
-struct Row {
+pub(crate) struct Row {
     what: String,
     value: String,
     baseline: String,
     target: String,
 }
 
-fn row(
+pub(crate) fn row(
     what: impl Into<String>,
     value: impl Into<String>,
     baseline: impl Into<String>,
@@ -53,8 +54,9 @@ async fn main() -> anyhow::Result<()> {
     let plugins = work.path().join("plugins");
     copy_crate(&setup::repo_root().join("plugins/powertable"), &plugins.join("powertable"))?;
     copy_crate(&setup::repo_root().join("tests/fixtures/sqlrun"), &plugins.join("sqlrun"))?;
+    copy_crate(&setup::repo_root().join("plugins/audit"), &plugins.join("audit"))?;
     let server = Kiln::start(&work.path().join("main"), vec![plugins.clone()], &db.fresh("bench_main").await?).await?;
-    server.wait_serving(2, Duration::from_secs(600)).await?;
+    server.wait_serving(3, Duration::from_secs(600)).await?;
 
     if on("calls") {
         call_overhead(&server, quick, &mut rows).await?;
@@ -64,6 +66,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if on("neighbours") {
         neighbours(&server, quick, &mut rows).await?;
+    }
+    if on("events") {
+        events::run(&server, quick, &mut rows).await?;
     }
     if on("toggles") {
         toggles(&server, quick, &mut rows).await?;
