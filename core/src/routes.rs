@@ -25,6 +25,12 @@ pub struct Fanout<R> {
 
 impl<R: RouteSink> RouteSink for Fanout<R> {
     fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String> {
+        for plugin in plugins {
+            for s in &plugin.description().subscriptions {
+                crate::events::topic::check(&s.pattern, true)
+                    .map_err(|e| format!("{}: event subscription {}: {e}", plugin.description().name, s.handler))?;
+            }
+        }
         self.routes.publish(plugins)?;
         self.events.serve(plugins);
         Ok(())

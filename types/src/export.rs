@@ -288,11 +288,13 @@ pub unsafe fn cleanup<P: Plugin>(instance: *mut c_void, err_out: *mut KilnBuf) -
     // SAFETY: `instance` was made by `Box::into_raw` in `init` and is given back once (caller).
     let mut instance = unsafe { Box::from_raw(instance as *mut Instance<P>) };
     let _entered = crate::host::enter(instance.host);
-    crate::host::events::forget_host(instance.host as usize);
+    let host = instance.host as usize;
     let result = catch_unwind(AssertUnwindSafe(move || {
         instance.plugin.cleanup();
         drop(instance);
     }));
+    // After the cleanup, which may still have subscribed; `forget_host` cannot unwind.
+    crate::host::events::forget_host(host);
     match result {
         Ok(()) => abi::STATUS_OK,
         // SAFETY: `err_out` is valid for a write (caller).

@@ -362,8 +362,12 @@ pub mod events {
     /// A handler of a runtime subscription.
     pub type RuntimeHandler = Arc<dyn Fn(&Event<'_>) -> Result<(), String> + Send + Sync>;
 
-    /// The runtime subscriptions of every instance of this library: (host, id, handler, once).
-    static RUNTIME: Mutex<Vec<(usize, u32, RuntimeHandler)>> = Mutex::new(Vec::new());
+    /// One runtime subscription: the host of its instance, its id, its handler, and whether it
+    /// is for one event only.
+    type Entry = (usize, u32, RuntimeHandler, bool);
+
+    /// The runtime subscriptions of every instance of this library.
+    static RUNTIME: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
     static NEXT: AtomicU32 = AtomicU32::new(1);
 
     /// Subscribes this instance to `pattern` from now on, until [`off`] or its retirement:
@@ -396,7 +400,7 @@ pub mod events {
     fn subscribe(pattern: &str, handler: RuntimeHandler, once: bool) -> Result<SubscriptionId, HostError> {
         let host = Host::current().ok_or(HostError::NoHost)?;
         let id = NEXT.fetch_add(1, Ordering::Relaxed) & !crate::abi::RUNTIME_SUBSCRIPTION;
-        lock().push((host.key(), id, handler));
+        lock().push((host.key(), id, handler, once));
         if let Err(e) = host.call("events.on", &json!({ "pattern": pattern, "id": id, "once": once })) {
             forget(|h, n| h == host.key() && n == id);
             return Err(e);
@@ -404,20 +408,38 @@ pub mod events {
         Ok(SubscriptionId(id))
     }
 
-    fn lock() -> std::sync::MutexGuard<'static, Vec<(usize, u32, RuntimeHandler)>> {
+    fn lock() -> std::sync::MutexGuard<'static, Vec<Entry>> {
         RUNTIME.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Removes the matching entries. Their handlers are dropped after the lock is released (a
+    /// captured value's `Drop` may subscribe or unsubscribe, or panic), inside `catch_unwind`:
+    /// this runs under the plugin's `extern "C"` exports, which nothing may unwind out of.
     fn forget(which: impl Fn(usize, u32) -> bool) {
-        lock().retain(|(h, n, _)| !which(*h, *n));
+        let gone: Vec<Entry> = {
+            let mut all = lock();
+            let (gone, kept) = std::mem::take(&mut *all).into_iter().partition(|(h, n, _, _)| which(*h, *n));
+            *all = kept;
+            gone
+        };
+        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(gone))) {
+            std::mem::forget(payload);
+        }
     }
 
-    /// The handler of runtime subscription `id` of the instance served by `host`.
+    /// The handler of runtime subscription `id` of the instance served by `host`. A `once`
+    /// subscription is removed as it is handed out: it gets this one event.
     pub(crate) fn handler(host: usize, id: u32) -> Option<RuntimeHandler> {
-        lock().iter().find(|(h, n, _)| *h == host && *n == id).map(|(_, _, f)| f.clone())
+        let mut all = lock();
+        let at = all.iter().position(|(h, n, _, _)| *h == host && *n == id)?;
+        if all[at].3 {
+            return Some(all.swap_remove(at).2);
+        }
+        Some(all[at].2.clone())
     }
 
-    /// Drops every runtime subscription of the instance served by `host` (at its cleanup).
+    /// Drops every runtime subscription of the instance served by `host` (at its cleanup, or
+    /// when its init failed).
     pub(crate) fn forget_host(host: usize) {
         forget(|h, _| h == host);
     }

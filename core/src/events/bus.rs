@@ -47,9 +47,9 @@ impl std::fmt::Display for Source {
 pub struct Event {
     pub id: u64,
     pub topic: String,
-    pub data: Value,
-    /// `data` as JSON text, as plugins get it.
-    json: String,
+    /// The data, as JSON text (as plugins get it; kept as text, which is several times smaller
+    /// than a parsed value).
+    json: Box<str>,
     pub source: Source,
     pub at: SystemTime,
     /// How many subscriptions matched it when it was published.
@@ -58,6 +58,11 @@ pub struct Event {
 }
 
 impl Event {
+    /// The event's data.
+    pub fn data(&self) -> Value {
+        serde_json::from_str(&self.json).unwrap_or(Value::Null)
+    }
+
     /// What became of the event at each subscriber so far.
     pub fn deliveries(&self) -> Vec<Delivery> {
         self.deliveries.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -128,6 +133,16 @@ struct Subscriber {
     tx: mpsc::Sender<Arc<Event>>,
     counters: Arc<Counters>,
     task: tokio::task::AbortHandle,
+    /// Cleared when the subscription ends: a batch already on the blocking pool stops there.
+    active: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Subscriber {
+    /// Ends the subscription: its task stops, and so does a batch of its in delivery.
+    fn end(&self) {
+        self.active.store(false, Ordering::SeqCst);
+        self.task.abort();
+    }
 }
 
 /// Where a subscription's events go.
@@ -187,8 +202,7 @@ impl EventBus {
         let event = Arc::new(Event {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             topic: topic.to_string(),
-            data,
-            json,
+            json: json.into_boxed_str(),
             source,
             at: SystemTime::now(),
             subscribers: Default::default(),
@@ -272,7 +286,7 @@ impl EventBus {
                             .any(|d| d.pattern == s.pattern.as_str() && d.handler == s.handler)
                     });
                 if !keep {
-                    s.task.abort();
+                    s.end();
                 }
                 keep
             });
@@ -288,8 +302,8 @@ impl EventBus {
                     if exists {
                         continue;
                     }
-                    // The manifest's patterns were checked at load (see `loader`); one that is not
-                    // valid here is skipped, not fatal.
+                    // Patterns are checked before the route table takes a plugin (`routes::Fanout`):
+                    // one that is not valid here is skipped, not fatal.
                     let Ok(pattern) = Pattern::parse(&d.pattern) else { continue };
                     subscribers.push(self.subscribe(name, pattern, &d.handler, Target::Declared));
                 }
@@ -347,7 +361,7 @@ impl EventBus {
         subscribers.retain(|s| {
             let gone = which(&s.target);
             if gone {
-                s.task.abort();
+                s.end();
             }
             !gone
         });
@@ -358,6 +372,7 @@ impl EventBus {
     fn subscribe(self: &Arc<Self>, plugin: &str, pattern: Pattern, handler: &str, target: Target) -> Arc<Subscriber> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
+        let active = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let delivery = Delivering {
             bus: Arc::downgrade(self),
             plugin: plugin.to_string(),
@@ -367,6 +382,7 @@ impl EventBus {
             counters: counters.clone(),
             timeout: self.timeout,
             current: Mutex::new(None),
+            active: active.clone(),
         };
         let task = self.runtime.spawn(delivery.run(rx)).abort_handle();
         Arc::new(Subscriber {
@@ -377,6 +393,7 @@ impl EventBus {
             tx,
             counters,
             task,
+            active,
         })
     }
 
@@ -400,6 +417,8 @@ struct Delivering {
     /// The event being handled now, since when, and whether it was already counted as timed
     /// out (by the watch in `run`, while the handler still runs).
     current: Mutex<Option<(Arc<Event>, std::time::Instant, bool)>>,
+    /// The subscription's flag (see `Subscriber::end`).
+    active: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Delivering {
@@ -448,6 +467,10 @@ impl Delivering {
     fn deliver(&self, events: Vec<Arc<Event>>) {
         for event in events {
             let Some(bus) = self.bus.upgrade() else { return };
+            if !self.active.load(Ordering::SeqCst) {
+                self.record(&bus, &event, Outcome::Dropped, Some("the subscription ended".into()));
+                continue;
+            }
             let Some(plugin) = bus.current(&self.plugin) else {
                 self.record(&bus, &event, Outcome::Dropped, Some("the plugin does not serve".into()));
                 continue;

@@ -164,7 +164,15 @@ unsafe extern "C" fn host_call(
         let (op, args) = unsafe { (op.as_bytes(), args.as_bytes()) };
         let deadline = DEADLINE.with(Cell::get);
         let answer = match (std::str::from_utf8(op), serde_json::from_slice::<serde_json::Value>(args), &ctx.services) {
-            (Ok(op), Ok(args), Some(services)) => services.call(&ctx.plugin, ctx.key(), op, &args, deadline),
+            (Ok(op), Ok(args), Some(services)) => {
+                let answer = services.call(&ctx.plugin, ctx.key(), op, &args, deadline);
+                if op == "events.on" && ctx.retired.load(Ordering::SeqCst) {
+                    // Retired while subscribing (from a thread the plugin left running): the
+                    // retirement may have ended the instance's subscriptions before this one.
+                    services.events.forget_instance(ctx.key());
+                }
+                answer
+            }
             (_, _, None) => Err(services::CallError { code: "Unavailable", message: "no host services here".into() }),
             _ => Err(services::CallError {
                 code: "BadRequest",

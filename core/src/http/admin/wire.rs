@@ -94,7 +94,7 @@ impl From<&crate::events::Event> for EventView {
         Self {
             id: e.id,
             topic: e.topic.clone(),
-            data: e.data.clone(),
+            data: e.data(),
             source: e.source.to_string(),
             at: e.at.into(),
             subscribers: e.subscribers.load(std::sync::atomic::Ordering::Relaxed),
