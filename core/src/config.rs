@@ -81,6 +81,15 @@ pub struct Config {
     /// Largest request body passed to a plugin, in bytes.
     #[arg(long, env = "KILN_MAX_BODY", default_value_t = 8 * 1024 * 1024)]
     pub max_body: usize,
+
+    /// Milliseconds before a durable event (a row of the `events` table) that failed is tried
+    /// again; the pause doubles after each attempt.
+    #[arg(long, env = "KILN_EVENT_RETRY_MS", default_value_t = 1000)]
+    pub event_retry_ms: u64,
+
+    /// Attempts to deliver a durable event before it is `dead`.
+    #[arg(long, env = "KILN_EVENT_ATTEMPTS", default_value_t = 5)]
+    pub event_attempts: u32,
 }
 
 impl Config {
@@ -104,6 +113,8 @@ impl Config {
             route_deadline_ms: 30_000,
             watch: WatchMode::Off,
             max_body: 8 * 1024 * 1024,
+            event_retry_ms: 1000,
+            event_attempts: 5,
         }
     }
 

@@ -96,6 +96,11 @@ pub async fn serve(
     };
     let app = http::app(api, router, config.admin_token.clone(), config.request_timeout())?;
 
+    let retry = events::outbox::Retry {
+        first_pause: Duration::from_millis(config.event_retry_ms.max(1)),
+        attempts: config.event_attempts.clamp(1, 100) as i32,
+    };
+    let outbox_task = tokio::spawn(events::outbox::run(repo.clone(), events.clone(), retry));
     let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), events, listener_up));
     let watch_task = watcher::spawn(config.watch, config.plugin_dirs.clone(), policy, repo.clone(), reconciler.clone());
     let resync = reconciler.clone();
@@ -118,7 +123,7 @@ pub async fn serve(
         .await;
     // Shutdown order: stop what feeds the reconciler, then let it finish and retire everything
     // (every instance's cleanup runs once; `serve` returns after the last).
-    for task in [Some(listen_task), Some(resync_task), watch_task].into_iter().flatten() {
+    for task in [Some(listen_task), Some(resync_task), Some(outbox_task), watch_task].into_iter().flatten() {
         task.abort();
         let _ = task.await;
     }

@@ -19,6 +19,8 @@ use tokio_postgres::{AsyncMessage, NoTls};
 pub const CHANNEL: &str = "plugin_changes";
 /// The channel any transaction may notify to publish an event.
 pub const EVENTS_CHANNEL: &str = "kiln_events";
+/// The channel the `events` table notifies on insert (the outbox worker wakes).
+pub const OUTBOX_CHANNEL: &str = "kiln_outbox";
 
 /// Reconnect attempts start at this pause and double up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -75,7 +77,9 @@ async fn listen(
         }
     });
     let result = async {
-        client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {EVENTS_CHANNEL}")).await?;
+        client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {EVENTS_CHANNEL}; LISTEN {OUTBOX_CHANNEL}")).await?;
+        // Rows inserted while the connection was down: look now.
+        events.outbox_wake.notify_one();
         up.store(true, Ordering::Relaxed);
         *backoff = MIN_BACKOFF;
         let n = reconciler.resync_all().await?;
@@ -84,6 +88,10 @@ async fn listen(
             let note = msg?;
             if note.channel() == EVENTS_CHANNEL {
                 publish(events, note.payload());
+                continue;
+            }
+            if note.channel() == OUTBOX_CHANNEL {
+                events.outbox_wake.notify_one();
                 continue;
             }
             match parse_id(note.payload()) {

@@ -15,6 +15,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "005_quarantine.sql", include_str!("../../sql/005_quarantine.sql")),
     (6, "006_storage.sql", include_str!("../../sql/006_storage.sql")),
     (7, "007_database.sql", include_str!("../../sql/007_database.sql")),
+    (8, "008_events.sql", include_str!("../../sql/008_events.sql")),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

@@ -224,14 +224,15 @@ async fn runtime_subscriptions_follow_on_once_and_off() {
 
     let (_, event) = server.post("/events/rt.a", Some(json!({}))).await;
     assert_eq!(event["subscribers"], 1, "rt.* matches: {event}");
-    assert_eq!(server.post("/eventsink/off", None).await, (200, json!({ "removed": true })));
-    let (_, event) = server.post("/events/rt.a", Some(json!({}))).await;
-    assert_eq!(event["subscribers"], 0, "off ended it: {event}");
     server
-        .wait_until("the last event before off is handled", EDIT_DEADLINE, || async {
+        .wait_until("the event is handled", EDIT_DEADLINE, || async {
             server.get("/eventsink/runtime").await.1 == json!({ "on": 5, "once": 1 })
         })
         .await;
+    // `off` ends the subscription at once (what it still had queued is dropped).
+    assert_eq!(server.post("/eventsink/off", None).await, (200, json!({ "removed": true })));
+    let (_, event) = server.post("/events/rt.a", Some(json!({}))).await;
+    assert_eq!(event["subscribers"], 0, "off ended it: {event}");
 
     // A new instance subscribes again in its init.
     assert_eq!(server.post("/plugins/eventsink/reload", None).await.0, 200);
@@ -241,4 +242,67 @@ async fn runtime_subscriptions_follow_on_once_and_off() {
             server.get("/eventsink/runtime").await.1 == json!({ "on": 1, "once": 0 })
         })
         .await;
+}
+
+/// Durable events: rows of the `events` table are delivered once their transaction commits
+/// (any size), retried while a subscriber fails, and end `dead` with the error kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn durable_events_are_delivered_retried_and_dead_lettered() {
+    let server = TestServer::start_with(crate::support::cluster().await, &["eventsink"], |c| {
+        c.event_retry_ms = 50;
+        c.event_attempts = 3;
+    })
+    .await;
+    server.wait_state("eventsink", "loaded").await;
+    let sql = server.sql().await;
+    // Over NOTIFY's 8,000 bytes: the table takes it.
+    let big = "x".repeat(20_000);
+    let ids: Vec<i64> = sql
+        .query(
+            "INSERT INTO events (topic, data) VALUES
+                 ('count.durable', '{\"n\": 5}'),
+                 ('count.big', jsonb_build_object('n', 6, 'text', $1::text)),
+                 ('load.1', '{\"n\": 100}')
+             RETURNING id",
+            &[&big],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let state = |id: i64| {
+        let sql = &sql;
+        async move {
+            let row = sql
+                .query_one("SELECT state, attempts, last_error, subscribers FROM events WHERE id = $1", &[&id])
+                .await
+                .unwrap();
+            (
+                row.get::<_, String>(0),
+                row.get::<_, i32>(1),
+                row.get::<_, Option<String>>(2),
+                row.get::<_, Option<i32>>(3),
+            )
+        }
+    };
+    server
+        .wait_until("every row has its final state", Duration::from_secs(30), || async {
+            state(ids[0]).await.0 == "delivered"
+                && state(ids[1]).await.0 == "delivered"
+                && state(ids[2]).await.0 == "dead"
+        })
+        .await;
+    assert_eq!(server.get("/eventsink/count").await.1["seen"], 2, "both count.* rows reached the plugin");
+    let (_, attempts, error, subscribers) = state(ids[0]).await;
+    assert_eq!((attempts, error, subscribers), (1, None, Some(1)));
+    // load.* has three subscriptions; the one that panics on n = 100 fails every attempt.
+    let (_, attempts, error, subscribers) = state(ids[2]).await;
+    assert_eq!((attempts, subscribers), (3, Some(3)));
+    let error = error.unwrap();
+    assert!(error.contains("eventsink (panics)") && error.contains("this subscriber panics"), "{error}");
+    // kiln's topics are not for the table either.
+    let refused = sql.execute("INSERT INTO events (topic) VALUES ('kiln.plugin.loaded')", &[]).await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION), "{refused:?}");
 }

@@ -29,6 +29,8 @@ pub enum Source {
     Api,
     /// `pg_notify('kiln_events', …)` in some transaction.
     Postgres,
+    /// A row of the `events` table, by id.
+    Outbox(i64),
 }
 
 impl std::fmt::Display for Source {
@@ -38,6 +40,7 @@ impl std::fmt::Display for Source {
             Source::Plugin(name) => write!(f, "plugin:{name}"),
             Source::Api => f.write_str("api"),
             Source::Postgres => f.write_str("postgres"),
+            Source::Outbox(id) => write!(f, "outbox:{id}"),
         }
     }
 }
@@ -55,6 +58,8 @@ pub struct Event {
     /// How many subscriptions matched it when it was published.
     pub subscribers: std::sync::atomic::AtomicU32,
     deliveries: Mutex<Vec<Delivery>>,
+    /// Told of every delivery recorded.
+    settled: tokio::sync::Notify,
 }
 
 impl Event {
@@ -70,6 +75,24 @@ impl Event {
 
     fn record(&self, delivery: Delivery) {
         self.deliveries.lock().unwrap_or_else(|p| p.into_inner()).push(delivery);
+        self.settled.notify_waiters();
+    }
+
+    /// Waits until every subscription it matched has an outcome (`false`: `patience` ran out).
+    pub async fn settled(&self, patience: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let done = self.deliveries.lock().unwrap_or_else(|p| p.into_inner()).len();
+            if done >= self.subscribers.load(Ordering::Relaxed) as usize {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
     }
 }
 
@@ -165,6 +188,8 @@ pub struct EventBus {
     /// How long a subscriber may take over one event.
     timeout: Duration,
     runtime: tokio::runtime::Handle,
+    /// Wakes the outbox worker (`NOTIFY kiln_outbox`).
+    pub outbox_wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for EventBus {
@@ -184,6 +209,7 @@ impl EventBus {
             logs,
             timeout,
             runtime: tokio::runtime::Handle::current(),
+            outbox_wake: Default::default(),
         })
     }
 
@@ -207,6 +233,7 @@ impl EventBus {
             at: SystemTime::now(),
             subscribers: Default::default(),
             deliveries: Mutex::new(Vec::new()),
+            settled: Default::default(),
         });
         {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -241,6 +268,11 @@ impl EventBus {
             }
         }
         Ok(event)
+    }
+
+    /// How long a subscriber may take over one event.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The most recent events, newest first.

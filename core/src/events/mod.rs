@@ -12,6 +12,7 @@
 //! a reload loses no event and delivers none twice. Unloading the plugin ends them.
 
 mod bus;
+pub mod outbox;
 pub mod topic;
 
 pub use bus::{Delivery, Event, EventBus, Outcome, Source, SubscriberStats};

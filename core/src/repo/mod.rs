@@ -4,8 +4,11 @@
 //! which users also write and which notifies the server; and observed state (build and load
 //! results), which only the server writes and which must never notify it (see sql/001_plugins.sql).
 
+mod events;
 mod row_lock;
 mod storage;
+
+pub use events::DueEvent;
 
 pub use row_lock::RowLock;
 
