@@ -10,6 +10,7 @@
 //! [package.metadata.kiln]
 //! type = "http"        # optional; the only kind today
 //! tables = ["notes"]   # optional; tables of its own in PostgreSQL (see `plugin_db`)
+//! dependencies = ["notes", { name = "audit", version = "^0.1" }]   # optional: served first
 //! ```
 
 use serde::Deserialize;
@@ -33,10 +34,37 @@ pub struct Manifest {
     /// `tables`: the tables of its own the plugin uses (its migrations create them). Declaring
     /// any gives the plugin a PostgreSQL schema and role (see `plugin_db`).
     pub tables: Vec<String>,
+    /// `dependencies`: plugins that must serve (in a matching version) before this one loads.
+    pub dependencies: Vec<Dependency>,
     /// The crate directory.
     pub dir: PathBuf,
     /// The `Cargo.toml` file.
     pub manifest_path: PathBuf,
+}
+
+/// A plugin another plugin depends on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dependency {
+    pub name: String,
+    /// The versions that will do (any, when absent).
+    pub version: Option<semver::VersionReq>,
+}
+
+impl std::fmt::Display for Dependency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.version {
+            Some(v) => write!(f, "{} {v}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// A `dependencies` entry as written: a name, or a table with a version requirement.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DependencyEntry {
+    Name(String),
+    Table { name: String, version: Option<String> },
 }
 
 /// Why a directory is not a usable plugin crate.
@@ -83,6 +111,8 @@ struct KilnTable {
     reload_on_config_change: bool,
     #[serde(default)]
     tables: Vec<String>,
+    #[serde(default)]
+    dependencies: Vec<DependencyEntry>,
 }
 
 fn default_kind() -> String {
@@ -140,6 +170,30 @@ impl Manifest {
         for table in &kiln.tables {
             crate::plugin_db::check_identifier(table).map_err(|e| invalid(&manifest_path, format!("tables: {e}")))?;
         }
+        let mut dependencies: Vec<Dependency> = Vec::new();
+        for entry in kiln.dependencies {
+            let (name, version) = match entry {
+                DependencyEntry::Name(name) => (name, None),
+                DependencyEntry::Table { name, version } => (name, version),
+            };
+            validate_name(&name).map_err(|e| invalid(&manifest_path, format!("dependencies: {e}")))?;
+            if name == package.name {
+                return Err(invalid(
+                    &manifest_path,
+                    format!("dependencies: a plugin cannot depend on itself ({name})"),
+                ));
+            }
+            if dependencies.iter().any(|d| d.name == name) {
+                return Err(invalid(&manifest_path, format!("dependencies: {name} is listed twice")));
+            }
+            let version = match version {
+                Some(v) => Some(semver::VersionReq::parse(&v).map_err(|e| {
+                    invalid(&manifest_path, format!("dependencies: {name}: version requirement {v:?}: {e}"))
+                })?),
+                None => None,
+            };
+            dependencies.push(Dependency { name, version });
+        }
         Ok(Self {
             name: package.name,
             version: plain_string(package.version),
@@ -152,6 +206,7 @@ impl Manifest {
             config_schema,
             reload_on_config_change: kiln.reload_on_config_change,
             tables: kiln.tables,
+            dependencies,
             dir: dir.to_path_buf(),
             manifest_path,
         })
@@ -223,6 +278,18 @@ mod tests {
         assert_eq!(m.tables, ["notes", "tags_2"]);
         let bad = parse("[package]\nname = \"x\"\n[package.metadata.kiln]\ntables = [\"public.notes\"]\n");
         assert!(matches!(bad, Err(ManifestError::Invalid { .. })), "{bad:?}");
+    }
+
+    #[test]
+    fn reads_dependencies_and_refuses_bad_ones() {
+        let kiln = "[package]\nname = \"x\"\n[package.metadata.kiln]\n";
+        let m = parse(&format!("{kiln}dependencies = [\"a\", {{ name = \"b\", version = \"^1.2\" }}]\n")).unwrap();
+        let deps: Vec<String> = m.dependencies.iter().map(ToString::to_string).collect();
+        assert_eq!(deps, ["a", "b ^1.2"]);
+        for bad in ["[\"x\"]", "[\"a\", \"a\"]", "[{ name = \"a\", version = \"one\" }]", "[\"a b\"]"] {
+            let refused = parse(&format!("{kiln}dependencies = {bad}\n"));
+            assert!(matches!(refused, Err(ManifestError::Invalid { .. })), "{bad}: {refused:?}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod control_plane;
 mod crashes;
 mod database;
 mod db_faults;
+mod dependencies;
 mod events;
 mod faults;
 mod host;

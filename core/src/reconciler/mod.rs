@@ -74,6 +74,12 @@ pub enum ReconcileError {
     /// The server is shutting down: nothing more is published.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A plugin it depends on does not serve (in a version that will do): it waits.
+    #[error("{0}")]
+    DependencyMissing(String),
+    /// It depends on itself through others: the cycle, named.
+    #[error("{0}")]
+    DependencyCycle(String),
 }
 
 impl ReconcileError {
@@ -93,6 +99,8 @@ impl ReconcileError {
             Self::InvalidRoute(_) => ErrorCode::InvalidRoute,
             Self::RouteConflict(_) => ErrorCode::RouteConflict,
             Self::InvalidConfig(_) | Self::ConfigRejected(_) => ErrorCode::InvalidConfig,
+            Self::DependencyMissing(_) => ErrorCode::DependencyMissing,
+            Self::DependencyCycle(_) => ErrorCode::DependencyCycle,
             Self::Superseded | Self::ShuttingDown => ErrorCode::Internal,
         }
     }
@@ -163,6 +171,9 @@ struct Inner {
     logs: Arc<LogStore>,
     /// Every plugin's database scope.
     databases: Arc<PluginDatabases>,
+    /// The dependencies each plugin's manifest declared when its pass last read it, by name:
+    /// what cycles are found in.
+    declared: Mutex<HashMap<String, Vec<String>>>,
     /// Where kiln announces failures and config changes (`kiln.plugin.*`), and plugins publish.
     events: Arc<EventBus>,
     /// This `Inner` itself, to start workers from `&self`.
@@ -193,6 +204,7 @@ impl Reconciler {
                 markers,
                 logs,
                 databases,
+                declared: Default::default(),
                 events,
                 me: me.clone(),
             }),

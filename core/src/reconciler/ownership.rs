@@ -128,9 +128,10 @@ impl Inner {
     }
 
     /// A recorded publish: the displaced versions retire (after their last requests), evicted
-    /// plugins wait, and plugins waiting for a path are retried when one may have been freed.
+    /// plugins wait, and waiting plugins are retried (a path may be free, a dependency serves).
     pub(super) fn published(&self, id: i64, displaced: Displaced) {
-        let Displaced { previous, evicted } = displaced;
+        // The displaced version retires when `_previous` drops, at the end.
+        let Displaced { previous: _previous, evicted } = displaced;
         let mut skip = vec![id];
         {
             let mut waiting = self.waiting.lock().expect("waiting lock");
@@ -143,9 +144,9 @@ impl Inner {
         for (other, s, _) in evicted {
             tracing::warn!(plugin = %s.plugin.description().name, plugin_id = other, "gave way to an older plugin's path");
         }
-        if previous.is_some() {
-            self.hint_waiting(&skip);
-        }
+        // A path may have been freed (a version was replaced), or a plugin waiting for this one
+        // as a dependency may load now.
+        self.hint_waiting(&skip);
     }
 
     /// Stops serving plugin `id`, if it serves, and retries plugins waiting for a path. Returns

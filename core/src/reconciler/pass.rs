@@ -67,7 +67,7 @@ impl Inner {
             self.retire(id);
             serving = false;
         }
-        let waits = e.code() == ErrorCode::RouteConflict && !serving;
+        let waits = matches!(e.code(), ErrorCode::RouteConflict | ErrorCode::DependencyMissing) && !serving;
         {
             let mut waiting = self.waiting.lock().expect("waiting lock");
             if waits {
@@ -96,6 +96,7 @@ impl Inner {
                 row: row.name.clone(),
             });
         }
+        self.check_dependencies(&manifest).await?;
         // An invalid config is not applied: the instance serving keeps its last good one.
         let config = match &manifest.config_schema {
             Some(schema) => {
@@ -198,6 +199,49 @@ impl Inner {
         tracing::info!(plugin = %row.name, built = artifact.built, library = %artifact.path.display(), "serving");
         self.compiler.collect_garbage(&row.name, &self.served_libraries());
         Ok(Outcome::Loaded { built: artifact.built })
+    }
+
+    /// Refuses to load a plugin whose dependencies lead back to it (and has every plugin of the
+    /// cycle look again, so that all of them fail with it named), or one of whose dependencies
+    /// does not serve in a version that will do (it waits: every publish hints the waiting).
+    async fn check_dependencies(&self, manifest: &Manifest) -> Result<(), ReconcileError> {
+        let names: Vec<String> = manifest.dependencies.iter().map(|d| d.name.clone()).collect();
+        let cycle = {
+            let mut declared = self.declared.lock().expect("declared lock");
+            declared.insert(manifest.name.clone(), names);
+            find_cycle(&declared, &manifest.name)
+        };
+        if let Some(cycle) = cycle {
+            for name in &cycle[1..cycle.len() - 1] {
+                if let Some(row) = self.repo.get_by_name(name).await? {
+                    self.send(row.id, super::Job { force: false, reply: None });
+                }
+            }
+            return Err(ReconcileError::DependencyCycle(cycle.join(" → ")));
+        }
+        let served: Vec<(String, String)> = {
+            let served = self.served.lock().expect("served lock");
+            served
+                .values()
+                .map(|s| (s.plugin.description().name.clone(), s.plugin.description().version.clone()))
+                .collect()
+        };
+        for dependency in &manifest.dependencies {
+            let serving = served.iter().find(|(name, _)| *name == dependency.name).map(|(_, v)| v);
+            let fits = |version: &String| match (&dependency.version, semver::Version::parse(version)) {
+                (None, _) => true,
+                (Some(req), Ok(v)) => req.matches(&v),
+                (Some(_), Err(_)) => false,
+            };
+            match serving {
+                Some(v) if fits(v) => {}
+                Some(v) => {
+                    return Err(ReconcileError::DependencyMissing(format!("{dependency} (version {v} serves)")));
+                }
+                None => return Err(ReconcileError::DependencyMissing(dependency.to_string())),
+            }
+        }
+        Ok(())
     }
 
     /// Publishes a loaded version and records it, as one step: with the row locked (a delete or
@@ -335,5 +379,48 @@ fn loaded<'a>(
         author: &d.author,
         kind: &manifest.kind,
         endpoints,
+    }
+}
+
+/// The cycle through `start` in the dependency graph, as names from `start` back to it.
+fn find_cycle(declared: &std::collections::HashMap<String, Vec<String>>, start: &str) -> Option<Vec<String>> {
+    fn walk(declared: &std::collections::HashMap<String, Vec<String>>, start: &str, path: &mut Vec<String>) -> bool {
+        let last = path.last().expect("a path starts with one name").clone();
+        for next in declared.get(&last).into_iter().flatten() {
+            if next == start {
+                path.push(next.clone());
+                return true;
+            }
+            if path.contains(next) {
+                continue; // a cycle that does not pass through `start`
+            }
+            path.push(next.clone());
+            if walk(declared, start, path) {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    let mut path = vec![start.to_string()];
+    walk(declared, start, &mut path).then_some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_cycle;
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_cycle_is_found_from_any_of_its_plugins_and_named() {
+        let declared: HashMap<String, Vec<String>> =
+            [("a", vec!["b"]), ("b", vec!["c"]), ("c", vec!["a"]), ("d", vec!["a"])]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
+                .collect();
+        assert_eq!(find_cycle(&declared, "a").unwrap().join(" → "), "a → b → c → a");
+        assert_eq!(find_cycle(&declared, "b").unwrap().join(" → "), "b → c → a → b");
+        assert_eq!(find_cycle(&declared, "d"), None, "d depends on a cycle but is not in it");
+        assert_eq!(find_cycle(&declared, "x"), None);
     }
 }

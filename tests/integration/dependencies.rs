@@ -1,0 +1,94 @@
+//! Dependencies between plugins: a plugin loads after the plugins its manifest names, waits for
+//! one that is missing and loads by itself when it comes, and a cycle fails with itself named.
+
+use crate::support::{BUILD_DEADLINE, TestServer, repo_root};
+use serde_json::Value;
+use std::path::Path;
+
+/// Writes plugin crate `name` into `plugins`: it serves `GET /<name>` and depends on `deps`
+/// (TOML entries, e.g. `"a"` or `{ name = "a", version = "^2" }`).
+fn write_plugin(plugins: &Path, name: &str, deps: &[&str]) {
+    let dir = plugins.join(name);
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    let manifest = format!(
+        "[package]\nname = \"{name}\"\nversion = \"1.0.0\"\nedition = \"2024\"\npublish = false\n\n\
+         [package.metadata.kiln]\ndependencies = [{}]\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
+         [dependencies]\nkiln-types = \"0.1\"\n",
+        deps.join(", ")
+    );
+    std::fs::write(dir.join("Cargo.toml"), manifest).unwrap();
+    let lock = std::fs::read_to_string(repo_root().join("plugins/hello/Cargo.lock")).unwrap();
+    std::fs::write(dir.join("Cargo.lock"), lock.replacen("name = \"hello\"", &format!("name = \"{name}\""), 1))
+        .unwrap();
+    let code = format!(
+        "use kiln_types::{{InitContext, Plugin, Request, Response, Route}};\n\
+         pub struct P;\n\
+         impl Plugin for P {{\n    fn init(_: &InitContext) -> Result<Self, String> {{ Ok(P) }}\n\
+         \x20   fn routes() -> Vec<Route<Self>> {{ vec![Route::get(\"/{name}\", Self::get)] }}\n}}\n\
+         impl P {{\n    fn get(&self, _: &Request) -> Response {{ Response::text(200, \"{name}\") }}\n}}\n\
+         kiln_types::export_plugin!(P);\n"
+    );
+    std::fs::write(dir.join("src/lib.rs"), code).unwrap();
+}
+
+/// `loaded_at` of each plugin, in the order given.
+async fn loaded_at(server: &TestServer, names: &[&str]) -> Vec<String> {
+    let mut at = Vec::new();
+    for name in names {
+        let plugin: Value = server.plugin(name).await;
+        at.push(plugin["loaded_at"].as_str().unwrap_or_default().to_string());
+    }
+    at
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dependencies_load_in_order_wait_for_what_is_missing_and_refuse_cycles() {
+    let server = TestServer::start(&[]).await;
+    let plugins = server.plugin_dir("x").parent().unwrap().to_path_buf();
+    // A chain, written dependents first; a cycle; one waiting for a plugin that is not there;
+    // one asking for a version that does not serve.
+    write_plugin(&plugins, "chain-c", &["\"chain-b\""]);
+    write_plugin(&plugins, "chain-b", &["{ name = \"chain-a\", version = \"^1\" }"]);
+    write_plugin(&plugins, "chain-a", &[]);
+    write_plugin(&plugins, "cycle-x", &["\"cycle-y\""]);
+    write_plugin(&plugins, "cycle-y", &["\"cycle-x\""]);
+    write_plugin(&plugins, "lonely", &["\"later\""]);
+    write_plugin(&plugins, "picky", &["{ name = \"chain-a\", version = \"^2\" }"]);
+    assert_eq!(server.post("/plugins/discover", None).await.0, 200);
+
+    for name in ["chain-a", "chain-b", "chain-c"] {
+        server.wait_state(name, "loaded").await;
+    }
+    let at = loaded_at(&server, &["chain-a", "chain-b", "chain-c"]).await;
+    assert!(at[0] < at[1] && at[1] < at[2], "each loaded after what it depends on: {at:?}");
+    assert_eq!(server.get("/chain-c").await.1, "chain-c");
+
+    for (x, y) in [("cycle-x", "cycle-y"), ("cycle-y", "cycle-x")] {
+        let failed = server.wait_state(x, "failed").await;
+        assert_eq!(failed["error"], format!("DependencyCycle: {x} → {y} → {x}"), "{failed}");
+    }
+    let waiting = server.wait_state("lonely", "waiting").await;
+    assert_eq!(waiting["error"], "DependencyMissing: later");
+    let picky = server.wait_state("picky", "waiting").await;
+    assert_eq!(picky["error"], "DependencyMissing: chain-a ^2 (version 1.0.0 serves)");
+
+    // The missing one comes: the waiting one loads by itself.
+    write_plugin(&plugins, "later", &[]);
+    assert_eq!(server.post("/plugins/discover", None).await.0, 200);
+    server.wait_state("later", "loaded").await;
+    server
+        .wait_until("lonely loads once later serves", BUILD_DEADLINE, || async {
+            server.plugin("lonely").await["state"] == "loaded"
+        })
+        .await;
+    assert_eq!(server.get("/lonely").await.1, "lonely");
+
+    // A warm restart keeps the order.
+    let (cluster, root, url) = server.stop().await;
+    let server = TestServer::start_in(cluster, root, url).await;
+    for name in ["chain-a", "chain-b", "chain-c"] {
+        server.wait_state(name, "loaded").await;
+    }
+    let at = loaded_at(&server, &["chain-a", "chain-b", "chain-c"]).await;
+    assert!(at[0] < at[1] && at[1] < at[2], "after a restart too: {at:?}");
+}
