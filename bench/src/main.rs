@@ -55,8 +55,9 @@ async fn main() -> anyhow::Result<()> {
     copy_crate(&setup::repo_root().join("plugins/powertable"), &plugins.join("powertable"))?;
     copy_crate(&setup::repo_root().join("tests/fixtures/sqlrun"), &plugins.join("sqlrun"))?;
     copy_crate(&setup::repo_root().join("plugins/audit"), &plugins.join("audit"))?;
+    copy_crate(&setup::repo_root().join("plugins/notes"), &plugins.join("notes"))?; // audit's dependency
     let server = Kiln::start(&work.path().join("main"), vec![plugins.clone()], &db.fresh("bench_main").await?).await?;
-    server.wait_serving(3, Duration::from_secs(600)).await?;
+    server.wait_serving(4, Duration::from_secs(600)).await?;
 
     if on("calls") {
         call_overhead(&server, quick, &mut rows).await?;

@@ -42,11 +42,13 @@ pub enum ErrorCode {
     DatabaseRefused,
     TableAccessDenied,
     TopicReserved,
+    DependencyNotDeclared,
     QueryFailed,
     PluginError,
     Internal,
     DatabaseError,
     DatabaseUnavailable,
+    DependencyUnavailable,
     Timeout,
 }
 
@@ -58,6 +60,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::Unauthorized,
     ErrorCode::TableAccessDenied,
     ErrorCode::TopicReserved,
+    ErrorCode::DependencyNotDeclared,
     ErrorCode::PluginNotFound,
     ErrorCode::NotFound,
     ErrorCode::MethodNotAllowed,
@@ -91,6 +94,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::Internal,
     ErrorCode::DatabaseError,
     ErrorCode::DatabaseUnavailable,
+    ErrorCode::DependencyUnavailable,
     ErrorCode::Timeout,
 ];
 
@@ -205,6 +209,11 @@ impl ErrorCode {
                 "PostgreSQL refused a plugin's query: its role has no right to that table (plugins reach only their own schema and what `resources` grants)",
             ),
             TopicReserved => ("TopicReserved", 403, "an event under `kiln.`, which only kiln publishes"),
+            DependencyNotDeclared => (
+                "DependencyNotDeclared",
+                403,
+                "to a plugin: it called a service of a plugin its manifest's `dependencies` does not name",
+            ),
             QueryFailed => (
                 "QueryFailed",
                 422,
@@ -214,6 +223,11 @@ impl ErrorCode {
             Internal => ("Internal", 500, "a failure inside kiln; the log has the details"),
             DatabaseError => ("DatabaseError", 500, "PostgreSQL refused a statement for a reason other than the data"),
             DatabaseUnavailable => ("DatabaseUnavailable", 503, "PostgreSQL cannot be reached (plugins keep serving)"),
+            DependencyUnavailable => (
+                "DependencyUnavailable",
+                503,
+                "to a plugin: it called a service of a dependency that does not serve now (inactive, failed, or being replaced)",
+            ),
             Timeout => (
                 "Timeout",
                 504,

@@ -10,7 +10,7 @@ use crate::host::HostCtx;
 use kiln_types::PluginDescription;
 use kiln_types::abi::{
     self, AbiVersionFn, CleanupFn, ConfigureFn, EventFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnHeaders, KilnPair,
-    KilnRequest, KilnResponse, KilnStr, TypesVersionFn,
+    KilnRequest, KilnResponse, KilnStr, ServiceFn, TypesVersionFn,
 };
 use libloading::Library;
 use std::ffi::c_void;
@@ -189,6 +189,7 @@ struct Live {
     handle_fn: HandleFn,
     configure_fn: ConfigureFn,
     event_fn: EventFn,
+    service_fn: ServiceFn,
     cleanup_fn: CleanupFn,
     free_fn: FreeBufFn,
     /// Told when this instance's cleanup has run.
@@ -283,6 +284,8 @@ impl LoadedPlugin {
         // SAFETY: see above.
         let event_fn: EventFn = unsafe { symbol(&library, path, abi::SYM_EVENT)? };
         // SAFETY: see above.
+        let service_fn: ServiceFn = unsafe { symbol(&library, path, abi::SYM_SERVICE)? };
+        // SAFETY: see above.
         let cleanup_fn: CleanupFn = unsafe { symbol(&library, path, abi::SYM_CLEANUP)? };
         // SAFETY: see above.
         let free_fn: FreeBufFn = unsafe { symbol(&library, path, abi::SYM_FREE_BUF)? };
@@ -304,6 +307,7 @@ impl LoadedPlugin {
             handle_fn,
             configure_fn,
             event_fn,
+            service_fn,
             cleanup_fn,
             free_fn,
             tracker: None,
@@ -382,6 +386,31 @@ impl LoadedPlugin {
 }
 
 impl LoadedPlugin {
+    /// Runs the instance's service `name` with `args` (JSON) on this thread, its host calls
+    /// bound by `deadline`; its answer (JSON). `Err` carries why not, or the plugin's error or
+    /// panic message.
+    pub fn service(&self, name: &str, args: &[u8], deadline: std::time::Instant) -> Result<Vec<u8>, String> {
+        let index = self
+            .description
+            .services
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| format!("plugin {} offers no service {name:?}", self.description.name))?;
+        let live = self.live.as_ref().expect("a LoadedPlugin is live until dropped");
+        let label = format!("service {name}");
+        let _route = crate::host::on_route(&label, deadline);
+        let mut out = KilnBuf::EMPTY;
+        // SAFETY: the instance is live; `args` outlives the call; `out` is valid for a write.
+        let status = unsafe { (live.service_fn)(live.instance.0, index as u32, KilnStr::new(args), &mut out) };
+        // SAFETY: `out` was written by this library (or is empty) and is handed over once.
+        let out = unsafe { PluginBuf::new(live.free_fn, out) };
+        match status {
+            abi::STATUS_OK => Ok(out.as_ref().to_vec()),
+            abi::STATUS_PANIC => Err(format!("panicked: {}", String::from_utf8_lossy(out.as_ref()))),
+            _ => Err(String::from_utf8_lossy(out.as_ref()).into_owned()),
+        }
+    }
+
     /// What identifies this instance to the event bus: its host context's key.
     pub fn host_key(&self) -> usize {
         self.live.as_ref().map_or(0, |l| l.host.key())

@@ -1,5 +1,6 @@
 //! Dependencies between plugins: a plugin loads after the plugins its manifest names, waits for
 //! one that is missing and loads by itself when it comes, and a cycle fails with itself named.
+//! A dependent calls its dependencies' services, and only theirs.
 
 use crate::support::{BUILD_DEADLINE, TestServer, repo_root};
 use serde_json::Value;
@@ -20,12 +21,28 @@ fn write_plugin(plugins: &Path, name: &str, deps: &[&str]) {
     let lock = std::fs::read_to_string(repo_root().join("plugins/hello/Cargo.lock")).unwrap();
     std::fs::write(dir.join("Cargo.lock"), lock.replacen("name = \"hello\"", &format!("name = \"{name}\""), 1))
         .unwrap();
+    // It offers a service `whoami`, and `GET /<name>/call/{other}` calls other's `whoami`.
     let code = format!(
-        "use kiln_types::{{InitContext, Plugin, Request, Response, Route}};\n\
+        "use kiln_types::serde_json::json;\n\
+         use kiln_types::{{HostError, InitContext, Plugin, Request, Response, Route, Service, plugins}};\n\
          pub struct P;\n\
-         impl Plugin for P {{\n    fn init(_: &InitContext) -> Result<Self, String> {{ Ok(P) }}\n\
-         \x20   fn routes() -> Vec<Route<Self>> {{ vec![Route::get(\"/{name}\", Self::get)] }}\n}}\n\
-         impl P {{\n    fn get(&self, _: &Request) -> Response {{ Response::text(200, \"{name}\") }}\n}}\n\
+         impl Plugin for P {{\n\
+         \x20   fn init(_: &InitContext) -> Result<Self, String> {{ Ok(P) }}\n\
+         \x20   fn routes() -> Vec<Route<Self>> {{\n\
+         \x20       vec![Route::get(\"/{name}\", Self::get), Route::get(\"/{name}/call/{{other}}\", Self::call)]\n\
+         \x20   }}\n\
+         \x20   fn services() -> Vec<Service<Self>> {{ vec![Service::new(\"whoami\", |_, _| Ok(json!({{ \"name\": \"{name}\" }})))] }}\n\
+         }}\n\
+         impl P {{\n\
+         \x20   fn get(&self, _: &Request) -> Response {{ Response::text(200, \"{name}\") }}\n\
+         \x20   fn call(&self, req: &Request) -> Response {{\n\
+         \x20       match plugins::call(req.param(\"other\").unwrap_or(\"\"), \"whoami\", &json!({{}})) {{\n\
+         \x20           Ok(answer) => Response::json(200, &answer),\n\
+         \x20           Err(HostError::Service {{ code, message }}) => Response::json(409, &json!({{ \"code\": code, \"message\": message }})),\n\
+         \x20           Err(e) => Response::error(500, &e.to_string()),\n\
+         \x20       }}\n\
+         \x20   }}\n\
+         }}\n\
          kiln_types::export_plugin!(P);\n"
     );
     std::fs::write(dir.join("src/lib.rs"), code).unwrap();
@@ -71,6 +88,21 @@ async fn dependencies_load_in_order_wait_for_what_is_missing_and_refuse_cycles()
     assert_eq!(waiting["error"], "DependencyMissing: later");
     let picky = server.wait_state("picky", "waiting").await;
     assert_eq!(picky["error"], "DependencyMissing: chain-a ^2 (version 1.0.0 serves)");
+
+    // A dependent calls its dependency's service, and only a dependency's.
+    assert_eq!(server.get("/chain-c/call/chain-b").await, (200, serde_json::json!({ "name": "chain-b" })));
+    let (status, refused) = server.get("/chain-c/call/chain-a").await;
+    assert_eq!((status, refused["code"].as_str()), (409, Some("DependencyNotDeclared")), "{refused}");
+    // A dependency that stops serving: its dependents keep serving, and their calls say why.
+    let sql = server.sql().await;
+    sql.execute("UPDATE plugins SET status = 'inactive' WHERE name = 'chain-b'", &[]).await.unwrap();
+    server.wait_state("chain-b", "inactive").await;
+    let (status, unavailable) = server.get("/chain-c/call/chain-b").await;
+    assert_eq!((status, unavailable["code"].as_str()), (409, Some("DependencyUnavailable")), "{unavailable}");
+    assert_eq!(server.get("/chain-c").await.1, "chain-c", "the dependent still serves");
+    sql.execute("UPDATE plugins SET status = 'active' WHERE name = 'chain-b'", &[]).await.unwrap();
+    server.wait_state("chain-b", "loaded").await;
+    assert_eq!(server.get("/chain-c/call/chain-b").await.0, 200);
 
     // The missing one comes: the waiting one loads by itself.
     write_plugin(&plugins, "later", &[]);

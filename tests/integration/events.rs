@@ -52,8 +52,10 @@ async fn events_from_the_api_a_trigger_a_plugin_and_kiln_reach_their_subscribers
     .await
     .unwrap();
 
-    // A plugin publishes: notes announces each note.
+    // A plugin publishes: notes announces each note. (audit depends on notes, and asks its
+    // count service.)
     assert_eq!(server.post("/notes", Some(json!({ "text": "buy milk" }))).await.0, 201);
+    assert_eq!(server.get("/audit/notes").await, (200, json!({ "notes": 1 })));
 
     server
         .wait_until("audit hears the API's, the trigger's and the plugin's events", EDIT_DEADLINE, || async {

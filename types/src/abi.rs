@@ -20,7 +20,8 @@ use std::ffi::c_void;
 /// description returned by `kiln_init` from the same route list the instance dispatches by
 /// (`kiln_describe` is gone); 4 — the host table ([`KilnHost`]) passed to `kiln_init`; 5 —
 /// request headers read through the host on demand ([`KilnHeaders`]) instead of copied into
-/// pairs for every request, and events ([`EventFn`], subscriptions in the description).
+/// pairs for every request, events ([`EventFn`], subscriptions in the description), and
+/// services one plugin offers others ([`ServiceFn`], services in the description).
 pub const ABI_VERSION: u32 = 5;
 
 /// Symbol: `extern "C" fn() -> u32`, returns the [`ABI_VERSION`] the library was built with.
@@ -37,6 +38,8 @@ pub const SYM_CLEANUP: &[u8] = b"kiln_cleanup\0";
 pub const SYM_CONFIGURE: &[u8] = b"kiln_configure\0";
 /// Symbol: [`EventFn`].
 pub const SYM_EVENT: &[u8] = b"kiln_event\0";
+/// Symbol: [`ServiceFn`].
+pub const SYM_SERVICE: &[u8] = b"kiln_service\0";
 /// Symbol: [`FreeBufFn`].
 pub const SYM_FREE_BUF: &[u8] = b"kiln_free_buf\0";
 
@@ -124,6 +127,10 @@ pub type EventFn = unsafe extern "C" fn(
     data: KilnStr,
     err_out: *mut KilnBuf,
 ) -> i32;
+/// Runs the instance's service number `service` (its index in the description's `services`)
+/// with `args` (JSON, valid for the call). [`STATUS_OK`]: its answer (JSON) is in `out`;
+/// [`STATUS_ERROR`]/[`STATUS_PANIC`]: the message is.
+pub type ServiceFn = unsafe extern "C" fn(instance: *mut c_void, service: u32, args: KilnStr, out: *mut KilnBuf) -> i32;
 /// Runs the plugin's cleanup and frees the instance. The pointer is invalid afterwards.
 pub type CleanupFn = unsafe extern "C" fn(instance: *mut c_void, err_out: *mut KilnBuf) -> i32;
 /// Frees a buffer the plugin returned. The host may call it from any thread, concurrently with

@@ -22,6 +22,16 @@ pub struct PluginDescription {
     /// The event subscriptions the plugin declares, in order; an event names its subscription
     /// by index.
     pub subscriptions: Vec<SubscriptionDescription>,
+    /// The services the plugin offers the plugins that depend on it, in order; a call names
+    /// its service by index.
+    pub services: Vec<ServiceDescription>,
+}
+
+/// One service a plugin offers: JSON in, JSON out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServiceDescription {
+    pub name: String,
 }
 
 /// One event subscription of a plugin: a topic pattern and the handler it goes to.

@@ -5,9 +5,10 @@
 //! the server, and the server cannot catch it itself (it is a foreign exception to its std).
 
 use crate::abi::{self, KilnBuf, KilnHost, KilnRequest, KilnResponse, KilnStr};
-use crate::description::{PluginDescription, RouteDescription, SubscriptionDescription};
+use crate::description::{PluginDescription, RouteDescription, ServiceDescription, SubscriptionDescription};
 use crate::sdk::{
-    ConfigChange, Event, EventHandler, Handler, InitContext, Plugin, Request, Response, Route, Subscription,
+    ConfigChange, Event, EventHandler, Handler, InitContext, Plugin, Request, Response, Route, Service, ServiceHandler,
+    Subscription,
 };
 use std::any::Any;
 use std::ffi::c_void;
@@ -29,6 +30,8 @@ struct Instance<P> {
     handlers: Vec<Handler<P>>,
     /// Indexed like its described subscriptions.
     events: Vec<EventHandler<P>>,
+    /// Indexed like its described services.
+    services: Vec<ServiceHandler<P>>,
     host: *const KilnHost,
 }
 
@@ -90,7 +93,12 @@ unsafe fn fail(out: *mut KilnBuf, status: i32, msg: String) -> i32 {
 
 /// The description of a plugin: package fields, the routes it serves in `routes`' order, and
 /// its subscriptions in `events`' order (a handler name used twice gets `#2`, `#3`, …).
-fn description<P>(routes: &[Route<P>], events: &[Subscription<P>], pkg: PackageInfo) -> PluginDescription {
+fn description<P>(
+    routes: &[Route<P>],
+    events: &[Subscription<P>],
+    services: &[Service<P>],
+    pkg: PackageInfo,
+) -> PluginDescription {
     let mut subscriptions: Vec<SubscriptionDescription> = Vec::new();
     for e in events {
         let base = e.name.clone().unwrap_or_else(|| e.pattern.clone());
@@ -105,6 +113,7 @@ fn description<P>(routes: &[Route<P>], events: &[Subscription<P>], pkg: PackageI
     }
     PluginDescription {
         subscriptions,
+        services: services.iter().map(|s| ServiceDescription { name: s.name.clone() }).collect(),
         name: pkg.name.to_string(),
         version: pkg.version.to_string(),
         description: pkg.description.to_string(),
@@ -151,13 +160,17 @@ pub unsafe fn init<P: Plugin>(
         } else {
             serde_json::from_slice(config_bytes).map_err(|e| format!("invalid config JSON: {e}"))?
         };
-        let (routes, subscriptions) = (P::routes(), P::events());
-        let described = serde_json::to_vec(&description(&routes, &subscriptions, pkg))
+        let (routes, subscriptions, offered) = (P::routes(), P::events(), P::services());
+        if let Some((i, s)) = offered.iter().enumerate().find(|(i, s)| offered[..*i].iter().any(|o| o.name == s.name)) {
+            return Err(format!("service {:?} is offered twice (the second at {i})", s.name));
+        }
+        let described = serde_json::to_vec(&description(&routes, &subscriptions, &offered, pkg))
             .map_err(|e| format!("could not serialize the description: {e}"))?;
         let plugin = P::init(&InitContext { config })?;
         let handlers = routes.into_iter().map(|r| r.handler).collect();
         let events = subscriptions.into_iter().map(|s| s.handler).collect();
-        Ok::<_, String>((Box::new(Instance { plugin, handlers, events, host }), described))
+        let services = offered.into_iter().map(|s| s.handler).collect();
+        Ok::<_, String>((Box::new(Instance { plugin, handlers, events, services, host }), described))
     }));
     if !matches!(result, Ok(Ok(_))) {
         // No instance: what its init subscribed to at runtime goes with it.
@@ -280,6 +293,37 @@ pub unsafe fn event<P: Plugin>(
     }
 }
 
+/// Body of `kiln_service`.
+///
+/// # Safety
+/// `instance` comes from [`init`] for the same `P` and is live; `args` is valid for the call;
+/// `out` is valid for a write.
+pub unsafe fn service<P: Plugin>(instance: *mut c_void, service: u32, args: KilnStr, out: *mut KilnBuf) -> i32 {
+    // SAFETY: `instance` is a live `Instance<P>` (caller); services take shared references.
+    let instance = unsafe { &*(instance as *const Instance<P>) };
+    // SAFETY: `args` is valid for the call (caller).
+    let args = unsafe { args.as_bytes() };
+    let _entered = crate::host::enter(instance.host);
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let handler =
+            instance.services.get(service as usize).ok_or_else(|| format!("service index {service} out of range"))?;
+        let args = serde_json::from_slice(args).map_err(|e| format!("the arguments are not JSON: {e}"))?;
+        let answer = handler(&instance.plugin, args)?;
+        serde_json::to_vec(&answer).map_err(|e| format!("could not serialize the answer: {e}"))
+    }));
+    match result {
+        Ok(Ok(answer)) => {
+            // SAFETY: `out` is valid for a write (caller).
+            unsafe { out.write(KilnBuf::from_vec(answer)) };
+            abi::STATUS_OK
+        }
+        // SAFETY: as above.
+        Ok(Err(msg)) => unsafe { fail(out, abi::STATUS_ERROR, msg) },
+        // SAFETY: as above.
+        Err(p) => unsafe { fail(out, abi::STATUS_PANIC, panic_message(p)) },
+    }
+}
+
 /// Body of `kiln_cleanup`: runs [`Plugin::cleanup`] and frees the instance.
 ///
 /// # Safety
@@ -391,6 +435,19 @@ macro_rules! export_plugin {
         ) -> i32 {
             // SAFETY: the server upholds the contract of `EventFn`.
             unsafe { $crate::export::event::<$plugin>(instance, subscription, topic, data, err_out) }
+        }
+
+        /// # Safety
+        /// See [`kiln_types::abi::ServiceFn`].
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn kiln_service(
+            instance: *mut ::std::ffi::c_void,
+            service: u32,
+            args: $crate::abi::KilnStr,
+            out: *mut $crate::abi::KilnBuf,
+        ) -> i32 {
+            // SAFETY: the server upholds the contract of `ServiceFn`.
+            unsafe { $crate::export::service::<$plugin>(instance, service, args, out) }
         }
 
         /// # Safety

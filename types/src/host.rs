@@ -444,3 +444,25 @@ pub mod events {
         forget(|h, _| h == host);
     }
 }
+
+/// Other plugins: call a service of a plugin this one depends on (`dependencies` in its manifest;
+/// see [`Plugin::services`](crate::Plugin::services)). The call reaches the version of that
+/// plugin serving now, runs on this thread, and is bound by this call's deadline.
+///
+/// ```no_run
+/// let n = kiln_types::plugins::call("notes", "count", &kiln_types::serde_json::json!({}))?;
+/// # Ok::<(), kiln_types::HostError>(())
+/// ```
+pub mod plugins {
+    use super::{Host, HostError};
+    use serde_json::{Value, json};
+
+    /// Calls service `service` of plugin `plugin` with `args`; its answer. Fails with
+    /// `DependencyNotDeclared` when this plugin's manifest does not name `plugin`, and with
+    /// `DependencyUnavailable` when `plugin` does not serve.
+    pub fn call(plugin: &str, service: &str, args: &Value) -> Result<Value, HostError> {
+        let host = Host::current().ok_or(HostError::NoHost)?;
+        let mut answer = host.call("plugin.call", &json!({ "plugin": plugin, "service": service, "args": args }))?;
+        Ok(answer.get_mut("answer").map(Value::take).unwrap_or(Value::Null))
+    }
+}

@@ -32,10 +32,13 @@ pub mod export;
 mod host;
 mod sdk;
 
-pub use description::{PluginDescription, ResponseDescription, RouteDescription, SubscriptionDescription};
-pub use host::{Host, HostError, Level, db, events, log, storage};
+pub use description::{
+    PluginDescription, ResponseDescription, RouteDescription, ServiceDescription, SubscriptionDescription,
+};
+pub use host::{Host, HostError, Level, db, events, log, plugins, storage};
 pub use sdk::{
-    ConfigChange, Event, EventHandler, Handler, InitContext, Plugin, Request, Response, Route, Subscription,
+    ConfigChange, Event, EventHandler, Handler, InitContext, Plugin, Request, Response, Route, Service, ServiceHandler,
+    Subscription,
 };
 pub use serde_json;
 

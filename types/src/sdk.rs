@@ -25,6 +25,13 @@ pub trait Plugin: Send + Sync + Sized + 'static {
         Vec::new()
     }
 
+    /// The services the plugin offers the plugins that depend on it (`dependencies` in their
+    /// manifests): named functions, JSON in and JSON out, called through the host
+    /// ([`plugins::call`](crate::plugins::call)). Called once per load, like [`Plugin::routes`].
+    fn services() -> Vec<Service<Self>> {
+        Vec::new()
+    }
+
     /// Called when the plugin's configuration changes (`ctx.config`, defaults applied, already
     /// valid against the manifest's configSchema), while requests may be running. Apply it in
     /// place and return [`ConfigChange::Applied`]; or return [`ConfigChange::Reload`] (the
@@ -68,6 +75,22 @@ pub type Handler<P> = fn(&P, &Request<'_>) -> Response;
 /// An event handler: a plain function of the plugin and the event. An error (or a panic) is
 /// counted and logged by kiln; the event is not delivered again.
 pub type EventHandler<P> = fn(&P, &Event<'_>) -> Result<(), String>;
+
+/// A service: a plain function of the plugin and the caller's JSON, answering JSON or an error.
+pub type ServiceHandler<P> = fn(&P, serde_json::Value) -> Result<serde_json::Value, String>;
+
+/// One service a plugin offers (see [`Plugin::services`]).
+pub struct Service<P> {
+    pub(crate) name: String,
+    pub(crate) handler: ServiceHandler<P>,
+}
+
+impl<P> Service<P> {
+    /// Service `name` (unique within the plugin), answered by `handler`.
+    pub fn new(name: impl Into<String>, handler: ServiceHandler<P>) -> Self {
+        Self { name: name.into(), handler }
+    }
+}
 
 /// One event subscription: a topic pattern and its handler (see [`Plugin::events`]).
 pub struct Subscription<P> {

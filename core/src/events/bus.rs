@@ -429,6 +429,11 @@ impl EventBus {
         })
     }
 
+    /// The version of `plugin` serving now (the bus follows what serves).
+    pub fn serving(&self, plugin: &str) -> Option<Arc<LoadedPlugin>> {
+        self.current(plugin)
+    }
+
     fn current(&self, plugin: &str) -> Option<Arc<LoadedPlugin>> {
         self.serving.read().unwrap_or_else(|p| p.into_inner()).get(plugin).cloned()
     }

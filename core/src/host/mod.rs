@@ -83,29 +83,39 @@ thread_local! {
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
-/// Tags host calls made on this thread with `route` and its `deadline` until the guard drops.
+/// Tags host calls made on this thread with `route` and its `deadline` until the guard drops
+/// (then the route before it, if any, is back: a plugin's service called from another plugin's
+/// handler runs inside that handler's call).
 pub fn on_route(route: &str, deadline: Instant) -> RouteGuard<'_> {
-    ROUTE.with(|r| r.set(Some(route as *const str)));
-    DEADLINE.with(|d| d.set(Some(deadline)));
-    RouteGuard { _route: std::marker::PhantomData }
+    let route = ROUTE.with(|r| r.replace(Some(route as *const str)));
+    let deadline = DEADLINE.with(|d| d.replace(Some(deadline)));
+    RouteGuard { previous: (route, deadline), _route: std::marker::PhantomData }
 }
 
-/// Clears the route of [`on_route`]; borrows it, so the route outlives its use.
+/// The deadline set by [`on_route`] on this thread, if any.
+pub fn current_deadline() -> Option<Instant> {
+    DEADLINE.with(Cell::get)
+}
+
+/// Restores what [`on_route`] replaced; borrows the route, so it outlives its use.
 pub struct RouteGuard<'a> {
+    previous: (Option<*const str>, Option<Instant>),
     _route: std::marker::PhantomData<&'a str>,
 }
 
 impl Drop for RouteGuard<'_> {
     fn drop(&mut self) {
-        ROUTE.with(|r| r.set(None));
-        DEADLINE.with(|d| d.set(None));
+        // The previous route is the outer guard's, which outlives this one (guards nest).
+        ROUTE.with(|r| r.set(self.previous.0));
+        DEADLINE.with(|d| d.set(self.previous.1));
     }
 }
 
 /// The route set by [`on_route`] on this thread, copied.
 fn current_route() -> Option<String> {
     // SAFETY: the pointer is set only while its `RouteGuard`, which borrows the string, lives
-    // on this thread, and cleared when the guard drops.
+    // on this thread; when the guard drops, the pointer before it (of an outer guard, which
+    // outlives it) or none is back.
     ROUTE.with(|r| r.get().map(|p| unsafe { &*p }.to_string()))
 }
 

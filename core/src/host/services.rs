@@ -2,7 +2,7 @@
 //! with JSON arguments: its key-value storage (`storage.get`, `.put`, `.delete`, `.list`,
 //! `.cas`), kept in PostgreSQL under the plugin's name, and its scoped database access
 //! (`db.query`, `db.execute`: see `plugin_db`), and events it publishes (`events.emit`) or subscribes to at runtime
-//! (`events.on`, `events.off`).
+//! (`events.on`, `events.off`), and services of the plugins it depends on (`plugin.call`).
 //!
 //! A plugin calls synchronously, on whatever thread runs it: an async worker (an inline
 //! handler), a blocking-pool thread, or a thread of its own. The database is asynchronous, so a
@@ -28,6 +28,8 @@ pub struct Services {
     pub repo: Repo,
     pub databases: Arc<PluginDatabases>,
     pub events: Arc<EventBus>,
+    /// The plugins this one's manifest depends on: the ones whose services it may call.
+    pub dependencies: Vec<String>,
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -67,6 +69,13 @@ impl Services {
         deadline: Option<Instant>,
     ) -> Result<Value, CallError> {
         let timeout = || CallError { code: "Timeout", message: "the handler's deadline has passed".into() };
+        if op == "plugin.call" {
+            // Another plugin's code, run on this thread (as the caller's own would be).
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                return Err(timeout());
+            }
+            return self.call_plugin(plugin, args, deadline);
+        }
         let remaining = match deadline {
             Some(d) => Some(d.checked_duration_since(Instant::now()).ok_or_else(timeout)?),
             None => None,
@@ -86,6 +95,36 @@ impl Services {
             Ok(_) => tokio::task::block_in_place(run),
             Err(_) => run(),
         }
+    }
+
+    /// `plugin.call`: service `args.service` of plugin `args.plugin`, which `caller` must depend
+    /// on, with `args.args`, within the caller's deadline (30 s when it has none).
+    fn call_plugin(&self, caller: &str, args: &Value, deadline: Option<Instant>) -> Result<Value, CallError> {
+        let provider = args["plugin"].as_str().ok_or_else(|| bad("`plugin` must be a string"))?;
+        let service = args["service"].as_str().ok_or_else(|| bad("`service` must be a string"))?;
+        if !self.dependencies.iter().any(|d| d == provider) {
+            return Err(CallError {
+                code: "DependencyNotDeclared",
+                message: format!(
+                    "plugin {caller} does not depend on {provider}: add it to `dependencies` in its manifest"
+                ),
+            });
+        }
+        let serving = self.events.serving(provider).ok_or_else(|| CallError {
+            code: "DependencyUnavailable",
+            message: format!("plugin {provider} does not serve now"),
+        })?;
+        let input = serde_json::to_vec(&args["args"]).expect("a Value serializes");
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(30));
+        let answer = serving.service(service, &input, deadline).map_err(|message| CallError {
+            code: "PluginError",
+            message: format!("{provider}.{service}: {message}"),
+        })?;
+        let answer: Value = serde_json::from_slice(&answer).map_err(|e| CallError {
+            code: "PluginError",
+            message: format!("{provider}.{service} answered something that is not JSON: {e}"),
+        })?;
+        Ok(json!({ "answer": answer }))
     }
 
     async fn dispatch(

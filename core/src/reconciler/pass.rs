@@ -172,6 +172,7 @@ impl Inner {
             repo: self.repo.clone(),
             databases: self.databases.clone(),
             events: self.events.clone(),
+            dependencies: manifest.dependencies.iter().map(|d| d.name.clone()).collect(),
             runtime: tokio::runtime::Handle::current(),
         };
         let host = HostCtx::with_services(&row.name, &manifest.version, self.logs.clone(), Some(services));

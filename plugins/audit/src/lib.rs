@@ -2,10 +2,11 @@
 //! `notes.created`), `orders.*` (a trigger on a user's table can publish these through
 //! `pg_notify('kiln_events', …)`: see the README) and `kiln.plugin.*` (kiln's own lifecycle
 //! events), and `GET /audit` answers the last 100 events it received, oldest first, as
-//! `[{"topic": …, "data": …}]`.
+//! `[{"topic": …, "data": …}]`. It depends on notes: `GET /audit/notes` answers what notes'
+//! `count` service says (`{"notes": n}`).
 
 use kiln_types::serde_json::{Value, json};
-use kiln_types::{Event, InitContext, Plugin, Request, Response, Route, Subscription};
+use kiln_types::{Event, InitContext, Plugin, Request, Response, Route, Subscription, plugins};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
@@ -22,16 +23,26 @@ impl Plugin for Audit {
     }
 
     fn routes() -> Vec<Route<Self>> {
-        vec![Route::get("/audit", Self::list).summary("The last 100 events heard, oldest first").response_schema(
-            json!({
-                "type": "array",
-                "items": {
+        vec![
+            Route::get("/audit/notes", Self::notes)
+                .blocking()
+                .summary("How many notes there are, as the notes plugin's count service says")
+                .response_schema(json!({
                     "type": "object",
-                    "required": ["topic", "data"],
-                    "properties": { "topic": { "type": "string" }, "data": {} }
-                }
-            }),
-        )]
+                    "required": ["notes"],
+                    "properties": { "notes": { "type": "integer" } }
+                })),
+            Route::get("/audit", Self::list).summary("The last 100 events heard, oldest first").response_schema(
+                json!({
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["topic", "data"],
+                        "properties": { "topic": { "type": "string" }, "data": {} }
+                    }
+                }),
+            ),
+        ]
     }
 
     fn events() -> Vec<Subscription<Self>> {
@@ -49,6 +60,13 @@ impl Audit {
         }
         heard.push_back((event.topic().to_string(), data));
         Ok(())
+    }
+
+    fn notes(&self, _: &Request) -> Response {
+        match plugins::call("notes", "count", &json!({})) {
+            Ok(answer) => Response::json(200, &answer),
+            Err(e) => Response::error(503, &format!("the notes plugin did not answer: {e}")),
+        }
     }
 
     fn list(&self, _: &Request) -> Response {

@@ -4,6 +4,7 @@
 //!   publishes the note as event `notes.created`;
 //! - `GET /notes` lists them, `GET /notes/{id}` answers one or 404;
 //! - `GET /notes/stats` answers `{"created": n}`, a counter in the plugin's key-value storage;
+//! - service `count` answers `{"notes": n}` to the plugins that depend on notes (audit does);
 //! - `GET /notes/forbidden` reads kiln's own `plugins` table, which PostgreSQL refuses: 403 with
 //!   the `TableAccessDenied` error it got.
 //!
@@ -12,7 +13,7 @@
 //! async pool during a host call), but the blocking pool is where waiting code belongs.
 
 use kiln_types::serde_json::{Value, json};
-use kiln_types::{HostError, InitContext, Plugin, Request, Response, Route, db, events, log, storage};
+use kiln_types::{HostError, InitContext, Plugin, Request, Response, Route, Service, db, events, log, storage};
 
 pub struct Notes;
 
@@ -64,6 +65,10 @@ impl Plugin for Notes {
                 .response(200, "The note", Some(note()))
                 .response(404, "No such note", None),
         ]
+    }
+
+    fn services() -> Vec<Service<Self>> {
+        vec![Service::new("count", Self::count)]
     }
 }
 
@@ -118,6 +123,12 @@ impl Notes {
             Ok(None) => Response::error(404, "no such note"),
             Err(e) => failed(&e),
         }
+    }
+
+    /// Service `count` (for plugins that depend on notes): `{"notes": n}`.
+    fn count(&self, _: Value) -> Result<Value, String> {
+        let row = db::query_opt("SELECT count(*) AS notes FROM notes", &[]).map_err(|e| e.to_string())?;
+        Ok(row.unwrap_or_else(|| json!({ "notes": 0 })))
     }
 
     fn stats(&self, _: &Request) -> Response {
