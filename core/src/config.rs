@@ -87,6 +87,11 @@ pub struct Config {
     #[arg(long, env = "KILN_EVENT_RETRY_MS", default_value_t = 1000)]
     pub event_retry_ms: u64,
 
+    /// Milliseconds an event subscriber may take over one event unless its subscription says
+    /// (`Subscription::timeout`); past it the event counts as timed out.
+    #[arg(long, env = "KILN_EVENT_TIMEOUT_MS", default_value_t = 5000)]
+    pub event_timeout_ms: u64,
+
     /// Attempts to deliver a durable event before it is `dead`.
     #[arg(long, env = "KILN_EVENT_ATTEMPTS", default_value_t = 5)]
     pub event_attempts: u32,
@@ -114,6 +119,7 @@ impl Config {
             watch: WatchMode::Off,
             max_body: 8 * 1024 * 1024,
             event_retry_ms: 1000,
+            event_timeout_ms: 5000,
             event_attempts: 5,
         }
     }

@@ -78,7 +78,7 @@ pub async fn serve(
     let markers = load_marker::LoadMarkers::new(config.data_dir.join("loading"));
     record_crashes(&repo, &markers, &logs).await?;
     let databases = Arc::new(plugin_db::PluginDatabases::new(pg.clone(), repo.pool().clone()));
-    let events = events::EventBus::new(logs.clone(), events::DEFAULT_TIMEOUT);
+    let events = events::EventBus::new(logs.clone(), Duration::from_millis(config.event_timeout_ms.max(1)));
     // What serves is published to the route table and to the event bus alike.
     let sink = Arc::new(routes::Fanout { routes: router.clone(), events: events.clone() });
     let reconciler =

@@ -43,6 +43,8 @@ pub struct SubscriptionDescription {
     /// Name of the handler (unique within the plugin): with the pattern, what identifies the
     /// subscription across versions.
     pub handler: String,
+    /// How long the handler may take over one event, in milliseconds (default: the server's).
+    pub timeout_ms: Option<u64>,
 }
 
 /// One route of a plugin.

@@ -109,7 +109,8 @@ fn description<P>(
             n += 1;
             handler = format!("{base}#{n}");
         }
-        subscriptions.push(SubscriptionDescription { pattern: e.pattern.clone(), handler });
+        let timeout_ms = e.timeout.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX));
+        subscriptions.push(SubscriptionDescription { pattern: e.pattern.clone(), handler, timeout_ms });
     }
     PluginDescription {
         subscriptions,

@@ -97,13 +97,22 @@ pub struct Subscription<P> {
     pub(crate) pattern: String,
     pub(crate) handler: EventHandler<P>,
     pub(crate) name: Option<String>,
+    pub(crate) timeout: Option<std::time::Duration>,
 }
 
 impl<P> Subscription<P> {
     /// Events whose topic matches `pattern`: dot-separated segments, `*` matching any one
     /// (`notes.*` matches `notes.created`, not `notes.a.b`).
     pub fn on(pattern: impl Into<String>, handler: EventHandler<P>) -> Self {
-        Self { pattern: pattern.into(), handler, name: None }
+        Self { pattern: pattern.into(), handler, name: None, timeout: None }
+    }
+
+    /// How long the handler may take over one event (default: the server's
+    /// `--event-timeout-ms`, 5 s). Past it the event counts as timed out; the handler is not
+    /// stopped (nothing in-process can be), and the subscription's next event waits for it.
+    pub fn timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
 
     /// The handler's name (default: the pattern): with the pattern, it identifies the

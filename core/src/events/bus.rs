@@ -185,7 +185,7 @@ pub struct EventBus {
     serving: RwLock<HashMap<String, Arc<LoadedPlugin>>>,
     recent: Mutex<VecDeque<Arc<Event>>>,
     logs: Arc<LogStore>,
-    /// How long a subscriber may take over one event.
+    /// How long a subscriber may take over one event, unless it says.
     timeout: Duration,
     runtime: tokio::runtime::Handle,
     /// Wakes the outbox worker (`NOTIFY kiln_outbox`).
@@ -337,7 +337,8 @@ impl EventBus {
                     // Patterns are checked before the route table takes a plugin (`routes::Fanout`):
                     // one that is not valid here is skipped, not fatal.
                     let Ok(pattern) = Pattern::parse(&d.pattern) else { continue };
-                    subscribers.push(self.subscribe(name, pattern, &d.handler, Target::Declared));
+                    let timeout = d.timeout_ms.map(Duration::from_millis).unwrap_or(self.timeout);
+                    subscribers.push(self.subscribe(name, pattern, &d.handler, Target::Declared, timeout));
                 }
             }
         }
@@ -373,7 +374,7 @@ impl EventBus {
         if subscribers.iter().any(taken) {
             return Err(format!("subscription {id} exists already"));
         }
-        subscribers.push(self.subscribe(plugin, pattern, &format!("runtime#{id}"), target));
+        subscribers.push(self.subscribe(plugin, pattern, &format!("runtime#{id}"), target, self.timeout));
         Ok(())
     }
 
@@ -401,7 +402,14 @@ impl EventBus {
     }
 
     /// Starts a subscription of `plugin` and its delivery task.
-    fn subscribe(self: &Arc<Self>, plugin: &str, pattern: Pattern, handler: &str, target: Target) -> Arc<Subscriber> {
+    fn subscribe(
+        self: &Arc<Self>,
+        plugin: &str,
+        pattern: Pattern,
+        handler: &str,
+        target: Target,
+        timeout: Duration,
+    ) -> Arc<Subscriber> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
         let active = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -412,7 +420,7 @@ impl EventBus {
             handler: handler.to_string(),
             target,
             counters: counters.clone(),
-            timeout: self.timeout,
+            timeout,
             current: Mutex::new(None),
             active: active.clone(),
         };
@@ -560,9 +568,17 @@ impl Delivering {
             Outcome::TimedOut => &self.counters.timed_out,
             Outcome::Dropped => &self.counters.dropped,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
-        if let Some(error) = &error {
-            let msg = format!("event {} → {}: {} ({error})", event.topic, self.handler, outcome.as_str());
+        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        // The first ten of each kind, then every hundredth (with the count so far): a
+        // subscriber failing on every event must not push every other line out of its log.
+        if let Some(error) = error.as_ref().filter(|_| n <= 10 || n.is_multiple_of(100)) {
+            let msg = format!(
+                "event {} → {}: {} ({error}; {n} {} so far)",
+                event.topic,
+                self.handler,
+                outcome.as_str(),
+                outcome.as_str()
+            );
             tracing::warn!(plugin = %self.plugin, "{msg}");
             let kind = if error.contains("panicked") { Kind::Panic } else { Kind::Log };
             bus.logs.push(&self.plugin, LogEntry::new(Level::Warn, kind, msg, json!({ "event": event.id }), None));

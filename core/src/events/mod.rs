@@ -17,5 +17,6 @@ pub mod topic;
 
 pub use bus::{Delivery, Event, EventBus, Outcome, Source, SubscriberStats};
 
-/// How long a subscriber may take over one event unless configured otherwise.
+/// How long a subscriber may take over one event unless configured otherwise
+/// (`--event-timeout-ms`'s default).
 pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

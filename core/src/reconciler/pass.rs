@@ -81,7 +81,9 @@ impl Inner {
         if let Err(db) = self.repo.record_failed(id, &text, serving, state).await {
             tracing::warn!(plugin = %row.name, "could not record the failure: {db}");
         }
-        let data = serde_json::json!({ "name": row.name, "error": text, "state": state, "serving": serving });
+        let data = serde_json::json!({
+            "name": row.name, "version": row.version, "error": text, "state": state, "serving": serving
+        });
         let _ = self.events.publish("kiln.plugin.failed", data, Source::Kiln);
         Err(e)
     }

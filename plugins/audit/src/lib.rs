@@ -27,11 +27,16 @@ impl Plugin for Audit {
             Route::get("/audit/notes", Self::notes)
                 .blocking()
                 .summary("How many notes there are, as the notes plugin's count service says")
-                .response_schema(json!({
-                    "type": "object",
-                    "required": ["notes"],
-                    "properties": { "notes": { "type": "integer" } }
-                })),
+                .response(
+                    200,
+                    "The count",
+                    Some(json!({
+                        "type": "object",
+                        "required": ["notes"],
+                        "properties": { "notes": { "type": "integer" } }
+                    })),
+                )
+                .response(409, "The notes plugin does not serve now, or its service failed", None),
             Route::get("/audit", Self::list).summary("The last 100 events heard, oldest first").response_schema(
                 json!({
                     "type": "array",
@@ -62,10 +67,16 @@ impl Audit {
         Ok(())
     }
 
+    /// 409 when notes cannot answer: the request is fine, the state it depends on is not
+    /// (`DependencyUnavailable` while notes does not serve).
     fn notes(&self, _: &Request) -> Response {
         match plugins::call("notes", "count", &json!({})) {
             Ok(answer) => Response::json(200, &answer),
-            Err(e) => Response::error(503, &format!("the notes plugin did not answer: {e}")),
+            Err(e) => {
+                let code = e.code().unwrap_or("DependencyUnavailable").to_string();
+                let message = format!("the notes plugin did not answer: {e}");
+                Response::json(409, &json!({ "error": code, "message": message, "details": {} }))
+            }
         }
     }
 
