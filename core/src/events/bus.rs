@@ -439,10 +439,6 @@ impl EventBus {
 
     /// The version of `plugin` serving now (the bus follows what serves).
     pub fn serving(&self, plugin: &str) -> Option<Arc<LoadedPlugin>> {
-        self.current(plugin)
-    }
-
-    fn current(&self, plugin: &str) -> Option<Arc<LoadedPlugin>> {
         self.serving.read().unwrap_or_else(|p| p.into_inner()).get(plugin).cloned()
     }
 }
@@ -516,7 +512,7 @@ impl Delivering {
                 self.record(&bus, &event, Outcome::Dropped, Some("the subscription ended".into()));
                 continue;
             }
-            let Some(plugin) = bus.current(&self.plugin) else {
+            let Some(plugin) = bus.serving(&self.plugin) else {
                 self.record(&bus, &event, Outcome::Dropped, Some("the plugin does not serve".into()));
                 continue;
             };

@@ -135,6 +135,10 @@ impl Services {
         args: &Value,
         deadline: Option<Instant>,
     ) -> Result<Value, CallError> {
+        // The id a plugin chose for a runtime subscription.
+        let subscription_id = || -> Result<u32, CallError> {
+            args["id"].as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| bad("`id` must be a u32"))
+        };
         let key = || -> Result<&str, CallError> {
             let key = args["key"].as_str().ok_or_else(|| bad("`key` must be a string"))?;
             if key.is_empty() || key.len() > MAX_KEY {
@@ -187,10 +191,7 @@ impl Services {
             }
             "events.on" => {
                 let pattern = args["pattern"].as_str().ok_or_else(|| bad("`pattern` must be a string"))?;
-                let id = args["id"]
-                    .as_u64()
-                    .and_then(|id| u32::try_from(id).ok())
-                    .ok_or_else(|| bad("`id` must be a u32"))?;
+                let id = subscription_id()?;
                 let once = args["once"].as_bool().unwrap_or(false);
                 self.events
                     .subscribe_runtime(plugin, instance, pattern, id, once)
@@ -198,10 +199,7 @@ impl Services {
                 Ok(json!({}))
             }
             "events.off" => {
-                let id = args["id"]
-                    .as_u64()
-                    .and_then(|id| u32::try_from(id).ok())
-                    .ok_or_else(|| bad("`id` must be a u32"))?;
+                let id = subscription_id()?;
                 Ok(json!({ "removed": self.events.unsubscribe_runtime(instance, id) }))
             }
             _ => Err(CallError { code: "NotFound", message: format!("no host service {op:?}") }),
