@@ -199,7 +199,7 @@ pub fn start_static() -> anyhow::Result<SocketAddr> {
 }
 
 /// Writes a plugin crate `name` serving `routes` GET routes `/<name>/r<j>` (dependencies: only
-/// kiln-types, like the hello example, whose lock file it reuses).
+/// kiln-types, like the lifecycle fixture, whose lock file it reuses).
 pub fn generate_plugin(dir: &Path, name: &str, routes: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("src"))?;
     std::fs::write(
@@ -209,8 +209,8 @@ pub fn generate_plugin(dir: &Path, name: &str, routes: usize) -> anyhow::Result<
              [package.metadata.kiln]\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\nkiln-types = \"0.1\"\n"
         ),
     )?;
-    let lock = std::fs::read_to_string(repo_root().join("plugins/hello/Cargo.lock"))?;
-    std::fs::write(dir.join("Cargo.lock"), lock.replace("name = \"hello\"", &format!("name = \"{name}\"")))?;
+    let lock = std::fs::read_to_string(repo_root().join("tests/fixtures/lifecycle/Cargo.lock"))?;
+    std::fs::write(dir.join("Cargo.lock"), lock.replace("name = \"lifecycle\"", &format!("name = \"{name}\"")))?;
     let routes: String =
         (0..routes).map(|j| format!("            Route::get(\"/{name}/r{j}\", Self::get),\n")).collect();
     std::fs::write(

@@ -10,6 +10,7 @@
 //! - The plugin's `kiln-types` dependency is patched to this server's own copy, and panics are
 //!   forced to unwind (the plugin's exports must catch them; `panic = "abort"` would kill the host).
 
+use crate::diagnostics::Diagnostic;
 use crate::manifest::Manifest;
 use crate::staging;
 use sha2::{Digest, Sha256};
@@ -43,9 +44,10 @@ pub struct Artifact {
 /// Why a build produced no library.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// cargo reported errors: the diagnostics are what the user needs to see.
-    #[error("build failed:\n{diagnostics}")]
-    Failed { diagnostics: String },
+    /// cargo reported errors: the diagnostics are what the user needs to see (one line per
+    /// compiler message with its place, then the rendered text and cargo's own errors).
+    #[error("build failed:\n{}{diagnostics}", summary(messages))]
+    Failed { diagnostics: String, messages: Vec<Diagnostic> },
     /// cargo could not be run, or the files could not be read or written.
     #[error("build could not run: {0}")]
     Io(#[from] std::io::Error),
@@ -120,7 +122,7 @@ impl Compiler {
             let buildable = self.buildable(manifest).await?;
             let out = self.cargo(&buildable, &["generate-lockfile"]).await?;
             if !out.success {
-                return Err(BuildError::Failed { diagnostics: diagnostics(&out) });
+                return Err(failed(&out));
             }
             if buildable != manifest.manifest_path {
                 let lock = buildable.with_file_name("Cargo.lock");
@@ -170,13 +172,13 @@ impl Compiler {
         let clean = ["clean", "--release", "-p", &manifest.name, "--target-dir", &target_dir];
         let cleaned = self.cargo(&buildable, &clean).await?;
         if !cleaned.success {
-            return Err(BuildError::Failed { diagnostics: diagnostics(&cleaned) });
+            return Err(failed(&cleaned));
         }
         let args = ["build", "--release", "--lib", "--message-format=json", "--target-dir", &target_dir];
         let output = self.cargo(&buildable, &args).await?;
         let library = find_library(&output.stdout, &buildable);
         if !output.success {
-            return Err(BuildError::Failed { diagnostics: diagnostics(&output) });
+            return Err(failed(&output));
         }
         let library = library.ok_or(BuildError::NoLibrary)?;
         let tmp = path.with_extension("tmp");
@@ -320,6 +322,18 @@ fn find_library(messages: &[String], manifest_path: &Path) -> Option<PathBuf> {
         let suffix = format!(".{}", std::env::consts::DLL_EXTENSION);
         msg["filenames"].as_array()?.iter().filter_map(|f| f.as_str()).find(|f| f.ends_with(&suffix)).map(PathBuf::from)
     })
+}
+
+/// The error of a failed cargo run.
+fn failed(out: &CargoOutput) -> BuildError {
+    BuildError::Failed { diagnostics: diagnostics(out), messages: crate::diagnostics::from_cargo(&out.stdout) }
+}
+
+/// One summary line per error with its place (`error[E0308] src/lib.rs:4:9: …`), then a blank
+/// line; nothing when there are none.
+fn summary(messages: &[Diagnostic]) -> String {
+    let errors: Vec<String> = messages.iter().filter(|m| m.level == "error").map(Diagnostic::summary).collect();
+    if errors.is_empty() { String::new() } else { format!("{}\n\n", errors.join("\n")) }
 }
 
 /// What a user needs to see of a failed build: rustc's rendered errors, then cargo's own errors.

@@ -5,8 +5,10 @@
 //! reacts to edits of the `plugins` table. See ARCHITECTURE.md for the map.
 
 pub mod archive;
+pub mod cli;
 pub mod compiler;
 pub mod config;
+pub mod diagnostics;
 pub mod discovery;
 pub mod error_code;
 pub mod events;

@@ -15,16 +15,60 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(kiln::Config),
+    Serve(Box<kiln::Config>),
+    /// Write a new plugin crate: a typed route, its unit tests, and what lets cargo and
+    /// rust-analyzer work inside it.
+    New {
+        /// The plugin's name (1 to 64 of A-Z a-z 0-9 _ -, starting with a letter).
+        name: String,
+        /// Where to write it (default: ./NAME); it must not exist or be empty.
+        dir: Option<std::path::PathBuf>,
+        /// The kiln-types sources the crate is pointed at.
+        #[arg(long, env = "KILN_TYPES_DIR", default_value = kiln::config::DEFAULT_TYPES_DIR)]
+        types_dir: std::path::PathBuf,
+    },
+    /// Build a plugin crate as the server would, load it, and print what it would serve or why
+    /// not (exit status 1).
+    Check(kiln::cli::check::CheckArgs),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
     let cli = Cli::parse();
+    // The author's commands print their own report; the server logs.
+    let level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)))
+        .init();
     let result = match cli.command {
+        Command::New { name, dir, types_dir } => {
+            let dir = dir.unwrap_or_else(|| name.clone().into());
+            return match kiln::cli::new::write_crate(&name, &dir, &types_dir) {
+                Ok(_) => {
+                    println!("wrote plugin {name} in {}", dir.display());
+                    println!("  cd {} && cargo test      # its unit tests, through the test kit", dir.display());
+                    println!("  kiln check {}            # build and load it as the server would", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Check(args) => {
+            eprintln!("checking {} (a first build compiles its dependencies too)", args.dir.display());
+            return match kiln::cli::check::check(&args).await {
+                Ok(checked) => {
+                    print!("{}", kiln::cli::check::report(&checked));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Serve(config) if config.supervise && std::env::var_os(kiln::supervisor::CHILD_ENV).is_none() => {
             return match kiln::supervisor::run(&config.data_dir.join("loading")).await {
                 Ok(status) => exit_code(status),
@@ -34,7 +78,7 @@ async fn main() -> ExitCode {
                 }
             };
         }
-        Command::Serve(config) => kiln::run(config).await,
+        Command::Serve(config) => kiln::run(*config).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

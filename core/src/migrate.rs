@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (6, "006_storage.sql", include_str!("../../sql/006_storage.sql")),
     (7, "007_database.sql", include_str!("../../sql/007_database.sql")),
     (8, "008_events.sql", include_str!("../../sql/008_events.sql")),
+    (9, "009_build_messages.sql", include_str!("../../sql/009_build_messages.sql")),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

@@ -37,6 +37,31 @@ impl<R: RouteSink> RouteSink for Fanout<R> {
     }
 }
 
+/// Why a plugin's own routes cannot be served, whatever other plugins serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteProblem {
+    /// A malformed pattern, or a method and path declared twice (`InvalidRoute`).
+    Invalid(String),
+    /// A path of the admin API (`RouteConflict`).
+    Conflict(String),
+}
+
+/// A plugin's routes as (method, pattern), if they are sound on their own.
+pub fn own_patterns(routes: &[kiln_types::RouteDescription]) -> Result<Vec<(&str, Pattern)>, RouteProblem> {
+    let mut mine: Vec<(&str, Pattern)> = Vec::new();
+    for r in routes {
+        let p = Pattern::parse(&r.path).map_err(RouteProblem::Invalid)?;
+        if let Some(why) = p.admin_conflict() {
+            return Err(RouteProblem::Conflict(why));
+        }
+        if mine.iter().any(|(m, q)| *m == r.method && *q == p) {
+            return Err(RouteProblem::Invalid(format!("{} {} is declared twice", r.method, r.path)));
+        }
+        mine.push((r.method.as_str(), p));
+    }
+    Ok(mine)
+}
+
 /// Paths the admin API serves, as patterns.
 pub const ADMIN_PATHS: &[&str] = &[
     "/plugins",

@@ -20,6 +20,30 @@ async fn the_notes_example_keeps_its_notes_and_is_refused_kilns_tables() {
     assert_eq!(server.get("/notes/2").await.0, 404);
     assert_eq!(server.get("/notes/stats").await.1, json!({ "created": 1 }));
 
+    // Typed handlers: inputs that do not fit their types are refused before the handler runs,
+    // naming the place and the field; the schemas in the docs come from the same types.
+    let (status, wrong) = server.post("/notes", Some(json!({ "text": 7 }))).await;
+    assert_eq!((status, wrong["error"].as_str()), (400, Some("BadRequest")), "{wrong}");
+    assert_eq!(wrong["details"], json!({ "in": "body", "field": "text" }), "{wrong}");
+    let (status, wrong) = server.get("/notes/first").await;
+    assert_eq!((status, &wrong["details"]), (400, &json!({ "in": "path", "field": "id" })), "{wrong}");
+    let (status, wrong) = server.get("/notes?limit=many").await;
+    assert_eq!((status, &wrong["details"]), (400, &json!({ "in": "query", "field": "limit" })), "{wrong}");
+    assert_eq!(server.get("/notes?limit=1").await, (200, json!([note.clone()])));
+    let (_, spec) = server.get("/openapi.json").await;
+    let create = &spec["paths"]["/notes"]["post"];
+    let body = &create["requestBody"]["content"]["application/json"]["schema"];
+    assert_eq!((&body["required"], &body["properties"]["text"]["maxLength"]), (&json!(["text"]), &json!(10000)));
+    let created = &create["responses"]["201"]["content"]["application/json"]["schema"];
+    assert_eq!(created["properties"]["id"]["type"], "integer", "numbers are numbers: {create}");
+    assert!(create["responses"]["400"].is_object(), "the refusal is documented: {create}");
+    let one = &spec["paths"]["/notes/{id}"]["get"];
+    assert_eq!(one["parameters"][0]["schema"]["type"], "integer", "{one}");
+    let list = &spec["paths"]["/notes"]["get"];
+    let limit = json!({ "name": "limit", "in": "query", "required": false });
+    assert!(list["parameters"][0].as_object().unwrap().iter().all(|(k, v)| limit.get(k).is_none_or(|l| l == v)));
+    assert_eq!(list["parameters"][0]["schema"]["maximum"], 1000, "{list}");
+
     let (status, refused) = server.get("/notes/forbidden").await;
     assert_eq!((status, refused["error"].as_str()), (403, Some("TableAccessDenied")), "{refused}");
     assert!(refused["message"].as_str().unwrap().contains("permission denied for table plugins"), "{refused}");

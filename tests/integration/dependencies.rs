@@ -18,8 +18,8 @@ fn write_plugin(plugins: &Path, name: &str, deps: &[&str]) {
         deps.join(", ")
     );
     std::fs::write(dir.join("Cargo.toml"), manifest).unwrap();
-    let lock = std::fs::read_to_string(repo_root().join("plugins/hello/Cargo.lock")).unwrap();
-    std::fs::write(dir.join("Cargo.lock"), lock.replacen("name = \"hello\"", &format!("name = \"{name}\""), 1))
+    let lock = std::fs::read_to_string(repo_root().join("tests/fixtures/lifecycle/Cargo.lock")).unwrap();
+    std::fs::write(dir.join("Cargo.lock"), lock.replacen("name = \"lifecycle\"", &format!("name = \"{name}\""), 1))
         .unwrap();
     // It offers a service `whoami`, and `GET /<name>/call/{other}` calls other's `whoami`.
     let code = format!(

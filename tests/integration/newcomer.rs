@@ -102,7 +102,7 @@ async fn the_readme_plugin_and_sql_walk_through_work_verbatim() {
 #[tokio::test(flavor = "multi_thread")]
 async fn example_plugins_check_and_test_on_their_own() {
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("standalone-plugins");
-    for plugin in ["hello", "powertable"] {
+    for plugin in ["hello", "powertable", "notes", "audit"] {
         for command in ["check", "test"] {
             let out = tokio::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
                 .arg(command)

@@ -279,6 +279,16 @@ async fn load_activates_and_failed_builds_are_in_the_history() {
     let first = &builds.as_array().unwrap()[0];
     assert_eq!(first["success"], false);
     assert!(first["diagnostics"].as_str().unwrap().contains("mismatched types"), "{first}");
+    // Each error with its place, in the history and at the top of the row's error.
+    let error = first["messages"].as_array().unwrap().iter().find(|m| m["level"] == "error").expect("{first}");
+    assert_eq!(error["message"], "mismatched types", "{first}");
+    assert_eq!((&error["code"], &error["file"], &error["line"]), (&json!("E0308"), &json!("src/lib.rs"), &json!(9)));
+    assert!(error["column"].as_u64().is_some() && error["rendered"].as_str().unwrap().contains("-->"), "{error}");
+    let row = server.plugin("broken").await;
+    let lines: Vec<&str> = row["error"].as_str().unwrap().lines().collect();
+    let summary = format!("error[E0308] src/lib.rs:9:{}: mismatched types", error["column"]);
+    let at = lines.iter().position(|l| *l == summary).unwrap_or_else(|| panic!("{summary:?} not in {row}"));
+    assert!(lines.iter().position(|l| l.contains("-->")).is_some_and(|r| at < r), "places come first: {row}");
 
     server.wait_state("hello", "loaded").await;
     assert_eq!(server.post("/plugins/hello/toggle", None).await.0, 200);

@@ -29,6 +29,8 @@ async fn failing_init_panicking_init_and_abi_skew_all_roll_back() {
     assert_eq!((status, body["error"].as_str()), (422, Some("InitFailed")), "{body}");
     assert!(body["message"].as_str().unwrap().contains("panicked: lifecycle fixture: init panicked"), "{body}");
     assert_eq!(server.get("/lifecycle").await.1, "v1");
+    let row = server.plugin("lifecycle").await;
+    assert!(row["error"].as_str().unwrap().contains("(at src/lib.rs:"), "an init panic names its place: {row}");
 
     // A library speaking another ABI, under the same package name.
     let src = server.plugin_dir("lifecycle").join("src/lib.rs");

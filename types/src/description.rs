@@ -25,6 +25,19 @@ pub struct PluginDescription {
     /// The services the plugin offers the plugins that depend on it, in order; a call names
     /// its service by index.
     pub services: Vec<ServiceDescription>,
+    /// Schemas that route schemas refer to by `$ref` (`#/components/schemas/<name>`; recursive
+    /// types), named `<plugin>.<Type>`.
+    pub schemas: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// One query parameter of a route.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ParamDescription {
+    pub name: String,
+    pub required: bool,
+    /// JSON Schema of its value.
+    pub schema: serde_json::Value,
 }
 
 /// One service a plugin offers: JSON in, JSON out.
@@ -71,6 +84,8 @@ pub struct RouteDescription {
     pub responses: Vec<ResponseDescription>,
     /// JSON Schemas of path parameters, by name (default: a string).
     pub params: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The query parameters the route reads.
+    pub query: Vec<ParamDescription>,
     /// The route's deadline in milliseconds (default: the server's `--route-deadline-ms`).
     pub deadline_ms: Option<u64>,
 }

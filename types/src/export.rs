@@ -6,9 +6,9 @@
 
 use crate::abi::{self, KilnBuf, KilnHost, KilnRequest, KilnResponse, KilnStr};
 use crate::description::{PluginDescription, RouteDescription, ServiceDescription, SubscriptionDescription};
+use crate::route::{BoxHandler, Route};
 use crate::sdk::{
-    ConfigChange, Event, EventHandler, Handler, InitContext, Plugin, Request, Response, Route, Service, ServiceHandler,
-    Subscription,
+    ConfigChange, Event, EventHandler, InitContext, Plugin, Request, Response, Service, ServiceHandler, Subscription,
 };
 use std::any::Any;
 use std::ffi::c_void;
@@ -27,7 +27,7 @@ pub struct PackageInfo {
 /// the host of every call into it.
 struct Instance<P> {
     plugin: P,
-    handlers: Vec<Handler<P>>,
+    handlers: Vec<BoxHandler<P>>,
     /// Indexed like its described subscriptions.
     events: Vec<EventHandler<P>>,
     /// Indexed like its described services.
@@ -112,6 +112,42 @@ fn description<P>(
         let timeout_ms = e.timeout.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX));
         subscriptions.push(SubscriptionDescription { pattern: e.pattern.clone(), handler, timeout_ms });
     }
+    let mut schemas = std::collections::BTreeMap::new();
+    let mut routes: Vec<RouteDescription> = routes
+        .iter()
+        .map(|r| {
+            for (name, schema) in &r.docs.definitions {
+                schemas.insert(crate::schema::component_name(pkg.name, name), schema.clone());
+            }
+            RouteDescription {
+                method: r.method.to_string(),
+                path: r.path.clone(),
+                summary: r.summary.clone(),
+                handler: r.handler_name.clone(),
+                request_schema: r.docs.request_schema.clone(),
+                response_schema: r.response_schema.clone(),
+                blocking: r.blocking,
+                responses: r.docs.responses.clone(),
+                params: r.docs.params.clone(),
+                query: r.docs.query.clone(),
+                deadline_ms: r.deadline.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX)),
+            }
+        })
+        .collect();
+    if !schemas.is_empty() {
+        // Derived schemas of recursive types refer to their definitions by the type's name; in
+        // the document, the plugin's name keeps them apart from other plugins' types.
+        for schema in schemas.values_mut() {
+            crate::schema::prefix_refs(schema, pkg.name);
+        }
+        for route in &mut routes {
+            let schemas = route.request_schema.iter_mut().chain(route.params.values_mut());
+            let schemas = schemas.chain(route.query.iter_mut().map(|q| &mut q.schema));
+            for schema in schemas.chain(route.responses.iter_mut().filter_map(|r| r.schema.as_mut())) {
+                crate::schema::prefix_refs(schema, pkg.name);
+            }
+        }
+    }
     PluginDescription {
         subscriptions,
         services: services.iter().map(|s| ServiceDescription { name: s.name.clone() }).collect(),
@@ -119,21 +155,8 @@ fn description<P>(
         version: pkg.version.to_string(),
         description: pkg.description.to_string(),
         author: pkg.authors.replace(':', ", "),
-        routes: routes
-            .iter()
-            .map(|r| RouteDescription {
-                method: r.method.to_string(),
-                path: r.path.clone(),
-                summary: r.summary.clone(),
-                handler: r.handler_name.clone(),
-                request_schema: r.request_schema.clone(),
-                response_schema: r.response_schema.clone(),
-                blocking: r.blocking,
-                responses: r.responses.clone(),
-                params: r.params.clone(),
-                deadline_ms: r.deadline.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX)),
-            })
-            .collect(),
+        routes,
+        schemas,
     }
 }
 

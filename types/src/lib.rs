@@ -29,18 +29,27 @@ pub mod abi;
 pub mod description;
 #[doc(hidden)]
 pub mod export;
+mod extract;
 mod host;
+mod reply;
+mod route;
+mod schema;
 mod sdk;
+pub mod testing;
 
 pub use description::{
-    PluginDescription, ResponseDescription, RouteDescription, ServiceDescription, SubscriptionDescription,
+    ParamDescription, PluginDescription, ResponseDescription, RouteDescription, ServiceDescription,
+    SubscriptionDescription,
 };
+pub use extract::{FromRequest, Json, Path, Query};
 pub use host::{Host, HostError, Level, db, events, log, plugins, storage};
+pub use reply::{ApiError, Created, IntoResponse, NoContent};
+pub use route::{Handler, IntoHandler, Route, RouteDocs};
+pub use schemars::{self, JsonSchema};
 pub use sdk::{
-    ConfigChange, Event, EventHandler, Handler, InitContext, Plugin, Request, Response, Route, Service, ServiceHandler,
-    Subscription,
+    ConfigChange, Event, EventHandler, InitContext, Plugin, Request, Response, Service, ServiceHandler, Subscription,
 };
-pub use serde_json;
+pub use {serde, serde_json};
 
 /// Version of this crate, exported by every plugin so that skew can be reported by version.
 pub const TYPES_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,6 +1,7 @@
 //! The safe API plugin authors write against: [`Plugin`], [`Route`], [`Request`], [`Response`].
 
 use crate::abi::{KilnPair, KilnRequest, KilnStr};
+use crate::route::Route;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::ffi::c_void;
@@ -68,9 +69,6 @@ pub struct InitContext {
     /// The plugin's configuration (JSON). An empty object when none is set.
     pub config: serde_json::Value,
 }
-
-/// A request handler: a plain function of the plugin and the request.
-pub type Handler<P> = fn(&P, &Request<'_>) -> Response;
 
 /// An event handler: a plain function of the plugin and the event. An error (or a panic) is
 /// counted and logged by kiln; the event is not delivered again.
@@ -152,123 +150,6 @@ impl<'a> Event<'a> {
     }
 }
 
-/// One HTTP route: method, OpenAPI-style path (`/items/{id}`) and handler.
-pub struct Route<P> {
-    pub(crate) method: &'static str,
-    pub(crate) path: String,
-    pub(crate) handler: Handler<P>,
-    pub(crate) handler_name: String,
-    pub(crate) summary: String,
-    pub(crate) request_schema: Option<serde_json::Value>,
-    pub(crate) response_schema: Option<serde_json::Value>,
-    pub(crate) blocking: bool,
-    pub(crate) responses: Vec<crate::description::ResponseDescription>,
-    pub(crate) params: std::collections::BTreeMap<String, serde_json::Value>,
-    pub(crate) deadline: Option<std::time::Duration>,
-}
-
-impl<P> Route<P> {
-    fn new(method: &'static str, path: impl Into<String>, handler: Handler<P>) -> Self {
-        let path = path.into();
-        Self {
-            method,
-            handler_name: format!("{method} {path}"),
-            path,
-            handler,
-            summary: String::new(),
-            request_schema: None,
-            response_schema: None,
-            blocking: false,
-            responses: Vec::new(),
-            params: Default::default(),
-            deadline: None,
-        }
-    }
-
-    /// A `GET` route.
-    pub fn get(path: impl Into<String>, handler: Handler<P>) -> Self {
-        Self::new("GET", path, handler)
-    }
-
-    /// A `POST` route.
-    pub fn post(path: impl Into<String>, handler: Handler<P>) -> Self {
-        Self::new("POST", path, handler)
-    }
-
-    /// A `PUT` route.
-    pub fn put(path: impl Into<String>, handler: Handler<P>) -> Self {
-        Self::new("PUT", path, handler)
-    }
-
-    /// A `PATCH` route.
-    pub fn patch(path: impl Into<String>, handler: Handler<P>) -> Self {
-        Self::new("PATCH", path, handler)
-    }
-
-    /// A `DELETE` route.
-    pub fn delete(path: impl Into<String>, handler: Handler<P>) -> Self {
-        Self::new("DELETE", path, handler)
-    }
-
-    /// One line describing the route in the API docs.
-    pub fn summary(mut self, summary: impl Into<String>) -> Self {
-        self.summary = summary.into();
-        self
-    }
-
-    /// The handler's name, as recorded in `plugin_endpoints` (default: `METHOD path`).
-    pub fn handler_name(mut self, name: impl Into<String>) -> Self {
-        self.handler_name = name.into();
-        self
-    }
-
-    /// Marks a handler that may block (file or network I/O, sleeps, long computations). The
-    /// server then runs it on a blocking thread pool, so it cannot stall other requests.
-    /// Unmarked handlers run inline on the server's async workers: the fastest path, for
-    /// handlers that only compute briefly.
-    pub fn blocking(mut self) -> Self {
-        self.blocking = true;
-        self
-    }
-
-    /// How long the handler may take (default: the server's `--route-deadline-ms`, 30 s). Past
-    /// it the client gets 504 `Timeout`, and host calls the handler makes fail at once. kiln
-    /// cannot stop a handler in the middle: a blocking one runs on to its end on its thread (its
-    /// answer is dropped); an inline one holds its worker until it returns.
-    pub fn deadline(mut self, deadline: std::time::Duration) -> Self {
-        self.deadline = Some(deadline);
-        self
-    }
-
-    /// JSON Schema of the request body, shown in the API docs.
-    pub fn request_schema(mut self, schema: serde_json::Value) -> Self {
-        self.request_schema = Some(schema);
-        self
-    }
-
-    /// JSON Schema of the response body, shown in the API docs.
-    pub fn response_schema(mut self, schema: serde_json::Value) -> Self {
-        self.response_schema = Some(schema);
-        self
-    }
-
-    /// Documents an answer the handler gives: its status, what it means, and the JSON Schema
-    /// of its body (`None`: no body, or kiln's error shape for a 4xx or 5xx). Once any is
-    /// documented, the docs list exactly these (and the answers kiln itself may give).
-    pub fn response(mut self, status: u16, description: impl Into<String>, schema: Option<serde_json::Value>) -> Self {
-        let description = description.into();
-        self.responses.push(crate::description::ResponseDescription { status, description, schema });
-        self
-    }
-
-    /// JSON Schema of path parameter `name` in the API docs (by default a string), e.g.
-    /// `json!({"type": "integer", "minimum": 0})`.
-    pub fn param_schema(mut self, name: &str, schema: serde_json::Value) -> Self {
-        self.params.insert(name.to_string(), schema);
-        self
-    }
-}
-
 /// An HTTP request, borrowed from the server for the duration of one handler call.
 #[derive(Debug)]
 pub struct Request<'a> {
@@ -313,6 +194,14 @@ impl<'a> Request<'a> {
         let value = unsafe { find_pair(self.raw.params, self.raw.params_len, name) }?;
         // SAFETY: `from_raw`'s contract: parameter values are UTF-8.
         Some(unsafe { std::str::from_utf8_unchecked(value) })
+    }
+
+    /// Every path parameter of the matched route, as (name, value) in the path's order.
+    pub fn params(&self) -> Vec<(&'a str, &'a str)> {
+        // SAFETY: `from_raw`'s contract: `params_len` pairs of UTF-8 views that live for 'a.
+        let pairs = unsafe { pairs_of(self.raw.params, self.raw.params_len) };
+        // SAFETY: as above.
+        pairs.iter().map(|p| unsafe { (str_of(p.name), str_of(p.value)) }).collect()
     }
 
     /// A request header by name (any case), when its value is UTF-8 (`X-Name: José` is).
@@ -451,7 +340,7 @@ impl Response {
 }
 
 /// The code of an error answer by status, in the words kiln itself uses for its errors.
-fn reason(status: u16) -> &'static str {
+pub(crate) fn reason(status: u16) -> &'static str {
     match status {
         400 => "BadRequest",
         401 => "Unauthorized",

@@ -70,6 +70,13 @@ impl Docs {
         let mut doc = self.base.clone();
         let mut tags: Vec<Value> = doc["tags"].as_array().cloned().unwrap_or_default();
         for plugin in plugins {
+            // The schemas route schemas refer to (recursive types), under the plugin's own
+            // prefix only: a plugin cannot replace kiln's schemas or another plugin's.
+            let own = format!("{}.", plugin.name);
+            let schemas = plugin.schemas.iter().filter(|(name, _)| name.starts_with(&own));
+            if let Some(components) = doc["components"]["schemas"].as_object_mut() {
+                components.extend(schemas.map(|(name, schema)| (name.clone(), schema.clone())));
+            }
             tags.push(json!({ "name": plugin.name, "description": format!("Plugin {} {}: {}", plugin.name, plugin.version, plugin.description) }));
             for route in &plugin.routes {
                 let op = operation(plugin, route);
@@ -99,7 +106,7 @@ const KILN_ANSWERS: &[(u16, &str)] = &[
 /// The OpenAPI operation of one plugin route: what the plugin documents, and what kiln may
 /// answer in its place.
 fn operation(plugin: &PluginDescription, route: &kiln_types::RouteDescription) -> Value {
-    let params: Vec<Value> = route
+    let mut params: Vec<Value> = route
         .path
         .split('/')
         .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
@@ -108,6 +115,10 @@ fn operation(plugin: &PluginDescription, route: &kiln_types::RouteDescription) -
             json!({ "name": name, "in": "path", "required": true, "schema": schema })
         })
         .collect();
+    params.extend(
+        (route.query.iter())
+            .map(|q| json!({ "name": q.name, "in": "query", "required": q.required, "schema": q.schema })),
+    );
     let error = json!({ "application/json": { "schema": { "$ref": "#/components/schemas/ApiError" } } });
     let mut responses = Map::new();
     if route.responses.is_empty() {

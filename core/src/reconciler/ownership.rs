@@ -10,7 +10,7 @@
 use super::{Inner, ReconcileError};
 use crate::loader::LoadedPlugin;
 use crate::repo::PluginRow;
-use crate::routes::Pattern;
+use crate::routes::{Pattern, RouteProblem};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -49,17 +49,10 @@ impl Inner {
                 row: row.name.clone(),
             });
         }
-        let mut mine: Vec<(&str, Pattern)> = Vec::new();
-        for r in &description.routes {
-            let p = Pattern::parse(&r.path).map_err(ReconcileError::InvalidRoute)?;
-            if let Some(why) = p.admin_conflict() {
-                return Err(ReconcileError::RouteConflict(why));
-            }
-            if mine.iter().any(|(m, q)| *m == r.method && *q == p) {
-                return Err(ReconcileError::InvalidRoute(format!("{} {} is declared twice", r.method, r.path)));
-            }
-            mine.push((r.method.as_str(), p));
-        }
+        let mine = crate::routes::own_patterns(&description.routes).map_err(|e| match e {
+            RouteProblem::Invalid(why) => ReconcileError::InvalidRoute(why),
+            RouteProblem::Conflict(why) => ReconcileError::RouteConflict(why),
+        })?;
         let mut served = self.served.lock().expect("served lock");
         if self.closed.load(Ordering::SeqCst) {
             return Err(ReconcileError::ShuttingDown);

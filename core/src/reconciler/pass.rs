@@ -3,7 +3,7 @@
 
 use super::ownership::Displaced;
 use super::{Inner, Outcome, ReconcileError};
-use crate::compiler::Artifact;
+use crate::compiler::{Artifact, BuildError};
 use crate::error_code::ErrorCode;
 use crate::events::Source;
 use crate::host::HostCtx;
@@ -311,13 +311,14 @@ impl Inner {
         let started_at = chrono::Utc::now();
         let clock = std::time::Instant::now();
         let result = self.compiler.build(manifest, hash).await;
-        let diagnostics = match &result {
+        let (diagnostics, messages) = match &result {
             Ok(a) if !a.built => return Ok(a.clone()),
-            Ok(_) => None,
-            Err(e) => Some(e.to_string()),
+            Ok(_) => (None, &[][..]),
+            Err(e @ BuildError::Failed { messages, .. }) => (Some(e.to_string()), &messages[..]),
+            Err(e) => (Some(e.to_string()), &[][..]),
         };
         let ms = clock.elapsed().as_millis() as i64;
-        if let Err(e) = self.repo.record_build(id, hash, started_at, ms, diagnostics.as_deref()).await {
+        if let Err(e) = self.repo.record_build(id, hash, started_at, ms, diagnostics.as_deref(), messages).await {
             tracing::warn!(plugin = %manifest.name, "could not record the build: {e}");
         }
         Ok(result?)

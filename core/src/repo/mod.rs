@@ -124,6 +124,8 @@ pub struct BuildRecord {
     pub duration_ms: i64,
     pub success: bool,
     pub diagnostics: Option<String>,
+    /// Each compiler message of a failed build, with its place.
+    pub messages: Vec<crate::diagnostics::Diagnostic>,
 }
 
 /// Metadata of a discovered or installed plugin, written with its row when it is inserted.
@@ -281,12 +283,14 @@ impl Repo {
         started_at: DateTime<Utc>,
         duration_ms: i64,
         diagnostics: Option<&str>,
+        messages: &[crate::diagnostics::Diagnostic],
     ) -> Result<()> {
         let c = self.pool.get().await?;
+        let messages = serde_json::to_value(messages).unwrap_or_else(|_| serde_json::json!([]));
         c.execute(
-            "INSERT INTO plugin_builds (plugin_id, source_hash, started_at, duration_ms, success, diagnostics)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[&plugin_id, &source_hash, &started_at, &duration_ms, &diagnostics.is_none(), &diagnostics],
+            "INSERT INTO plugin_builds (plugin_id, source_hash, started_at, duration_ms, success, diagnostics, messages)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[&plugin_id, &source_hash, &started_at, &duration_ms, &diagnostics.is_none(), &diagnostics, &messages],
         )
         .await?;
         Ok(())
@@ -310,6 +314,7 @@ impl Repo {
                 duration_ms: r.get("duration_ms"),
                 success: r.get("success"),
                 diagnostics: r.get("diagnostics"),
+                messages: serde_json::from_value(r.get("messages")).unwrap_or_default(),
             })
             .collect())
     }

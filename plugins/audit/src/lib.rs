@@ -6,12 +6,28 @@
 //! `count` service says (`{"notes": n}`).
 
 use kiln_types::serde_json::{Value, json};
-use kiln_types::{Event, InitContext, Plugin, Request, Response, Route, Subscription, plugins};
+use kiln_types::{ApiError, Event, InitContext, Json, Plugin, Route, Subscription, plugins};
+use schemars::JsonSchema;
+use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
 /// How many events `GET /audit` shows.
 pub const KEEP: usize = 100;
+
+/// One event heard.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Heard {
+    pub topic: String,
+    /// The event's data, as published.
+    pub data: Value,
+}
+
+/// What notes' `count` service answers.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct NoteCount {
+    pub notes: i64,
+}
 
 pub struct Audit {
     heard: Mutex<VecDeque<(String, Value)>>,
@@ -27,26 +43,8 @@ impl Plugin for Audit {
             Route::get("/audit/notes", Self::notes)
                 .blocking()
                 .summary("How many notes there are, as the notes plugin's count service says")
-                .response(
-                    200,
-                    "The count",
-                    Some(json!({
-                        "type": "object",
-                        "required": ["notes"],
-                        "properties": { "notes": { "type": "integer" } }
-                    })),
-                )
                 .response(409, "The notes plugin does not serve now, or its service failed", None),
-            Route::get("/audit", Self::list).summary("The last 100 events heard, oldest first").response_schema(
-                json!({
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["topic", "data"],
-                        "properties": { "topic": { "type": "string" }, "data": {} }
-                    }
-                }),
-            ),
+            Route::get("/audit", Self::list).summary("The last 100 events heard, oldest first"),
         ]
     }
 
@@ -69,21 +67,19 @@ impl Audit {
 
     /// 409 when notes cannot answer: the request is fine, the state it depends on is not
     /// (`DependencyUnavailable` while notes does not serve).
-    fn notes(&self, _: &Request) -> Response {
-        match plugins::call("notes", "count", &json!({})) {
-            Ok(answer) => Response::json(200, &answer),
-            Err(e) => {
-                let code = e.code().unwrap_or("DependencyUnavailable").to_string();
-                let message = format!("the notes plugin did not answer: {e}");
-                Response::json(409, &json!({ "error": code, "message": message, "details": {} }))
-            }
-        }
+    fn notes(&self) -> Result<Json<NoteCount>, ApiError> {
+        let refused = |message: String| ApiError::conflict(message).with_code("DependencyUnavailable");
+        let answer = plugins::call("notes", "count", &json!({})).map_err(|e| {
+            let code = e.code().unwrap_or("DependencyUnavailable").to_string();
+            refused(format!("the notes plugin did not answer: {e}")).with_code(code)
+        })?;
+        let notes = answer["notes"].as_i64().ok_or_else(|| refused(format!("notes answered {answer}")))?;
+        Ok(Json(NoteCount { notes }))
     }
 
-    fn list(&self, _: &Request) -> Response {
+    fn list(&self) -> Json<Vec<Heard>> {
         let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
-        let events: Vec<Value> = heard.iter().map(|(topic, data)| json!({ "topic": topic, "data": data })).collect();
-        Response::json(200, &events)
+        Json(heard.iter().map(|(topic, data)| Heard { topic: topic.clone(), data: data.clone() }).collect())
     }
 }
 
@@ -106,5 +102,22 @@ mod tests {
         assert_eq!(heard.back().unwrap().1["n"], KEEP + 4);
         drop(heard);
         assert!(audit.heard(&Event::new("orders.created", b"not json")).is_err());
+    }
+
+    #[test]
+    fn answers_what_it_heard_and_what_notes_counts() {
+        use kiln_types::testing::TestPlugin;
+        let audit = TestPlugin::<Audit>::new().unwrap();
+        audit.event("notes.created", &json!({ "id": 1 })).unwrap();
+        audit.event("unrelated.topic", &json!({})).unwrap();
+        let heard = audit.get("/audit").send().json::<Value>().unwrap();
+        assert_eq!(heard, json!([{ "topic": "notes.created", "data": { "id": 1 } }]));
+        let refused = audit.get("/audit/notes").send();
+        assert_eq!(refused.status, 409, "{}", refused.text());
+        audit.on_host_call("plugin.call", |args| {
+            assert_eq!((args["plugin"].as_str(), args["service"].as_str()), (Some("notes"), Some("count")));
+            Ok(json!({ "answer": { "notes": 3 } }))
+        });
+        assert_eq!(audit.get("/audit/notes").send().json::<Value>().unwrap(), json!({ "notes": 3 }));
     }
 }

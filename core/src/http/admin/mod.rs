@@ -234,6 +234,7 @@ impl AdminApi {
                     duration_ms: b.duration_ms,
                     success: b.success,
                     diagnostics: b.diagnostics,
+                    messages: b.messages.into_iter().map(Into::into).collect(),
                 })
                 .collect(),
         ))

@@ -261,9 +261,41 @@ pub struct Build {
     pub started_at: DateTime<Utc>,
     pub duration_ms: i64,
     pub success: bool,
-    /// The compiler's diagnostics, for a failed build.
+    /// The compiler's diagnostics, for a failed build: a line per error with its place, then
+    /// rustc's rendering and cargo's own errors.
     #[oai(nullable)]
     pub diagnostics: Option<String>,
+    /// Each error and warning of a failed build, with its place.
+    pub messages: Vec<BuildMessage>,
+}
+
+/// One compiler message of a failed build.
+#[derive(Debug, Object)]
+pub struct BuildMessage {
+    /// `error` or `warning`.
+    pub level: String,
+    pub message: String,
+    /// rustc's code (`E0308`).
+    #[oai(nullable)]
+    pub code: Option<String>,
+    /// The file, relative to the plugin crate.
+    #[oai(nullable)]
+    pub file: Option<String>,
+    /// 1-based.
+    #[oai(nullable)]
+    pub line: Option<u32>,
+    /// 1-based.
+    #[oai(nullable)]
+    pub column: Option<u32>,
+    /// rustc's own rendering of it.
+    pub rendered: String,
+}
+
+impl From<crate::diagnostics::Diagnostic> for BuildMessage {
+    fn from(d: crate::diagnostics::Diagnostic) -> Self {
+        let crate::diagnostics::Diagnostic { level, message, code, file, line, column, rendered } = d;
+        Self { level, message, code, file, line, column, rendered }
+    }
 }
 
 /// What a discovery pass found.

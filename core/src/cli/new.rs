@@ -1,0 +1,93 @@
+//! `kiln new NAME [DIR]`: a plugin crate that builds, serves and passes its own tests at once.
+
+use crate::manifest::validate_name;
+use crate::routes::ADMIN_ROOTS;
+use std::path::{Path, PathBuf};
+
+const CARGO_TOML: &str = include_str!("template/Cargo.toml.txt");
+const LIB_RS: &str = include_str!("template/lib.rs.txt");
+const CARGO_CONFIG: &str = include_str!("template/cargo-config.toml.txt");
+
+/// Why no crate was written.
+#[derive(Debug, thiserror::Error)]
+pub enum NewError {
+    #[error("{0}")]
+    InvalidName(String),
+    #[error("{} exists and is not empty: choose another directory", .0.display())]
+    NotEmpty(PathBuf),
+    #[error("could not write the crate: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Writes plugin crate `name` into `dir` (which must not exist, or be empty), its
+/// `kiln-types` dependency pointed at `types_dir`. Returns the files written.
+pub fn write_crate(name: &str, dir: &Path, types_dir: &Path) -> Result<Vec<PathBuf>, NewError> {
+    validate_name(name).map_err(NewError::InvalidName)?;
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(NewError::InvalidName(format!(
+            "invalid plugin name {name:?}: cargo refuses a name that starts with a digit"
+        )));
+    }
+    if ADMIN_ROOTS.contains(&name) {
+        return Err(NewError::InvalidName(format!("invalid plugin name {name:?}: /{name} is kiln's own path")));
+    }
+    if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
+        return Err(NewError::NotEmpty(dir.to_path_buf()));
+    }
+    let types_dir = std::path::absolute(types_dir)?;
+    let types = toml::Value::String(types_dir.to_string_lossy().into_owned()).to_string();
+    let files = [
+        ("Cargo.toml", CARGO_TOML.replace("__NAME__", name)),
+        ("src/lib.rs", LIB_RS.replace("__NAME__", name).replace("__TYPE__", &type_name(name))),
+        (".cargo/config.toml", CARGO_CONFIG.replace("__TYPES__", &types)),
+        (".gitignore", "/target\n".to_string()),
+    ];
+    let mut written = Vec::new();
+    for (file, content) in files {
+        let path = dir.join(file);
+        std::fs::create_dir_all(path.parent().unwrap_or(dir))?;
+        std::fs::write(&path, content)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// The plugin type's name: `my-plugin` → `MyPlugin`.
+fn type_name(name: &str) -> String {
+    name.split(['-', '_'])
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let mut chars = part.chars();
+            chars.next().map(|c| c.to_ascii_uppercase()).into_iter().chain(chars).collect::<String>()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_become_type_names() {
+        assert_eq!(type_name("hello2"), "Hello2");
+        assert_eq!(type_name("my-plugin_x"), "MyPluginX");
+        assert_eq!(type_name("a--b"), "AB");
+    }
+
+    #[test]
+    fn refuses_bad_names_and_full_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let types = Path::new(crate::config::DEFAULT_TYPES_DIR);
+        for bad in ["", "a b", "9lives", "plugins", "../x"] {
+            assert!(matches!(write_crate(bad, &root.path().join("x"), types), Err(NewError::InvalidName(_))), "{bad}");
+        }
+        std::fs::write(root.path().join("taken"), "").unwrap();
+        assert!(matches!(write_crate("ok", root.path(), types), Err(NewError::NotEmpty(_))));
+        let written = write_crate("ok", &root.path().join("ok"), types).unwrap();
+        assert_eq!(written.len(), 4);
+        let config = std::fs::read_to_string(root.path().join("ok/.cargo/config.toml")).unwrap();
+        let patch: toml::Value = toml::from_str(&config).unwrap();
+        let path = patch["patch"]["crates-io"]["kiln-types"]["path"].as_str().unwrap();
+        assert!(Path::new(path).is_absolute() && Path::new(path).join("Cargo.toml").exists(), "{path}");
+    }
+}

@@ -1,0 +1,118 @@
+//! The plugin author's loop: `kiln new` writes a crate that tests, checks and serves at once;
+//! `kiln check` reports what would serve or what is wrong; a plugin written against the SDK of
+//! an earlier kiln still compiles and serves.
+
+use crate::support::{TestServer, repo_root};
+use serde_json::json;
+use std::path::Path;
+use std::process::Output;
+
+/// Runs the `kiln` binary with `args` in `dir`.
+async fn kiln(dir: &Path, args: &[&str]) -> Output {
+    let build = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-plugin-build");
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir)
+        .env("KILN_BUILD_DIR", build)
+        .output()
+        .await
+        .expect("run kiln")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_plugin_tests_checks_and_serves_at_once() {
+    let server = TestServer::start(&[]).await;
+    let work = server.root.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+
+    let out = kiln(&work, &["new", "hello2"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let dir = work.join("hello2");
+    let refused = kiln(&work, &["new", "hello2"]).await;
+    assert_eq!(refused.status.code(), Some(1), "a second `new` into the same place: {}", text(&refused));
+    assert!(text(&refused).contains("not empty"), "{}", text(&refused));
+    let bad = kiln(&work, &["new", "no way"]).await;
+    assert!(text(&bad).contains("invalid plugin name"), "{}", text(&bad));
+
+    // Its own tests pass inside it, with nothing but what `kiln new` wrote.
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("standalone-plugins");
+    let tested = tokio::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .arg("test")
+        .current_dir(&dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .await
+        .expect("run cargo test");
+    assert!(tested.status.success(), "cargo test in a new plugin: {}", text(&tested));
+    assert!(text(&tested).contains("2 passed"), "{}", text(&tested));
+
+    // `kiln check` builds and loads it as the server would, and says what it serves.
+    let checked = kiln(&dir, &["check"]).await;
+    assert!(checked.status.success(), "{}", text(&checked));
+    let report = String::from_utf8_lossy(&checked.stdout);
+    assert!(report.contains("hello2 0.1.0: builds and loads"), "{report}");
+    assert!(report.contains("route GET /hello2/hello/{who}"), "{report}");
+
+    // A mistake: the compiler's diagnostics, and exit status 1.
+    let lib = dir.join("src/lib.rs");
+    let good = std::fs::read_to_string(&lib).unwrap();
+    std::fs::write(&lib, good.replace("Json(Greeting { message", "Json(Greeting { mesage")).unwrap();
+    let broken = kiln(&dir, &["check", "."]).await;
+    assert_eq!(broken.status.code(), Some(1), "{}", text(&broken));
+    assert!(text(&broken).contains("no field named `mesage`"), "{}", text(&broken));
+    assert!(text(&broken).contains("src/lib.rs"), "{}", text(&broken));
+    std::fs::write(&lib, good).unwrap();
+
+    // Its row serves it; its typed schemas are in the live document.
+    let db = server.sql().await;
+    db.execute("INSERT INTO plugins (name, source_path) VALUES ('hello2', $1)", &[&dir.to_string_lossy().as_ref()])
+        .await
+        .unwrap();
+    server.wait_state("hello2", "loaded").await;
+    assert_eq!(server.get("/hello2/hello/kiln").await, (200, json!({ "message": "hello, kiln" })));
+    let (status, wrong) = server.post("/hello2/echo", Some(json!({ "text": ["not", "text"] }))).await;
+    assert_eq!((status, &wrong["details"]), (400, &json!({ "in": "body", "field": "text" })), "{wrong}");
+    let (_, spec) = server.get("/openapi.json").await;
+    let echo = &spec["paths"]["/hello2/echo"]["post"];
+    let body = &echo["requestBody"]["content"]["application/json"]["schema"];
+    assert_eq!((&body["required"], &body["properties"]["text"]["maxLength"]), (&json!(["text"]), &json!(100)));
+    assert!(echo["responses"]["200"]["content"].is_object() && echo["responses"]["422"].is_object(), "{echo}");
+}
+
+/// The fixture `frozen_sdk` is written against the SDK as it was before typed handlers, and is
+/// never edited: it must build and serve as it did.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_written_for_an_earlier_sdk_still_serves() {
+    let server = TestServer::start(&["frozen_sdk"]).await;
+    server.wait_state("frozen_sdk", "loaded").await;
+    let resp = server.http.get(server.url("/frozen/ann?q=1&r")).header("x-test", "yes").send().await.unwrap();
+    assert_eq!(resp.headers()["x-frozen"], "1");
+    let echoed: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        echoed,
+        json!({
+            "greeting": "hello", "method": "GET", "path": "/frozen/ann", "name": "ann", "q": "1",
+            "query": "q=1&r", "x_test": "yes", "x_test_bytes": 3, "has_headers": true,
+        })
+    );
+    assert_eq!(server.post("/frozen", Some(json!({ "a": 1 }))).await, (200, json!({ "a": 1 })));
+    assert_eq!(server.send_delete("/frozen").await, (410, json!("gone")));
+    assert_eq!(server.post("/events/frozen.poked", Some(json!({}))).await.0, 202);
+    server
+        .wait_until("the event is heard", crate::support::EDIT_DEADLINE, || async {
+            let (_, calls) = server.put("/frozen", json!({})).await;
+            calls["heard"].as_array().is_some_and(|h| h.iter().any(|t| t == "frozen.poked"))
+        })
+        .await;
+    let (status, calls) = server.put("/frozen", json!({})).await;
+    assert_eq!((status, &calls["stored"], &calls["emitted"]), (200, &json!(1), &json!(true)), "{calls}");
+    assert_eq!(calls["called"], "DependencyNotDeclared", "{calls}");
+    let (status, _) = server.put("/plugins/frozen_sdk/config", json!({ "greeting": "hi" })).await;
+    assert_eq!(status, 200);
+    assert_eq!(server.get("/frozen/x").await.1["greeting"], "hi");
+    assert!(repo_root().join("CHANGELOG.md").exists(), "SDK changes are recorded for authors");
+}
