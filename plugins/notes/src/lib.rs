@@ -67,7 +67,10 @@ impl Notes {
     }
 
     fn list(&self, Query(page): Query<Page>) -> Result<Json<Vec<Note>>, ApiError> {
-        let limit = page.limit.unwrap_or(1000).min(1000);
+        let limit = page.limit.unwrap_or(1000);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::bad_request("limit: 1 to 1000"));
+        }
         let rows = db::query("SELECT id, text FROM notes ORDER BY id LIMIT $1", &[json!(limit)])?;
         rows.into_iter().map(|r| row(Some(r))).collect::<Result<_, _>>().map(Json)
     }
@@ -142,5 +145,6 @@ mod tests {
         let wrong = notes.post("/notes").json(&json!({ "text": 5 })).send();
         assert_eq!((wrong.status, wrong.error_details()["field"].as_str()), (400, Some("text")));
         assert_eq!(notes.get("/notes/x").send().status, 400);
+        assert_eq!(notes.get("/notes?limit=0").send().status, 400, "the documented range is enforced");
     }
 }
