@@ -7,8 +7,8 @@
 //!   sharing the target directory.
 //! - Every build is copied to a content-addressed `<name>-<hash>.so` (dlopen caches by path, so a
 //!   loaded file must never be overwritten) and a build whose hash already has a library is skipped.
-//! - The plugin's `kiln-types` dependency is patched to this server's own copy, and panics are
-//!   forced to unwind (the plugin's exports must catch them; `panic = "abort"` would kill the host).
+//! - The plugin's `kiln-types` dependency is patched to this server's own copy, panics are
+//!   forced to unwind, and the plugin crate compiles incrementally (see [`PROFILE`]).
 
 use crate::diagnostics::Diagnostic;
 use crate::manifest::Manifest;
@@ -27,6 +27,14 @@ use walkdir::WalkDir;
 const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 /// Most bytes of diagnostics kept for a failed build.
 const MAX_DIAGNOSTICS: usize = 16 * 1024;
+
+/// How every plugin is built, on top of its own release profile:
+/// - panics unwind (the plugin's exports must catch them; `panic = "abort"` would kill the host);
+/// - the plugin crate compiles incrementally, and without the crate-local ThinLTO pass: a
+///   one-line change recompiles what it touched, in a fraction of a full optimized build
+///   (measured in the bench: "one-line change → serving"). Dependencies are optimized as usual.
+const PROFILE: [&str; 3] =
+    ["profile.release.panic=\"unwind\"", "profile.release.incremental=true", "profile.release.lto=\"off\""];
 
 /// A plugin library ready to load.
 #[derive(Debug, Clone)]
@@ -73,6 +81,8 @@ pub struct Compiler {
     builds: std::sync::atomic::AtomicU64,
     /// Libraries a pass in progress is about to build or open: garbage collection keeps them.
     pinned: Arc<Mutex<HashMap<PathBuf, usize>>>,
+    /// Manifests known to be workspaces of their own (built in place, not staged).
+    own_workspace: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 /// Keeps a library out of garbage collection while it lives (see [`Compiler::pin`]).
@@ -110,6 +120,7 @@ impl Compiler {
             queue: Default::default(),
             builds: Default::default(),
             pinned: Default::default(),
+            own_workspace: Default::default(),
         })
     }
 
@@ -163,20 +174,30 @@ impl Compiler {
         self.builds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(plugin = %manifest.name, "compiling");
         let target_dir = self.target_dir.to_string_lossy();
-        // Our content hash decides that a build is needed, not cargo's freshness check: cargo
-        // hashes a standalone crate relative to its own root, so two copies of one package share
-        // fingerprints, and it compares mtimes, so sources with old mtimes (an archive, a
-        // checkout) can look "fresh" and yield a stale library. Cleaning only this package keeps
-        // the shared dependencies built.
-        let buildable = self.buildable(manifest).await?;
-        let clean = ["clean", "--release", "-p", &manifest.name, "--target-dir", &target_dir];
-        let cleaned = self.cargo(&buildable, &clean).await?;
-        if !cleaned.success {
-            return Err(failed(&cleaned));
+        let build = ["build", "--release", "--lib", "--message-format=json", "--target-dir", &target_dir];
+        let mut buildable = self.buildable(manifest).await?;
+        let mut output = self.cargo(&buildable, &build).await?;
+        if !output.success && staging::is_foreign_workspace_error(&output.stderr) {
+            // It was moved into someone else's workspace since we last looked.
+            self.own_workspace.lock().expect("workspace cache lock").remove(&manifest.manifest_path);
+            buildable = self.buildable(manifest).await?;
+            output = self.cargo(&buildable, &build).await?;
         }
-        let args = ["build", "--release", "--lib", "--message-format=json", "--target-dir", &target_dir];
-        let output = self.cargo(&buildable, &args).await?;
-        let library = find_library(&output.stdout, &buildable);
+        // Our content hash decides that a build is needed, and cargo's freshness check decides
+        // what to recompile (incrementally: see `PROFILE`). When cargo finds the crate fresh
+        // although its content hash is new, its judgement rests on mtimes (sources with old
+        // mtimes from an archive or a checkout look fresh) or on fingerprints that two copies of
+        // one package share (cargo hashes a standalone crate relative to its own root): then
+        // only this package is cleaned, keeping the shared dependencies, and built again.
+        if output.success && find_library(&output.stdout, &buildable).is_some_and(|(_, fresh)| fresh) {
+            let clean = ["clean", "--release", "-p", &manifest.name, "--target-dir", &target_dir];
+            let cleaned = self.cargo(&buildable, &clean).await?;
+            if !cleaned.success {
+                return Err(failed(&cleaned));
+            }
+            output = self.cargo(&buildable, &build).await?;
+        }
+        let library = find_library(&output.stdout, &buildable).map(|(library, _)| library);
         if !output.success {
             return Err(failed(&output));
         }
@@ -218,10 +239,18 @@ impl Compiler {
 
     /// The manifest cargo builds for this plugin: its own, or that of a staged copy when the
     /// crate lies inside a workspace that does not include it (see [`staging`]).
+    /// The answer for a crate that is a workspace of its own is remembered (a probe is a cargo
+    /// run); a build that finds it moved into a foreign workspace forgets it.
     async fn buildable(&self, manifest: &Manifest) -> Result<PathBuf, BuildError> {
+        if self.own_workspace.lock().expect("workspace cache lock").contains(&manifest.manifest_path) {
+            return Ok(manifest.manifest_path.clone());
+        }
         let probe = ["locate-project", "--workspace", "--message-format", "plain"];
         let out = self.cargo(&manifest.manifest_path, &probe).await?;
         if out.success || !staging::is_foreign_workspace_error(&out.stderr) {
+            if out.success {
+                self.own_workspace.lock().expect("workspace cache lock").insert(manifest.manifest_path.clone());
+            }
             return Ok(manifest.manifest_path.clone());
         }
         let dest = self.target_dir.join("kiln-staging").join(&manifest.name);
@@ -240,8 +269,7 @@ impl Compiler {
             .arg(manifest_path)
             .arg("--config")
             .arg(patch)
-            .arg("--config")
-            .arg("profile.release.panic=\"unwind\"")
+            .args(PROFILE.iter().flat_map(|setting| ["--config", setting]))
             .current_dir(manifest_path.parent().unwrap_or(Path::new("/")))
             .env_remove("CARGO_TARGET_DIR")
             .env_remove("CARGO_BUILD_TARGET_DIR")
@@ -310,7 +338,7 @@ fn is_artifact_of(path: &Path, name: &str) -> bool {
 }
 
 /// The cdylib cargo produced for the crate at `manifest_path`, from its JSON messages.
-fn find_library(messages: &[String], manifest_path: &Path) -> Option<PathBuf> {
+fn find_library(messages: &[String], manifest_path: &Path) -> Option<(PathBuf, bool)> {
     messages.iter().rev().find_map(|line| {
         let msg: serde_json::Value = serde_json::from_str(line).ok()?;
         if msg["reason"] != "compiler-artifact" || Path::new(msg["manifest_path"].as_str()?) != manifest_path {
@@ -320,7 +348,8 @@ fn find_library(messages: &[String], manifest_path: &Path) -> Option<PathBuf> {
             return None;
         }
         let suffix = format!(".{}", std::env::consts::DLL_EXTENSION);
-        msg["filenames"].as_array()?.iter().filter_map(|f| f.as_str()).find(|f| f.ends_with(&suffix)).map(PathBuf::from)
+        let library = msg["filenames"].as_array()?.iter().filter_map(|f| f.as_str()).find(|f| f.ends_with(&suffix))?;
+        Some((PathBuf::from(library), msg["fresh"] == true))
     })
 }
 
@@ -426,10 +455,10 @@ mod tests {
     fn library_is_found_in_cargo_messages() {
         let msgs = vec![
             r#"{"reason":"compiler-artifact","manifest_path":"/other/Cargo.toml","target":{"kind":["cdylib"]},"filenames":["/t/libother.so"]}"#.to_string(),
-            r#"{"reason":"compiler-artifact","manifest_path":"/p/Cargo.toml","target":{"kind":["cdylib","rlib"]},"filenames":["/t/libp.so","/t/libp.rlib"]}"#.to_string(),
+            r#"{"reason":"compiler-artifact","manifest_path":"/p/Cargo.toml","target":{"kind":["cdylib","rlib"]},"filenames":["/t/libp.so","/t/libp.rlib"],"fresh":true}"#.to_string(),
             r#"{"reason":"build-finished","success":true}"#.to_string(),
         ];
-        assert_eq!(find_library(&msgs, Path::new("/p/Cargo.toml")), Some(PathBuf::from("/t/libp.so")));
+        assert_eq!(find_library(&msgs, Path::new("/p/Cargo.toml")), Some((PathBuf::from("/t/libp.so"), true)));
         assert_eq!(find_library(&msgs, Path::new("/q/Cargo.toml")), None);
     }
 }

@@ -116,3 +116,20 @@ async fn a_plugin_written_for_an_earlier_sdk_still_serves() {
     assert_eq!(server.get("/frozen/x").await.1["greeting"], "hi");
     assert!(repo_root().join("CHANGELOG.md").exists(), "SDK changes are recorded for authors");
 }
+
+/// cargo compiles incrementally, and judges freshness by mtimes: an edit whose file carries an
+/// older mtime than the last build (restored from an archive, a checkout) must still be built.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edit_with_an_old_mtime_is_built_all_the_same() {
+    let server = TestServer::start(&["hello"]).await;
+    server.wait_state("hello", "loaded").await;
+    assert_eq!(server.get("/hello/ann").await.1["message"], "hello, ann");
+    let lib = server.plugin_dir("hello").join("src/lib.rs");
+    let code = std::fs::read_to_string(&lib).unwrap();
+    std::fs::write(&lib, code.replace("format!(\"hello, {who}\")", "format!(\"hi, {who}\")")).unwrap();
+    let past = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(946_684_800); // 2000
+    std::fs::File::options().write(true).open(&lib).unwrap().set_modified(past).unwrap();
+    let (status, row) = server.post("/plugins/hello/reload", None).await;
+    assert_eq!(status, 200, "{row}");
+    assert_eq!(server.get("/hello/ann").await.1["message"], "hi, ann", "the old library was served again");
+}
