@@ -55,9 +55,20 @@ pub struct Kiln {
 impl Kiln {
     /// Starts a server and waits until it answers (migrations done).
     pub async fn start(root: &Path, plugin_dirs: Vec<PathBuf>, db_url: &str) -> anyhow::Result<Self> {
+        Self::start_with(root, plugin_dirs, db_url, |_| {}).await
+    }
+
+    /// As [`Kiln::start`], with settings adjusted by `tweak`.
+    pub async fn start_with(
+        root: &Path,
+        plugin_dirs: Vec<PathBuf>,
+        db_url: &str,
+        tweak: impl FnOnce(&mut kiln::Config),
+    ) -> anyhow::Result<Self> {
         let mut config = kiln::Config::under(root, db_url.to_string());
         config.plugin_dirs = plugin_dirs;
         config.build_dir = repo_root().join("target/kiln-bench-build");
+        tweak(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {

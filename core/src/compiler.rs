@@ -8,7 +8,7 @@
 //! - Every build is copied to a content-addressed `<name>-<hash>.so` (dlopen caches by path, so a
 //!   loaded file must never be overwritten) and a build whose hash already has a library is skipped.
 //! - The plugin's `kiln-types` dependency is patched to this server's own copy, panics are
-//!   forced to unwind, and the plugin crate compiles incrementally (see [`PROFILE`]).
+//!   forced to unwind, and the plugin crate compiles incrementally (see [`BuildProfile`]).
 
 use crate::diagnostics::Diagnostic;
 use crate::manifest::Manifest;
@@ -28,13 +28,31 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 /// Most bytes of diagnostics kept for a failed build.
 const MAX_DIAGNOSTICS: usize = 16 * 1024;
 
-/// How every plugin is built, on top of its own release profile:
-/// - panics unwind (the plugin's exports must catch them; `panic = "abort"` would kill the host);
-/// - the plugin crate compiles incrementally, and without the crate-local ThinLTO pass: a
-///   one-line change recompiles what it touched, in a fraction of a full optimized build
-///   (measured in the bench: "one-line change → serving"). Dependencies are optimized as usual.
-const PROFILE: [&str; 3] =
-    ["profile.release.panic=\"unwind\"", "profile.release.incremental=true", "profile.release.lto=\"off\""];
+/// How plugins are built, on top of their own release profile. Both compile the plugin crate
+/// incrementally (dependencies are built once, optimized as usual) and force panics to unwind
+/// (the plugin's exports must catch them; `panic = "abort"` would kill the host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BuildProfile {
+    /// Optimized as a release build is (crate-local ThinLTO included): a one-line change of
+    /// powertable rebuilds in about 0.7 s on 2 cores, and its handlers run as fast as those of
+    /// a clean release build.
+    #[default]
+    Optimized,
+    /// Without the crate-local ThinLTO pass: a one-line change rebuilds in about 0.45 s, and a
+    /// handler call costs about 0.4 µs more (less inlining). For the author's loop.
+    Fast,
+}
+
+impl BuildProfile {
+    /// cargo `--config` settings.
+    fn settings(self) -> &'static [&'static str] {
+        const BASE: [&str; 2] = ["profile.release.panic=\"unwind\"", "profile.release.incremental=true"];
+        match self {
+            Self::Optimized => &BASE,
+            Self::Fast => &[BASE[0], BASE[1], "profile.release.lto=\"off\""],
+        }
+    }
+}
 
 /// A plugin library ready to load.
 #[derive(Debug, Clone)]
@@ -83,6 +101,7 @@ pub struct Compiler {
     pinned: Arc<Mutex<HashMap<PathBuf, usize>>>,
     /// Manifests known to be workspaces of their own (built in place, not staged).
     own_workspace: Mutex<std::collections::HashSet<PathBuf>>,
+    profile: BuildProfile,
 }
 
 /// Keeps a library out of garbage collection while it lives (see [`Compiler::pin`]).
@@ -105,12 +124,19 @@ impl Drop for Pin {
 }
 
 impl Compiler {
-    /// A compiler writing libraries to `bin_dir` and building in `target_dir`.
-    pub fn new(target_dir: PathBuf, bin_dir: PathBuf, types_dir: PathBuf) -> std::io::Result<Self> {
+    /// A compiler writing libraries to `bin_dir` and building in `target_dir` with `profile`.
+    pub fn new(
+        target_dir: PathBuf,
+        bin_dir: PathBuf,
+        types_dir: PathBuf,
+        profile: BuildProfile,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(&target_dir)?;
         std::fs::create_dir_all(&bin_dir)?;
         let mut h = Sha256::new();
         h.update(kiln_types::abi::ABI_VERSION.to_le_bytes());
+        // The profile is part of what decides the library (and of its file name).
+        h.update(profile.settings().join("\n").as_bytes());
         h.update(hash_tree(&types_dir)?.as_bytes());
         Ok(Self {
             target_dir,
@@ -121,6 +147,7 @@ impl Compiler {
             builds: Default::default(),
             pinned: Default::default(),
             own_workspace: Default::default(),
+            profile,
         })
     }
 
@@ -184,7 +211,7 @@ impl Compiler {
             output = self.cargo(&buildable, &build).await?;
         }
         // Our content hash decides that a build is needed, and cargo's freshness check decides
-        // what to recompile (incrementally: see `PROFILE`). When cargo finds the crate fresh
+        // what to recompile (incrementally: see `BuildProfile`). When cargo finds the crate fresh
         // although its content hash is new, its judgement rests on mtimes (sources with old
         // mtimes from an archive or a checkout look fresh) or on fingerprints that two copies of
         // one package share (cargo hashes a standalone crate relative to its own root): then
@@ -269,7 +296,7 @@ impl Compiler {
             .arg(manifest_path)
             .arg("--config")
             .arg(patch)
-            .args(PROFILE.iter().flat_map(|setting| ["--config", setting]))
+            .args(self.profile.settings().iter().flat_map(|setting| ["--config", *setting]))
             .current_dir(manifest_path.parent().unwrap_or(Path::new("/")))
             .env_remove("CARGO_TARGET_DIR")
             .env_remove("CARGO_BUILD_TARGET_DIR")

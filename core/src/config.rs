@@ -33,6 +33,11 @@ pub struct Config {
     #[arg(long, env = "KILN_BUILD_DIR", default_value = ".kiln/build")]
     pub build_dir: PathBuf,
 
+    /// How plugins are built: `optimized` (as a release build), or `fast` (a one-line change
+    /// serves sooner, handlers run slower: for the author's loop).
+    #[arg(long, env = "KILN_BUILD_PROFILE", value_enum, default_value = "optimized")]
+    pub build_profile: crate::compiler::BuildProfile,
+
     /// Where plugins installed by upload are unpacked, one directory each.
     #[arg(long, env = "KILN_INSTALL_DIR", default_value = ".kiln/installed")]
     pub install_dir: PathBuf,
@@ -107,6 +112,7 @@ impl Config {
             config_file: None,
             bin_dir: root.join("bin"),
             build_dir: root.join("build"),
+            build_profile: Default::default(),
             install_dir: root.join("installed"),
             admin_token: None,
             data_dir: root.join("data"),

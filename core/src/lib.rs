@@ -68,8 +68,9 @@ pub async fn serve(
     repo.reset_observed().await.context("resetting observed state")?;
     discovery::record(&repo, &config.plugin_dirs, &policy).await.context("recording discovered plugins")?;
 
-    let compiler = Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone())
-        .context("preparing the build directories")?;
+    let compiler =
+        Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone(), config.build_profile)
+            .context("preparing the build directories")?;
     let logs: Arc<host::logs::LogStore> = Default::default();
     let limits = http::Limits {
         max_body: config.max_body,

@@ -19,6 +19,9 @@ pub struct CheckArgs {
     /// Where cargo builds (default: `target/kiln` in the crate).
     #[arg(long, env = "KILN_BUILD_DIR")]
     pub build_dir: Option<PathBuf>,
+    /// How plugins are built (as `kiln serve` takes it).
+    #[arg(long, env = "KILN_BUILD_PROFILE", value_enum, default_value = "optimized")]
+    pub build_profile: crate::compiler::BuildProfile,
     /// The kiln-types sources plugins are built against.
     #[arg(long, env = "KILN_TYPES_DIR", default_value = crate::config::DEFAULT_TYPES_DIR)]
     pub types_dir: PathBuf,
@@ -57,7 +60,8 @@ pub async fn check(args: &CheckArgs) -> Result<Checked, CheckError> {
     let build_dir = std::path::absolute(build_dir)?;
     // The server's build directory works too (`--build-dir`, as `kiln serve` takes it): its
     // dependencies are built already.
-    let compiler = Compiler::new(build_dir.clone(), build_dir.join("kiln-check"), args.types_dir.clone())?;
+    let compiler =
+        Compiler::new(build_dir.clone(), build_dir.join("kiln-check"), args.types_dir.clone(), args.build_profile)?;
     let hash = compiler.source_hash(&manifest).await?;
     let artifact = compiler.build(&manifest, &hash).await?;
     let (library, config) = (artifact.path.clone(), args.config.clone().into_bytes());
