@@ -157,6 +157,26 @@ fn unreadable_or_too_large(e: std::io::Error, cap: u64) -> ArchiveError {
     }
 }
 
+/// Packs the crate in `dir` as a `.tar.gz` whose entries lie under one directory named `prefix`
+/// (what `POST /plugins/install` takes): regular files only, without `target/` and hidden
+/// entries (build output and tool state, as the source hash leaves them out too). Blocking.
+pub fn pack(dir: &Path, prefix: &str) -> std::io::Result<Vec<u8>> {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()));
+    let walk = walkdir::WalkDir::new(dir).sort_by_file_name().into_iter().filter_entry(|e| {
+        let name = e.file_name().to_string_lossy();
+        e.depth() == 0 || !(name.starts_with('.') || (e.depth() == 1 && name == "target"))
+    });
+    for entry in walk {
+        let entry = entry.map_err(std::io::Error::other)?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(dir).map_err(std::io::Error::other)?;
+        tar.append_path_with_name(entry.path(), Path::new(prefix).join(rel))?;
+    }
+    tar.into_inner()?.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,8 @@ enum Command {
     /// Build a plugin crate as the server would, load it, and print what it would serve or why
     /// not (exit status 1).
     Check(kiln::cli::check::CheckArgs),
+    #[command(flatten)]
+    Remote(kiln::cli::remote::Remote),
 }
 
 #[tokio::main]
@@ -56,6 +58,7 @@ async fn main() -> ExitCode {
                 }
             };
         }
+        Command::Remote(command) => return kiln::cli::remote::run(command).await,
         Command::Check(args) => {
             eprintln!("checking {} (a first build compiles its dependencies too)", args.dir.display());
             return match kiln::cli::check::check(&args).await {

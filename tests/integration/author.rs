@@ -133,3 +133,91 @@ async fn an_edit_with_an_old_mtime_is_built_all_the_same() {
     assert_eq!(status, 200, "{row}");
     assert_eq!(server.get("/hello/ann").await.1["message"], "hi, ann", "the old library was served again");
 }
+
+/// The terminal interface against a live server: tables, exit statuses, a followed log, an
+/// install from a directory, and the admin token.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_terminal_interface_drives_a_live_server() {
+    let server = TestServer::start_with(crate::support::cluster().await, &["hello"], |c| {
+        c.admin_token = Some("t0ken".into());
+    })
+    .await;
+    let http = reqwest::Client::new();
+    server
+        .wait_until("hello serves", crate::support::BUILD_DEADLINE, || async {
+            matches!(http.get(server.url("/hello")).send().await, Ok(r) if r.status() == 200)
+        })
+        .await;
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let here = server.root.path().to_path_buf();
+    let cli = |args: &[&str]| {
+        let all: Vec<String> =
+            args.iter().chain(&["--addr", addr.as_str(), "--token", "t0ken"]).map(|s| s.to_string()).collect();
+        let here = here.clone();
+        async move { kiln(&here, &all.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+
+    let status = cli(&["status"]).await;
+    assert!(status.status.success(), "{}", text(&status));
+    assert!(text(&status).contains("database up, listener connected"), "{}", text(&status));
+    let plugins = cli(&["plugins"]).await;
+    let listed = String::from_utf8_lossy(&plugins.stdout).to_string();
+    assert!(
+        listed.starts_with("NAME ") && listed.lines().any(|l| l.starts_with("hello ") && l.contains("loaded")),
+        "{listed}"
+    );
+
+    let reloaded = cli(&["reload", "hello"]).await;
+    assert_eq!(String::from_utf8_lossy(&reloaded.stdout), "hello 0.1.0: loaded\n", "{}", text(&reloaded));
+    let missing = cli(&["reload", "nope"]).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing).contains("error: PluginNotFound (404)"), "{}", text(&missing));
+    let denied = kiln(&here, &["plugins", "--addr", &addr]).await;
+    assert!(denied.status.code() == Some(1) && text(&denied).contains("Unauthorized (401)"), "{}", text(&denied));
+    let away = kiln(&here, &["status", "--addr", "127.0.0.1:1"]).await;
+    assert_eq!(away.status.code(), Some(3), "{}", text(&away));
+
+    // A followed log prints a line logged after it started.
+    let mut follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["logs", "hello", "-f", "--addr", &addr, "--token", "t0ken"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(follow.stdout.take().unwrap());
+    assert_eq!(http.get(server.url("/hello/follower")).send().await.unwrap().status(), 200);
+    let seen = tokio::time::timeout(crate::support::EDIT_DEADLINE, async {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line).await.unwrap() == 0 {
+                return None;
+            }
+            if line.contains("\"who\":\"follower\"") {
+                return Some(line.clone());
+            }
+        }
+    })
+    .await
+    .expect("the followed log showed the new line in time");
+    assert!(seen.is_some_and(|l| l.contains("info  greeted [GET /hello/{name}]")));
+    follow.kill().await.unwrap();
+    let recent = cli(&["logs", "hello", "--level", "info"]).await;
+    assert!(String::from_utf8_lossy(&recent.stdout).contains("greeted"), "{}", text(&recent));
+
+    // Install from a directory: packed without build output, built and served.
+    let dir = server.root.path().join("work/lifecycle");
+    crate::support::copy_crate(&crate::support::crate_source("lifecycle"), &dir);
+    std::fs::create_dir_all(dir.join("target/junk")).unwrap();
+    std::fs::write(dir.join("target/junk/big"), vec![0u8; 40 << 20]).unwrap(); // over the upload limit
+    let installed = cli(&["install", dir.to_str().unwrap()]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&installed.stdout),
+        "installed lifecycle 0.1.0: loaded\n",
+        "{}",
+        text(&installed)
+    );
+    assert_eq!(http.get(server.url("/lifecycle")).send().await.unwrap().status(), 200);
+    let again = cli(&["install", dir.to_str().unwrap()]).await;
+    assert!(again.status.code() == Some(1) && text(&again).contains("PluginExists (409)"), "{}", text(&again));
+}
