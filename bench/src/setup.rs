@@ -221,7 +221,7 @@ pub fn generate_plugin(dir: &Path, name: &str, routes: usize) -> anyhow::Result<
         ),
     )?;
     let lock = std::fs::read_to_string(repo_root().join("tests/fixtures/lifecycle/Cargo.lock"))?;
-    std::fs::write(dir.join("Cargo.lock"), lock.replace("name = \"lifecycle\"", &format!("name = \"{name}\"")))?;
+    std::fs::write(dir.join("Cargo.lock"), kiln::staging::renamed_lock(&lock, "lifecycle", name))?;
     let routes: String =
         (0..routes).map(|j| format!("            Route::get(\"/{name}/r{j}\", Self::get),\n")).collect();
     std::fs::write(

@@ -86,6 +86,26 @@ fn standalone_manifest(text: &str, original_dir: &Path) -> Result<String, toml::
     Ok(toml::to_string(&doc).expect("a TOML table serializes"))
 }
 
+/// `lock` (a crate's `Cargo.lock`) for a copy of the crate renamed from `from` to `to`, exactly
+/// as cargo would write it: the packages stay sorted by name, so cargo finds nothing to rewrite
+/// (a rewritten lock file would change the copy's source hash after its first build). For
+/// generated plugins (tests, the benchmark) that reuse a fixture's resolved dependencies.
+pub fn renamed_lock(lock: &str, from: &str, to: &str) -> String {
+    const SEPARATOR: &str = "\n[[package]]\n";
+    let mut parts = lock.split(SEPARATOR);
+    let head = parts.next().unwrap_or_default();
+    let (old, new) = (format!("name = \"{from}\"\n"), format!("name = \"{to}\"\n"));
+    let mut blocks: Vec<String> = parts
+        .map(|b| {
+            let b = b.trim_end();
+            if b.starts_with(&old) { b.replacen(&old, &new, 1) } else { b.to_string() }
+        })
+        .collect();
+    let key = |b: &String| b.lines().take(2).map(str::to_string).collect::<Vec<_>>();
+    blocks.sort_by_key(key);
+    format!("{head}{SEPARATOR}{}\n", blocks.join(&format!("\n{SEPARATOR}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +154,14 @@ kiln-types = { path = "../../types" }
         assert_eq!(std::fs::read_to_string(staged.join("src/lib.rs")).unwrap(), "pub fn f() {}");
         assert!(!staged.join("target").exists() && !staged.join("stale").exists());
         assert!(std::fs::read_to_string(manifest).unwrap().contains("[workspace]"));
+    }
+
+    #[test]
+    fn a_renamed_lock_is_what_cargo_writes() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let lifecycle = std::fs::read_to_string(root.join("lifecycle/Cargo.lock")).unwrap();
+        let frozen = std::fs::read_to_string(root.join("frozen_sdk/Cargo.lock")).unwrap();
+        assert_eq!(renamed_lock(&lifecycle, "lifecycle", "frozen_sdk"), frozen);
+        assert_eq!(renamed_lock(&lifecycle, "lifecycle", "lifecycle"), lifecycle);
     }
 }

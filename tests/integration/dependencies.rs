@@ -19,8 +19,7 @@ fn write_plugin(plugins: &Path, name: &str, deps: &[&str]) {
     );
     std::fs::write(dir.join("Cargo.toml"), manifest).unwrap();
     let lock = std::fs::read_to_string(repo_root().join("tests/fixtures/lifecycle/Cargo.lock")).unwrap();
-    std::fs::write(dir.join("Cargo.lock"), lock.replacen("name = \"lifecycle\"", &format!("name = \"{name}\""), 1))
-        .unwrap();
+    std::fs::write(dir.join("Cargo.lock"), kiln::staging::renamed_lock(&lock, "lifecycle", name)).unwrap();
     // It offers a service `whoami`, and `GET /<name>/call/{other}` calls other's `whoami`.
     let code = format!(
         "use kiln_types::serde_json::json;\n\
