@@ -157,8 +157,7 @@ impl Compiler {
         if !manifest.dir.join("Cargo.lock").exists() {
             // Without a lock file the first build would create one and change the hash.
             let _queued = self.queue.lock().await;
-            let buildable = self.buildable(manifest).await?;
-            let out = self.cargo(&buildable, &["generate-lockfile"]).await?;
+            let (buildable, out) = self.cargo_on(manifest, &["generate-lockfile"]).await?;
             if !out.success {
                 return Err(failed(&out));
             }
@@ -202,29 +201,26 @@ impl Compiler {
         tracing::info!(plugin = %manifest.name, "compiling");
         let target_dir = self.target_dir.to_string_lossy();
         let build = ["build", "--release", "--lib", "--message-format=json", "--target-dir", &target_dir];
-        let mut buildable = self.buildable(manifest).await?;
-        let mut output = self.cargo(&buildable, &build).await?;
-        if !output.success && staging::is_foreign_workspace_error(&output.stderr) {
-            // It was moved into someone else's workspace since we last looked.
-            self.own_workspace.lock().expect("workspace cache lock").remove(&manifest.manifest_path);
-            buildable = self.buildable(manifest).await?;
-            output = self.cargo(&buildable, &build).await?;
-        }
+        let (buildable, mut output) = self.cargo_on(manifest, &build).await?;
         // Our content hash decides that a build is needed, and cargo's freshness check decides
         // what to recompile (incrementally: see `BuildProfile`). When cargo finds the crate fresh
         // although its content hash is new, its judgement rests on mtimes (sources with old
         // mtimes from an archive or a checkout look fresh) or on fingerprints that two copies of
         // one package share (cargo hashes a standalone crate relative to its own root): then
-        // only this package is cleaned, keeping the shared dependencies, and built again.
-        if output.success && find_library(&output.stdout, &buildable).is_some_and(|(_, fresh)| fresh) {
-            let clean = ["clean", "--release", "-p", &manifest.name, "--target-dir", &target_dir];
+        // the crate's packages that cargo found fresh are cleaned (the plugin, and path
+        // dependencies inside its directory), keeping the shared dependencies, and built again.
+        let crate_dir = buildable.parent().unwrap_or(Path::new("/"));
+        let stale = fresh_packages_under(&output.stdout, crate_dir);
+        if output.success && !stale.is_empty() {
+            let mut clean = vec!["clean", "--release", "--target-dir", &target_dir];
+            clean.extend(stale.iter().flat_map(|id| ["-p", id.as_str()]));
             let cleaned = self.cargo(&buildable, &clean).await?;
             if !cleaned.success {
                 return Err(failed(&cleaned));
             }
             output = self.cargo(&buildable, &build).await?;
         }
-        let library = find_library(&output.stdout, &buildable).map(|(library, _)| library);
+        let library = find_library(&output.stdout, &buildable);
         if !output.success {
             return Err(failed(&output));
         }
@@ -262,6 +258,22 @@ impl Compiler {
             }
         }
         removed
+    }
+
+    /// Runs cargo with `args` on what builds this plugin (see [`Compiler::buildable`]); when
+    /// the crate was moved into someone else's workspace since it was last probed, probes again
+    /// and runs on the staged copy. Returns the manifest it ran on, and cargo's output.
+    async fn cargo_on(&self, manifest: &Manifest, args: &[&str]) -> Result<(PathBuf, CargoOutput), BuildError> {
+        let buildable = self.buildable(manifest).await?;
+        let output = self.cargo(&buildable, args).await?;
+        if output.success || !staging::is_foreign_workspace_error(&output.stderr) || buildable != manifest.manifest_path
+        {
+            return Ok((buildable, output));
+        }
+        self.own_workspace.lock().expect("workspace cache lock").remove(&manifest.manifest_path);
+        let buildable = self.buildable(manifest).await?;
+        let output = self.cargo(&buildable, args).await?;
+        Ok((buildable, output))
     }
 
     /// The manifest cargo builds for this plugin: its own, or that of a staged copy when the
@@ -365,7 +377,7 @@ fn is_artifact_of(path: &Path, name: &str) -> bool {
 }
 
 /// The cdylib cargo produced for the crate at `manifest_path`, from its JSON messages.
-fn find_library(messages: &[String], manifest_path: &Path) -> Option<(PathBuf, bool)> {
+fn find_library(messages: &[String], manifest_path: &Path) -> Option<PathBuf> {
     messages.iter().rev().find_map(|line| {
         let msg: serde_json::Value = serde_json::from_str(line).ok()?;
         if msg["reason"] != "compiler-artifact" || Path::new(msg["manifest_path"].as_str()?) != manifest_path {
@@ -375,9 +387,24 @@ fn find_library(messages: &[String], manifest_path: &Path) -> Option<(PathBuf, b
             return None;
         }
         let suffix = format!(".{}", std::env::consts::DLL_EXTENSION);
-        let library = msg["filenames"].as_array()?.iter().filter_map(|f| f.as_str()).find(|f| f.ends_with(&suffix))?;
-        Some((PathBuf::from(library), msg["fresh"] == true))
+        msg["filenames"].as_array()?.iter().filter_map(|f| f.as_str()).find(|f| f.ends_with(&suffix)).map(PathBuf::from)
     })
+}
+
+/// The package ids of the packages under `dir` (the plugin crate and path dependencies inside
+/// it) that cargo reported fresh: not recompiled.
+fn fresh_packages_under(messages: &[String], dir: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = messages
+        .iter()
+        .filter_map(|line| {
+            let msg: serde_json::Value = serde_json::from_str(line).ok()?;
+            let manifest = Path::new(msg["manifest_path"].as_str()?);
+            let fresh = msg["reason"] == "compiler-artifact" && msg["fresh"] == true && manifest.starts_with(dir);
+            fresh.then(|| msg["package_id"].as_str().map(str::to_string)).flatten()
+        })
+        .collect();
+    ids.dedup();
+    ids
 }
 
 /// The error of a failed cargo run.
@@ -485,7 +512,21 @@ mod tests {
             r#"{"reason":"compiler-artifact","manifest_path":"/p/Cargo.toml","target":{"kind":["cdylib","rlib"]},"filenames":["/t/libp.so","/t/libp.rlib"],"fresh":true}"#.to_string(),
             r#"{"reason":"build-finished","success":true}"#.to_string(),
         ];
-        assert_eq!(find_library(&msgs, Path::new("/p/Cargo.toml")), Some((PathBuf::from("/t/libp.so"), true)));
+        assert_eq!(find_library(&msgs, Path::new("/p/Cargo.toml")), Some(PathBuf::from("/t/libp.so")));
         assert_eq!(find_library(&msgs, Path::new("/q/Cargo.toml")), None);
+    }
+
+    #[test]
+    fn fresh_packages_of_the_crate_are_found() {
+        let artifact = |manifest: &str, id: &str, fresh: bool| {
+            serde_json::json!({ "reason": "compiler-artifact", "manifest_path": manifest, "package_id": id, "fresh": fresh })
+                .to_string()
+        };
+        let msgs = vec![
+            artifact("/types/Cargo.toml", "path+file:///types#kiln-types@0.1.0", true),
+            artifact("/p/helpers/Cargo.toml", "path+file:///p/helpers#0.1.0", true),
+            artifact("/p/Cargo.toml", "path+file:///p#0.1.0", false),
+        ];
+        assert_eq!(fresh_packages_under(&msgs, Path::new("/p")), ["path+file:///p/helpers#0.1.0"]);
     }
 }

@@ -36,9 +36,12 @@ impl Diagnostic {
 }
 
 /// The errors and warnings among cargo's JSON message lines (no summaries such as "aborting
-/// due to 2 previous errors", which have no place), at most [`MAX_KEPT`].
+/// due to 2 previous errors", which have no place), errors first, at most [`MAX_KEPT`].
 pub fn from_cargo(lines: &[String]) -> Vec<Diagnostic> {
-    lines.iter().filter_map(|line| parse(line)).take(MAX_KEPT).collect()
+    let mut all: Vec<Diagnostic> = lines.iter().filter_map(|line| parse(line)).collect();
+    all.sort_by_key(|d| d.level != "error"); // stable: each level keeps its order
+    all.truncate(MAX_KEPT);
+    all
 }
 
 fn parse(line: &str) -> Option<Diagnostic> {

@@ -112,13 +112,11 @@ fn description<P>(
         let timeout_ms = e.timeout.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX));
         subscriptions.push(SubscriptionDescription { pattern: e.pattern.clone(), handler, timeout_ms });
     }
-    let mut schemas = std::collections::BTreeMap::new();
+    let mut definitions = serde_json::Map::new();
     let mut routes: Vec<RouteDescription> = routes
         .iter()
         .map(|r| {
-            for (name, schema) in &r.docs.definitions {
-                schemas.insert(crate::schema::component_name(pkg.name, name), schema.clone());
-            }
+            definitions.extend(r.docs.definitions.clone());
             RouteDescription {
                 method: r.method.to_string(),
                 path: r.path.clone(),
@@ -134,17 +132,20 @@ fn description<P>(
             }
         })
         .collect();
-    if !schemas.is_empty() {
+    let mut schemas = std::collections::BTreeMap::new();
+    if !definitions.is_empty() {
         // Derived schemas of recursive types refer to their definitions by the type's name; in
         // the document, the plugin's name keeps them apart from other plugins' types.
-        for schema in schemas.values_mut() {
-            crate::schema::prefix_refs(schema, pkg.name);
+        for (name, schema) in &definitions {
+            let mut schema = schema.clone();
+            crate::schema::prefix_refs(&mut schema, pkg.name, &definitions);
+            schemas.insert(crate::schema::component_name(pkg.name, name), schema);
         }
         for route in &mut routes {
-            let schemas = route.request_schema.iter_mut().chain(route.params.values_mut());
-            let schemas = schemas.chain(route.query.iter_mut().map(|q| &mut q.schema));
-            for schema in schemas.chain(route.responses.iter_mut().filter_map(|r| r.schema.as_mut())) {
-                crate::schema::prefix_refs(schema, pkg.name);
+            let all = route.request_schema.iter_mut().chain(route.response_schema.iter_mut());
+            let all = all.chain(route.params.values_mut()).chain(route.query.iter_mut().map(|q| &mut q.schema));
+            for schema in all.chain(route.responses.iter_mut().filter_map(|r| r.schema.as_mut())) {
+                crate::schema::prefix_refs(schema, pkg.name, &definitions);
             }
         }
     }

@@ -111,10 +111,17 @@ pub struct Query<T>(pub T);
 impl<T: DeserializeOwned + JsonSchema> FromRequest for Query<T> {
     fn from_request(req: &Request<'_>) -> Result<Self, Response> {
         let pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = form_urlencoded::parse(req.query_string().as_bytes()).collect();
+        // Of a repeated name the last value counts (a map: linear in the parameters).
+        let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(pairs.len());
         let mut texts: Vec<(&str, &str)> = Vec::with_capacity(pairs.len());
         for (name, value) in &pairs {
-            texts.retain(|(n, _)| n != name);
-            texts.push((name, value));
+            match at.get(name.as_ref()) {
+                Some(&i) => texts[i].1 = value,
+                None => {
+                    at.insert(name, texts.len());
+                    texts.push((name, value));
+                }
+            }
         }
         serde_path_to_error::deserialize(Fields(texts))
             .map(Query)
@@ -162,12 +169,15 @@ impl<'de> de::Deserializer<'de> for Text<'_> {
         deserialize_u16 => u16, visit_u16, "a non-negative integer";
         deserialize_u32 => u32, visit_u32, "a non-negative integer";
         deserialize_u64 => u64, visit_u64, "a non-negative integer";
+        deserialize_i128 => i128, visit_i128, "an integer";
+        deserialize_u128 => u128, visit_u128, "a non-negative integer";
         deserialize_f32 => f32, visit_f32, "a number";
         deserialize_f64 => f64, visit_f64, "a number";
     }
 
+    /// An empty value (`?limit=`) is no value.
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, TextError> {
-        visitor.visit_some(self)
+        if self.0.is_empty() { visitor.visit_none() } else { visitor.visit_some(self) }
     }
 
     fn deserialize_newtype_struct<V: Visitor<'de>>(self, _: &'static str, visitor: V) -> Result<V::Value, TextError> {
@@ -184,8 +194,8 @@ impl<'de> de::Deserializer<'de> for Text<'_> {
     }
 
     serde::forward_to_deserialize_any! {
-        i128 u128 char str string bytes byte_buf unit unit_struct seq tuple tuple_struct map struct
-        identifier ignored_any
+        char str string bytes byte_buf unit unit_struct seq tuple tuple_struct map struct identifier
+        ignored_any
     }
 }
 
@@ -245,9 +255,9 @@ impl<'de> de::Deserializer<'de> for Texts<'_> {
     }
 
     one_text! {
-        deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64 deserialize_u8
-        deserialize_u16 deserialize_u32 deserialize_u64 deserialize_f32 deserialize_f64 deserialize_option
-        deserialize_str deserialize_string
+        deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64 deserialize_i128
+        deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64 deserialize_u128 deserialize_f32
+        deserialize_f64 deserialize_option deserialize_str deserialize_string
     }
 
     fn deserialize_newtype_struct<V: Visitor<'de>>(
@@ -278,6 +288,15 @@ impl<'de> de::Deserializer<'de> for Texts<'_> {
         self.deserialize_seq(visitor)
     }
 
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        _: usize,
+        visitor: V,
+    ) -> Result<V::Value, TextError> {
+        self.deserialize_seq(visitor)
+    }
+
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, TextError> {
         Fields(self.0).deserialize_any(visitor)
     }
@@ -292,7 +311,7 @@ impl<'de> de::Deserializer<'de> for Texts<'_> {
     }
 
     serde::forward_to_deserialize_any! {
-        i128 u128 char bytes byte_buf unit unit_struct tuple_struct identifier ignored_any
+        char bytes byte_buf unit unit_struct identifier ignored_any
     }
 }
 
@@ -333,5 +352,19 @@ mod tests {
         assert_eq!(page, Page { limit: Some(5), desc: false });
         assert!(Page::deserialize(Fields(vec![("limit", "5")])).unwrap_err().to_string().contains("desc"));
         assert!(Page::deserialize(Fields(vec![("desc", "yes")])).is_err());
+        let empty = Page::deserialize(Fields(vec![("limit", ""), ("desc", "true")])).unwrap();
+        assert_eq!(empty, Page { limit: None, desc: true }, "an empty value is no value");
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct Pair(i64, String);
+
+    #[test]
+    fn tuple_structs_and_wide_integers_fit_path_texts() {
+        assert_eq!(Pair::deserialize(Texts(vec![("a", "1"), ("b", "x")])).unwrap(), Pair(1, "x".into()));
+        assert_eq!(
+            u128::deserialize(Texts(vec![("id", "340282366920938463463374607431768211455")])).unwrap(),
+            u128::MAX
+        );
     }
 }

@@ -31,20 +31,26 @@ pub(crate) fn schema_for<T: JsonSchema + ?Sized>(contract: Contract, defs: &mut 
     value
 }
 
-/// Renames the definitions in `defs` and every `$ref` to them in `value` with `prefix` (a
+/// Renames every `$ref` in `value` to one of the derived definitions `defs` with `prefix` (a
 /// plugin's name), so that two plugins' types of one name stay apart in the document; a name
-/// is reduced to the characters OpenAPI allows in a component's name.
-pub(crate) fn prefix_refs(value: &mut Value, prefix: &str) {
+/// is reduced to the characters OpenAPI allows in a component's name. Other `$ref`s (written
+/// by hand) are left as they are.
+pub(crate) fn prefix_refs(value: &mut Value, prefix: &str, defs: &Map<String, Value>) {
     match value {
         Value::Object(object) => {
             if let Some(Value::String(r)) = object.get_mut("$ref")
                 && let Some(name) = r.strip_prefix(DEFINITIONS)
             {
-                *r = format!("{DEFINITIONS}{}", component_name(prefix, name));
+                // A JSON pointer, percent-encoded (schemars writes `Tree%20Node`).
+                let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+                let name = name.replace("~1", "/").replace("~0", "~");
+                if defs.contains_key(&name) {
+                    *r = format!("{DEFINITIONS}{}", component_name(prefix, &name));
+                }
             }
-            object.values_mut().for_each(|v| prefix_refs(v, prefix));
+            object.values_mut().for_each(|v| prefix_refs(v, prefix, defs));
         }
-        Value::Array(items) => items.iter_mut().for_each(|v| prefix_refs(v, prefix)),
+        Value::Array(items) => items.iter_mut().for_each(|v| prefix_refs(v, prefix, defs)),
         _ => {}
     }
 }
@@ -102,8 +108,10 @@ mod tests {
     fn a_recursive_type_refers_to_a_prefixed_definition() {
         let mut defs = Map::new();
         let mut s = schema_for::<Tree>(Contract::Deserialize, &mut defs);
-        prefix_refs(&mut s, "my-plugin");
+        s["properties"]["other"] = json!({ "$ref": "#/components/schemas/ApiError" });
+        prefix_refs(&mut s, "my-plugin", &defs);
         assert_eq!(s["properties"]["children"]["items"]["$ref"], "#/components/schemas/my-plugin.Tree");
+        assert_eq!(s["properties"]["other"]["$ref"], "#/components/schemas/ApiError", "hand-written refs stay");
         assert!(defs.contains_key("Tree"), "{defs:?}");
     }
 

@@ -43,7 +43,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Mutex, MutexGuard};
 
 /// A host call answered by the test: the call's arguments in, its answer or error out.
-type HostCallHandler = Box<dyn Fn(&Value) -> Result<Value, HostError> + Send + Sync>;
+type HostCallHandler = std::sync::Arc<dyn Fn(&Value) -> Result<Value, HostError> + Send + Sync>;
 
 /// One log line a plugin wrote.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,11 +123,15 @@ impl TestHost {
                 state.subscriptions.retain(|(n, _, _)| Some(u64::from(*n)) != id);
                 Ok(json!({ "removed": state.subscriptions.len() < before }))
             }
-            _ => match state.handlers.get(op) {
-                Some(handler) => handler(args).map_err(|e| match e {
-                    HostError::Service { code, message } => (code, message),
-                    other => ("HostError".to_string(), other.to_string()),
-                }),
+            _ => match state.handlers.get(op).cloned() {
+                Some(handler) => {
+                    // Called without the lock: a handler may call the host itself (log, …).
+                    drop(state);
+                    handler(args).map_err(|e| match e {
+                        HostError::Service { code, message } => (code, message),
+                        other => ("HostError".to_string(), other.to_string()),
+                    })
+                }
                 None => Err((
                     "NotInTests".to_string(),
                     format!("{op} is not served by the test host: answer it with TestPlugin::on_host_call"),
@@ -344,7 +348,7 @@ impl<P: Plugin> TestPlugin<P> {
     /// `db.query` answers `{"rows": […]}`, `db.execute` `{"rows_affected": n}`, `plugin.call`
     /// (`{"plugin": …, "service": …, "args": …}`) `{"answer": …}`.
     pub fn on_host_call(&self, op: &str, handler: impl Fn(&Value) -> Result<Value, HostError> + Send + Sync + 'static) {
-        self.host.lock().handlers.insert(op.to_string(), Box::new(handler));
+        self.host.lock().handlers.insert(op.to_string(), std::sync::Arc::new(handler));
     }
 
     /// The plugin's storage as it is now.
@@ -431,18 +435,22 @@ fn topic_matches(pattern: &str, topic: &str) -> bool {
     }
 }
 
-/// The path parameters of `path` under route pattern `pattern`, if it matches, and how many of
-/// its segments are literal (a literal segment wins over a parameter, as in kiln's router).
-fn match_path(pattern: &str, path: &str) -> Option<(usize, Params)> {
+/// The path parameters of `path` under route pattern `pattern`, if it matches, and which of its
+/// segments are literal: of two matching routes, the one with a literal at the first segment
+/// where they differ wins, as in kiln's router.
+fn match_path(pattern: &str, path: &str) -> Option<(Vec<bool>, Params)> {
     let (pattern, path): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), path.split('/').collect());
     if pattern.len() != path.len() {
         return None;
     }
-    let (mut literal, mut params) = (0, Vec::new());
+    let (mut literal, mut params) = (Vec::new(), Vec::new());
     for (p, s) in pattern.iter().zip(&path) {
         match p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
-            Some(name) if !s.is_empty() => params.push((name.to_string(), s.to_string())),
-            None if p == s => literal += 1,
+            Some(name) if !s.is_empty() => {
+                params.push((name.to_string(), s.to_string()));
+                literal.push(false);
+            }
+            None if p == s => literal.push(true),
             _ => return None,
         }
     }
@@ -490,12 +498,12 @@ impl<P: Plugin> TestRequest<'_, P> {
     pub fn send(self) -> TestResponse {
         let method = if self.method == "HEAD" { "GET" } else { self.method.as_str() };
         let routes = &self.plugin.description.routes;
-        let matched: Vec<(usize, usize, Params)> = (routes.iter().enumerate())
+        let matched: Vec<(usize, Vec<bool>, Params)> = (routes.iter().enumerate())
             .filter_map(|(i, r)| match_path(&r.path, &self.path).map(|(literal, params)| (i, literal, params)))
             .collect();
         let path_exists = !matched.is_empty();
         let best = (matched.into_iter().filter(|(i, _, _)| routes[*i].method == method))
-            .max_by_key(|(i, literal, _)| (*literal, std::cmp::Reverse(*i)));
+            .max_by_key(|(i, literal, _)| (literal.clone(), std::cmp::Reverse(*i)));
         match best {
             Some((route, _, params)) => {
                 let mut answer = self.plugin.call(route, &self, &params);
@@ -666,6 +674,7 @@ mod tests {
         assert_eq!(refused.json::<Value>().unwrap()["error"], "NotInTests", "{}", refused.text());
         assert_eq!(shop.logs()[0].message, "raw x=1");
         shop.on_host_call("db.query", |args| {
+            crate::log::info("answering"); // the host is not locked while a handler answers
             assert_eq!(args["sql"], "SELECT 1 AS one");
             Ok(json!({ "rows": [{ "one": 1 }] }))
         });

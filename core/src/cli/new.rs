@@ -8,6 +8,10 @@ const CARGO_TOML: &str = include_str!("template/Cargo.toml.txt");
 const LIB_RS: &str = include_str!("template/lib.rs.txt");
 const CARGO_CONFIG: &str = include_str!("template/cargo-config.toml.txt");
 
+/// Names a plugin crate from the template cannot have: its dependencies, and keywords.
+const RESERVED: &[&str] =
+    &["kiln-types", "kiln_types", "schemars", "serde", "self", "super", "crate", "test", "core", "std"];
+
 /// Why no crate was written.
 #[derive(Debug, thiserror::Error)]
 pub enum NewError {
@@ -26,6 +30,11 @@ pub fn write_crate(name: &str, dir: &Path, types_dir: &Path) -> Result<Vec<PathB
     if name.starts_with(|c: char| c.is_ascii_digit()) {
         return Err(NewError::InvalidName(format!(
             "invalid plugin name {name:?}: cargo refuses a name that starts with a digit"
+        )));
+    }
+    if RESERVED.contains(&name) {
+        return Err(NewError::InvalidName(format!(
+            "invalid plugin name {name:?}: a crate of this name cannot depend on the template's crates, or is a Rust keyword"
         )));
     }
     if ADMIN_ROOTS.contains(&name) {
@@ -52,15 +61,18 @@ pub fn write_crate(name: &str, dir: &Path, types_dir: &Path) -> Result<Vec<PathB
     Ok(written)
 }
 
-/// The plugin type's name: `my-plugin` → `MyPlugin`.
+/// The plugin type's name: `my-plugin` → `MyPluginPlugin` (the suffix keeps it apart from the
+/// template's own types and imports: `greeting`, `json`, `route`, …).
 fn type_name(name: &str) -> String {
-    name.split(['-', '_'])
+    let base: String = name
+        .split(['-', '_'])
         .filter(|part| !part.is_empty())
         .map(|part| {
             let mut chars = part.chars();
             chars.next().map(|c| c.to_ascii_uppercase()).into_iter().chain(chars).collect::<String>()
         })
-        .collect()
+        .collect();
+    format!("{base}Plugin")
 }
 
 #[cfg(test)]
@@ -69,16 +81,16 @@ mod tests {
 
     #[test]
     fn names_become_type_names() {
-        assert_eq!(type_name("hello2"), "Hello2");
-        assert_eq!(type_name("my-plugin_x"), "MyPluginX");
-        assert_eq!(type_name("a--b"), "AB");
+        assert_eq!(type_name("hello2"), "Hello2Plugin");
+        assert_eq!(type_name("my-plugin_x"), "MyPluginXPlugin");
+        assert_eq!(type_name("greeting"), "GreetingPlugin");
     }
 
     #[test]
     fn refuses_bad_names_and_full_directories() {
         let root = tempfile::tempdir().unwrap();
         let types = Path::new(crate::config::DEFAULT_TYPES_DIR);
-        for bad in ["", "a b", "9lives", "plugins", "../x"] {
+        for bad in ["", "a b", "9lives", "plugins", "../x", "serde", "self"] {
             assert!(matches!(write_crate(bad, &root.path().join("x"), types), Err(NewError::InvalidName(_))), "{bad}");
         }
         std::fs::write(root.path().join("taken"), "").unwrap();

@@ -121,7 +121,7 @@ fn operation(plugin: &PluginDescription, route: &kiln_types::RouteDescription) -
     );
     let error = json!({ "application/json": { "schema": { "$ref": "#/components/schemas/ApiError" } } });
     let mut responses = Map::new();
-    if route.responses.is_empty() {
+    if !route.responses.iter().any(|r| (200..300).contains(&r.status)) {
         let mut ok = json!({ "description": "Success" });
         if let Some(schema) = &route.response_schema {
             ok["content"] = json!({ "application/json": { "schema": schema } });
