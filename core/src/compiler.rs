@@ -209,8 +209,16 @@ impl Compiler {
         // one package share (cargo hashes a standalone crate relative to its own root): then
         // the crate's packages that cargo found fresh are cleaned (the plugin, and path
         // dependencies inside its directory), keeping the shared dependencies, and built again.
+        // The same holds for kiln-types when its sources changed since the last build in this
+        // target directory (an upgrade whose files kept old mtimes).
         let crate_dir = buildable.parent().unwrap_or(Path::new("/"));
-        let stale = fresh_packages_under(&output.stdout, crate_dir);
+        let mut stale = fresh_packages_under(&output.stdout, crate_dir);
+        let marker = self.target_dir.join(".kiln-types-hash");
+        let types_changed = tokio::fs::read_to_string(&marker).await.ok().as_deref() != Some(self.types_hash.as_str());
+        let types_dir = tokio::fs::canonicalize(&self.types_dir).await.unwrap_or_else(|_| self.types_dir.clone());
+        if types_changed {
+            stale.extend(fresh_packages_under(&output.stdout, &types_dir));
+        }
         if output.success && !stale.is_empty() {
             let mut clean = vec!["clean", "--release", "--target-dir", &target_dir];
             clean.extend(stale.iter().flat_map(|id| ["-p", id.as_str()]));
@@ -219,6 +227,10 @@ impl Compiler {
                 return Err(failed(&cleaned));
             }
             output = self.cargo(&buildable, &build).await?;
+        }
+        if types_changed && built_under(&output.stdout, &types_dir) {
+            // This kiln-types is built here now (even when the plugin itself failed).
+            tokio::fs::write(&marker, &self.types_hash).await?;
         }
         let library = find_library(&output.stdout, &buildable);
         if !output.success {
@@ -407,6 +419,16 @@ fn fresh_packages_under(messages: &[String], dir: &Path) -> Vec<String> {
     ids
 }
 
+/// Whether cargo compiled a package under `dir` in this run (not fresh).
+fn built_under(messages: &[String], dir: &Path) -> bool {
+    messages.iter().any(|line| {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { return false };
+        msg["reason"] == "compiler-artifact"
+            && msg["fresh"] == false
+            && msg["manifest_path"].as_str().is_some_and(|m| Path::new(m).starts_with(dir))
+    })
+}
+
 /// The error of a failed cargo run.
 fn failed(out: &CargoOutput) -> BuildError {
     BuildError::Failed { diagnostics: diagnostics(out), messages: crate::diagnostics::from_cargo(&out.stdout) }
@@ -528,5 +550,6 @@ mod tests {
             artifact("/p/Cargo.toml", "path+file:///p#0.1.0", false),
         ];
         assert_eq!(fresh_packages_under(&msgs, Path::new("/p")), ["path+file:///p/helpers#0.1.0"]);
+        assert!(built_under(&msgs, Path::new("/p")) && !built_under(&msgs, Path::new("/types")));
     }
 }

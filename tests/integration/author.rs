@@ -221,3 +221,63 @@ async fn the_terminal_interface_drives_a_live_server() {
     let again = cli(&["install", dir.to_str().unwrap()]).await;
     assert!(again.status.code() == Some(1) && text(&again).contains("PluginExists (409)"), "{}", text(&again));
 }
+
+/// A kiln-types whose sources changed but kept old mtimes (an upgrade unpacked from an archive)
+/// is rebuilt, not taken from the build directory as cargo would judge it fresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_kiln_types_with_old_mtimes_is_rebuilt() {
+    let copy = tempfile::tempdir().unwrap();
+    let types = copy.path().join("types");
+    crate::support::copy_crate(&repo_root().join("types"), &types);
+    standalone_manifest(&types.join("Cargo.toml"));
+    let cluster = crate::support::cluster().await;
+    let server = TestServer::start_with(cluster.clone(), &["hello"], |c| c.types_dir = types.clone()).await;
+    server.wait_state("hello", "loaded").await;
+    assert!(endpoints(&server).await.contains("\"GET /hello\""), "{}", endpoints(&server).await);
+    let (cluster, root, url) = server.stop().await;
+
+    // The SDK now names handlers differently; the file keeps an mtime from the past.
+    let route = types.join("src/route.rs");
+    let code = std::fs::read_to_string(&route).unwrap();
+    let changed =
+        code.replace("handler_name: format!(\"{method} {path}\"),", "handler_name: format!(\"{method} {path} (v2)\"),");
+    assert_ne!(changed, code, "the SDK line to change moved");
+    std::fs::write(&route, changed).unwrap();
+    let past = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(946_684_800);
+    std::fs::File::options().write(true).open(&route).unwrap().set_modified(past).unwrap();
+
+    let server = TestServer::start_in_with(cluster, root, url, |c| c.types_dir = types.clone()).await;
+    server.wait_state("hello", "loaded").await;
+    assert!(
+        endpoints(&server).await.contains("\"GET /hello (v2)\""),
+        "a stale kiln-types: {}",
+        endpoints(&server).await
+    );
+}
+
+/// The endpoints of hello, as JSON text.
+async fn endpoints(server: &TestServer) -> String {
+    server.get("/plugins/hello/endpoints").await.1.to_string()
+}
+
+/// Gives a copied workspace member the values it inherited, so it builds on its own.
+fn standalone_manifest(path: &std::path::Path) {
+    let workspace = std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
+    let inherited = |key: &str| {
+        let line = workspace.lines().find(|l| l.starts_with(&format!("{key} = "))).expect("workspace key");
+        line.to_string()
+    };
+    let manifest = std::fs::read_to_string(path).unwrap();
+    let mut out = String::new();
+    for line in manifest.lines() {
+        if line == "[lints]" || line == "workspace = true" {
+            continue;
+        }
+        match line.strip_suffix(".workspace = true") {
+            Some(key) => out += &inherited(key),
+            None => out += line,
+        }
+        out.push('\n');
+    }
+    std::fs::write(path, out).unwrap();
+}

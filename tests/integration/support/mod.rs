@@ -151,7 +151,7 @@ impl TestServer {
         Self::start_in_with(cluster, root, db_url, |_| {}).await
     }
 
-    async fn start_in_with(
+    pub async fn start_in_with(
         cluster: Arc<Cluster>,
         root: tempfile::TempDir,
         db_url: String,
