@@ -6,10 +6,8 @@
 
 use crate::abi::{self, KilnBuf, KilnHost, KilnRequest, KilnResponse, KilnStr};
 use crate::description::{PluginDescription, RouteDescription, ServiceDescription, SubscriptionDescription};
-use crate::route::{BoxHandler, Route};
-use crate::sdk::{
-    ConfigChange, Event, EventHandler, InitContext, Plugin, Request, Response, Service, ServiceHandler, Subscription,
-};
+use crate::route::{BoxHandler, RouteMeta};
+use crate::sdk::{ConfigChange, Event, EventHandler, InitContext, Plugin, Request, Response, ServiceHandler};
 use std::any::Any;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -91,43 +89,50 @@ unsafe fn fail(out: *mut KilnBuf, status: i32, msg: String) -> i32 {
     status
 }
 
-/// The description of a plugin: package fields, the routes it serves in `routes`' order, and
-/// its subscriptions in `events`' order (a handler name used twice gets `#2`, `#3`, …).
-fn description<P>(
-    routes: &[Route<P>],
-    events: &[Subscription<P>],
-    services: &[Service<P>],
+/// A subscription as described: its pattern, its name, its timeout.
+type SubscriptionMeta = (String, Option<String>, Option<std::time::Duration>);
+
+/// The description of a plugin as JSON: package fields, the routes it serves in `routes`'
+/// order, its subscriptions in `events`' order (a handler name used twice gets `#2`, `#3`, …)
+/// and its services. Not generic (see [`RouteMeta`]).
+fn describe(
+    routes: Vec<RouteMeta>,
+    events: Vec<SubscriptionMeta>,
+    services: Vec<String>,
     pkg: PackageInfo,
-) -> PluginDescription {
+) -> Result<Vec<u8>, String> {
+    if let Some((i, s)) = services.iter().enumerate().find(|(i, s)| services[..*i].contains(s)) {
+        return Err(format!("service {s:?} is offered twice (the second at {i})"));
+    }
     let mut subscriptions: Vec<SubscriptionDescription> = Vec::new();
-    for e in events {
-        let base = e.name.clone().unwrap_or_else(|| e.pattern.clone());
-        let taken = |h: &str| subscriptions.iter().any(|s| s.pattern == e.pattern && s.handler == h);
+    for (pattern, name, timeout) in events {
+        let base = name.unwrap_or_else(|| pattern.clone());
+        let taken = |h: &str| subscriptions.iter().any(|s| s.pattern == pattern && s.handler == h);
         let mut handler = base.clone();
         let mut n = 1;
         while taken(&handler) {
             n += 1;
             handler = format!("{base}#{n}");
         }
-        let timeout_ms = e.timeout.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX));
-        subscriptions.push(SubscriptionDescription { pattern: e.pattern.clone(), handler, timeout_ms });
+        let timeout_ms = timeout.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX));
+        subscriptions.push(SubscriptionDescription { pattern, handler, timeout_ms });
     }
     let mut definitions = serde_json::Map::new();
     let mut routes: Vec<RouteDescription> = routes
-        .iter()
+        .into_iter()
         .map(|r| {
-            definitions.extend(r.docs.definitions.clone());
+            definitions.extend(r.docs.definitions);
             RouteDescription {
                 method: r.method.to_string(),
-                path: r.path.clone(),
-                summary: r.summary.clone(),
-                handler: r.handler_name.clone(),
-                request_schema: r.docs.request_schema.clone(),
-                response_schema: r.response_schema.clone(),
+                path: r.path,
+                summary: r.summary,
+                handler: r.handler_name,
+                request_schema: r.docs.request_schema,
+                response_schema: r.response_schema,
                 blocking: r.blocking,
-                responses: r.docs.responses.clone(),
-                params: r.docs.params.clone(),
-                query: r.docs.query.clone(),
+                responses: r.docs.responses,
+                params: r.docs.params,
+                query: r.docs.query,
                 deadline_ms: r.deadline.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX)),
             }
         })
@@ -149,16 +154,35 @@ fn description<P>(
             }
         }
     }
-    PluginDescription {
+    let description = PluginDescription {
         subscriptions,
-        services: services.iter().map(|s| ServiceDescription { name: s.name.clone() }).collect(),
+        services: services.into_iter().map(|name| ServiceDescription { name }).collect(),
         name: pkg.name.to_string(),
         version: pkg.version.to_string(),
         description: pkg.description.to_string(),
         author: pkg.authors.replace(':', ", "),
         routes,
         schemas,
+    };
+    serde_json::to_vec(&description).map_err(|e| format!("could not serialize the description: {e}"))
+}
+
+/// A configuration as the server hands it over (empty: `{}`).
+fn parse_config(bytes: &[u8]) -> Result<serde_json::Value, String> {
+    if bytes.is_empty() {
+        return Ok(serde_json::Value::Object(Default::default()));
     }
+    serde_json::from_slice(bytes).map_err(|e| format!("invalid config JSON: {e}"))
+}
+
+/// A service call's arguments.
+fn service_args(bytes: &[u8]) -> Result<serde_json::Value, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("the arguments are not JSON: {e}"))
+}
+
+/// A service's answer, as JSON.
+fn service_answer(answer: &serde_json::Value) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(answer).map_err(|e| format!("could not serialize the answer: {e}"))
 }
 
 /// Body of `kiln_init`: [`Plugin::routes`] runs once, and both the description the server
@@ -180,21 +204,25 @@ pub unsafe fn init<P: Plugin>(
     remember_panic_locations();
     let _entered = crate::host::enter(host);
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let config = if config_bytes.is_empty() {
-            serde_json::Value::Object(Default::default())
-        } else {
-            serde_json::from_slice(config_bytes).map_err(|e| format!("invalid config JSON: {e}"))?
-        };
-        let (routes, subscriptions, offered) = (P::routes(), P::events(), P::services());
-        if let Some((i, s)) = offered.iter().enumerate().find(|(i, s)| offered[..*i].iter().any(|o| o.name == s.name)) {
-            return Err(format!("service {:?} is offered twice (the second at {i})", s.name));
+        let config = parse_config(config_bytes)?;
+        // This is compiled for every plugin type: it only splits the lists (plain loops, less
+        // code than iterator adapters); the rest is in `describe`.
+        let (mut routes, mut handlers, mut subscriptions, mut events) = (vec![], vec![], vec![], vec![]);
+        let (mut offered, mut services) = (vec![], vec![]);
+        for r in P::routes() {
+            routes.push(r.meta);
+            handlers.push(r.handler);
         }
-        let described = serde_json::to_vec(&description(&routes, &subscriptions, &offered, pkg))
-            .map_err(|e| format!("could not serialize the description: {e}"))?;
+        for s in P::events() {
+            subscriptions.push((s.pattern, s.name, s.timeout));
+            events.push(s.handler);
+        }
+        for s in P::services() {
+            offered.push(s.name);
+            services.push(s.handler);
+        }
+        let described = describe(routes, subscriptions, offered, pkg)?;
         let plugin = P::init(&InitContext { config })?;
-        let handlers = routes.into_iter().map(|r| r.handler).collect();
-        let events = subscriptions.into_iter().map(|s| s.handler).collect();
-        let services = offered.into_iter().map(|s| s.handler).collect();
         Ok::<_, String>((Box::new(Instance { plugin, handlers, events, services, host }), described))
     }));
     if !matches!(result, Ok(Ok(_))) {
@@ -264,7 +292,7 @@ pub unsafe fn configure<P: Plugin>(instance: *mut c_void, config: KilnStr, err_o
     let config_bytes = unsafe { config.as_bytes() };
     let _entered = crate::host::enter(instance.host);
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let config = serde_json::from_slice(config_bytes).map_err(|e| format!("invalid config JSON: {e}"))?;
+        let config = parse_config(config_bytes)?;
         instance.plugin.configure(&InitContext { config })
     }));
     match result {
@@ -332,9 +360,8 @@ pub unsafe fn service<P: Plugin>(instance: *mut c_void, service: u32, args: Kiln
     let result = catch_unwind(AssertUnwindSafe(|| {
         let handler =
             instance.services.get(service as usize).ok_or_else(|| format!("service index {service} out of range"))?;
-        let args = serde_json::from_slice(args).map_err(|e| format!("the arguments are not JSON: {e}"))?;
-        let answer = handler(&instance.plugin, args)?;
-        serde_json::to_vec(&answer).map_err(|e| format!("could not serialize the answer: {e}"))
+        let answer = handler(&instance.plugin, service_args(args)?)?;
+        service_answer(&answer)
     }));
     match result {
         Ok(Ok(answer)) => {
@@ -500,6 +527,7 @@ macro_rules! export_plugin {
 mod tests {
     //! The glue called in-process, as the server calls it through the exports.
     use super::*;
+    use crate::Route;
     use crate::abi::{KilnHeaders, KilnPair, KilnRequest};
     use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -224,9 +224,17 @@ typed_handler!(A, B, C);
 
 /// One HTTP route: method, OpenAPI-style path (`/items/{id}`) and handler.
 pub struct Route<P> {
+    pub(crate) meta: RouteMeta,
+    pub(crate) handler: BoxHandler<P>,
+}
+
+/// Everything about a route but its handler. Not generic over the plugin, so the code that
+/// builds and describes it is compiled once, in this crate, rather than in every plugin (a new
+/// plugin's first build compiles what is generic over its type).
+#[derive(Debug)]
+pub(crate) struct RouteMeta {
     pub(crate) method: &'static str,
     pub(crate) path: String,
-    pub(crate) handler: BoxHandler<P>,
     pub(crate) handler_name: String,
     pub(crate) summary: String,
     pub(crate) response_schema: Option<Value>,
@@ -235,23 +243,27 @@ pub struct Route<P> {
     pub(crate) deadline: Option<std::time::Duration>,
 }
 
-impl<P> Route<P> {
-    fn new<M, H: IntoHandler<P, M>>(method: &'static str, path: impl Into<String>, handler: H) -> Self {
-        let path = path.into();
+impl RouteMeta {
+    fn new(method: &'static str, path: String) -> Self {
         let path_params = path.split('/').filter_map(|s| s.strip_prefix('{')?.strip_suffix('}')).map(String::from);
-        let mut docs = RouteDocs { path_params: path_params.collect(), ..RouteDocs::default() };
-        H::document(&mut docs);
         Self {
             method,
             handler_name: format!("{method} {path}"),
+            docs: RouteDocs { path_params: path_params.collect(), ..RouteDocs::default() },
             path,
-            handler: handler.into_handler(),
             summary: String::new(),
             response_schema: None,
             blocking: false,
-            docs,
             deadline: None,
         }
+    }
+}
+
+impl<P> Route<P> {
+    fn new<M, H: IntoHandler<P, M>>(method: &'static str, path: impl Into<String>, handler: H) -> Self {
+        let mut meta = RouteMeta::new(method, path.into());
+        H::document(&mut meta.docs);
+        Self { meta, handler: handler.into_handler() }
     }
 
     /// A `GET` route.
@@ -281,13 +293,13 @@ impl<P> Route<P> {
 
     /// One line describing the route in the API docs.
     pub fn summary(mut self, summary: impl Into<String>) -> Self {
-        self.summary = summary.into();
+        self.meta.summary = summary.into();
         self
     }
 
     /// The handler's name, as recorded in `plugin_endpoints` (default: `METHOD path`).
     pub fn handler_name(mut self, name: impl Into<String>) -> Self {
-        self.handler_name = name.into();
+        self.meta.handler_name = name.into();
         self
     }
 
@@ -296,7 +308,7 @@ impl<P> Route<P> {
     /// Unmarked handlers run inline on the server's async workers: the fastest path, for
     /// handlers that only compute briefly.
     pub fn blocking(mut self) -> Self {
-        self.blocking = true;
+        self.meta.blocking = true;
         self
     }
 
@@ -305,21 +317,21 @@ impl<P> Route<P> {
     /// cannot stop a handler in the middle: a blocking one runs on to its end on its thread (its
     /// answer is dropped); an inline one holds its worker until it returns.
     pub fn deadline(mut self, deadline: std::time::Duration) -> Self {
-        self.deadline = Some(deadline);
+        self.meta.deadline = Some(deadline);
         self
     }
 
     /// JSON Schema of the request body, shown in the API docs (a [`Json`](crate::Json) input
     /// documents its own).
     pub fn request_schema(mut self, schema: Value) -> Self {
-        self.docs.set_request_schema(schema);
+        self.meta.docs.set_request_schema(schema);
         self
     }
 
     /// JSON Schema of the response body, shown in the API docs when no answer is documented
     /// with [`Route::response`] (and the handler's result type documents none).
     pub fn response_schema(mut self, schema: Value) -> Self {
-        self.response_schema = Some(schema);
+        self.meta.response_schema = Some(schema);
         self
     }
 
@@ -328,14 +340,14 @@ impl<P> Route<P> {
     /// documented, the docs list exactly these (and the answers kiln itself may give). It
     /// replaces what the result type documented for the same status.
     pub fn response(mut self, status: u16, description: impl Into<String>, schema: Option<Value>) -> Self {
-        self.docs.response(status, description, schema);
+        self.meta.docs.response(status, description, schema);
         self
     }
 
     /// JSON Schema of path parameter `name` in the API docs (by default a string, or what a
     /// [`Path`](crate::Path) input says), e.g. `json!({"type": "integer", "minimum": 0})`.
     pub fn param_schema(mut self, name: &str, schema: Value) -> Self {
-        self.docs.param(name, schema);
+        self.meta.docs.param(name, schema);
         self
     }
 }
