@@ -175,7 +175,7 @@ struct Instance(*mut c_void);
 
 /// One instance of one plugin library.
 pub struct LoadedPlugin {
-    description: PluginDescription,
+    description: Arc<PluginDescription>,
     binary_path: PathBuf,
     /// The row's `deadline_ms` for routes that set none (0: none), changed without a reload.
     deadline_ms: std::sync::atomic::AtomicU64,
@@ -323,12 +323,18 @@ impl LoadedPlugin {
                 return Err(LoadError::Describe(format!("invalid description JSON: {e}")));
             }
         };
+        let description = Arc::new(description);
         Ok(Self { description, binary_path: path.to_path_buf(), deadline_ms: Default::default(), live: Some(live) })
     }
 
     /// What the plugin said about itself.
     pub fn description(&self) -> &PluginDescription {
         &self.description
+    }
+
+    /// The same, shared: for what outlives this instance (the API docs).
+    pub fn shared_description(&self) -> Arc<PluginDescription> {
+        self.description.clone()
     }
 
     /// The deadline the plugin's row sets for routes that set none.

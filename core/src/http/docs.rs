@@ -1,6 +1,7 @@
 //! The live API documentation: the admin API's OpenAPI document (built once by poem-openapi)
-//! merged with the routes of every served plugin, rebuilt whenever the plugin set changes, and
-//! the Swagger UI page that embeds it.
+//! merged with the routes of every served plugin, and the Swagger UI page that embeds it. A
+//! change of the plugin set only records the new set (a publish stays cheap however many plugins
+//! serve); the document is rendered when it is next asked for, once per change.
 //!
 //! poem-openapi renders its Swagger UI page with the document embedded verbatim; we split that
 //! page once around the static document and embed the merged one instead (no CDN, no template
@@ -9,12 +10,19 @@
 use arc_swap::ArcSwap;
 use kiln_types::PluginDescription;
 use serde_json::{Map, Value, json};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-/// The current merged document and UI page.
+/// A rendered document and UI page, and the generation of the plugin set it shows.
 struct Snapshot {
+    generation: u64,
     json: String,
     html: String,
+}
+
+/// The plugin set the document should show.
+struct Wanted {
+    generation: u64,
+    plugins: Vec<Arc<PluginDescription>>,
 }
 
 /// Builds and serves the merged documentation.
@@ -22,7 +30,10 @@ pub struct Docs {
     base: Value,
     html_prefix: String,
     html_suffix: String,
+    wanted: Mutex<Wanted>,
     current: ArcSwap<Snapshot>,
+    /// Held while rendering, so that concurrent requests render a change once.
+    render: Mutex<()>,
 }
 
 impl Docs {
@@ -49,24 +60,53 @@ impl Docs {
             base,
             html_prefix: html[..at].to_string(),
             html_suffix: html[at + spec.len()..].to_string(),
-            current: ArcSwap::from_pointee(Snapshot { json: String::new(), html: String::new() }),
+            wanted: Mutex::new(Wanted { generation: 1, plugins: Vec::new() }),
+            current: ArcSwap::from_pointee(Snapshot { generation: 0, json: String::new(), html: String::new() }),
+            render: Mutex::new(()),
         };
-        docs.update(std::iter::empty());
         Ok(docs)
     }
 
     /// The merged OpenAPI document (JSON).
     pub fn json(&self) -> String {
-        self.current.load().json.clone()
+        self.snapshot().json.clone()
     }
 
     /// The Swagger UI page.
     pub fn html(&self) -> String {
-        self.current.load().html.clone()
+        self.snapshot().html.clone()
     }
 
-    /// Rebuilds the document for this set of plugins.
-    pub fn update<'a>(&self, plugins: impl Iterator<Item = &'a PluginDescription>) {
+    /// Records the set of plugins the document shows from now on (rendered when next asked for).
+    pub fn update(&self, plugins: Vec<Arc<PluginDescription>>) {
+        let mut wanted = self.wanted.lock().expect("docs lock");
+        wanted.generation += 1;
+        wanted.plugins = plugins;
+    }
+
+    /// The document of the current plugin set, rendered now if the set changed since.
+    fn snapshot(&self) -> Arc<Snapshot> {
+        let current = self.current.load_full();
+        let (generation, plugins) = {
+            let wanted = self.wanted.lock().expect("docs lock");
+            (wanted.generation, wanted.plugins.clone())
+        };
+        if current.generation == generation {
+            return current;
+        }
+        let _rendering = self.render.lock().expect("docs render lock");
+        let current = self.current.load_full();
+        if current.generation >= generation {
+            return current; // rendered by the request we waited for
+        }
+        let (json, html) = self.render(plugins.iter().map(|p| &**p));
+        let snapshot = Arc::new(Snapshot { generation, json, html });
+        self.current.store(snapshot.clone());
+        snapshot
+    }
+
+    /// The document and UI page for this set of plugins.
+    fn render<'a>(&self, plugins: impl Iterator<Item = &'a PluginDescription>) -> (String, String) {
         let mut doc = self.base.clone();
         let mut tags: Vec<Value> = doc["tags"].as_array().cloned().unwrap_or_default();
         for plugin in plugins {
@@ -89,7 +129,7 @@ impl Docs {
         let json = serde_json::to_string_pretty(&doc).expect("a Value always serializes");
         // The document goes inside a <script>: a "</" in a plugin's text must not close it.
         let html = format!("{}{}{}", self.html_prefix, json.replace("</", "<\\/"), self.html_suffix);
-        self.current.store(Arc::new(Snapshot { json, html }));
+        (json, html)
     }
 }
 
@@ -153,4 +193,29 @@ fn operation(plugin: &PluginDescription, route: &kiln_types::RouteDescription) -
         op["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": schema } } });
     }
     op
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plugin(name: &str, path: &str) -> Arc<PluginDescription> {
+        let route = kiln_types::RouteDescription { method: "GET".into(), path: path.into(), ..Default::default() };
+        Arc::new(PluginDescription { name: name.into(), routes: vec![route], ..Default::default() })
+    }
+
+    #[test]
+    fn the_document_shows_the_latest_plugin_set_when_asked_for() {
+        let spec = r#"{"openapi":"3.0.0","paths":{"/health":{}},"components":{"schemas":{}}}"#;
+        let docs = Docs::new(spec, &format!("<script>{spec}</script>"), false).unwrap();
+        assert!(docs.json().contains("/health") && !docs.json().contains("/a"));
+        docs.update(vec![plugin("a", "/a")]);
+        docs.update(vec![plugin("a", "/a"), plugin("b", "/b")]);
+        let (json, html) = (docs.json(), docs.html());
+        assert!(json.contains("\"/a\"") && json.contains("\"/b\""), "{json}");
+        assert!(html.starts_with("<script>") && html.contains("\"/b\""), "{html}");
+        docs.update(vec![plugin("b", "/b")]);
+        assert!(!docs.json().contains("\"/a\"") && docs.json().contains("\"/b\""));
+        assert!(!docs.html().contains("\"/a\""), "the page follows the document");
+    }
 }

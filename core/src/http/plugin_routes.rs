@@ -98,7 +98,7 @@ impl RouteSink for PluginRouter {
         }
         route = route.try_at("/*rest", NoRoute).map_err(|e| e.to_string())?;
         if let Some(docs) = self.docs.get() {
-            docs.update(plugins.iter().map(|p| p.description()));
+            docs.update(plugins.iter().map(|p| p.shared_description()).collect());
         }
         self.current.store(Arc::new(Table { route }));
         Ok(())

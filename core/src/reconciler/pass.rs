@@ -161,7 +161,9 @@ impl Inner {
                 Configured::Reload => {} // a fresh instance below
             }
         }
-        if current.is_none() {
+        // The row says `building` while cargo runs for a plugin that serves nothing yet (a
+        // library built before, as at a warm start, loads without that round trip).
+        if current.is_none() && !self.compiler.artifact_path(&manifest.name, &hash).exists() {
             self.repo.record_building(row.id).await?;
         }
         let artifact = self.build(row.id, &manifest, &hash).await?;
