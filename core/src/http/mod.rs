@@ -11,6 +11,7 @@ mod docs;
 mod error;
 mod head_deadline;
 mod log_tail;
+mod path_router;
 mod plugin_routes;
 mod request_headers;
 
@@ -194,6 +195,6 @@ impl Endpoint for Front {
         // Hold this table (and the plugin versions in it) until the request is done. Its
         // catch-all answers every path no plugin serves.
         let table = self.router.table();
-        Ok(table.route.call(req).await.unwrap_or_else(|e| e.into_response()))
+        Ok(table.call(req).await)
     }
 }

@@ -1,11 +1,12 @@
-//! The plugin route table: a complete poem [`Route`] of every served plugin endpoint, rebuilt on
-//! each change and swapped in atomically (poem's router cannot be changed once built).
+//! The plugin route table: a [`PathRouter`] of every served plugin endpoint, rebuilt on each
+//! change and swapped in atomically.
 //!
 //! Each endpoint holds the `Arc` of the plugin version it belongs to, so a request that started
 //! on an old version finishes on it, and the old version is retired after its last request.
 
 use super::docs::Docs;
 use super::error::json_error;
+use super::path_router::{ParamSpans, PathRouter};
 use super::request_headers;
 use crate::error_code::ErrorCode;
 use crate::host::logs::{Kind, Level, LogEntry, LogStore};
@@ -13,14 +14,27 @@ use crate::loader::{CallError, CallRequest, CallResponse, LoadedPlugin};
 use crate::routes::{Pattern, RouteSink};
 use arc_swap::ArcSwap;
 use poem::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use poem::{Endpoint, Request, Response, Route};
+use poem::{Request, Response};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// One published table: poem's router over every plugin path, and a catch-all that answers
-/// 404 for the rest.
+/// One published table: every plugin path, by its endpoints.
+#[derive(Default)]
 pub struct Table {
-    pub route: Route,
+    paths: PathRouter<PathEndpoint>,
+}
+
+impl Table {
+    /// Answers a request: its path's endpoint, or 404 in kiln's error shape.
+    pub async fn call(&self, req: Request) -> Response {
+        match self.paths.find(req.uri().path()) {
+            Some((endpoint, spans)) => endpoint.call(req, spans).await,
+            None => {
+                let msg = format!("no route for {} {}", req.method(), req.uri().path());
+                json_error(ErrorCode::NotFound, &msg)
+            }
+        }
+    }
 }
 
 /// The swappable table of plugin routes, and the docs that describe it.
@@ -47,8 +61,7 @@ pub struct Limits {
 
 impl PluginRouter {
     pub fn new(limits: Limits, logs: Arc<LogStore>) -> Self {
-        let empty = Table { route: Route::new().at("/*rest", NoRoute) };
-        Self { current: ArcSwap::from_pointee(empty), docs: OnceLock::new(), limits, logs }
+        Self { current: ArcSwap::from_pointee(Table::default()), docs: OnceLock::new(), limits, logs }
     }
 
     /// Connects the docs that every publish updates.
@@ -65,7 +78,7 @@ impl PluginRouter {
 
 impl RouteSink for PluginRouter {
     fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String> {
-        let mut route = Route::new();
+        let mut table = Table::default();
         for plugin in plugins {
             let description = plugin.description();
             // One endpoint per path, dispatching by method: a plugin may serve GET and POST on
@@ -93,26 +106,14 @@ impl RouteSink for PluginRouter {
                 }
             }
             for (pattern, endpoint) in by_path {
-                route = route.try_at(pattern.to_poem(), endpoint).map_err(|e| format!("{}: {e}", description.name))?;
+                table.paths.insert(&pattern, endpoint).map_err(|e| format!("{}: {e}", description.name))?;
             }
         }
-        route = route.try_at("/*rest", NoRoute).map_err(|e| e.to_string())?;
         if let Some(docs) = self.docs.get() {
             docs.update(plugins.iter().map(|p| p.shared_description()).collect());
         }
-        self.current.store(Arc::new(Table { route }));
+        self.current.store(Arc::new(table));
         Ok(())
-    }
-}
-
-/// Every path no plugin serves: 404 in kiln's error shape.
-struct NoRoute;
-
-impl Endpoint for NoRoute {
-    type Output = Response;
-
-    async fn call(&self, req: Request) -> poem::Result<Response> {
-        Ok(json_error(ErrorCode::NotFound, &format!("no route for {} {}", req.method(), req.uri().path())))
     }
 }
 
@@ -122,21 +123,20 @@ struct PathEndpoint {
     methods: Vec<(Method, PluginEndpoint)>,
 }
 
-impl Endpoint for PathEndpoint {
-    type Output = Response;
-
-    async fn call(&self, mut req: Request) -> poem::Result<Response> {
+impl PathEndpoint {
+    /// `spans`: where the path parameters' values lie in the request path.
+    async fn call(&self, mut req: Request, spans: ParamSpans) -> Response {
         let find = |m: &Method| self.methods.iter().find(|(method, _)| method == m).map(|(_, e)| e);
         if let Some(endpoint) = find(req.method()) {
-            return endpoint.call(req).await;
+            return endpoint.call(req, spans).await;
         }
         if req.method() == Method::HEAD
             && let Some(get) = find(&Method::GET)
         {
             req.set_method(Method::GET);
-            let mut resp = get.call(req).await?;
+            let mut resp = get.call(req, spans).await;
             resp.set_body(());
-            return Ok(resp);
+            return resp;
         }
         let msg = format!("{} does not accept {}", req.uri().path(), req.method());
         let mut resp = json_error(ErrorCode::MethodNotAllowed, &msg);
@@ -144,7 +144,7 @@ impl Endpoint for PathEndpoint {
         if let Ok(allow) = HeaderValue::from_str(&allow.join(", ")) {
             resp.headers_mut().insert(poem::http::header::ALLOW, allow);
         }
-        Ok(resp)
+        resp
     }
 }
 
@@ -215,10 +215,13 @@ impl PluginEndpoint {
     }
 }
 
-impl Endpoint for PluginEndpoint {
-    type Output = Response;
+impl PluginEndpoint {
+    /// `spans`: where the path parameters' values lie in the request path.
+    async fn call(&self, req: Request, spans: ParamSpans) -> Response {
+        self.answer(req, spans).await.unwrap_or_else(|e| e.into_response())
+    }
 
-    async fn call(&self, mut req: Request) -> poem::Result<Response> {
+    async fn answer(&self, mut req: Request, spans: ParamSpans) -> poem::Result<Response> {
         let name = &self.plugin.description().name;
         // The body's read and the blocking call are boxed, so that this future, moved on every
         // request, stays small for the common case: an inline handler and no body.
@@ -234,15 +237,14 @@ impl Endpoint for PluginEndpoint {
         let limit = self.route_deadline.or_else(|| self.plugin.deadline()).unwrap_or(self.server_deadline);
         let deadline = started + limit;
         let result = if self.blocking {
-            let owned = OwnedRequest::new(&req, &self.params);
+            let owned = OwnedRequest::new(&req, &self.params, &spans);
             match Box::pin(self.call_blocking(owned, body, deadline)).await {
                 Some(r) => r,
                 None => return Ok(self.timed_out(limit, started.elapsed())),
             }
         } else {
             // Inline, with the request borrowed: the fastest path, as for a linked-in handler.
-            let params: Vec<(&str, &str)> =
-                self.params.iter().map(|n| (n.as_str(), req.raw_path_param(n).unwrap_or(""))).collect();
+            let params = param_values(&self.params, &spans, req.uri().path());
             let _route = crate::host::on_route(&self.label, deadline);
             let result = self.plugin.call(&CallRequest {
                 route: self.route,
@@ -312,13 +314,22 @@ struct OwnedRequest {
 }
 
 impl OwnedRequest {
-    fn new(req: &Request, params: &[String]) -> Self {
+    fn new(req: &Request, params: &[String], spans: &ParamSpans) -> Self {
         Self {
             method: req.method().as_str().to_string(),
             path: req.uri().path().to_string(),
             query: req.uri().query().unwrap_or("").to_string(),
-            params: params.iter().map(|n| (n.clone(), req.raw_path_param(n).unwrap_or("").to_string())).collect(),
+            params: (param_values(params, spans, req.uri().path()).into_iter())
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
             headers: req.headers().clone(),
         }
     }
+}
+
+/// Each path parameter's name and value (as sent, not decoded), in order.
+fn param_values<'a>(names: &'a [String], spans: &ParamSpans, path: &'a str) -> Vec<(&'a str, &'a str)> {
+    (names.iter().enumerate())
+        .map(|(i, name)| (name.as_str(), spans.get(i).and_then(|&(s, e)| path.get(s..e)).unwrap_or("")))
+        .collect()
 }
