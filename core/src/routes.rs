@@ -185,7 +185,12 @@ fn parse_segment(path: &str, seg: &str) -> Result<Segment, String> {
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         return if ok { Ok(Segment::Param(name.into())) } else { Err(format!("path {path:?}: bad parameter {seg:?}")) };
     }
-    if seg == "." || seg == ".." || seg.contains(['{', '}', ':', '*', '?', '#', '%']) {
+    // `<` `>`, spaces and control characters never reach a route: a request path cannot hold them.
+    if seg == "."
+        || seg == ".."
+        || seg.contains(['{', '}', ':', '*', '?', '#', '%', '<', '>'])
+        || seg.contains(|c: char| c.is_ascii_whitespace() || c.is_ascii_control())
+    {
         return Err(format!("path {path:?}: segment {seg:?} is not allowed (use {{name}} for a parameter)"));
     }
     Ok(Segment::Literal(seg.into()))
@@ -208,7 +213,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_paths() {
-        for bad in ["", "x", "/a//b", "/a/{}", "/a/{1x}", "/a/:id", "/a/*", "/a/..", "/{x}/{x}"] {
+        for bad in
+            ["", "x", "/a//b", "/a/{}", "/a/{1x}", "/a/:id", "/a/*", "/a/..", "/{x}/{x}", "/v<1>", "/a b", "/a\tb"]
+        {
             assert!(Pattern::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -74,6 +74,8 @@ async fn a_new_plugin_tests_checks_and_serves_at_once() {
         .unwrap();
     server.wait_state("hello2", "loaded").await;
     assert_eq!(server.get("/hello2/hello/kiln").await, (200, json!({ "message": "hello, kiln" })));
+    // Decoded once: `%25` is a percent sign, not the start of another escape.
+    assert_eq!(server.get("/hello2/hello/a%2541").await.1["message"], "hello, a%41");
     let (status, wrong) = server.post("/hello2/echo", Some(json!({ "text": ["not", "text"] }))).await;
     assert_eq!((status, &wrong["details"]), (400, &json!({ "in": "body", "field": "text" })), "{wrong}");
     let (_, spec) = server.get("/openapi.json").await;
@@ -99,6 +101,8 @@ async fn a_plugin_written_for_an_earlier_sdk_still_serves() {
             "query": "q=1&r", "x_test": "yes", "x_test_bytes": 3, "has_headers": true,
         })
     );
+    // Path parameters arrive percent-decoded, as they always did.
+    assert_eq!(server.get("/frozen/caf%C3%A9").await.1["name"], "café");
     assert_eq!(server.post("/frozen", Some(json!({ "a": 1 }))).await, (200, json!({ "a": 1 })));
     assert_eq!(server.send_delete("/frozen").await, (410, json!("gone")));
     assert_eq!(server.post("/events/frozen.poked", Some(json!({}))).await.0, 202);

@@ -56,19 +56,17 @@ impl<T: DeserializeOwned + JsonSchema> FromRequest for Json<T> {
 }
 
 /// The route's path parameters: one value (`Path<i64>` for `/notes/{id}`), a tuple of them in
-/// order, or a struct with a field per parameter. Percent-encoding is decoded; text is parsed
-/// into the number, boolean or string the type asks for.
+/// order, or a struct with a field per parameter. The values come percent-decoded (as
+/// [`Request::param`] gives them); text is parsed into the number, boolean or string the type
+/// asks for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Path<T>(pub T);
 
 impl<T: DeserializeOwned + JsonSchema> FromRequest for Path<T> {
     fn from_request(req: &Request<'_>) -> Result<Self, Response> {
+        // kiln hands over the values percent-decoded already.
         let params = req.params();
-        let decoded: Vec<(&str, Cow<'_, str>)> = params
-            .iter()
-            .map(|(name, value)| (*name, percent_encoding::percent_decode_str(value).decode_utf8_lossy()))
-            .collect();
-        let texts = Texts(decoded.iter().map(|(n, v)| (*n, v.as_ref())).collect());
+        let texts = Texts(params.clone());
         serde_path_to_error::deserialize(texts).map(Path).map_err(|e| {
             // A single value has no field of its own: name the parameter.
             let field = match (e.path().to_string().as_str(), params.as_slice()) {

@@ -188,7 +188,8 @@ impl<'a> Request<'a> {
         unsafe { str_of(self.raw.query) }
     }
 
-    /// A path parameter of the matched route (`{id}` → `param("id")`).
+    /// A path parameter of the matched route (`{id}` → `param("id")`), percent-decoded
+    /// (`/files/caf%C3%A9` → `café`; a value that is not UTF-8 once decoded is empty).
     pub fn param(&self, name: &str) -> Option<&'a str> {
         // SAFETY: `from_raw`'s contract: `params_len` pairs of views that live for 'a.
         let value = unsafe { find_pair(self.raw.params, self.raw.params_len, name) }?;
@@ -196,7 +197,8 @@ impl<'a> Request<'a> {
         Some(unsafe { std::str::from_utf8_unchecked(value) })
     }
 
-    /// Every path parameter of the matched route, as (name, value) in the path's order.
+    /// Every path parameter of the matched route, as (name, value) in the path's order,
+    /// percent-decoded as [`Request::param`] is.
     pub fn params(&self) -> Vec<(&'a str, &'a str)> {
         // SAFETY: `from_raw`'s contract: `params_len` pairs of UTF-8 views that live for 'a.
         let pairs = unsafe { pairs_of(self.raw.params, self.raw.params_len) };

@@ -447,7 +447,9 @@ fn match_path(pattern: &str, path: &str) -> Option<(Vec<bool>, Params)> {
     for (p, s) in pattern.iter().zip(&path) {
         match p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
             Some(name) if !s.is_empty() => {
-                params.push((name.to_string(), s.to_string()));
+                // Decoded as kiln decodes it.
+                let value = percent_encoding::percent_decode_str(s).decode_utf8().unwrap_or_default();
+                params.push((name.to_string(), value.into_owned()));
                 literal.push(false);
             }
             None if p == s => literal.push(true),

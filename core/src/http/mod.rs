@@ -75,18 +75,24 @@ pub fn app(
     Ok(Front { admin, router })
 }
 
+// The document may have to be rendered first (after a change of the plugin set): that runs on
+// the blocking pool, not on an async worker.
+
 fn spec_endpoint(docs: Arc<Docs>) -> impl Endpoint<Output = Response> {
     #[handler]
-    fn spec(docs: poem::web::Data<&Arc<Docs>>) -> Response {
-        Response::builder().content_type("application/json").body(docs.json())
+    async fn spec(docs: poem::web::Data<&Arc<Docs>>) -> poem::Result<Response> {
+        let docs = Arc::clone(&docs);
+        let json = tokio::task::spawn_blocking(move || docs.json()).await.map_err(poem::error::InternalServerError)?;
+        Ok(Response::builder().content_type("application/json").body(json))
     }
     spec.data(docs).map_to_response()
 }
 
 fn ui_endpoint(docs: Arc<Docs>) -> impl Endpoint<Output = Response> {
     #[handler]
-    fn ui(docs: poem::web::Data<&Arc<Docs>>) -> Html<String> {
-        Html(docs.html())
+    async fn ui(docs: poem::web::Data<&Arc<Docs>>) -> poem::Result<Html<String>> {
+        let docs = Arc::clone(&docs);
+        Ok(Html(tokio::task::spawn_blocking(move || docs.html()).await.map_err(poem::error::InternalServerError)?))
     }
     ui.data(docs).map_to_response()
 }

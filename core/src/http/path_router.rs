@@ -7,8 +7,9 @@
 //!
 //! Matching is poem's: segment by segment, a literal segment is tried before a parameter, and
 //! the search backs up when the literal branch finds no route (`/items/top` beats
-//! `/items/{id}`, and `/items/{id}/x` is still found for `/items/top/x`). A parameter matches
-//! one non-empty segment, undecoded.
+//! `/items/{id}`, and `/items/{id}/x` is still found for `/items/top/x`). Unlike poem, a
+//! parameter matches one *non-empty* segment (as the test kit does). Paths are matched as sent;
+//! the endpoint percent-decodes the parameters' values.
 
 use crate::routes::Pattern;
 use std::collections::HashMap;

@@ -15,6 +15,7 @@ use crate::routes::{Pattern, RouteSink};
 use arc_swap::ArcSwap;
 use poem::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use poem::{Request, Response};
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -100,7 +101,9 @@ impl RouteSink for PluginRouter {
                     logs: self.logs.clone(),
                     label: format!("{} {}", r.method, r.path).into(),
                 };
-                match by_path.iter_mut().find(|(p, _)| *p == pattern) {
+                // By shape: `/items/{id}` and `/items/{key}` are one path (each endpoint binds
+                // its own names).
+                match by_path.iter_mut().find(|(p, _)| p.segments().eq(pattern.segments())) {
                     Some((_, path)) => path.methods.push((method, endpoint)),
                     None => by_path.push((pattern, PathEndpoint { methods: vec![(method, endpoint)] })),
                 }
@@ -244,7 +247,8 @@ impl PluginEndpoint {
             }
         } else {
             // Inline, with the request borrowed: the fastest path, as for a linked-in handler.
-            let params = param_values(&self.params, &spans, req.uri().path());
+            let decoded = param_values(&self.params, &spans, req.uri().path());
+            let params: Vec<(&str, &str)> = decoded.iter().map(|(n, v)| (*n, v.as_ref())).collect();
             let _route = crate::host::on_route(&self.label, deadline);
             let result = self.plugin.call(&CallRequest {
                 route: self.route,
@@ -320,16 +324,20 @@ impl OwnedRequest {
             path: req.uri().path().to_string(),
             query: req.uri().query().unwrap_or("").to_string(),
             params: (param_values(params, spans, req.uri().path()).into_iter())
-                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .map(|(n, v)| (n.to_string(), v.into_owned()))
                 .collect(),
             headers: req.headers().clone(),
         }
     }
 }
 
-/// Each path parameter's name and value (as sent, not decoded), in order.
-fn param_values<'a>(names: &'a [String], spans: &ParamSpans, path: &'a str) -> Vec<(&'a str, &'a str)> {
+/// Each path parameter's name and value, percent-decoded (as poem's router gave them, and as
+/// `Request::param` promises); a value that does not decode to UTF-8 is empty.
+fn param_values<'a>(names: &'a [String], spans: &ParamSpans, path: &'a str) -> Vec<(&'a str, Cow<'a, str>)> {
     (names.iter().enumerate())
-        .map(|(i, name)| (name.as_str(), spans.get(i).and_then(|&(s, e)| path.get(s..e)).unwrap_or("")))
+        .map(|(i, name)| {
+            let raw = spans.get(i).and_then(|&(s, e)| path.get(s..e)).unwrap_or("");
+            (name.as_str(), percent_encoding::percent_decode_str(raw).decode_utf8().unwrap_or_default())
+        })
         .collect()
 }

@@ -16,24 +16,36 @@ impl RowLock {
     }
 
     /// Observed, in this transaction: a version of `id` is loaded and serves these endpoints.
+    /// Three statements, whatever the number of endpoints (prepared once per connection).
     pub async fn record_loaded(&mut self, id: i64, l: &Loaded<'_>) -> Result<()> {
         let c = self.client();
+        let update = c
+            .prepare_cached(
+                "UPDATE plugins SET state = 'loaded', error = NULL, path = $2, binary_path = $3, loaded_hash = $4,
+                        loaded_at = now(), description = $5, version = $6, author = $7, type = $8
+                 WHERE id = $1",
+            )
+            .await?;
         c.execute(
-            "UPDATE plugins SET state = 'loaded', error = NULL, path = $2, binary_path = $3, loaded_hash = $4,
-                    loaded_at = now(), description = $5, version = $6, author = $7, type = $8
-             WHERE id = $1",
+            &update,
             &[&id, &l.manifest_path, &l.binary_path, &l.hash, &l.description, &l.version, &l.author, &l.kind],
         )
         .await?;
-        c.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
+        let delete = c.prepare_cached("DELETE FROM plugin_endpoints WHERE plugin_id = $1").await?;
+        c.execute(&delete, &[&id]).await?;
+        // In the routes' order: endpoint ids follow it.
         let insert = c
             .prepare_cached(
-                "INSERT INTO plugin_endpoints (plugin_id, method, path, handler, type) VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO plugin_endpoints (plugin_id, method, path, handler, type)
+                 SELECT $1, e.method, e.path, e.handler, $5
+                 FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS e(method, path, handler, n)
+                 ORDER BY e.n",
             )
             .await?;
-        for e in l.endpoints {
-            c.execute(&insert, &[&id, &e.method, &e.path, &e.handler, &l.kind]).await?;
-        }
+        let methods: Vec<&str> = l.endpoints.iter().map(|e| e.method.as_str()).collect();
+        let paths: Vec<&str> = l.endpoints.iter().map(|e| e.path.as_str()).collect();
+        let handlers: Vec<&str> = l.endpoints.iter().map(|e| e.handler.as_str()).collect();
+        c.execute(&insert, &[&id, &methods, &paths, &handlers, &l.kind]).await?;
         Ok(())
     }
 
