@@ -272,7 +272,7 @@ impl Compiler {
         let mut removed = 0;
         for entry in entries.flatten() {
             let path = entry.path();
-            if keep.contains(&path) || pinned.contains_key(&path) || !is_artifact_of(&path, name) {
+            if !is_artifact_of(&path, name) || keep.contains(&path) || pinned.contains_key(&path) {
                 continue;
             }
             match std::fs::remove_file(&path) {

@@ -94,8 +94,10 @@ async fn listen(
                 events.outbox_wake.notify_one();
                 continue;
             }
-            match parse_id(note.payload()) {
-                Some(id) => reconciler.hint(id),
+            match parse_ids(note.payload()) {
+                Some(Ids::One(id)) => reconciler.hint(id),
+                // One statement's rows, as one batch.
+                Some(Ids::Many(ids)) => reconciler.hint_rows(&ids).await,
                 None => {
                     tracing::warn!(payload = note.payload(), "unreadable notification; resyncing everything");
                     reconciler.resync_all().await?;
@@ -122,17 +124,36 @@ fn publish(events: &EventBus, payload: &str) {
     }
 }
 
-/// The plugin id of a notification payload (`{"operation":…,"id":…,…}`).
-fn parse_id(payload: &str) -> Option<i64> {
-    serde_json::from_str::<serde_json::Value>(payload).ok()?.get("id")?.as_i64()
+/// The plugin ids a notification names: one statement's rows (`sql/010_statement_notify.sql`).
+#[derive(Debug, PartialEq, Eq)]
+enum Ids {
+    /// `{"operation":…,"id":…,"name":…}`: a statement that touched one row.
+    One(i64),
+    /// `{"operation":…,"ids":[…]}`: a statement that touched several (up to 400 a notification).
+    Many(Vec<i64>),
+}
+
+fn parse_ids(payload: &str) -> Option<Ids> {
+    let v = serde_json::from_str::<serde_json::Value>(payload).ok()?;
+    if let Some(id) = v.get("id") {
+        return id.as_i64().map(Ids::One);
+    }
+    let ids: Option<Vec<i64>> = v.get("ids")?.as_array()?.iter().map(|id| id.as_i64()).collect();
+    ids.map(Ids::Many)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::{Ids, parse_ids};
+
     #[test]
-    fn reads_the_id_of_a_payload() {
-        assert_eq!(super::parse_id(r#"{"operation":"DELETE","table":"plugins","id":7,"name":"x"}"#), Some(7));
-        assert_eq!(super::parse_id("junk"), None);
-        assert_eq!(super::parse_id(r#"{"id":"7"}"#), None);
+    fn reads_the_ids_of_a_payload() {
+        let one = r#"{"operation":"DELETE","table":"plugins","id":7,"name":"x"}"#;
+        assert_eq!(parse_ids(one), Some(Ids::One(7)));
+        let many = r#"{"operation":"UPDATE","table":"plugins","ids":[7,8,9]}"#;
+        assert_eq!(parse_ids(many), Some(Ids::Many(vec![7, 8, 9])));
+        for bad in ["junk", r#"{"id":"7"}"#, r#"{"ids":[7,"8"]}"#, r#"{"ids":7}"#, "{}"] {
+            assert_eq!(parse_ids(bad), None, "{bad}");
+        }
     }
 }

@@ -12,6 +12,11 @@ use std::sync::Arc;
 /// Where the reconciler publishes the set of served plugin versions (the HTTP layer's router).
 /// `publish` replaces the whole set at once: a request sees the old set or the new one, never a mix.
 pub trait RouteSink: Send + Sync {
+    /// Whether this plugin's routes (and what else the sink takes from it) can be served, on
+    /// their own. A set of plugins that each pass and whose paths do not overlap is never
+    /// refused by [`RouteSink::publish`].
+    fn check(&self, plugin: &Arc<LoadedPlugin>) -> Result<(), String>;
+
     /// Serves exactly these plugins' routes from now on. An error leaves the previous set serving.
     fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String>;
 }
@@ -24,13 +29,15 @@ pub struct Fanout<R> {
 }
 
 impl<R: RouteSink> RouteSink for Fanout<R> {
-    fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String> {
-        for plugin in plugins {
-            for s in &plugin.description().subscriptions {
-                crate::events::topic::check(&s.pattern, true)
-                    .map_err(|e| format!("{}: event subscription {}: {e}", plugin.description().name, s.handler))?;
-            }
+    fn check(&self, plugin: &Arc<LoadedPlugin>) -> Result<(), String> {
+        for s in &plugin.description().subscriptions {
+            crate::events::topic::check(&s.pattern, true)
+                .map_err(|e| format!("{}: event subscription {}: {e}", plugin.description().name, s.handler))?;
         }
+        self.routes.check(plugin)
+    }
+
+    fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String> {
         self.routes.publish(plugins)?;
         self.events.serve(plugins);
         Ok(())

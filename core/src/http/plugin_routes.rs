@@ -77,40 +77,51 @@ impl PluginRouter {
     }
 }
 
+impl PluginRouter {
+    /// Adds one plugin's endpoints to `table`.
+    fn add(&self, table: &mut Table, plugin: &Arc<LoadedPlugin>) -> Result<(), String> {
+        let description = plugin.description();
+        // One endpoint per path, dispatching by method: a plugin may serve GET and POST on the
+        // same path.
+        let mut by_path: Vec<(Pattern, PathEndpoint)> = Vec::new();
+        for (index, r) in description.routes.iter().enumerate() {
+            let pattern = Pattern::parse(&r.path)?;
+            let method = Method::from_bytes(r.method.as_bytes()).map_err(|_| format!("bad method {:?}", r.method))?;
+            let endpoint = PluginEndpoint {
+                plugin: plugin.clone(),
+                route: index as u32,
+                params: pattern.params().map(str::to_string).collect(),
+                blocking: r.blocking,
+                max_body: self.limits.max_body,
+                body_timeout: self.limits.body_timeout,
+                route_deadline: r.deadline_ms.map(Duration::from_millis),
+                server_deadline: self.limits.default_deadline,
+                logs: self.logs.clone(),
+                label: format!("{} {}", r.method, r.path).into(),
+            };
+            // By shape: `/items/{id}` and `/items/{key}` are one path (each endpoint binds its
+            // own names).
+            match by_path.iter_mut().find(|(p, _)| p.segments().eq(pattern.segments())) {
+                Some((_, path)) => path.methods.push((method, endpoint)),
+                None => by_path.push((pattern, PathEndpoint { methods: vec![(method, endpoint)] })),
+            }
+        }
+        for (pattern, endpoint) in by_path {
+            table.paths.insert(&pattern, endpoint).map_err(|e| format!("{}: {e}", description.name))?;
+        }
+        Ok(())
+    }
+}
+
 impl RouteSink for PluginRouter {
+    fn check(&self, plugin: &Arc<LoadedPlugin>) -> Result<(), String> {
+        self.add(&mut Table::default(), plugin)
+    }
+
     fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String> {
         let mut table = Table::default();
         for plugin in plugins {
-            let description = plugin.description();
-            // One endpoint per path, dispatching by method: a plugin may serve GET and POST on
-            // the same path.
-            let mut by_path: Vec<(Pattern, PathEndpoint)> = Vec::new();
-            for (index, r) in description.routes.iter().enumerate() {
-                let pattern = Pattern::parse(&r.path)?;
-                let method =
-                    Method::from_bytes(r.method.as_bytes()).map_err(|_| format!("bad method {:?}", r.method))?;
-                let endpoint = PluginEndpoint {
-                    plugin: plugin.clone(),
-                    route: index as u32,
-                    params: pattern.params().map(str::to_string).collect(),
-                    blocking: r.blocking,
-                    max_body: self.limits.max_body,
-                    body_timeout: self.limits.body_timeout,
-                    route_deadline: r.deadline_ms.map(Duration::from_millis),
-                    server_deadline: self.limits.default_deadline,
-                    logs: self.logs.clone(),
-                    label: format!("{} {}", r.method, r.path).into(),
-                };
-                // By shape: `/items/{id}` and `/items/{key}` are one path (each endpoint binds
-                // its own names).
-                match by_path.iter_mut().find(|(p, _)| p.segments().eq(pattern.segments())) {
-                    Some((_, path)) => path.methods.push((method, endpoint)),
-                    None => by_path.push((pattern, PathEndpoint { methods: vec![(method, endpoint)] })),
-                }
-            }
-            for (pattern, endpoint) in by_path {
-                table.paths.insert(&pattern, endpoint).map_err(|e| format!("{}: {e}", description.name))?;
-            }
+            self.add(&mut table, plugin)?;
         }
         if let Some(docs) = self.docs.get() {
             docs.update(plugins.iter().map(|p| p.shared_description()).collect());

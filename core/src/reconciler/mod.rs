@@ -11,11 +11,13 @@
 //!
 //! - `pass.rs`: one pass over one plugin (build → load → init → publish → record).
 //! - `ownership.rs`: the served set, path ownership and the atomic publish.
+//! - `served_set.rs`: the served versions, with their route patterns indexed by shape.
 //!
 //! This folder is the one place where what kiln serves changes.
 
 mod ownership;
 mod pass;
+mod served_set;
 
 use crate::compiler::{BuildError, Compiler};
 use crate::error_code::ErrorCode;
@@ -25,12 +27,13 @@ use crate::load_marker::LoadMarkers;
 use crate::loader::{LoadError, LoadedPlugin, Retirements};
 use crate::manifest::ManifestError;
 use crate::plugin_db::{PluginDatabases, ScopeError};
-use crate::repo::{Repo, RepoError};
+use crate::repo::{PluginRow, Repo, RepoError};
 use crate::routes::RouteSink;
 use ownership::Served;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use served_set::ServedSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -135,6 +138,9 @@ struct Job {
     /// Reload even if the source is unchanged (a fresh instance).
     force: bool,
     reply: Option<Reply>,
+    /// The plugin's row (`None`: no such row), read in a batch after whatever caused this job;
+    /// the pass uses it instead of reading the row itself. See [`Reconciler::hint_rows`].
+    read: Option<Option<PluginRow>>,
 }
 
 /// A plugin's worker: where its jobs go, and its task.
@@ -150,9 +156,15 @@ struct Inner {
     repo: Repo,
     compiler: Arc<Compiler>,
     sink: Arc<dyn RouteSink>,
-    /// The versions served now, by plugin id. The lock is held across conflict check and publish
-    /// so that two plugins loading at once cannot both claim a path.
-    served: Mutex<BTreeMap<i64, Served>>,
+    /// The versions served now, by plugin id. The lock is held across conflict check and
+    /// insertion so that two plugins loading at once cannot both claim a path.
+    served: Mutex<ServedSet<Served>>,
+    /// Counts the changes of `served` (bumped under its lock).
+    changes: AtomicU64,
+    /// The change the route table shows (`ownership::show`).
+    shown: tokio::sync::watch::Sender<u64>,
+    /// Wakes the task that builds route tables (`ownership::publisher`).
+    table_wanted: Arc<tokio::sync::Notify>,
     /// The worker of each plugin id, and its task (awaited at shutdown).
     workers: Mutex<HashMap<i64, Worker>>,
     /// Plugins with a pass running or queued (reported by /health; 0 means settled).
@@ -190,12 +202,15 @@ impl Reconciler {
         databases: Arc<PluginDatabases>,
         events: Arc<EventBus>,
     ) -> Self {
-        Self {
+        let reconciler = Self {
             inner: Arc::new_cyclic(|me| Inner {
                 repo,
                 compiler,
                 sink,
-                served: Mutex::new(BTreeMap::new()),
+                served: Default::default(),
+                changes: Default::default(),
+                shown: tokio::sync::watch::Sender::new(0),
+                table_wanted: Default::default(),
                 workers: Mutex::new(HashMap::new()),
                 busy: Default::default(),
                 waiting: Default::default(),
@@ -208,34 +223,60 @@ impl Reconciler {
                 events,
                 me: me.clone(),
             }),
-        }
+        };
+        let (me, wanted) = (Arc::downgrade(&reconciler.inner), reconciler.inner.table_wanted.clone());
+        tokio::spawn(ownership::publisher(me, wanted));
+        reconciler
     }
 
     /// "Look at plugin `id` again", without waiting.
     pub fn hint(&self, id: i64) {
-        self.inner.send(id, Job { force: false, reply: None });
+        self.inner.send(id, Job { force: false, reply: None, read: None });
+    }
+
+    /// "Look at these plugins again" (the rows of one statement): their rows are read in one
+    /// query, here, and each pass starts from its plugin's row instead of reading it (a bulk
+    /// edit of 1,000 rows: one query, not 1,000). The rows are read after the change that
+    /// caused the hint, so they are as true as a read in the pass.
+    pub async fn hint_rows(&self, ids: &[i64]) {
+        match self.inner.repo.get_many(ids).await {
+            Ok(rows) => {
+                let mut rows: HashMap<i64, PluginRow> = rows.into_iter().map(|r| (r.id, r)).collect();
+                for &id in ids {
+                    self.inner.send(id, Job { force: false, reply: None, read: Some(rows.remove(&id)) });
+                }
+            }
+            Err(e) => {
+                tracing::warn!("could not read {} plugin rows at once ({e}); each pass reads its own", ids.len());
+                for &id in ids {
+                    self.hint(id);
+                }
+            }
+        }
     }
 
     /// Runs a pass over plugin `id` (starting after this call) and waits for its result.
     /// `force` reloads a fresh instance even when the source did not change.
     pub async fn reconcile(&self, id: i64, force: bool) -> Result<Outcome, Failure> {
         let (tx, rx) = oneshot::channel();
-        self.inner.send(id, Job { force, reply: Some(tx) });
+        self.inner.send(id, Job { force, reply: Some(tx), read: None });
         rx.await.unwrap_or_else(|_| Err(shutting_down()))
     }
 
     /// Hints every plugin that has a row or is served: after startup, a reconnect, or as the
-    /// periodic safety net.
+    /// periodic safety net. Each pass starts from the row read here (one query for all).
     pub async fn resync_all(&self) -> Result<usize, RepoError> {
         let rows = self.inner.repo.list().await?;
-        let mut ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        ids.extend(self.inner.served.lock().expect("served lock").keys());
-        ids.sort_unstable();
-        ids.dedup();
-        for &id in &ids {
-            self.hint(id);
+        let served: Vec<i64> = self.inner.served.lock().expect("served lock").keys().copied().collect();
+        let gone: Vec<i64> = served.into_iter().filter(|id| rows.binary_search_by_key(id, |r| r.id).is_err()).collect();
+        let n = rows.len() + gone.len();
+        for row in rows {
+            self.inner.send(row.id, Job { force: false, reply: None, read: Some(Some(row)) });
         }
-        Ok(ids.len())
+        for id in gone {
+            self.inner.send(id, Job { force: false, reply: None, read: Some(None) });
+        }
+        Ok(n)
     }
 
     /// Shutdown, once what feeds the reconciler has stopped: takes no more jobs, lets the passes
@@ -277,6 +318,12 @@ impl Reconciler {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.table_wanted.notify_one(); // the publisher finds no reconciler and ends
+    }
+}
+
 fn shutting_down() -> Failure {
     Failure { code: ErrorCode::Internal, message: "the server is shutting down".into() }
 }
@@ -307,17 +354,18 @@ impl Inner {
     fn hint_waiting(&self, except: &[i64]) {
         let waiting: Vec<i64> = self.waiting.lock().expect("waiting lock").iter().copied().collect();
         for id in waiting.into_iter().filter(|id| !except.contains(id)) {
-            self.send(id, Job { force: false, reply: None });
+            self.send(id, Job { force: false, reply: None, read: None });
         }
     }
 
     /// Stops serving every plugin and runs their cleanup, here, waiting for it: a cleanup merely
     /// queued on the blocking pool could be cancelled as the runtime exits.
     async fn retire_all(&self) {
-        let served = std::mem::take(&mut *self.served.lock().expect("served lock"));
-        if let Err(e) = self.sink.publish(&[]) {
-            tracing::error!("could not clear the route table: {e}");
-        }
+        let (served, change) = {
+            let mut served = self.served.lock().expect("served lock");
+            (served.take_all(), self.changed())
+        };
+        self.show(change).await;
         let plugins: Vec<Arc<LoadedPlugin>> = served.into_values().map(|s| s.plugin).collect();
         let retire = move || {
             for plugin in plugins {
@@ -337,13 +385,17 @@ async fn worker(inner: Arc<Inner>, id: i64, mut rx: mpsc::UnboundedReceiver<Job>
     while let Some(first) = rx.recv().await {
         let mut force = first.force;
         let mut replies: Vec<Reply> = first.reply.into_iter().collect();
+        let mut read = first.read;
         let mut jobs = 1;
         while let Ok(more) = rx.try_recv() {
             force |= more.force;
             replies.extend(more.reply);
+            // A job without a row may follow a write the others' rows predate (the admin API
+            // writes, then asks): the pass reads the row itself then.
+            read = read.and(more.read);
             jobs += 1;
         }
-        let result = inner.pass(id, force).await.map_err(|e| {
+        let result = inner.pass(id, force, read).await.map_err(|e| {
             let failure = Failure { code: e.code(), message: e.to_string() };
             if !matches!(e, ReconcileError::ShuttingDown) {
                 tracing::warn!(plugin_id = id, code = failure.code.as_str(), "{}", failure.message);

@@ -7,13 +7,28 @@
 //! are retried whenever a version stops serving or is replaced, so a freed path is taken at once.
 //! Paths under the admin API's roots belong to kiln.
 
+use super::served_set::Routed;
 use super::{Inner, ReconcileError};
 use crate::loader::LoadedPlugin;
 use crate::repo::PluginRow;
 use crate::routes::{Pattern, RouteProblem};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use tokio::sync::Notify;
+
+/// The task that builds route tables when changes wait to be shown (see [`Inner::show`]). It
+/// ends when the reconciler is dropped.
+pub(super) async fn publisher(inner: Weak<Inner>, wanted: Arc<Notify>) {
+    loop {
+        wanted.notified().await;
+        let Some(inner) = inner.upgrade() else { return };
+        // Building a table of 10,000 routes takes milliseconds: not on an async worker.
+        if tokio::task::spawn_blocking(move || inner.build_table()).await.is_err() {
+            return; // the runtime is shutting down
+        }
+    }
+}
 
 /// A plugin version being served.
 pub(super) struct Served {
@@ -21,6 +36,14 @@ pub(super) struct Served {
     /// The configuration the instance was created with (defaults applied).
     pub config: serde_json::Value,
     pub plugin: Arc<LoadedPlugin>,
+    /// Its routes' paths, parsed once (what ownership is decided on).
+    pub patterns: Vec<Pattern>,
+}
+
+impl Routed for Served {
+    fn patterns(&self) -> &[Pattern] {
+        &self.patterns
+    }
 }
 
 /// What a publish displaced, kept until the publish is recorded so that it can be put back.
@@ -33,14 +56,28 @@ pub(super) struct Displaced {
 
 impl Inner {
     /// Checks the new version's routes and, if they are sound, serves it in place of the old
-    /// one; younger plugins on its paths give way (see the module docs). One atomic swap.
-    pub(super) fn publish(
+    /// one; younger plugins on its paths give way (see the module docs). The route table shows
+    /// it when this returns.
+    pub(super) async fn publish(
         &self,
         row: &PluginRow,
         hash: &str,
         config: serde_json::Value,
         plugin: Arc<LoadedPlugin>,
     ) -> Result<Displaced, ReconcileError> {
+        let (displaced, change) = self.take_paths(row, hash, config, plugin)?;
+        self.show(change).await;
+        Ok(displaced)
+    }
+
+    /// The served-set half of [`Inner::publish`]: returns what it displaced and the change.
+    fn take_paths(
+        &self,
+        row: &PluginRow,
+        hash: &str,
+        config: serde_json::Value,
+        plugin: Arc<LoadedPlugin>,
+    ) -> Result<(Displaced, u64), ReconcileError> {
         let description = plugin.description();
         if description.name != row.name {
             return Err(ReconcileError::NameMismatch {
@@ -53,20 +90,22 @@ impl Inner {
             RouteProblem::Invalid(why) => ReconcileError::InvalidRoute(why),
             RouteProblem::Conflict(why) => ReconcileError::RouteConflict(why),
         })?;
+        // What the route table could refuse is refused here, for this plugin alone, so that a
+        // table built from the served set (with others' changes) is never refused.
+        self.sink.check(&plugin).map_err(ReconcileError::InvalidRoute)?;
+        let patterns: Vec<Pattern> = mine.into_iter().map(|(_, p)| p).collect();
         let mut served = self.served.lock().expect("served lock");
         if self.closed.load(Ordering::SeqCst) {
             return Err(ReconcileError::ShuttingDown);
         }
-        let mut evict = Vec::new();
-        for (other_id, other) in served.iter() {
-            if *other_id == row.id {
-                continue;
-            }
-            let theirs_name = &other.plugin.description().name;
-            for r in &other.plugin.description().routes {
-                let theirs = Pattern::parse(&r.path).map_err(ReconcileError::InvalidRoute)?;
-                let Some((_, p)) = mine.iter().find(|(_, p)| p.overlaps(&theirs)) else { continue };
-                if *other_id < row.id {
+        let mut evict: Vec<(i64, String)> = Vec::new();
+        for p in &patterns {
+            for (other_id, theirs) in served.overlapping(p) {
+                if other_id == row.id || evict.iter().any(|(id, _)| *id == other_id) {
+                    continue;
+                }
+                if other_id < row.id {
+                    let theirs_name = &served.get(&other_id).expect("indexed").plugin.description().name;
                     return Err(ReconcileError::RouteConflict(format!(
                         "path {p} overlaps {theirs}, served by plugin {theirs_name:?}, whose row is older; \
                          this plugin waits and takes the path when it is free"
@@ -77,30 +116,68 @@ impl Inner {
                      this plugin waits and takes the path when it is free",
                     row.name
                 );
-                evict.push((*other_id, why));
-                break;
+                evict.push((other_id, why));
             }
         }
+        // An older plugin's conflict is found whichever pattern comes first; evict younger
+        // ones only once none is older.
         let evicted: Vec<(i64, Served, String)> = evict
             .into_iter()
             .map(|(id, why)| (id, served.remove(&id).expect("listed from the served set"), why))
             .collect();
-        let previous = served.insert(row.id, Served { hash: hash.to_string(), config, plugin: plugin.clone() });
-        let all: Vec<Arc<LoadedPlugin>> = served.values().map(|s| s.plugin.clone()).collect();
-        let displaced = Displaced { previous, evicted };
-        if let Err(e) = self.sink.publish(&all) {
-            // The route table did not change: put back what served before.
-            drop(served);
-            self.unpublish(row.id, &plugin, displaced);
-            return Err(ReconcileError::InvalidRoute(e));
+        let previous = served.insert(row.id, Served { hash: hash.to_string(), config, plugin, patterns });
+        Ok((Displaced { previous, evicted }, self.changed()))
+    }
+
+    /// Counts a change of the served set; called with the `served` lock held.
+    pub(super) fn changed(&self) -> u64 {
+        self.changes.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Returns once the route table shows the served set as of change `change` or later.
+    ///
+    /// Tables are built by one task ([`publisher`]), one at a time, each with every change made
+    /// before it started: N passes that change the served set at once (a start, a bulk edit)
+    /// cost a few table builds, not N.
+    pub(super) async fn show(&self, change: u64) {
+        let mut shown = self.shown.subscribe();
+        if *shown.borrow_and_update() >= change {
+            return;
         }
-        Ok(displaced)
+        self.table_wanted.notify_one();
+        // The sender lives in `self`: it cannot be dropped while we wait.
+        let _ = shown.wait_for(|shown| *shown >= change).await;
+    }
+
+    /// Builds and swaps in a route table of the served set, unless it is shown already.
+    fn build_table(&self) {
+        let (now, all) = {
+            let served = self.served.lock().expect("served lock");
+            let all: Vec<Arc<LoadedPlugin>> = served.values().map(|s| s.plugin.clone()).collect();
+            (self.changes.load(Ordering::SeqCst), all)
+        };
+        if now <= *self.shown.borrow() {
+            return;
+        }
+        if let Err(e) = self.sink.publish(&all) {
+            // Each plugin passed `RouteSink::check` and the ownership rule before it entered the
+            // set, so this is a bug. The previous table stays; nobody waits forever for it.
+            tracing::error!("could not publish the route table: {e}");
+        }
+        self.shown.send_replace(now);
+        drop(all); // a retired version's last reference may go here, on the blocking pool
     }
 
     /// Undoes a publish of `published` (its recording failed): the displaced versions serve
     /// again, and the new one is dropped. What changed meanwhile stays: if an older plugin has
     /// evicted `published` already, or a displaced plugin serves again, nothing is put back there.
-    pub(super) fn unpublish(&self, id: i64, published: &Arc<LoadedPlugin>, displaced: Displaced) {
+    pub(super) async fn unpublish(&self, id: i64, published: &Arc<LoadedPlugin>, displaced: Displaced) {
+        let (new, change) = self.put_back(id, published, displaced);
+        self.show(change).await;
+        drop(new);
+    }
+
+    fn put_back(&self, id: i64, published: &Arc<LoadedPlugin>, displaced: Displaced) -> (Option<Served>, u64) {
         let mut served = self.served.lock().expect("served lock");
         let ours = served.get(&id).is_some_and(|s| Arc::ptr_eq(&s.plugin, published));
         let new = match (ours, displaced.previous) {
@@ -109,15 +186,11 @@ impl Inner {
             (false, _) => None,
         };
         for (other, s, _) in displaced.evicted {
-            served.entry(other).or_insert(s);
+            if !served.contains_key(&other) {
+                served.insert(other, s);
+            }
         }
-        let all: Vec<Arc<LoadedPlugin>> = served.values().map(|s| s.plugin.clone()).collect();
-        if let Err(e) = self.sink.publish(&all) {
-            // The table that served before this publish was valid; this cannot happen.
-            tracing::error!("could not restore the route table: {e}");
-        }
-        drop(served);
-        drop(new);
+        (new, self.changed())
     }
 
     /// A recorded publish: the displaced versions retire (after their last requests), evicted
@@ -144,15 +217,12 @@ impl Inner {
 
     /// Stops serving plugin `id`, if it serves, and retries plugins waiting for a path. Returns
     /// the name of what it served.
-    pub(super) fn retire(&self, id: i64) -> Option<String> {
-        let mut served = self.served.lock().expect("served lock");
-        let old = served.remove(&id)?;
-        let all: Vec<Arc<LoadedPlugin>> = served.values().map(|s| s.plugin.clone()).collect();
-        if let Err(e) = self.sink.publish(&all) {
-            // Removing routes from a valid table cannot create a conflict.
-            tracing::error!("could not publish the route table without plugin {id}: {e}");
-        }
-        drop(served);
+    pub(super) async fn retire(&self, id: i64) -> Option<String> {
+        let (old, change) = {
+            let mut served = self.served.lock().expect("served lock");
+            (served.remove(&id)?, self.changed())
+        };
+        self.show(change).await;
         let name = old.plugin.description().name.clone();
         tracing::info!(plugin = %name, "unloaded");
         drop(old.plugin);

@@ -17,21 +17,40 @@ use std::sync::Arc;
 
 impl Inner {
     /// One pass over plugin `id`, started over while the row changes under it.
-    pub(super) async fn pass(&self, id: i64, force: bool) -> Result<Outcome, ReconcileError> {
+    /// `read`: the row as read in a batch after the cause of this pass (see `Job::read`).
+    pub(super) async fn pass(
+        &self,
+        id: i64,
+        force: bool,
+        mut read: Option<Option<PluginRow>>,
+    ) -> Result<Outcome, ReconcileError> {
         loop {
-            match self.pass_once(id, force).await {
+            match self.pass_once(id, force, read.take()).await {
                 Err(ReconcileError::Superseded) => tracing::debug!(plugin_id = id, "the row changed; passing again"),
                 other => return other,
             }
         }
     }
 
-    async fn pass_once(&self, id: i64, force: bool) -> Result<Outcome, ReconcileError> {
-        let Some(row) = self.repo.get(id).await? else {
+    async fn pass_once(
+        &self,
+        id: i64,
+        force: bool,
+        read: Option<Option<PluginRow>>,
+    ) -> Result<Outcome, ReconcileError> {
+        // A row read in a batch shows what the user wants as of the hint. What kiln observed
+        // (state, error) may have been written since by an earlier pass: decisions to skip a
+        // write of observed state read the row again, or are made by the statement itself.
+        let batched = read.is_some();
+        let row = match read {
+            Some(row) => row,
+            None => self.repo.get(id).await?,
+        };
+        let Some(row) = row else {
             // Deleted: its endpoint rows went with it (ON DELETE CASCADE); its libraries go too,
             // but for those a served version or a pass in progress uses.
             self.waiting.lock().expect("waiting lock").remove(&id);
-            if let Some(name) = self.retire(id) {
+            if let Some(name) = self.retire(id).await {
                 // A new row of the same name (deleted and inserted in one transaction) is about
                 // to load these libraries, and collects them itself once it serves.
                 if self.repo.get_by_name(&name).await?.is_none() {
@@ -45,14 +64,14 @@ impl Inner {
         };
         if !row.wants_active() {
             self.waiting.lock().expect("waiting lock").remove(&id);
-            self.retire(id);
-            if row.state != "inactive" || row.binary_path.is_some() {
+            self.retire(id).await;
+            if batched || row.state != "inactive" || row.binary_path.is_some() {
                 self.repo.record_unloaded(id).await?;
             }
             return Ok(Outcome::Inactive);
         }
         let mut serving = self.served.lock().expect("served lock").contains_key(&id);
-        let e = match self.load_wanted(&row, force).await {
+        let e = match self.load_wanted(&row, force, batched).await {
             Ok(outcome) => {
                 self.waiting.lock().expect("waiting lock").remove(&id);
                 return Ok(outcome);
@@ -64,7 +83,7 @@ impl Inner {
             && crate::manifest::exists_off_worker(std::path::Path::new(&row.source_path)).await == Some(false)
         {
             // The crate was removed: that is a decision, not a failed build. Unload.
-            self.retire(id);
+            self.retire(id).await;
             serving = false;
         }
         let waits = matches!(e.code(), ErrorCode::RouteConflict | ErrorCode::DependencyMissing) && !serving;
@@ -89,7 +108,7 @@ impl Inner {
     }
 
     /// Makes the wanted version of an active plugin serve.
-    async fn load_wanted(&self, row: &PluginRow, force: bool) -> Result<Outcome, ReconcileError> {
+    async fn load_wanted(&self, row: &PluginRow, force: bool, batched: bool) -> Result<Outcome, ReconcileError> {
         let manifest = Manifest::read_off_worker(&PathBuf::from(&row.source_path)).await?;
         if manifest.name != row.name {
             return Err(ReconcileError::NameMismatch {
@@ -128,7 +147,12 @@ impl Inner {
             // Serving the wanted version; its grants and deadline may have changed in the row.
             self.apply_row_settings(row, &manifest, &hash, plugin).await?;
             // Make sure the row says it serves (it may show an old error).
-            if row.state != "loaded" || row.error.is_some() || row.loaded_hash.as_deref() != Some(hash.as_str()) {
+            let observed =
+                if batched { self.repo.get(row.id).await?.ok_or(ReconcileError::Superseded)? } else { row.clone() };
+            if observed.state != "loaded"
+                || observed.error.is_some()
+                || observed.loaded_hash.as_deref() != Some(hash.as_str())
+            {
                 self.record_loaded(row.id, &manifest, &hash, plugin).await?;
             }
             return Ok(Outcome::Unchanged);
@@ -202,7 +226,12 @@ impl Inner {
         plugin.set_deadline(row.deadline_ms);
         self.publish_and_record(row, &manifest, &hash, config, Arc::new(plugin)).await?;
         tracing::info!(plugin = %row.name, built = artifact.built, library = %artifact.path.display(), "serving");
-        self.compiler.collect_garbage(&row.name, &self.served_libraries());
+        // Another library of this plugin can have become unused only if one was built or a
+        // version was replaced (not at a warm start: that would read the library directory
+        // once per plugin).
+        if artifact.built || current.is_some() {
+            self.compiler.collect_garbage(&row.name, &self.served_libraries());
+        }
         Ok(Outcome::Loaded { built: artifact.built })
     }
 
@@ -219,16 +248,21 @@ impl Inner {
         if let Some(cycle) = cycle {
             for name in &cycle[1..cycle.len() - 1] {
                 if let Some(row) = self.repo.get_by_name(name).await? {
-                    self.send(row.id, super::Job { force: false, reply: None });
+                    self.send(row.id, super::Job { force: false, reply: None, read: None });
                 }
             }
             return Err(ReconcileError::DependencyCycle(cycle.join(" → ")));
+        }
+        if manifest.dependencies.is_empty() {
+            return Ok(());
         }
         let served: Vec<(String, String)> = {
             let served = self.served.lock().expect("served lock");
             served
                 .values()
-                .map(|s| (s.plugin.description().name.clone(), s.plugin.description().version.clone()))
+                .map(|s| s.plugin.description())
+                .filter(|d| manifest.dependencies.iter().any(|dep| dep.name == d.name))
+                .map(|d| (d.name.clone(), d.version.clone()))
                 .collect()
         };
         for dependency in &manifest.dependencies {
@@ -268,7 +302,7 @@ impl Inner {
             lock.rollback().await;
             return Err(ReconcileError::Superseded);
         }
-        let displaced = match self.publish(row, hash, config, plugin.clone()) {
+        let displaced = match self.publish(row, hash, config, plugin.clone()).await {
             Ok(d) => d,
             Err(e) => {
                 lock.rollback().await;
@@ -282,13 +316,13 @@ impl Inner {
                     Ok(())
                 }
                 Err(e) => {
-                    self.unpublish(row.id, &plugin, displaced);
+                    self.unpublish(row.id, &plugin, displaced).await;
                     Err(e.into())
                 }
             },
             Err(e) => {
                 lock.rollback().await;
-                self.unpublish(row.id, &plugin, displaced);
+                self.unpublish(row.id, &plugin, displaced).await;
                 Err(e)
             }
         }

@@ -390,19 +390,30 @@ impl Repo {
     }
 
     /// Observed: nothing is loaded for this plugin (it was disabled).
+    /// One statement: it writes nothing when the row says so already (a resync of inactive
+    /// plugins costs a round trip each, not a write).
     pub async fn record_unloaded(&self, id: i64) -> Result<()> {
-        let mut c = self.pool.get().await?;
-        let tx = c.transaction().await?;
-        tx.execute(
-            "UPDATE plugins SET state = 'inactive', error = NULL, binary_path = NULL, loaded_hash = NULL,
-                    loaded_at = NULL
-             WHERE id = $1",
-            &[&id],
-        )
-        .await?;
-        tx.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
-        tx.commit().await?;
+        let c = self.pool.get().await?;
+        let statement = c
+            .prepare_cached(
+                "WITH row AS (
+                     UPDATE plugins SET state = 'inactive', error = NULL, binary_path = NULL, loaded_hash = NULL,
+                            loaded_at = NULL
+                     WHERE id = $1 AND (state <> 'inactive' OR error IS NOT NULL OR binary_path IS NOT NULL
+                                        OR loaded_hash IS NOT NULL OR loaded_at IS NOT NULL)
+                 )
+                 DELETE FROM plugin_endpoints WHERE plugin_id = $1",
+            )
+            .await?;
+        c.execute(&statement, &[&id]).await?;
         Ok(())
+    }
+
+    /// The rows of these ids that exist (one query).
+    pub async fn get_many(&self, ids: &[i64]) -> Result<Vec<PluginRow>> {
+        let c = self.pool.get().await?;
+        let rows = c.query("SELECT * FROM plugins WHERE id = ANY($1)", &[&ids]).await?;
+        Ok(rows.iter().map(PluginRow::from_row).collect())
     }
 
     pub async fn endpoints(&self, plugin_id: i64) -> Result<Vec<EndpointRow>> {
