@@ -4,12 +4,15 @@
 //! Run: `bench/run` (installs wrk, then `cargo run --release -p kiln-bench`; about 6 minutes on
 //! 2 cores). `KILN_BENCH_QUICK=1` shortens every section (for a smoke run);
 //! `KILN_BENCH_ONLY=a,b` runs only the named sections (calls, throughput, neighbours, toggles,
-//! reloads, load, cold, restarts, scale).
+//! reloads, load, cold, restarts, scale, thousand). `thousand` builds 1,000 plugins the first
+//! time (~10 minutes) and caches them in `target/kiln-bench-cache/`; `KILN_BENCH_PLUGINS=N`
+//! changes the count.
 
 mod cpu;
 mod events;
 mod load;
 mod setup;
+mod thousand;
 mod wrk;
 
 use load::quantile;
@@ -36,7 +39,7 @@ pub(crate) fn row(
     Row { what: what.into(), value: value.into(), baseline: baseline.into(), target: target.into() }
 }
 
-fn ms(d: f64) -> String {
+pub(crate) fn ms(d: f64) -> String {
     format!("{:.1} ms", d * 1000.0)
 }
 
@@ -99,6 +102,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if on("scale") {
         scale(&db, work.path(), &generated, count, quick, &mut rows).await?;
+    }
+    if on("thousand") {
+        thousand::run(&db, quick, &mut rows).await?;
     }
 
     println!("\n| measure | kiln | baseline (same run) | target |\n|---|---|---|---|");

@@ -127,6 +127,12 @@ impl Kiln {
             {
                 return Ok(());
             }
+            if let Ok(h) = self.json("/health").await
+                && h["plugins"]["failed"].as_u64().unwrap_or(0) > 0
+                && h["reconciling"] == 0
+            {
+                anyhow::bail!("plugins failed (their rows say why): {h}");
+            }
             anyhow::ensure!(start.elapsed() < deadline, "{n} plugins did not come up within {deadline:?}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -222,6 +222,9 @@ impl Compiler {
         // dependencies inside its directory), keeping the shared dependencies, and built again.
         // The same holds for kiln-types when its sources changed since the last build in this
         // target directory (an upgrade whose files kept old mtimes).
+        // cargo names manifests with `.` and `..` resolved lexically (a plugin directory given
+        // as `../plugins` is reported as `/…/plugins`): compare with the path as cargo says it.
+        let buildable = lexically_normal(&buildable);
         let crate_dir = buildable.parent().unwrap_or(Path::new("/"));
         let mut stale = fresh_packages_under(&output.stdout, crate_dir);
         let marker = self.target_dir.join(".kiln-types-hash");
@@ -400,6 +403,23 @@ fn is_artifact_of(path: &Path, name: &str) -> bool {
 }
 
 /// The cdylib cargo produced for the crate at `manifest_path`, from its JSON messages.
+/// `path` with `.` and `..` components resolved as cargo resolves them: lexically, without
+/// looking at the filesystem (a symbolic link stays as named).
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 fn find_library(messages: &[String], manifest_path: &Path) -> Option<PathBuf> {
     messages.iter().rev().find_map(|line| {
         let msg: serde_json::Value = serde_json::from_str(line).ok()?;
@@ -527,6 +547,16 @@ mod tests {
         assert_eq!(h1, hash_tree(dir.path()).unwrap());
         std::fs::write(dir.path().join("a.rs"), "2").unwrap();
         assert_ne!(h1, hash_tree(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn paths_are_normalized_as_cargo_reports_them() {
+        assert_eq!(
+            lexically_normal(Path::new("/w/bench/../plugins/./a/Cargo.toml")),
+            Path::new("/w/plugins/a/Cargo.toml")
+        );
+        assert_eq!(lexically_normal(Path::new("/../a")), Path::new("/a"));
+        assert_eq!(lexically_normal(Path::new("../a/b/..")), Path::new("../a"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod newcomer;
 mod operations;
 mod quiet;
 mod rollback;
+mod scale;
 mod support;
 mod unload;
 mod uploads;

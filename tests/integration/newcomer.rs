@@ -193,3 +193,16 @@ async fn a_bind_failure_leaves_no_private_postgres_behind() {
     assert!(format!("{err:#}").contains("binding"), "{err:#}");
     assert!(!root.path().join("data/pgdata").exists(), "no private PostgreSQL was started");
 }
+
+/// A plugin directory named with `..` (`--plugin-dirs ../plugins`): cargo reports the crate's
+/// manifest with the `..` resolved, and kiln still finds the library it built.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_directory_named_with_dot_dot_builds() {
+    let server = TestServer::start_with(crate::support::cluster().await, &["hello"], |c| {
+        c.plugin_dirs = c.plugin_dirs.iter().map(|d| d.join("../plugins/.")).collect();
+    })
+    .await;
+    let row = server.wait_state("hello", "loaded").await;
+    assert!(row["source_path"].as_str().unwrap().contains(".."), "the row keeps the path as given: {row}");
+    assert_eq!(server.get("/hello/ann").await.0, 200);
+}

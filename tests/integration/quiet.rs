@@ -8,7 +8,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 /// Listens on `plugin_changes` and returns every payload received before `marker`, which it
 /// sends itself after `work` completes. Notifications arrive in commit order, so anything the
 /// server committed before the marker would be seen first: no sleeping needed.
-async fn notifications_during<F: std::future::Future<Output = ()>>(db_url: &str, work: F) -> Vec<String> {
+pub(crate) async fn notifications_during<F: std::future::Future<Output = ()>>(db_url: &str, work: F) -> Vec<String> {
     let (client, mut conn) = tokio_postgres::connect(db_url, NoTls).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -165,6 +165,8 @@ struct Inner {
     shown: tokio::sync::watch::Sender<u64>,
     /// Wakes the task that builds route tables (`ownership::publisher`).
     table_wanted: Arc<tokio::sync::Notify>,
+    /// Route tables built so far.
+    tables_built: AtomicU64,
     /// The worker of each plugin id, and its task (awaited at shutdown).
     workers: Mutex<HashMap<i64, Worker>>,
     /// Plugins with a pass running or queued (reported by /health; 0 means settled).
@@ -211,6 +213,7 @@ impl Reconciler {
                 changes: Default::default(),
                 shown: tokio::sync::watch::Sender::new(0),
                 table_wanted: Default::default(),
+                tables_built: Default::default(),
                 workers: Mutex::new(HashMap::new()),
                 busy: Default::default(),
                 waiting: Default::default(),
@@ -310,6 +313,11 @@ impl Reconciler {
     /// How many plugin builds ran since start.
     pub fn builds_run(&self) -> u64 {
         self.inner.compiler.builds_run()
+    }
+
+    /// How many route tables were built since start (one per batch of changes).
+    pub fn tables_built(&self) -> u64 {
+        self.inner.tables_built.load(Ordering::Relaxed)
     }
 
     /// How many plugin versions serve now.

@@ -22,6 +22,9 @@ use tokio::sync::Notify;
 pub(super) async fn publisher(inner: Weak<Inner>, wanted: Arc<Notify>) {
     loop {
         wanted.notified().await;
+        // Passes woken with the one that asked (one statement's rows) make their changes
+        // first, and go out in this table.
+        tokio::task::yield_now().await;
         let Some(inner) = inner.upgrade() else { return };
         // Building a table of 10,000 routes takes milliseconds: not on an async worker.
         if tokio::task::spawn_blocking(move || inner.build_table()).await.is_err() {
@@ -164,6 +167,7 @@ impl Inner {
             // set, so this is a bug. The previous table stays; nobody waits forever for it.
             tracing::error!("could not publish the route table: {e}");
         }
+        self.tables_built.fetch_add(1, Ordering::Relaxed);
         self.shown.send_replace(now);
         drop(all); // a retired version's last reference may go here, on the blocking pool
     }

@@ -445,6 +445,7 @@ impl AdminApi {
             plugins_served: self.reconciler.served_count() as u64,
             builds_run: self.reconciler.builds_run(),
             reconciling: self.reconciler.reconciling() as u64,
+            route_tables_built: self.reconciler.tables_built(),
             plugins,
             version: env!("CARGO_PKG_VERSION").into(),
         };

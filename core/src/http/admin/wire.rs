@@ -180,6 +180,9 @@ pub struct Health {
     pub builds_run: u64,
     /// Reconcile passes running or queued: 0 when every plugin is settled.
     pub reconciling: u64,
+    /// Plugin route tables built since the server started. Each change of what serves needs
+    /// one; changes made together (a start, a bulk edit) share one.
+    pub route_tables_built: u64,
     /// Plugins by observed state, from their rows (absent while the database is down). A
     /// server with failed plugins still answers 200: it serves; these counts show what does not.
     #[oai(nullable)]
