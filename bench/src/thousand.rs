@@ -15,8 +15,21 @@ use std::time::{Duration, Instant};
 
 const ROUTES: usize = 10;
 
-fn name(i: usize) -> String {
+pub fn name(i: usize) -> String {
     format!("t{i:04}")
+}
+
+/// `n` generated plugin crates (`t0000`, … of 10 routes each) and the kiln root whose library
+/// directory keeps what was built of them between runs: (plugin directory, root).
+pub fn cached_plugins(n: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cache = repo_root().join("target/kiln-bench-cache").join(format!("plugins-{n}"));
+    let plugins = cache.join("plugins");
+    for i in 0..n {
+        if !plugins.join(name(i)).join("src/lib.rs").exists() {
+            generate_plugin(&plugins.join(name(i)), &name(i), ROUTES)?;
+        }
+    }
+    Ok((plugins, cache.join("root")))
 }
 
 pub async fn run(db: &Db, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
@@ -26,14 +39,7 @@ pub async fn run(db: &Db, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()
         Err(_) => 1000,
     };
     let cores = std::thread::available_parallelism()?;
-    let cache = repo_root().join("target/kiln-bench-cache").join(format!("plugins-{n}"));
-    let plugins = cache.join("plugins");
-    for i in 0..n {
-        if !plugins.join(name(i)).join("src/lib.rs").exists() {
-            generate_plugin(&plugins.join(name(i)), &name(i), ROUTES)?;
-        }
-    }
-    let root = cache.join("root");
+    let (plugins, root) = cached_plugins(n)?;
     let url = db.fresh(&format!("bench_thousand_{n}")).await?;
 
     // Builds what the cache lacks (everything, the first time).

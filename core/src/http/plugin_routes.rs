@@ -1,12 +1,17 @@
-//! The plugin route table: a [`PathRouter`] of every served plugin endpoint, rebuilt on each
+//! The plugin route table: a [`PathRouter`] of every served plugin endpoint, made anew on each
 //! change and swapped in atomically.
+//!
+//! A new table shares every branch of the previous one (a first path segment) that no plugin
+//! which came or went has a route under, and each instance's endpoints are made once, when it
+//! first serves. So a change costs the routes of the plugins that changed, not the 10,000 routes
+//! of a thousand plugins (a full rebuild of those took ~10 ms a change).
 //!
 //! Each endpoint holds the `Arc` of the plugin version it belongs to, so a request that started
 //! on an old version finishes on it, and the old version is retired after its last request.
 
 use super::docs::Docs;
 use super::error::json_error;
-use super::path_router::{ParamSpans, PathRouter};
+use super::path_router::{First, ParamSpans, PathRouter};
 use super::request_headers;
 use crate::error_code::ErrorCode;
 use crate::host::logs::{Kind, Level, LogEntry, LogStore};
@@ -16,13 +21,14 @@ use arc_swap::ArcSwap;
 use poem::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use poem::{Request, Response};
 use std::borrow::Cow;
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// One published table: every plugin path, by its endpoints.
 #[derive(Default)]
 pub struct Table {
-    paths: PathRouter<PathEndpoint>,
+    paths: PathRouter<Arc<PathEndpoint>>,
 }
 
 impl Table {
@@ -47,6 +53,44 @@ pub struct PluginRouter {
     limits: Limits,
     /// Where a handler's panic is recorded, under its plugin.
     logs: Arc<LogStore>,
+    /// What the current table was made from.
+    built: Mutex<Built>,
+}
+
+/// The endpoints of one plugin instance, by path (a path's endpoint dispatches by method).
+type InstancePaths = Arc<[(Pattern, Arc<PathEndpoint>)]>;
+
+/// The instances the current table serves and their endpoints, kept for the next change.
+#[derive(Default)]
+struct Built {
+    /// Each instance's endpoints, by the instance's address (the entry holds the instance, so
+    /// the address is not reused while it is here).
+    instances: HashMap<usize, (Arc<LoadedPlugin>, InstancePaths)>,
+    /// Which instances have a route under each first segment.
+    by_first: HashMap<First, HashSet<usize>>,
+}
+
+impl Built {
+    fn add(&mut self, key: usize, plugin: Arc<LoadedPlugin>, paths: InstancePaths) {
+        for (pattern, _) in paths.iter() {
+            self.by_first.entry(First::of(pattern)).or_default().insert(key);
+        }
+        self.instances.insert(key, (plugin, paths));
+    }
+
+    fn remove(&mut self, key: usize) -> Option<(Arc<LoadedPlugin>, InstancePaths)> {
+        let (plugin, paths) = self.instances.remove(&key)?;
+        for (pattern, _) in paths.iter() {
+            let first = First::of(pattern);
+            if let Some(keys) = self.by_first.get_mut(&first) {
+                keys.remove(&key);
+                if keys.is_empty() {
+                    self.by_first.remove(&first);
+                }
+            }
+        }
+        Some((plugin, paths))
+    }
 }
 
 /// What a plugin request may take.
@@ -62,7 +106,13 @@ pub struct Limits {
 
 impl PluginRouter {
     pub fn new(limits: Limits, logs: Arc<LogStore>) -> Self {
-        Self { current: ArcSwap::from_pointee(Table::default()), docs: OnceLock::new(), limits, logs }
+        Self {
+            current: ArcSwap::from_pointee(Table::default()),
+            docs: OnceLock::new(),
+            limits,
+            logs,
+            built: Default::default(),
+        }
     }
 
     /// Connects the docs that every publish updates.
@@ -78,8 +128,8 @@ impl PluginRouter {
 }
 
 impl PluginRouter {
-    /// Adds one plugin's endpoints to `table`.
-    fn add(&self, table: &mut Table, plugin: &Arc<LoadedPlugin>) -> Result<(), String> {
+    /// One plugin instance's endpoints, one per path.
+    fn paths_of(&self, plugin: &Arc<LoadedPlugin>) -> Result<InstancePaths, String> {
         let description = plugin.description();
         // One endpoint per path, dispatching by method: a plugin may serve GET and POST on the
         // same path.
@@ -106,23 +156,64 @@ impl PluginRouter {
                 None => by_path.push((pattern, PathEndpoint { methods: vec![(method, endpoint)] })),
             }
         }
-        for (pattern, endpoint) in by_path {
-            table.paths.insert(&pattern, endpoint).map_err(|e| format!("{}: {e}", description.name))?;
+        Ok(by_path.into_iter().map(|(pattern, endpoint)| (pattern, Arc::new(endpoint))).collect())
+    }
+
+    /// The table for `plugins`, made from `current` and what changed since (`built`), which it
+    /// brings up to date; on an error, `built` is as it was.
+    fn next_table(&self, built: &mut Built, current: &Table, plugins: &[Arc<LoadedPlugin>]) -> Result<Table, String> {
+        let now: HashMap<usize, &Arc<LoadedPlugin>> = plugins.iter().map(|p| (Arc::as_ptr(p) as usize, p)).collect();
+        let gone: Vec<usize> = built.instances.keys().filter(|k| !now.contains_key(k)).copied().collect();
+        let mut came = Vec::new();
+        for (&key, &plugin) in &now {
+            if !built.instances.contains_key(&key) {
+                came.push((key, plugin.clone(), self.paths_of(plugin)?));
+            }
         }
-        Ok(())
+        let mut firsts: HashSet<First> = HashSet::new();
+        let removed: Vec<(usize, (Arc<LoadedPlugin>, InstancePaths))> =
+            gone.into_iter().filter_map(|key| Some((key, built.remove(key)?))).collect();
+        for (_, (_, paths)) in &removed {
+            firsts.extend(paths.iter().map(|(pattern, _)| First::of(pattern)));
+        }
+        let added: Vec<usize> = came.iter().map(|(key, _, _)| *key).collect();
+        for (key, plugin, paths) in came {
+            firsts.extend(paths.iter().map(|(pattern, _)| First::of(pattern)));
+            built.add(key, plugin, paths);
+        }
+        // Every instance with a route under a branch to rebuild gives all its routes there.
+        let owners: HashSet<usize> = firsts.iter().filter_map(|f| built.by_first.get(f)).flatten().copied().collect();
+        let routes = owners.iter().flat_map(|key| {
+            let paths = &built.instances[key].1;
+            paths.iter().filter(|(p, _)| firsts.contains(&First::of(p))).map(|(p, e)| (p, e.clone()))
+        });
+        match current.paths.rebuilt(&firsts, routes) {
+            Ok(paths) => Ok(Table { paths }),
+            Err(e) => {
+                for key in added {
+                    built.remove(key);
+                }
+                for (key, (plugin, paths)) in removed {
+                    built.add(key, plugin, paths);
+                }
+                Err(e)
+            }
+        }
     }
 }
 
 impl RouteSink for PluginRouter {
     fn check(&self, plugin: &Arc<LoadedPlugin>) -> Result<(), String> {
-        self.add(&mut Table::default(), plugin)
+        let mut table = Table::default();
+        for (pattern, endpoint) in self.paths_of(plugin)?.iter() {
+            table.paths.insert(pattern, endpoint.clone()).map_err(|e| format!("{}: {e}", plugin.description().name))?;
+        }
+        Ok(())
     }
 
     fn publish(&self, plugins: &[Arc<LoadedPlugin>]) -> Result<(), String> {
-        let mut table = Table::default();
-        for plugin in plugins {
-            self.add(&mut table, plugin)?;
-        }
+        let mut built = self.built.lock().expect("built lock");
+        let table = self.next_table(&mut built, &self.current.load(), plugins)?;
         if let Some(docs) = self.docs.get() {
             docs.update(plugins.iter().map(|p| p.shared_description()).collect());
         }

@@ -1,0 +1,150 @@
+//! Section `storm`: 8 connections commit single-row edits of 100 plugins' rows (status and
+//! config flips) as fast as PostgreSQL takes them, up to 10,000 a second, for 10 s (2 s with
+//! `KILN_BENCH_QUICK`): first with no kiln listening (the baseline), then with kiln serving
+//! them. Measured: the editors' commit latency with and without kiln, kiln's memory during the
+//! storm, and the time from the storm's end until every plugin is as its row says.
+
+use crate::load::quantile;
+use crate::setup::{Db, Kiln, rss_kib};
+use crate::thousand::{cached_plugins, name};
+use crate::{Row, ms, row};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio_postgres::NoTls;
+
+const PLUGINS: usize = 100;
+const CONNECTIONS: usize = 8;
+const RATE: f64 = 10_000.0;
+
+pub async fn run(db: &Db, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let (plugins, root) = cached_plugins(PLUGINS)?;
+    let url = db.fresh("bench_storm").await?;
+    let secs = if quick { 2 } else { 10 };
+
+    // Rows in place and every library built, then no server: the baseline storm.
+    let server = Kiln::start(&root, vec![plugins.clone()], &url).await?;
+    server.wait_serving(PLUGINS as u64, Duration::from_secs(3600)).await?;
+    server.stop();
+    let quiet = storm(&url, secs, Arc::new(AtomicBool::new(false))).await?;
+
+    // The same storm with kiln listening and serving.
+    let server = Kiln::start(&root, vec![plugins.clone()], &url).await?;
+    let sql = server.sql().await?;
+    sql.execute("UPDATE plugins SET status = 'active', config = '{}'", &[]).await?;
+    server.wait_serving(PLUGINS as u64, Duration::from_secs(600)).await?;
+    let rss_before = rss_kib();
+    let sampling = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = sampling.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while !done.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kib());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peak
+        })
+    };
+    let loud = storm(&url, secs, sampling.clone()).await?;
+    let ended = Instant::now();
+    let peak = sampler.await?;
+    // Settled: every pass done, and what serves is what the rows ask for.
+    loop {
+        let h = server.json("/health").await?;
+        let active: i64 = sql.query_one("SELECT count(*) FROM plugins WHERE status = 'active'", &[]).await?.get(0);
+        if h["reconciling"] == 0 && h["plugins_served"] == active as u64 && converged(&sql).await? {
+            break;
+        }
+        anyhow::ensure!(ended.elapsed() < Duration::from_secs(120), "kiln did not settle after the storm: {h}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let settle = ended.elapsed().as_secs_f64();
+    server.stop();
+
+    let (mut q, mut l) = (quiet.latencies, loud.latencies);
+    let (q99, l99) = (quantile(&mut q, 0.99), quantile(&mut l, 0.99));
+    rows.push(row(
+        format!(
+            "edit storm: {CONNECTIONS} connections, single-row commits over {PLUGINS} plugins for {secs} s, commit p99"
+        ),
+        format!("{} with kiln ({:.0} commits/s); **{:.2}×**", ms(l99), loud.rate, l99 / q99),
+        format!("{} with no listener ({:.0} commits/s)", ms(q99), quiet.rate),
+        "≤ 1.10×",
+    ));
+    rows.push(row(
+        "edit storm: end → every plugin as its row says".to_string(),
+        format!("{}; RSS {} → peak {} MiB", ms(settle), rss_before / 1024, peak / 1024),
+        "",
+        "≤ 100 ms, memory bounded",
+    ));
+    Ok(())
+}
+
+struct Storm {
+    /// Seconds from each statement sent to its commit answered.
+    latencies: Vec<f64>,
+    /// Commits a second, all connections.
+    rate: f64,
+}
+
+/// Runs the storm: each connection paces itself to `RATE / CONNECTIONS` commits a second (or
+/// as many as it gets). Sets `done` at the end.
+async fn storm(url: &str, secs: u64, done: Arc<AtomicBool>) -> anyhow::Result<Storm> {
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for c in 0..CONNECTIONS {
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
+            tokio::spawn(conn);
+            let status = client.prepare("UPDATE plugins SET status = $1 WHERE name = $2").await?;
+            let config =
+                client.prepare("UPDATE plugins SET config = jsonb_build_object('n', $1::int) WHERE name = $2").await?;
+            let every = Duration::from_secs_f64(CONNECTIONS as f64 / RATE);
+            let mut latencies = Vec::new();
+            let mut i: usize = c;
+            let mut next = Instant::now();
+            while start.elapsed() < Duration::from_secs(secs) {
+                let target = name((i * 7919) % PLUGINS);
+                let sent = Instant::now();
+                if i.is_multiple_of(2) {
+                    let s = if (i / 2).is_multiple_of(2) { "inactive" } else { "active" };
+                    client.execute(&status, &[&s, &target]).await?;
+                } else {
+                    client.execute(&config, &[&(i as i32), &target]).await?;
+                }
+                latencies.push(sent.elapsed().as_secs_f64());
+                i += CONNECTIONS;
+                next += every;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    done.store(true, Ordering::Relaxed);
+    let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
+    Ok(Storm { latencies, rate })
+}
+
+/// Whether every row says its plugin is as it asks (active ones loaded without error, inactive
+/// ones inactive). With no pass running or queued, each plugin's last pass read its row after
+/// the last write, so its served config is the row's too.
+async fn converged(sql: &tokio_postgres::Client) -> anyhow::Result<bool> {
+    let unsettled: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM plugins
+             WHERE (status = 'active' AND (state <> 'loaded' OR error IS NOT NULL))
+                OR (status = 'inactive' AND state <> 'inactive')",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(unsettled == 0)
+}
