@@ -28,6 +28,20 @@ pub async fn run(db: &Db, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()
     server.stop();
     let quiet = storm(&url, secs, Arc::new(AtomicBool::new(false))).await?;
 
+    // A bare listener that only reads the notifications: what NOTIFY itself costs the editors.
+    let (listener, mut conn) = tokio_postgres::connect(&url, NoTls).await?;
+    let drained = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(Ok(msg)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            n += matches!(msg, tokio_postgres::AsyncMessage::Notification(_)) as u64;
+        }
+        n
+    });
+    listener.batch_execute("LISTEN plugin_changes").await?;
+    let bare = storm(&url, secs, Arc::new(AtomicBool::new(false))).await?;
+    drop(listener);
+    let notes = drained.await?;
+
     // The same storm with kiln listening and serving.
     let server = Kiln::start(&root, vec![plugins.clone()], &url).await?;
     let sql = server.sql().await?;
@@ -62,8 +76,14 @@ pub async fn run(db: &Db, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()
     let settle = ended.elapsed().as_secs_f64();
     server.stop();
 
-    let (mut q, mut l) = (quiet.latencies, loud.latencies);
-    let (q99, l99) = (quantile(&mut q, 0.99), quantile(&mut l, 0.99));
+    let (mut q, mut l, mut b) = (quiet.latencies, loud.latencies, bare.latencies);
+    let (q99, l99, b99) = (quantile(&mut q, 0.99), quantile(&mut l, 0.99), quantile(&mut b, 0.99));
+    rows.push(row(
+        format!("edit storm, as below, with a bare LISTEN connection reading the notifications ({notes})"),
+        format!("{} ({:.0} commits/s); **{:.2}×**", ms(b99), bare.rate, b99 / q99),
+        format!("{} with no listener", ms(q99)),
+        "",
+    ));
     rows.push(row(
         format!(
             "edit storm: {CONNECTIONS} connections, single-row commits over {PLUGINS} plugins for {secs} s, commit p99"

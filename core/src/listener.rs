@@ -17,6 +17,9 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 /// The channel the `plugins` triggers notify.
 pub const CHANNEL: &str = "plugin_changes";
+
+/// Most plugin ids read in one query (the notifications that arrived together).
+const MAX_BATCH: usize = 1000;
 /// The channel any transaction may notify to publish an event.
 pub const EVENTS_CHANNEL: &str = "kiln_events";
 /// The channel the `events` table notifies on insert (the outbox worker wakes).
@@ -85,23 +88,37 @@ async fn listen(
         let n = reconciler.resync_all().await?;
         tracing::info!(plugins = n, "listening on {CHANNEL}; resync requested");
         while let Some(msg) = rx.recv().await {
-            let note = msg?;
-            if note.channel() == EVENTS_CHANNEL {
-                publish(events, note.payload());
-                continue;
-            }
-            if note.channel() == OUTBOX_CHANNEL {
-                events.outbox_wake.notify_one();
-                continue;
-            }
-            match parse_ids(note.payload()) {
-                Some(Ids::One(id)) => reconciler.hint(id),
-                // One statement's rows, as one batch.
-                Some(Ids::Many(ids)) => reconciler.hint_rows(&ids).await,
-                None => {
-                    tracing::warn!(payload = note.payload(), "unreadable notification; resyncing everything");
-                    reconciler.resync_all().await?;
+            // Every notification that has arrived is handled at once: the plugin ids of all of
+            // them go to the reconciler as one batch (one query reads their rows), so a storm
+            // of single-row commits costs kiln a query per batch, not per commit.
+            let mut ids: Vec<i64> = Vec::new();
+            let mut next = Some(msg);
+            while let Some(msg) = next.take() {
+                let note = msg?;
+                if note.channel() == EVENTS_CHANNEL {
+                    publish(events, note.payload());
+                } else if note.channel() == OUTBOX_CHANNEL {
+                    events.outbox_wake.notify_one();
+                } else {
+                    match parse_ids(note.payload()) {
+                        Some(Ids::One(id)) => ids.push(id),
+                        Some(Ids::Many(many)) => ids.extend(many),
+                        None => {
+                            tracing::warn!(payload = note.payload(), "unreadable notification; resyncing everything");
+                            reconciler.resync_all().await?;
+                        }
+                    }
                 }
+                if ids.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            match ids[..] {
+                [] => {}
+                [id] => reconciler.hint(id),
+                _ => reconciler.hint_rows(&ids).await,
             }
         }
         Ok(())

@@ -213,7 +213,8 @@ impl Repo {
 
     pub async fn get(&self, id: i64) -> Result<Option<PluginRow>> {
         let c = self.pool.get().await?;
-        let row = c.query_opt("SELECT * FROM plugins WHERE id = $1", &[&id]).await?;
+        let select = c.prepare_cached("SELECT * FROM plugins WHERE id = $1").await?;
+        let row = c.query_opt(&select, &[&id]).await?;
         Ok(row.as_ref().map(PluginRow::from_row))
     }
 
@@ -337,8 +338,11 @@ impl Repo {
     pub async fn lock_row(&self, id: i64) -> Result<Option<(RowLock, PluginRow)>> {
         let client = self.pool.get().await?;
         let lock = RowLock { client: Some(client) };
-        lock.client().batch_execute("BEGIN").await?;
-        let row = lock.client().query_opt("SELECT * FROM plugins WHERE id = $1 FOR SHARE", &[&id]).await?;
+        let c = lock.client();
+        let select = c.prepare_cached("SELECT * FROM plugins WHERE id = $1 FOR SHARE").await?;
+        // Pipelined: one round trip.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+        let ((), row) = tokio::try_join!(c.batch_execute("BEGIN"), c.query_opt(&select, &params))?;
         match row {
             Some(r) => Ok(Some((lock, PluginRow::from_row(&r)))),
             None => {

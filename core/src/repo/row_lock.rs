@@ -2,6 +2,7 @@
 //! [`Repo::lock_row`](super::Repo::lock_row)).
 
 use super::{Loaded, Result, record_not_serving};
+use tokio_postgres::types::ToSql;
 
 /// A transaction holding one plugin row `FOR SHARE` (see [`Repo::lock_row`]). Dropped without
 /// [`RowLock::commit`], its connection is closed rather than returned to the pool, so the server
@@ -26,13 +27,7 @@ impl RowLock {
                  WHERE id = $1",
             )
             .await?;
-        c.execute(
-            &update,
-            &[&id, &l.manifest_path, &l.binary_path, &l.hash, &l.description, &l.version, &l.author, &l.kind],
-        )
-        .await?;
         let delete = c.prepare_cached("DELETE FROM plugin_endpoints WHERE plugin_id = $1").await?;
-        c.execute(&delete, &[&id]).await?;
         // In the routes' order: endpoint ids follow it.
         let insert = c
             .prepare_cached(
@@ -45,7 +40,17 @@ impl RowLock {
         let methods: Vec<&str> = l.endpoints.iter().map(|e| e.method.as_str()).collect();
         let paths: Vec<&str> = l.endpoints.iter().map(|e| e.path.as_str()).collect();
         let handlers: Vec<&str> = l.endpoints.iter().map(|e| e.handler.as_str()).collect();
-        c.execute(&insert, &[&id, &methods, &paths, &handlers, &l.kind]).await?;
+        // Sent together (tokio-postgres pipelines concurrent requests): one round trip, not
+        // three. They run in order; if one fails, the transaction is aborted and so are the rest.
+        let update_params: [&(dyn ToSql + Sync); 8] =
+            [&id, &l.manifest_path, &l.binary_path, &l.hash, &l.description, &l.version, &l.author, &l.kind];
+        let delete_params: [&(dyn ToSql + Sync); 1] = [&id];
+        let insert_params: [&(dyn ToSql + Sync); 5] = [&id, &methods, &paths, &handlers, &l.kind];
+        tokio::try_join!(
+            c.execute(&update, &update_params),
+            c.execute(&delete, &delete_params),
+            c.execute(&insert, &insert_params),
+        )?;
         Ok(())
     }
 
