@@ -80,21 +80,30 @@ pub async fn record(repo: &Repo, dirs: &[PathBuf], policy: &FileConfig) -> Resul
     for (path, error) in &scan.errors {
         tracing::warn!(path = %path.display(), "discovery: {error}");
     }
+    let paths: Vec<(String, String)> = scan
+        .plugins
+        .iter()
+        .map(|m| (m.dir.to_string_lossy().into_owned(), m.manifest_path.to_string_lossy().into_owned()))
+        .collect();
+    let found: Vec<Discovered> = scan
+        .plugins
+        .iter()
+        .zip(&paths)
+        .map(|(m, (dir, manifest))| Discovered {
+            name: &m.name,
+            source_path: dir,
+            manifest_path: manifest,
+            description: &m.description,
+            version: &m.version,
+            author: &m.author,
+            kind: &m.kind,
+            origin: "discovered",
+            status: policy.initial_status(&m.name),
+        })
+        .collect();
+    let inserted = if found.is_empty() { Vec::new() } else { repo.insert_discovered_all(&found).await? };
     let mut added = Vec::new();
-    for m in &scan.plugins {
-        let inserted = repo
-            .insert_discovered(&Discovered {
-                name: &m.name,
-                source_path: &m.dir.to_string_lossy(),
-                manifest_path: &m.manifest_path.to_string_lossy(),
-                description: &m.description,
-                version: &m.version,
-                author: &m.author,
-                kind: &m.kind,
-                origin: "discovered",
-                status: policy.initial_status(&m.name),
-            })
-            .await?;
+    for (m, inserted) in scan.plugins.iter().zip(inserted) {
         if inserted {
             tracing::info!(plugin = %m.name, dir = %m.dir.display(), "discovered");
             added.push(m.name.clone());

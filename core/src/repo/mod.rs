@@ -233,15 +233,26 @@ impl Repo {
     /// Inserts a discovered plugin unless a row of that name exists or a user uninstalled this
     /// crate (a row of `plugin_tombstones`). Returns whether it inserted.
     pub async fn insert_discovered(&self, d: &Discovered<'_>) -> Result<bool> {
+        Ok(self.insert_discovered_all(std::slice::from_ref(d)).await?[0])
+    }
+
+    /// [`Repo::insert_discovered`] for many crates, pipelined on one connection (a start with
+    /// 1,000 plugin crates: one round trip's wait, not 2,000). Each is its own statement.
+    pub async fn insert_discovered_all(&self, all: &[Discovered<'_>]) -> Result<Vec<bool>> {
         let c = self.pool.get().await?;
-        let n = c
-            .execute(
+        let insert = c
+            .prepare_cached(
                 "INSERT INTO plugins (name, source_path, path, description, version, author, type, origin, status)
                  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
                  WHERE NOT EXISTS (SELECT 1 FROM plugin_tombstones WHERE source_path = $2)
                  ON CONFLICT (name) DO NOTHING",
-                &[
-                    &d.name,
+            )
+            .await?;
+        let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 9]> = all
+            .iter()
+            .map(|d| {
+                [
+                    &d.name as &(dyn tokio_postgres::types::ToSql + Sync),
                     &d.source_path,
                     &d.manifest_path,
                     &d.description,
@@ -250,10 +261,11 @@ impl Repo {
                     &d.kind,
                     &d.origin,
                     &d.status,
-                ],
-            )
-            .await?;
-        Ok(n == 1)
+                ]
+            })
+            .collect();
+        let inserted = futures_util::future::try_join_all(params.iter().map(|p| c.execute(&insert, p))).await?;
+        Ok(inserted.into_iter().map(|n| n == 1).collect())
     }
 
     /// Sets the desired status (this notifies the server, as any user edit does).
