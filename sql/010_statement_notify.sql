@@ -1,6 +1,6 @@
 -- One notification per statement, not per row: `UPDATE plugins SET status = 'inactive'` over
--- 1,000 rows sends one hint naming them all (in chunks of at most 400 ids, well under the
--- 8,000-byte payload limit), and the server handles them as one batch.
+-- 1,000 rows sends one hint naming them all (in chunks of at most 300 ids: 300 ids of 20
+-- characters and the rest fit the 8,000-byte payload limit), and the server handles them as one batch.
 --
 -- A statement that touches one row notifies as before:
 --   {"operation": "UPDATE", "table": "plugins", "id": 7, "name": "hello", "timestamp": …}
@@ -14,7 +14,7 @@ DROP FUNCTION notify_plugin_change();
 
 CREATE FUNCTION notify_plugin_changes(op TEXT, ids BIGINT[]) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    chunk CONSTANT INT := 400;
+    chunk CONSTANT INT := 300;
     n INT := coalesce(array_length(ids, 1), 0);
     i INT := 1;
 BEGIN

@@ -402,7 +402,6 @@ fn is_artifact_of(path: &Path, name: &str) -> bool {
     hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// The cdylib cargo produced for the crate at `manifest_path`, from its JSON messages.
 /// `path` with `.` and `..` components resolved as cargo resolves them: lexically, without
 /// looking at the filesystem (a symbolic link stays as named).
 fn lexically_normal(path: &Path) -> PathBuf {
@@ -422,6 +421,7 @@ fn lexically_normal(path: &Path) -> PathBuf {
     out
 }
 
+/// The cdylib cargo produced for the crate at `manifest_path`, from its JSON messages.
 fn find_library(messages: &[String], manifest_path: &Path) -> Option<PathBuf> {
     messages.iter().rev().find_map(|line| {
         let msg: serde_json::Value = serde_json::from_str(line).ok()?;

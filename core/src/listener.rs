@@ -146,7 +146,7 @@ fn publish(events: &EventBus, payload: &str) {
 enum Ids {
     /// `{"operation":…,"id":…,"name":…}`: a statement that touched one row.
     One(i64),
-    /// `{"operation":…,"ids":[…]}`: a statement that touched several (up to 400 a notification).
+    /// `{"operation":…,"ids":[…]}`: a statement that touched several (up to 300 a notification).
     Many(Vec<i64>),
 }
 

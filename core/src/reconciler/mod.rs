@@ -140,8 +140,11 @@ struct Job {
     reply: Option<Reply>,
     /// The plugin's row (`None`: no such row), read in a batch after whatever caused this job;
     /// the pass uses it instead of reading the row itself. See [`Reconciler::hint_rows`].
-    read: Option<Option<PluginRow>>,
+    read: Option<Read>,
 }
+
+/// A row read in a batch, and the stamp taken just before the read (see `Inner::stamp`).
+type Read = (u64, Option<PluginRow>);
 
 /// A plugin's worker: where its jobs go, and its task.
 type Worker = (mpsc::UnboundedSender<Job>, tokio::task::JoinHandle<()>);
@@ -167,6 +170,10 @@ struct Inner {
     table_wanted: Arc<tokio::sync::Notify>,
     /// Route tables built so far.
     tables_built: AtomicU64,
+    /// Stamps of row reads, in the order the reads started: a pass never acts on a row read
+    /// before the one its plugin's last pass acted on (a resync's list can be older than the
+    /// row a hint's pass read meanwhile).
+    stamps: AtomicU64,
     /// The worker of each plugin id, and its task (awaited at shutdown).
     workers: Mutex<HashMap<i64, Worker>>,
     /// Plugins with a pass running or queued (reported by /health; 0 means settled).
@@ -214,6 +221,7 @@ impl Reconciler {
                 shown: tokio::sync::watch::Sender::new(0),
                 table_wanted: Default::default(),
                 tables_built: Default::default(),
+                stamps: Default::default(),
                 workers: Mutex::new(HashMap::new()),
                 busy: Default::default(),
                 waiting: Default::default(),
@@ -242,11 +250,12 @@ impl Reconciler {
     /// edit of 1,000 rows: one query, not 1,000). The rows are read after the change that
     /// caused the hint, so they are as true as a read in the pass.
     pub async fn hint_rows(&self, ids: &[i64]) {
+        let stamp = self.inner.stamp();
         match self.inner.repo.get_many(ids).await {
             Ok(rows) => {
                 let mut rows: HashMap<i64, PluginRow> = rows.into_iter().map(|r| (r.id, r)).collect();
                 for &id in ids {
-                    self.inner.send(id, Job { force: false, reply: None, read: Some(rows.remove(&id)) });
+                    self.inner.send(id, Job { force: false, reply: None, read: Some((stamp, rows.remove(&id))) });
                 }
             }
             Err(e) => {
@@ -269,15 +278,18 @@ impl Reconciler {
     /// Hints every plugin that has a row or is served: after startup, a reconnect, or as the
     /// periodic safety net. Each pass starts from the row read here (one query for all).
     pub async fn resync_all(&self) -> Result<usize, RepoError> {
+        let stamp = self.inner.stamp();
         let rows = self.inner.repo.list().await?;
         let served: Vec<i64> = self.inner.served.lock().expect("served lock").keys().copied().collect();
-        let gone: Vec<i64> = served.into_iter().filter(|id| rows.binary_search_by_key(id, |r| r.id).is_err()).collect();
-        let n = rows.len() + gone.len();
+        // Served but not listed: its row went, or came after the list (its pass reads it).
+        let unlisted: Vec<i64> =
+            served.into_iter().filter(|id| rows.binary_search_by_key(id, |r| r.id).is_err()).collect();
+        let n = rows.len() + unlisted.len();
         for row in rows {
-            self.inner.send(row.id, Job { force: false, reply: None, read: Some(Some(row)) });
+            self.inner.send(row.id, Job { force: false, reply: None, read: Some((stamp, Some(row))) });
         }
-        for id in gone {
-            self.inner.send(id, Job { force: false, reply: None, read: Some(None) });
+        for id in unlisted {
+            self.hint(id);
         }
         Ok(n)
     }
@@ -337,6 +349,11 @@ fn shutting_down() -> Failure {
 }
 
 impl Inner {
+    /// A stamp for a row read about to start.
+    fn stamp(&self) -> u64 {
+        self.stamps.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
     /// Queues a job for plugin `id`'s worker (started on first use).
     fn send(&self, id: i64, job: Job) {
         let Some(me) = self.me.upgrade() else { return };
@@ -390,6 +407,8 @@ impl Inner {
 /// The loop of one plugin's worker: take every pending job, run one pass, answer them all.
 /// It ends when its sender is dropped (at shutdown), after the jobs it has.
 async fn worker(inner: Arc<Inner>, id: i64, mut rx: mpsc::UnboundedReceiver<Job>) {
+    // The stamp of the row this plugin's last pass acted on.
+    let mut acted: u64 = 0;
     while let Some(first) = rx.recv().await {
         let mut force = first.force;
         let mut replies: Vec<Reply> = first.reply.into_iter().collect();
@@ -399,11 +418,16 @@ async fn worker(inner: Arc<Inner>, id: i64, mut rx: mpsc::UnboundedReceiver<Job>
             force |= more.force;
             replies.extend(more.reply);
             // A job without a row may follow a write the others' rows predate (the admin API
-            // writes, then asks): the pass reads the row itself then.
-            read = read.and(more.read);
+            // writes, then asks): the pass reads the row itself then. Of rows, the newest read.
+            read = match (read, more.read) {
+                (Some(a), Some(b)) => Some(if b.0 >= a.0 { b } else { a }),
+                _ => None,
+            };
             jobs += 1;
         }
-        let result = inner.pass(id, force, read).await.map_err(|e| {
+        // A row read before the one the last pass acted on could undo what that pass did.
+        let read = read.filter(|(stamp, _)| *stamp > acted);
+        let result = inner.pass(id, force, read, &mut acted).await.map_err(|e| {
             let failure = Failure { code: e.code(), message: e.to_string() };
             if !matches!(e, ReconcileError::ShuttingDown) {
                 tracing::warn!(plugin_id = id, code = failure.code.as_str(), "{}", failure.message);

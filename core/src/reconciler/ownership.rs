@@ -29,7 +29,11 @@ pub(super) async fn publisher(inner: Weak<Inner>, wanted: Arc<Notify>) {
         // Here, on the async worker: a table is made from the previous one and what changed
         // (`PluginRouter`), so it costs the changed plugins' routes (tens of microseconds for a
         // toggle among 1,000 plugins); handing it to the blocking pool cost more than that.
-        inner.build_table();
+        // A panic must not end this task: every pass would wait for it forever.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.build_table())).is_err() {
+            tracing::error!("building the route table panicked; the previous table stays");
+            inner.shown.send_replace(inner.changes.load(Ordering::SeqCst));
+        }
     }
 }
 
@@ -176,25 +180,48 @@ impl Inner {
     /// again, and the new one is dropped. What changed meanwhile stays: if an older plugin has
     /// evicted `published` already, or a displaced plugin serves again, nothing is put back there.
     pub(super) async fn unpublish(&self, id: i64, published: &Arc<LoadedPlugin>, displaced: Displaced) {
-        let (new, change) = self.put_back(id, published, displaced);
+        let (new, change, lost) = self.put_back(id, published, displaced);
         self.show(change).await;
         drop(new);
+        // Their paths were taken meanwhile: their passes decide again who serves.
+        for other in lost {
+            self.send(other, super::Job { force: false, reply: None, read: None });
+        }
     }
 
-    fn put_back(&self, id: i64, published: &Arc<LoadedPlugin>, displaced: Displaced) -> (Option<Served>, u64) {
+    /// The served-set half of [`Inner::unpublish`]. A displaced version whose paths another
+    /// plugin took meanwhile is not put back (two owners of a path would make every later
+    /// table fail): its id is returned, for a pass.
+    fn put_back(
+        &self,
+        id: i64,
+        published: &Arc<LoadedPlugin>,
+        displaced: Displaced,
+    ) -> (Option<Served>, u64, Vec<i64>) {
         let mut served = self.served.lock().expect("served lock");
         let ours = served.get(&id).is_some_and(|s| Arc::ptr_eq(&s.plugin, published));
-        let new = match (ours, displaced.previous) {
-            (true, Some(p)) => served.insert(id, p),
-            (true, None) => served.remove(&id),
-            (false, _) => None,
+        let mut lost = Vec::new();
+        let new = match ours {
+            true => served.remove(&id),
+            false => None,
         };
-        for (other, s, _) in displaced.evicted {
-            if !served.contains_key(&other) {
+        let mut back: Vec<(i64, Served)> = Vec::new();
+        if ours && let Some(previous) = displaced.previous {
+            back.push((id, previous));
+        }
+        back.extend(displaced.evicted.into_iter().map(|(other, s, _)| (other, s)));
+        for (other, s) in back {
+            let taken = s.patterns.iter().any(|p| served.overlapping(p).any(|(owner, _)| owner != other));
+            if served.contains_key(&other) {
+                continue; // it serves again already
+            }
+            if taken {
+                lost.push(other);
+            } else {
                 served.insert(other, s);
             }
         }
-        (new, self.changed())
+        (new, self.changed(), lost)
     }
 
     /// A recorded publish: the displaced versions retire (after their last requests), evicted

@@ -18,14 +18,21 @@ use std::sync::Arc;
 impl Inner {
     /// One pass over plugin `id`, started over while the row changes under it.
     /// `read`: the row as read in a batch after the cause of this pass (see `Job::read`).
+    /// `acted` becomes the stamp of the row the pass acted on.
     pub(super) async fn pass(
         &self,
         id: i64,
         force: bool,
-        mut read: Option<Option<PluginRow>>,
+        mut read: Option<super::Read>,
+        acted: &mut u64,
     ) -> Result<Outcome, ReconcileError> {
         loop {
-            match self.pass_once(id, force, read.take()).await {
+            let (stamp, row) = match read.take() {
+                Some(read) => (read.0, Some(read.1)),
+                None => (self.stamp(), None),
+            };
+            *acted = stamp;
+            match self.pass_once(id, force, row).await {
                 Err(ReconcileError::Superseded) => tracing::debug!(plugin_id = id, "the row changed; passing again"),
                 other => return other,
             }
