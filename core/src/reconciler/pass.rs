@@ -156,6 +156,12 @@ impl Inner {
             // Make sure the row says it serves (it may show an old error).
             let observed =
                 if batched { self.repo.get(row.id).await?.ok_or(ReconcileError::Superseded)? } else { row.clone() };
+            // Evicted meanwhile (an older plugin took a path and wrote `waiting`): pass again.
+            let still =
+                self.served.lock().expect("served lock").get(&row.id).is_some_and(|s| Arc::ptr_eq(&s.plugin, plugin));
+            if !still {
+                return Err(ReconcileError::Superseded);
+            }
             if observed.state != "loaded"
                 || observed.error.is_some()
                 || observed.loaded_hash.as_deref() != Some(hash.as_str())
@@ -233,10 +239,10 @@ impl Inner {
         plugin.set_deadline(row.deadline_ms);
         self.publish_and_record(row, &manifest, &hash, config, Arc::new(plugin)).await?;
         tracing::info!(plugin = %row.name, built = artifact.built, library = %artifact.path.display(), "serving");
-        // Another library of this plugin can have become unused only if one was built or a
-        // version was replaced (not at a warm start: that would read the library directory
-        // once per plugin).
-        if artifact.built || current.is_some() {
+        // Another library of this plugin can have become unused only if one was built, a
+        // version was replaced, or the row last recorded another (not at a warm start: that
+        // would read the library directory once per plugin).
+        if artifact.built || current.is_some() || row.loaded_hash.as_deref() != Some(hash.as_str()) {
             self.compiler.collect_garbage(&row.name, &self.served_libraries());
         }
         Ok(Outcome::Loaded { built: artifact.built })
