@@ -240,9 +240,9 @@ impl Inner {
         self.publish_and_record(row, &manifest, &hash, config, Arc::new(plugin)).await?;
         tracing::info!(plugin = %row.name, built = artifact.built, library = %artifact.path.display(), "serving");
         // Another library of this plugin can have become unused only if one was built, a
-        // version was replaced, or the row last recorded another (not at a warm start: that
-        // would read the library directory once per plugin).
-        if artifact.built || current.is_some() || row.loaded_hash.as_deref() != Some(hash.as_str()) {
+        // version was replaced, or the row last recorded another (not at a warm start, nor
+        // when turning plugins on: that would read the library directory once per plugin).
+        if artifact.built || current.is_some() || row.loaded_hash.as_deref().is_some_and(|h| h != hash) {
             self.compiler.collect_garbage(&row.name, &self.served_libraries());
         }
         Ok(Outcome::Loaded { built: artifact.built })
