@@ -322,7 +322,7 @@ impl Inner {
                 return Err(e);
             }
         };
-        match record_publish(&mut lock, row.id, manifest, hash, &plugin, &displaced).await {
+        match record_publish(&mut lock, &now, manifest, hash, &plugin, &displaced).await {
             Ok(()) => match lock.commit().await {
                 Ok(()) => {
                     self.published(row.id, displaced);
@@ -394,7 +394,7 @@ impl Inner {
 /// way to it.
 async fn record_publish(
     lock: &mut RowLock,
-    id: i64,
+    now: &PluginRow,
     manifest: &Manifest,
     hash: &str,
     plugin: &LoadedPlugin,
@@ -404,7 +404,13 @@ async fn record_publish(
         lock.record_not_serving(*other, "waiting", why).await?;
     }
     let endpoints = endpoints_of(plugin);
-    lock.record_loaded(id, &loaded(manifest, hash, plugin, &endpoints)).await?;
+    let mut record = loaded(manifest, hash, plugin, &endpoints);
+    // The endpoint rows are the replaced version's (endpoint rows equal what is served): when
+    // the new version's are the same, they stay as they are (a reload for a config change
+    // rewrote every endpoint row).
+    record.keep_endpoints = now.kind == manifest.kind
+        && displaced.previous.as_ref().is_some_and(|previous| endpoints_of(&previous.plugin) == endpoints);
+    lock.record_loaded(now.id, &record).await?;
     Ok(())
 }
 
@@ -432,6 +438,7 @@ fn loaded<'a>(
         author: &d.author,
         kind: &manifest.kind,
         endpoints,
+        keep_endpoints: false,
     }
 }
 

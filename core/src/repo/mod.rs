@@ -94,7 +94,7 @@ pub struct EndpointRow {
 }
 
 /// An endpoint to record for a loaded plugin.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEndpoint {
     pub method: String,
     pub path: String,
@@ -113,6 +113,9 @@ pub struct Loaded<'a> {
     pub kind: &'a str,
     /// The endpoints now served (replacing the previous version's).
     pub endpoints: &'a [NewEndpoint],
+    /// The endpoint rows hold these endpoints already (the replaced version's were the same):
+    /// they are not rewritten.
+    pub keep_endpoints: bool,
 }
 
 /// A build kiln ran, for the history.

@@ -44,6 +44,10 @@ impl RowLock {
         // three. They run in order; if one fails, the transaction is aborted and so are the rest.
         let update_params: [&(dyn ToSql + Sync); 8] =
             [&id, &l.manifest_path, &l.binary_path, &l.hash, &l.description, &l.version, &l.author, &l.kind];
+        if l.keep_endpoints {
+            c.execute(&update, &update_params).await?;
+            return Ok(());
+        }
         let delete_params: [&(dyn ToSql + Sync); 1] = [&id];
         let insert_params: [&(dyn ToSql + Sync); 5] = [&id, &methods, &paths, &handlers, &l.kind];
         tokio::try_join!(
