@@ -265,8 +265,15 @@ pub fn copy_crate(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 /// Resident memory of this process, in KiB.
 pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    rss_kib_of("self")
+}
+
+/// Resident memory of process `pid` (a number, or `self`), in KiB.
+pub fn rss_kib_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).map(|s| kib_field(&s, "VmRSS:")).unwrap_or(0)
+}
+
+/// The KiB figure of the first line of `text` that starts with `key` (`/proc` status and smaps).
+pub fn kib_field(text: &str, key: &str) -> u64 {
+    text.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
 }

@@ -8,7 +8,7 @@
 //! memory each plugin costs a `kiln serve` process beyond its library's own mapping.
 
 use crate::load::{Conn, quantile};
-use crate::setup::{Db, Kiln, generate_plugin, repo_root};
+use crate::setup::{Db, Kiln, generate_plugin, kib_field, repo_root, rss_kib_of};
 use crate::{Row, ms, row, wrk};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -230,15 +230,10 @@ async fn process_rss(db: &Db, root: &Path, plugin_dir: &Path, database: &str, n:
         anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "kiln serve did not serve {n} plugins");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = kib_field(&status, "VmRSS:");
+    let rss = rss_kib_of(&pid.to_string());
     let libs = library_rss(pid, &root.join("bin"))?;
     child.kill().await?;
     Ok((rss, libs))
-}
-
-fn kib_field(text: &str, key: &str) -> u64 {
-    text.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
 }
 
 /// The RSS (KiB) of every mapping of a file under `dir` in process `pid` (from smaps).

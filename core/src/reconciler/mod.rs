@@ -242,7 +242,7 @@ impl Reconciler {
 
     /// "Look at plugin `id` again", without waiting.
     pub fn hint(&self, id: i64) {
-        self.inner.send(id, Job { force: false, reply: None, read: None });
+        self.inner.hint(id);
     }
 
     /// "Look at these plugins again" (the rows of one statement): their rows are read in one
@@ -349,6 +349,11 @@ fn shutting_down() -> Failure {
 }
 
 impl Inner {
+    /// Queues a pass over plugin `id` that reads its row itself, without waiting.
+    fn hint(&self, id: i64) {
+        self.send(id, Job { force: false, reply: None, read: None });
+    }
+
     /// A stamp for a row read about to start.
     fn stamp(&self) -> u64 {
         self.stamps.fetch_add(1, Ordering::SeqCst) + 1
@@ -379,7 +384,7 @@ impl Inner {
     fn hint_waiting(&self, except: &[i64]) {
         let waiting: Vec<i64> = self.waiting.lock().expect("waiting lock").iter().copied().collect();
         for id in waiting.into_iter().filter(|id| !except.contains(id)) {
-            self.send(id, Job { force: false, reply: None, read: None });
+            self.hint(id);
         }
     }
 

@@ -185,7 +185,7 @@ impl Inner {
         drop(new);
         // Their paths were taken meanwhile: their passes decide again who serves.
         for other in lost {
-            self.send(other, super::Job { force: false, reply: None, read: None });
+            self.hint(other);
         }
     }
 
@@ -211,11 +211,10 @@ impl Inner {
         }
         back.extend(displaced.evicted.into_iter().map(|(other, s, _)| (other, s)));
         for (other, s) in back {
-            let taken = s.patterns.iter().any(|p| served.overlapping(p).any(|(owner, _)| owner != other));
             if served.contains_key(&other) {
                 continue; // it serves again already
             }
-            if taken {
+            if s.patterns.iter().any(|p| served.overlapping(p).any(|(owner, _)| owner != other)) {
                 lost.push(other);
             } else {
                 served.insert(other, s);

@@ -154,8 +154,13 @@ impl Inner {
             // Serving the wanted version; its grants and deadline may have changed in the row.
             self.apply_row_settings(row, &manifest, &hash, plugin).await?;
             // Make sure the row says it serves (it may show an old error).
-            let observed =
-                if batched { self.repo.get(row.id).await?.ok_or(ReconcileError::Superseded)? } else { row.clone() };
+            let reread;
+            let observed = if batched {
+                reread = self.repo.get(row.id).await?.ok_or(ReconcileError::Superseded)?;
+                &reread
+            } else {
+                row
+            };
             // Evicted meanwhile (an older plugin took a path and wrote `waiting`): pass again.
             let still =
                 self.served.lock().expect("served lock").get(&row.id).is_some_and(|s| Arc::ptr_eq(&s.plugin, plugin));
@@ -261,7 +266,7 @@ impl Inner {
         if let Some(cycle) = cycle {
             for name in &cycle[1..cycle.len() - 1] {
                 if let Some(row) = self.repo.get_by_name(name).await? {
-                    self.send(row.id, super::Job { force: false, reply: None, read: None });
+                    self.hint(row.id);
                 }
             }
             return Err(ReconcileError::DependencyCycle(cycle.join(" → ")));
