@@ -4,13 +4,14 @@
 //! Run: `bench/run` (installs wrk, then `cargo run --release -p kiln-bench`; about 6 minutes on
 //! 2 cores). `KILN_BENCH_QUICK=1` shortens every section (for a smoke run);
 //! `KILN_BENCH_ONLY=a,b` runs only the named sections (calls, throughput, neighbours, toggles,
-//! reloads, load, cold, restarts, scale, thousand, storm). `thousand` builds 1,000 plugins the first
+//! reloads, load, cold, restarts, scale, thousand, storm, replicas). `thousand` builds 1,000 plugins the first
 //! time (~10 minutes) and caches them in `target/kiln-bench-cache/`; `KILN_BENCH_PLUGINS=N`
 //! changes the count.
 
 mod cpu;
 mod events;
 mod load;
+mod replicas;
 mod setup;
 mod storm;
 mod thousand;
@@ -109,6 +110,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if on("storm") {
         storm::run(&db, quick, &mut rows).await?;
+    }
+    if on("replicas") {
+        replicas::run(&db, work.path(), quick, &mut rows).await?;
     }
 
     println!("\n| measure | kiln | baseline (same run) | target |\n|---|---|---|---|");

@@ -100,6 +100,20 @@ pub struct Config {
     /// Attempts to deliver a durable event before it is `dead`.
     #[arg(long, env = "KILN_EVENT_ATTEMPTS", default_value_t = 5)]
     pub event_attempts: u32,
+
+    /// This server's name among the replicas sharing its database (letters, digits, `_.:@-`).
+    /// Keep it stable across restarts. Default: the host name and the port it serves on.
+    #[arg(long, env = "KILN_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// Milliseconds between this replica's heartbeats.
+    #[arg(long, env = "KILN_HEARTBEAT_MS", default_value_t = 2000)]
+    pub heartbeat_ms: u64,
+
+    /// Milliseconds without a heartbeat after which a replica is shown gone and its observed
+    /// rows are removed.
+    #[arg(long, env = "KILN_REPLICA_TIMEOUT_MS", default_value_t = 10_000)]
+    pub replica_timeout_ms: u64,
 }
 
 impl Config {
@@ -127,6 +141,9 @@ impl Config {
             event_retry_ms: 1000,
             event_timeout_ms: 5000,
             event_attempts: 5,
+            replica_id: None,
+            heartbeat_ms: 2000,
+            replica_timeout_ms: 10_000,
         }
     }
 
@@ -138,6 +155,16 @@ impl Config {
     /// How long a request's head, and then its body, may take to arrive.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs.max(1))
+    }
+
+    /// The interval of this replica's heartbeats.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.max(10))
+    }
+
+    /// How long a replica may be silent before it is shown gone.
+    pub fn replica_timeout(&self) -> Duration {
+        Duration::from_millis(self.replica_timeout_ms.max(2 * self.heartbeat_ms).max(20))
     }
 
     /// The interval of the safety-net resync.

@@ -80,19 +80,14 @@ pub async fn record(repo: &Repo, dirs: &[PathBuf], policy: &FileConfig) -> Resul
     for (path, error) in &scan.errors {
         tracing::warn!(path = %path.display(), "discovery: {error}");
     }
-    let paths: Vec<(String, String)> = scan
-        .plugins
-        .iter()
-        .map(|m| (m.dir.to_string_lossy().into_owned(), m.manifest_path.to_string_lossy().into_owned()))
-        .collect();
+    let paths: Vec<String> = scan.plugins.iter().map(|m| m.dir.to_string_lossy().into_owned()).collect();
     let found: Vec<Discovered> = scan
         .plugins
         .iter()
         .zip(&paths)
-        .map(|(m, (dir, manifest))| Discovered {
+        .map(|(m, dir)| Discovered {
             name: &m.name,
             source_path: dir,
-            manifest_path: manifest,
             description: &m.description,
             version: &m.version,
             author: &m.author,

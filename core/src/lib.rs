@@ -24,8 +24,10 @@ pub mod pg_binaries;
 pub mod plugin_config;
 pub mod plugin_db;
 pub mod reconciler;
+pub mod replica;
 pub mod repo;
 pub mod routes;
+pub mod shared_builds;
 pub mod staging;
 pub mod supervisor;
 pub mod watcher;
@@ -64,7 +66,15 @@ pub async fn serve(
     wait_for_database(&pg, config.db_wait()).await?;
     let pool = pool(pg.clone())?;
     migrate::run(&pool).await.context("applying migrations")?;
-    let repo = Repo::new(pool);
+    let addr = listener.local_addr()?;
+    let replica_id = config.replica_id.clone().unwrap_or_else(|| replica::default_id(addr));
+    replica::validate_id(&replica_id).map_err(anyhow::Error::msg)?;
+    let repo = Repo::new(pool, &replica_id);
+    let incarnation = replica::Heartbeat::incarnation();
+    let registration = (replica::hostname(), addr.to_string());
+    replica::register(&repo, &incarnation, &registration, config.replica_timeout())
+        .await
+        .context("registering this replica")?;
     repo.reset_observed().await.context("resetting observed state")?;
     discovery::record(&repo, &config.plugin_dirs, &policy).await.context("recording discovered plugins")?;
 
@@ -84,8 +94,9 @@ pub async fn serve(
     let events = events::EventBus::new(logs.clone(), Duration::from_millis(config.event_timeout_ms.max(1)));
     // What serves is published to the route table and to the event bus alike.
     let sink = Arc::new(routes::Fanout { routes: router.clone(), events: events.clone() });
+    let builds = Arc::new(shared_builds::SharedBuilds::new(repo.clone(), Arc::new(compiler)));
     let reconciler =
-        Reconciler::new(repo.clone(), Arc::new(compiler), sink, markers, logs.clone(), databases, events.clone());
+        Reconciler::new(repo.clone(), builds.clone(), sink, markers, logs.clone(), databases, events.clone());
     let listener_up = Arc::new(AtomicBool::new(false));
     let api = http::AdminApi {
         repo: repo.clone(),
@@ -106,6 +117,16 @@ pub async fn serve(
     let outbox_task = tokio::spawn(events::outbox::run(repo.clone(), events.clone(), retry));
     let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), events, listener_up));
     let watch_task = watcher::spawn(config.watch, config.plugin_dirs.clone(), policy, repo.clone(), reconciler.clone());
+    let heartbeat = replica::Heartbeat {
+        repo: repo.clone(),
+        incarnation: incarnation.clone(),
+        registration,
+        every: config.heartbeat(),
+        timeout: config.replica_timeout(),
+        builds,
+        reconciler: reconciler.clone(),
+    };
+    let heartbeat_task = tokio::spawn(heartbeat.run());
     let resync = reconciler.clone();
     let every = config.resync_interval();
     let resync_task = tokio::spawn(async move {
@@ -118,7 +139,7 @@ pub async fn serve(
         }
     });
 
-    tracing::info!(addr = %listener.local_addr()?, "serving");
+    tracing::info!(%addr, replica = %replica_id, "serving");
     let acceptor =
         http::HeadDeadlineAcceptor::new(poem::listener::TcpAcceptor::from_tokio(listener)?, config.request_timeout());
     let result = poem::Server::new_with_acceptor(acceptor)
@@ -126,11 +147,17 @@ pub async fn serve(
         .await;
     // Shutdown order: stop what feeds the reconciler, then let it finish and retire everything
     // (every instance's cleanup runs once; `serve` returns after the last).
-    for task in [Some(listen_task), Some(resync_task), Some(outbox_task), watch_task].into_iter().flatten() {
+    for task in [Some(listen_task), Some(resync_task), Some(outbox_task), Some(heartbeat_task), watch_task]
+        .into_iter()
+        .flatten()
+    {
         task.abort();
         let _ = task.await;
     }
     reconciler.shut_down(Duration::from_secs(30)).await;
+    if let Err(e) = repo.retire_replica(&incarnation).await {
+        tracing::warn!("marking this replica gone: {e}");
+    }
     result.context("HTTP server")
 }
 

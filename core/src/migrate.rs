@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (8, "008_events.sql", include_str!("../../sql/008_events.sql")),
     (9, "009_build_messages.sql", include_str!("../../sql/009_build_messages.sql")),
     (10, "010_statement_notify.sql", include_str!("../../sql/010_statement_notify.sql")),
+    (11, "011_replicas.sql", include_str!("../../sql/011_replicas.sql")),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

@@ -91,7 +91,7 @@ pub const ADMIN_PATHS: &[&str] = &[
 ];
 
 /// First path segments kept for the admin API, now and later.
-pub const ADMIN_ROOTS: &[&str] = &["plugins", "events", "health", "openapi.json", "docs"];
+pub const ADMIN_ROOTS: &[&str] = &["plugins", "events", "replicas", "health", "openapi.json", "docs"];
 
 /// One segment of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]

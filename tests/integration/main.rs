@@ -15,6 +15,7 @@ mod lifecycle;
 mod newcomer;
 mod operations;
 mod quiet;
+mod replicas;
 mod rollback;
 mod scale;
 mod support;

@@ -76,15 +76,17 @@ async fn the_readme_plugin_and_sql_walk_through_work_verbatim() {
             server.wait_state("greeter", "loaded").await;
             let (status, body) = server.get("/greet/world").await;
             assert_eq!((status, body), (200, json!({ "hello": "world" })));
-        } else if sql.starts_with("SELECT name, status, state, error FROM plugins") {
+        } else if sql.starts_with("SELECT name, status, state, rollout, error FROM plugin_status") {
             let names: Vec<String> = rows
                 .iter()
                 .filter_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(format!("{} {}", r.get(0)?, r.get(2)?)),
+                    tokio_postgres::SimpleQueryMessage::Row(r) => {
+                        Some(format!("{} {} {}", r.get(0)?, r.get(2)?, r.get(3)?))
+                    }
                     _ => None,
                 })
                 .collect();
-            assert!(names.contains(&"greeter loaded".to_string()), "{names:?}");
+            assert!(names.contains(&"greeter loaded converged".to_string()), "{names:?}");
         } else {
             panic!("the README's walk-through has a statement this test does not check: {sql}");
         }

@@ -158,6 +158,8 @@ pub struct Reconciler {
 struct Inner {
     repo: Repo,
     compiler: Arc<Compiler>,
+    /// The compiler as the replicas share it: a library built once among them.
+    builds: Arc<crate::shared_builds::SharedBuilds>,
     sink: Arc<dyn RouteSink>,
     /// The versions served now, by plugin id. The lock is held across conflict check and
     /// insertion so that two plugins loading at once cannot both claim a path.
@@ -204,7 +206,7 @@ struct Inner {
 impl Reconciler {
     pub fn new(
         repo: Repo,
-        compiler: Arc<Compiler>,
+        builds: Arc<crate::shared_builds::SharedBuilds>,
         sink: Arc<dyn RouteSink>,
         markers: LoadMarkers,
         logs: Arc<LogStore>,
@@ -214,7 +216,8 @@ impl Reconciler {
         let reconciler = Self {
             inner: Arc::new_cyclic(|me| Inner {
                 repo,
-                compiler,
+                compiler: builds.compiler().clone(),
+                builds,
                 sink,
                 served: Default::default(),
                 changes: Default::default(),

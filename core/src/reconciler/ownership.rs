@@ -40,6 +40,8 @@ pub(super) async fn publisher(inner: Weak<Inner>, wanted: Arc<Notify>) {
 /// A plugin version being served.
 pub(super) struct Served {
     pub hash: String,
+    /// The row's `generation` it was loaded for (a higher one asks for a fresh instance).
+    pub generation: i64,
     /// The configuration the instance was created with (defaults applied).
     pub config: serde_json::Value,
     pub plugin: Arc<LoadedPlugin>,
@@ -132,7 +134,8 @@ impl Inner {
             .into_iter()
             .map(|(id, why)| (id, served.remove(&id).expect("listed from the served set"), why))
             .collect();
-        let previous = served.insert(row.id, Served { hash: hash.to_string(), config, plugin, patterns });
+        let previous = served
+            .insert(row.id, Served { hash: hash.to_string(), generation: row.generation, config, plugin, patterns });
         Ok((Displaced { previous, evicted }, self.changed()))
     }
 

@@ -134,18 +134,19 @@ impl Inner {
         };
         let hash = self.compiler.source_hash(&manifest).await?;
         if row.quarantined_hash.as_deref() == Some(hash.as_str()) {
-            let why = row.error.as_deref().unwrap_or_default();
+            let why = row.quarantine_reason.as_deref().unwrap_or_default();
             let why = why.strip_prefix("CrashedDuringLoad: ").unwrap_or(why).to_string();
             return Err(ReconcileError::Quarantined(why));
         }
         // From here to the end of the pass no garbage collection removes this library.
         let _pin = self.compiler.pin(&self.compiler.artifact_path(&manifest.name, &hash));
-        let current = self
-            .served
-            .lock()
-            .expect("served lock")
-            .get(&row.id)
-            .map(|s| (s.hash.clone(), s.config.clone(), s.plugin.clone()));
+        let (current, generation) = {
+            let served = self.served.lock().expect("served lock");
+            let s = served.get(&row.id);
+            (s.map(|s| (s.hash.clone(), s.config.clone(), s.plugin.clone())), s.map(|s| s.generation))
+        };
+        // A raised generation is a reload asked of every replica.
+        let force = force || generation.is_some_and(|g| g != row.generation);
         if let Some((current_hash, current_config, plugin)) = &current
             && !force
             && *current_hash == hash
@@ -364,7 +365,7 @@ impl Inner {
     async fn build(&self, id: i64, manifest: &Manifest, hash: &str) -> Result<Artifact, ReconcileError> {
         let started_at = chrono::Utc::now();
         let clock = std::time::Instant::now();
-        let result = self.compiler.build(manifest, hash).await;
+        let result = self.builds.build(manifest, hash).await;
         let (diagnostics, messages) = match &result {
             Ok(a) if !a.built => return Ok(a.clone()),
             Ok(_) => (None, &[][..]),

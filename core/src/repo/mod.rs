@@ -2,13 +2,20 @@
 //!
 //! Writes come in two kinds, kept apart on purpose: desired state (status, a discovered row),
 //! which users also write and which notifies the server; and observed state (build and load
-//! results), which only the server writes and which must never notify it (see sql/001_plugins.sql).
+//! results), which each replica writes for itself into `plugin_replicas` and its own endpoint
+//! rows, and which never notifies (see sql/011_replicas.sql). A [`Repo`] belongs to one replica:
+//! the rows it reads carry that replica's observed state, and it writes no other's.
 
 mod events;
+mod libraries;
+mod replicas;
 mod row_lock;
 mod storage;
 
 pub use events::DueEvent;
+pub use libraries::BuildLock;
+pub use libraries::StoredLibrary;
+pub use replicas::{Beat, ObservedRow, Registration, ReplicaRow};
 
 pub use row_lock::RowLock;
 
@@ -26,12 +33,17 @@ pub struct PluginRow {
     pub version: String,
     pub author: String,
     pub kind: String,
+    /// Observed by this replica: the manifest it last read.
     pub path: Option<String>,
+    /// Observed by this replica: the library it serves.
     pub binary_path: Option<String>,
     pub source_path: String,
     pub status: String,
+    /// Observed by this replica (`pending` until it wrote one).
     pub state: String,
+    /// Observed by this replica.
     pub error: Option<String>,
+    /// Observed by this replica.
     pub loaded_hash: Option<String>,
     pub loaded_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
@@ -40,13 +52,16 @@ pub struct PluginRow {
     pub config: serde_json::Value,
     /// `discovered`, `sql` or `upload`.
     pub origin: String,
-    /// Observed: a version that took the server down while loading (see `load_marker`).
+    /// A version that took a server down while loading (see `load_marker`), and why.
     pub quarantined_hash: Option<String>,
+    pub quarantine_reason: Option<String>,
     /// Desired: what the operator grants the plugin in the database beyond its own schema
     /// (see `plugin_db::Resources`).
     pub resources: serde_json::Value,
     /// Desired: the plugin's route deadline in milliseconds, for routes that set none.
     pub deadline_ms: Option<i32>,
+    /// Desired: raised to have every replica load a fresh instance (a reload).
+    pub generation: i64,
 }
 
 impl PluginRow {
@@ -71,8 +86,10 @@ impl PluginRow {
             config: r.get("config"),
             origin: r.get("origin"),
             quarantined_hash: r.get("quarantined_hash"),
+            quarantine_reason: r.get("quarantine_reason"),
             resources: r.get("resources"),
             deadline_ms: r.get("deadline_ms"),
+            generation: r.get("generation"),
         }
     }
 
@@ -129,6 +146,8 @@ pub struct BuildRecord {
     pub diagnostics: Option<String>,
     /// Each compiler message of a failed build, with its place.
     pub messages: Vec<crate::diagnostics::Diagnostic>,
+    /// The replica that ran it (none for builds recorded before replicas).
+    pub replica: Option<String>,
 }
 
 /// Metadata of a discovered or installed plugin, written with its row when it is inserted.
@@ -136,7 +155,6 @@ pub struct BuildRecord {
 pub struct Discovered<'a> {
     pub name: &'a str,
     pub source_path: &'a str,
-    pub manifest_path: &'a str,
     pub description: &'a str,
     pub version: &'a str,
     pub author: &'a str,
@@ -147,10 +165,16 @@ pub struct Discovered<'a> {
     pub status: &'a str,
 }
 
-/// Queries over the connection pool.
+/// A plugin row with this replica's observed state (`$1`: the replica). Callers add the `WHERE`.
+const SELECT_ROW: &str = "SELECT p.*, coalesce(o.state, 'pending') AS state, o.error, o.path, o.binary_path,
+            o.loaded_hash, o.loaded_at
+     FROM plugins p LEFT JOIN plugin_replicas o ON o.plugin_id = p.id AND o.replica_id = $1";
+
+/// Queries over the connection pool, as one replica.
 #[derive(Clone)]
 pub struct Repo {
     pool: Pool,
+    replica: std::sync::Arc<str>,
 }
 
 pub(super) type Result<T> = std::result::Result<T, RepoError>;
@@ -205,8 +229,14 @@ impl From<tokio_postgres::Error> for RepoError {
 }
 
 impl Repo {
-    pub fn new(pool: Pool) -> Self {
-        Self { pool }
+    /// The queries of replica `replica` (see [`replicas`]).
+    pub fn new(pool: Pool, replica: &str) -> Self {
+        Self { pool, replica: replica.into() }
+    }
+
+    /// The replica this repository reads and writes observed state as.
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// The pool, for health checks.
@@ -216,20 +246,20 @@ impl Repo {
 
     pub async fn get(&self, id: i64) -> Result<Option<PluginRow>> {
         let c = self.pool.get().await?;
-        let select = c.prepare_cached("SELECT * FROM plugins WHERE id = $1").await?;
-        let row = c.query_opt(&select, &[&id]).await?;
+        let select = c.prepare_cached(&format!("{SELECT_ROW} WHERE p.id = $2")).await?;
+        let row = c.query_opt(&select, &[&&*self.replica, &id]).await?;
         Ok(row.as_ref().map(PluginRow::from_row))
     }
 
     pub async fn get_by_name(&self, name: &str) -> Result<Option<PluginRow>> {
         let c = self.pool.get().await?;
-        let row = c.query_opt("SELECT * FROM plugins WHERE name = $1", &[&name]).await?;
+        let row = c.query_opt(&format!("{SELECT_ROW} WHERE p.name = $2"), &[&&*self.replica, &name]).await?;
         Ok(row.as_ref().map(PluginRow::from_row))
     }
 
     pub async fn list(&self) -> Result<Vec<PluginRow>> {
         let c = self.pool.get().await?;
-        let rows = c.query("SELECT * FROM plugins ORDER BY id", &[]).await?;
+        let rows = c.query(&format!("{SELECT_ROW} ORDER BY p.id"), &[&&*self.replica]).await?;
         Ok(rows.iter().map(PluginRow::from_row).collect())
     }
 
@@ -245,19 +275,18 @@ impl Repo {
         let c = self.pool.get().await?;
         let insert = c
             .prepare_cached(
-                "INSERT INTO plugins (name, source_path, path, description, version, author, type, origin, status)
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+                "INSERT INTO plugins (name, source_path, description, version, author, type, origin, status)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8
                  WHERE NOT EXISTS (SELECT 1 FROM plugin_tombstones WHERE source_path = $2)
                  ON CONFLICT (name) DO NOTHING",
             )
             .await?;
-        let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 9]> = all
+        let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 8]> = all
             .iter()
             .map(|d| {
                 [
                     &d.name as &(dyn tokio_postgres::types::ToSql + Sync),
                     &d.source_path,
-                    &d.manifest_path,
                     &d.description,
                     &d.version,
                     &d.author,
@@ -275,6 +304,13 @@ impl Repo {
     pub async fn set_status(&self, id: i64, status: &str) -> Result<()> {
         let c = self.pool.get().await?;
         c.execute("UPDATE plugins SET status = $2 WHERE id = $1", &[&id, &status]).await?;
+        Ok(())
+    }
+
+    /// Asks every replica for a fresh instance of the plugin (this notifies them all).
+    pub async fn request_reload(&self, id: i64) -> Result<()> {
+        let c = self.pool.get().await?;
+        c.execute("UPDATE plugins SET generation = generation + 1 WHERE id = $1", &[&id]).await?;
         Ok(())
     }
 
@@ -304,9 +340,19 @@ impl Repo {
         let c = self.pool.get().await?;
         let messages = serde_json::to_value(messages).unwrap_or_else(|_| serde_json::json!([]));
         c.execute(
-            "INSERT INTO plugin_builds (plugin_id, source_hash, started_at, duration_ms, success, diagnostics, messages)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[&plugin_id, &source_hash, &started_at, &duration_ms, &diagnostics.is_none(), &diagnostics, &messages],
+            "INSERT INTO plugin_builds (plugin_id, source_hash, started_at, duration_ms, success, diagnostics, messages,
+                                        replica_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &plugin_id,
+                &source_hash,
+                &started_at,
+                &duration_ms,
+                &diagnostics.is_none(),
+                &diagnostics,
+                &messages,
+                &&*self.replica,
+            ],
         )
         .await?;
         Ok(())
@@ -331,6 +377,7 @@ impl Repo {
                 success: r.get("success"),
                 diagnostics: r.get("diagnostics"),
                 messages: serde_json::from_value(r.get("messages")).unwrap_or_default(),
+                replica: r.get("replica_id"),
             })
             .collect())
     }
@@ -347,16 +394,16 @@ impl Repo {
         Ok(true)
     }
 
-    /// Opens a transaction holding plugin `id`'s row `FOR SHARE` (edits and deletes of it wait
-    /// for the commit), and returns the row as it is now; `None` when it is gone. What the
-    /// reconciler publishes while it holds the lock matches the row when the lock is released.
+    /// Opens a transaction holding plugin `id`'s row `FOR KEY SHARE` (a delete of it waits for
+    /// the commit; an edit does not, and its notification brings another pass), and returns the
+    /// row as it is now; `None` when it is gone.
     pub async fn lock_row(&self, id: i64) -> Result<Option<(RowLock, PluginRow)>> {
         let client = self.pool.get().await?;
-        let lock = RowLock { client: Some(client) };
+        let lock = RowLock { client: Some(client), replica: self.replica.clone() };
         let c = lock.client();
-        let select = c.prepare_cached("SELECT * FROM plugins WHERE id = $1 FOR SHARE").await?;
+        let select = c.prepare_cached(&format!("{SELECT_ROW} WHERE p.id = $2 FOR KEY SHARE OF p")).await?;
         // Pipelined: one round trip.
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&&*self.replica, &id];
         let ((), row) = tokio::try_join!(c.batch_execute("BEGIN"), c.query_opt(&select, &params))?;
         match row {
             Some(r) => Ok(Some((lock, PluginRow::from_row(&r)))),
@@ -367,17 +414,30 @@ impl Repo {
         }
     }
 
-    /// Observed, at startup: this process serves nothing yet, whatever an earlier one recorded.
+    /// Observed, at startup: this replica serves nothing yet, whatever it recorded before.
+    /// Other replicas' rows are theirs.
     pub async fn reset_observed(&self) -> Result<()> {
         let c = self.pool.get().await?;
-        c.execute("UPDATE plugins SET state = 'pending' WHERE state IN ('loaded', 'building')", &[]).await?;
+        c.execute(
+            "UPDATE plugin_replicas SET state = 'pending', updated_at = now()
+             WHERE replica_id = $1 AND state IN ('loaded', 'building')",
+            &[&&*self.replica],
+        )
+        .await?;
         Ok(())
     }
 
     /// Observed: the plugin is being built.
     pub async fn record_building(&self, id: i64) -> Result<()> {
         let c = self.pool.get().await?;
-        c.execute("UPDATE plugins SET state = 'building' WHERE id = $1 AND state <> 'loaded'", &[&id]).await?;
+        c.execute(
+            "INSERT INTO plugin_replicas (plugin_id, replica_id, state)
+             SELECT $1, $2, 'building' WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1)
+             ON CONFLICT (plugin_id, replica_id) DO UPDATE SET state = 'building', updated_at = now()
+             WHERE plugin_replicas.state <> 'loaded'",
+            &[&id, &&*self.replica],
+        )
+        .await?;
         Ok(())
     }
 
@@ -388,22 +448,32 @@ impl Repo {
     pub async fn record_failed(&self, id: i64, error: &str, still_loaded: bool, state: &str) -> Result<()> {
         let mut c = self.pool.get().await?;
         if still_loaded {
-            c.execute("UPDATE plugins SET state = 'loaded', error = $2 WHERE id = $1", &[&id, &error]).await?;
+            c.execute(
+                "INSERT INTO plugin_replicas (plugin_id, replica_id, state, error)
+                 SELECT $1, $2, 'loaded', $3 WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1)
+                 ON CONFLICT (plugin_id, replica_id) DO UPDATE SET state = 'loaded', error = $3, updated_at = now()",
+                &[&id, &&*self.replica, &error],
+            )
+            .await?;
             return Ok(());
         }
         let tx = c.transaction().await?;
-        record_not_serving(&tx, id, state, error).await?;
+        record_not_serving(&tx, &self.replica, id, state, error).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Observed: version `hash` of plugin `id` took the previous server process down while it was
-    /// loaded; it is not loaded again until the row or the source changes.
+    /// Observed: version `hash` of plugin `id` took this replica's previous process down while
+    /// it was loaded; no replica loads it again until the row or the source changes.
     pub async fn record_crashed(&self, id: i64, hash: &str, error: &str) -> Result<()> {
         let mut c = self.pool.get().await?;
         let tx = c.transaction().await?;
-        record_not_serving(&tx, id, "failed", error).await?;
-        tx.execute("UPDATE plugins SET quarantined_hash = $2 WHERE id = $1", &[&id, &hash]).await?;
+        record_not_serving(&tx, &self.replica, id, "failed", error).await?;
+        tx.execute(
+            "UPDATE plugins SET quarantined_hash = $2, quarantine_reason = $3 WHERE id = $1",
+            &[&id, &hash, &error],
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -416,29 +486,38 @@ impl Repo {
         let statement = c
             .prepare_cached(
                 "WITH row AS (
-                     UPDATE plugins SET state = 'inactive', error = NULL, binary_path = NULL, loaded_hash = NULL,
-                            loaded_at = NULL
-                     WHERE id = $1 AND (state <> 'inactive' OR error IS NOT NULL OR binary_path IS NOT NULL
-                                        OR loaded_hash IS NOT NULL OR loaded_at IS NOT NULL)
+                     INSERT INTO plugin_replicas (plugin_id, replica_id, state)
+                     SELECT $1, $2, 'inactive' WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1)
+                     ON CONFLICT (plugin_id, replica_id) DO UPDATE
+                     SET state = 'inactive', error = NULL, binary_path = NULL, loaded_hash = NULL, loaded_at = NULL,
+                         updated_at = now()
+                     WHERE plugin_replicas.state <> 'inactive' OR plugin_replicas.error IS NOT NULL
+                        OR plugin_replicas.binary_path IS NOT NULL OR plugin_replicas.loaded_hash IS NOT NULL
+                        OR plugin_replicas.loaded_at IS NOT NULL
                  )
-                 DELETE FROM plugin_endpoints WHERE plugin_id = $1",
+                 DELETE FROM plugin_endpoints WHERE plugin_id = $1 AND replica_id = $2",
             )
             .await?;
-        c.execute(&statement, &[&id]).await?;
+        c.execute(&statement, &[&id, &&*self.replica]).await?;
         Ok(())
     }
 
     /// The rows of these ids that exist (one query).
     pub async fn get_many(&self, ids: &[i64]) -> Result<Vec<PluginRow>> {
         let c = self.pool.get().await?;
-        let rows = c.query("SELECT * FROM plugins WHERE id = ANY($1)", &[&ids]).await?;
+        let rows = c.query(&format!("{SELECT_ROW} WHERE p.id = ANY($2)"), &[&&*self.replica, &ids]).await?;
         Ok(rows.iter().map(PluginRow::from_row).collect())
     }
 
+    /// The endpoints this replica serves for a plugin.
     pub async fn endpoints(&self, plugin_id: i64) -> Result<Vec<EndpointRow>> {
         let c = self.pool.get().await?;
-        let rows =
-            c.query("SELECT * FROM plugin_endpoints WHERE plugin_id = $1 ORDER BY path, method", &[&plugin_id]).await?;
+        let rows = c
+            .query(
+                "SELECT * FROM plugin_endpoints WHERE plugin_id = $1 AND replica_id = $2 ORDER BY path, method",
+                &[&plugin_id, &&*self.replica],
+            )
+            .await?;
         Ok(rows
             .iter()
             .map(|r| EndpointRow {
@@ -452,25 +531,39 @@ impl Repo {
             .collect())
     }
 
-    /// (state, has an error, count) of every plugin row: one query, which also tells whether the
-    /// database answers.
+    /// (state, has an error, count) of every plugin row as this replica observed it: one query,
+    /// which also tells whether the database answers.
     pub async fn state_counts(&self) -> Result<Vec<(String, bool, i64)>> {
         let c = self.pool.get().await?;
         let rows = c
-            .query("SELECT state, error IS NOT NULL AS with_error, count(*) AS n FROM plugins GROUP BY 1, 2", &[])
+            .query(
+                "SELECT coalesce(o.state, 'pending') AS state, o.error IS NOT NULL AS with_error, count(*) AS n
+                 FROM plugins p LEFT JOIN plugin_replicas o ON o.plugin_id = p.id AND o.replica_id = $1
+                 GROUP BY 1, 2",
+                &[&&*self.replica],
+            )
             .await?;
         Ok(rows.iter().map(|r| (r.get("state"), r.get("with_error"), r.get("n"))).collect())
     }
 }
 
-/// Marks plugin `id` as serving nothing: `state`, `error`, no library, no endpoint rows.
-pub(super) async fn record_not_serving(c: &impl GenericClient, id: i64, state: &str, error: &str) -> Result<()> {
+/// Marks plugin `id` as serving nothing on `replica`: `state`, `error`, no library, no endpoint
+/// rows.
+pub(super) async fn record_not_serving(
+    c: &impl GenericClient,
+    replica: &str,
+    id: i64,
+    state: &str,
+    error: &str,
+) -> Result<()> {
     c.execute(
-        "UPDATE plugins SET state = $2, error = $3, binary_path = NULL, loaded_hash = NULL, loaded_at = NULL
-         WHERE id = $1",
-        &[&id, &state, &error],
+        "INSERT INTO plugin_replicas (plugin_id, replica_id, state, error)
+         SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1)
+         ON CONFLICT (plugin_id, replica_id) DO UPDATE
+         SET state = $3, error = $4, binary_path = NULL, loaded_hash = NULL, loaded_at = NULL, updated_at = now()",
+        &[&id, &replica, &state, &error],
     )
     .await?;
-    c.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1", &[&id]).await?;
+    c.execute("DELETE FROM plugin_endpoints WHERE plugin_id = $1 AND replica_id = $2", &[&id, &replica]).await?;
     Ok(())
 }

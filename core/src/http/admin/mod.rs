@@ -63,7 +63,7 @@ impl AdminApi {
     #[oai(path = "/plugins", method = "get", tag = "Tag::Plugins")]
     async fn list(&self) -> Result<Vec<Plugin>> {
         let rows = self.repo.list().await.map_err(db_error)?;
-        Ok(Json(rows.into_iter().map(|r| self.plugin(r)).collect()))
+        Ok(Json(self.plugins(rows, None).await?))
     }
 
     /// One plugin.
@@ -73,7 +73,7 @@ impl AdminApi {
         #[oai(validator(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"))] name: Path<String>,
     ) -> Result<Plugin> {
         let row = self.row(&name).await?;
-        Ok(Json(self.plugin(row)))
+        Ok(Json(self.view(row).await?))
     }
 
     /// The endpoints a plugin serves now.
@@ -101,8 +101,13 @@ impl AdminApi {
                 format!("plugin {} is inactive; toggle it (or set status = 'active') to load it", row.name),
             ));
         }
-        self.reconciler.reconcile(row.id, true).await.map_err(failure)?;
-        Ok(Json(self.row(&name).await?.into()))
+        // Every replica reloads (the raised generation reaches them as a row edit); this one
+        // answers when its own reload is done. Not a forced pass: the raised generation is what
+        // asks for the fresh instance, so this pass and the one the notification wakes load one
+        // between them, not two.
+        self.repo.request_reload(row.id).await.map_err(db_error)?;
+        self.reconciler.reconcile(row.id, false).await.map_err(failure)?;
+        Ok(Json(self.view(self.row(&name).await?).await?))
     }
 
     /// Switch a plugin between active and inactive, and wait until that took effect.
@@ -115,7 +120,7 @@ impl AdminApi {
         let status = if row.wants_active() { "inactive" } else { "active" };
         self.repo.set_status(row.id, status).await.map_err(db_error)?;
         self.reconciler.reconcile(row.id, false).await.map_err(failure)?;
-        Ok(Json(self.row(&name).await?.into()))
+        Ok(Json(self.view(self.row(&name).await?).await?))
     }
 
     /// A plugin's configuration (sensitive values masked) and its schema.
@@ -235,6 +240,7 @@ impl AdminApi {
                     success: b.success,
                     diagnostics: b.diagnostics,
                     messages: b.messages.into_iter().map(Into::into).collect(),
+                    replica: b.replica,
                 })
                 .collect(),
         ))
@@ -251,7 +257,7 @@ impl AdminApi {
             self.repo.set_status(row.id, "active").await.map_err(db_error)?;
         }
         self.reconciler.reconcile(row.id, false).await.map_err(failure)?;
-        Ok(Json(self.row(&name).await?.into()))
+        Ok(Json(self.view(self.row(&name).await?).await?))
     }
 
     /// Uninstall a plugin: unload it, delete its row (endpoints, builds) and libraries, and its
@@ -273,7 +279,7 @@ impl AdminApi {
         {
             tracing::warn!(plugin = %row.name, "could not remove its source {}: {e}", source.display());
         }
-        Ok(Json(row.into()))
+        Ok(Json(self.plugin(row)))
     }
 
     /// Rescan the plugin directories now: new crates get rows (and load), removed ones unload.
@@ -350,7 +356,6 @@ impl AdminApi {
             .insert_discovered(&Discovered {
                 name: &manifest.name,
                 source_path: &dest.to_string_lossy(),
-                manifest_path: &manifest.manifest_path.to_string_lossy(),
                 description: &manifest.description,
                 version: &manifest.version,
                 author: &manifest.author,
@@ -372,7 +377,7 @@ impl AdminApi {
             let _ = tokio::fs::remove_dir_all(&dest).await;
             return Err(failure(f));
         }
-        Ok(Json(self.row(&manifest.name).await?.into()))
+        Ok(Json(self.view(self.row(&manifest.name).await?).await?))
     }
 
     /// Publish an event: the body (any JSON) is its data. Topics are dot-separated segments of
@@ -416,6 +421,14 @@ impl AdminApi {
         Ok(Json(matching.take(limit).map(|e| EventView::from(&**e)).collect()))
     }
 
+    /// Every kiln server sharing this database: live ones (heartbeating) first, then those gone
+    /// in the last day.
+    #[oai(path = "/replicas", method = "get", tag = "Tag::Server")]
+    async fn replicas(&self) -> Result<Vec<Replica>> {
+        let rows = self.repo.replicas().await.map_err(db_error)?;
+        Ok(Json(rows.into_iter().map(|r| Replica::new(r, self.repo.replica())).collect()))
+    }
+
     /// Health of the server, the database and the listener.
     #[oai(path = "/health", method = "get", tag = "Tag::Server")]
     async fn health(&self) -> HealthResponse {
@@ -440,6 +453,7 @@ impl AdminApi {
         });
         let health = Health {
             status: if db_up && listener_up { "ok" } else { "degraded" }.into(),
+            replica: self.repo.replica().to_string(),
             database: if db_up { "up" } else { "down" }.into(),
             listener: if listener_up { "connected" } else { "disconnected" }.into(),
             plugins_served: self.reconciler.served_count() as u64,
@@ -454,9 +468,34 @@ impl AdminApi {
 }
 
 impl AdminApi {
+    /// The API's view of one row (see [`AdminApi::plugins`]).
+    async fn view(&self, row: PluginRow) -> std::result::Result<Plugin, ErrorResponse> {
+        let id = row.id;
+        Ok(self.plugins(vec![row], Some(&[id])).await?.pop().expect("one row in, one plugin out"))
+    }
+
+    /// The API's view of rows (`ids`: theirs, `None` for all): with what every live replica
+    /// observed, and the subscriptions of the version serving here.
+    async fn plugins(
+        &self,
+        rows: Vec<PluginRow>,
+        ids: Option<&[i64]>,
+    ) -> std::result::Result<Vec<Plugin>, ErrorResponse> {
+        let (observed, live) = self.repo.observed(ids).await.map_err(db_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let id = row.id;
+                let mine: Vec<_> = observed.iter().filter(|o| o.plugin_id == id).collect();
+                self.plugin(row).with_replicas(&live, &mine)
+            })
+            .collect())
+    }
+
     /// The API's view of a row, with the subscriptions of the version serving now.
     fn plugin(&self, row: PluginRow) -> Plugin {
         let mut plugin = Plugin::from(row);
+        plugin.replica = self.repo.replica().to_string();
         plugin.events = self
             .events
             .stats(&plugin.name)

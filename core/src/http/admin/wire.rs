@@ -1,13 +1,14 @@
 //! The admin API's wire types: what its answers and requests look like, converted from the
 //! repository's rows (so that the domain does not bend to the API).
 
-use crate::repo::{EndpointRow, PluginRow};
+use crate::repo::{EndpointRow, ObservedRow, PluginRow, ReplicaRow};
 use chrono::{DateTime, Utc};
 use poem_openapi::payload::Json;
 use poem_openapi::types::multipart::Upload;
 use poem_openapi::{ApiResponse, Multipart, Object};
 
-/// A plugin: what the row asks for (`status`) and what the server did (`state`, `error`, …).
+/// A plugin: what the row asks for (`status`), what the answering replica did (`state`,
+/// `error`, …), and what every live replica did (`replicas`, summed up in `rollout`).
 #[derive(Debug, Object)]
 pub struct Plugin {
     pub id: i64,
@@ -19,7 +20,8 @@ pub struct Plugin {
     pub kind: String,
     /// Desired: `active` or `inactive`.
     pub status: String,
-    /// Observed: `pending`, `building`, `loaded`, `inactive` or `failed`.
+    /// Observed by the replica that answers: `pending`, `building`, `loaded`, `inactive`,
+    /// `waiting` or `failed`.
     pub state: String,
     /// Directory of the plugin's crate.
     pub source_path: String,
@@ -47,6 +49,114 @@ pub struct Plugin {
     pub deadline_ms: Option<i32>,
     /// The event subscriptions of the version serving now, with their counters.
     pub events: Vec<Subscription>,
+    /// The replica that answers (the one `state`, `error`, `binary_path`, … are from).
+    pub replica: String,
+    /// Every live replica at once: `converged` (each does what the row asks, in one version),
+    /// `failed` (one reports an error), or `rolling` (some are not there yet).
+    pub rollout: String,
+    /// What each live replica observed.
+    pub replicas: Vec<ReplicaState>,
+}
+
+/// What one replica observed of a plugin.
+#[derive(Debug, Object, Clone)]
+pub struct ReplicaState {
+    pub replica: String,
+    /// `pending` (not looked at yet), `building`, `loaded`, `inactive`, `waiting` or `failed`.
+    pub state: String,
+    #[oai(nullable)]
+    pub error: Option<String>,
+    /// Content hash of the sources of the library it serves.
+    #[oai(nullable)]
+    pub loaded_hash: Option<String>,
+    #[oai(nullable)]
+    pub loaded_at: Option<DateTime<Utc>>,
+    #[oai(nullable)]
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl Plugin {
+    /// Fills `replicas` and `rollout` from what the live replicas observed of this plugin.
+    pub fn with_replicas(mut self, live: &[String], observed: &[&ObservedRow]) -> Self {
+        self.replicas = live
+            .iter()
+            .map(|id| match observed.iter().find(|o| o.replica_id == *id) {
+                Some(o) => ReplicaState {
+                    replica: id.clone(),
+                    state: o.state.clone(),
+                    error: o.error.clone(),
+                    loaded_hash: o.loaded_hash.clone(),
+                    loaded_at: o.loaded_at,
+                    updated_at: Some(o.updated_at),
+                },
+                None => ReplicaState {
+                    replica: id.clone(),
+                    state: "pending".into(),
+                    error: None,
+                    loaded_hash: None,
+                    loaded_at: None,
+                    updated_at: None,
+                },
+            })
+            .collect();
+        self.rollout = rollout(&self.status, &self.replicas).into();
+        self
+    }
+}
+
+/// The replicas' states summed up (see [`Plugin::rollout`]).
+pub fn rollout(status: &str, replicas: &[ReplicaState]) -> &'static str {
+    if replicas.iter().any(|r| r.state == "failed" || r.error.is_some()) {
+        return "failed";
+    }
+    let wanted = if status == "active" { "loaded" } else { "inactive" };
+    let mut hashes = replicas.iter().map(|r| &r.loaded_hash);
+    let first = hashes.next();
+    let one_version = hashes.all(|h| Some(h) == first);
+    if replicas.iter().all(|r| r.state == wanted) && one_version { "converged" } else { "rolling" }
+}
+
+/// A kiln server sharing this database.
+#[derive(Debug, Object)]
+pub struct Replica {
+    pub id: String,
+    /// `live`, or `gone` (stopped, or silent past the timeout; its observed rows are removed).
+    pub state: String,
+    /// Whether it is the replica answering.
+    pub this: bool,
+    pub hostname: String,
+    #[oai(nullable)]
+    pub pid: Option<i32>,
+    /// Where it serves HTTP.
+    pub address: String,
+    pub kiln_version: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    #[oai(nullable)]
+    pub gone_at: Option<DateTime<Utc>>,
+    /// Plugin builds it ran since it started.
+    pub builds: i64,
+    /// Libraries it fetched from the database, built by another replica, since it started.
+    pub fetches: i64,
+}
+
+impl Replica {
+    pub fn new(r: ReplicaRow, this: &str) -> Self {
+        Self {
+            state: if r.gone_at.is_some() { "gone" } else { "live" }.into(),
+            this: r.id == this,
+            id: r.id,
+            hostname: r.hostname,
+            pid: r.pid,
+            address: r.address,
+            kiln_version: r.kiln_version,
+            started_at: r.started_at,
+            heartbeat_at: r.heartbeat_at,
+            gone_at: r.gone_at,
+            builds: r.builds,
+            fetches: r.fetches,
+        }
+    }
 }
 
 /// One event subscription of a plugin, and what became of the events it matched.
@@ -142,6 +252,9 @@ impl From<PluginRow> for Plugin {
             resources: r.resources,
             deadline_ms: r.deadline_ms,
             events: Vec::new(),
+            replica: String::new(),
+            rollout: String::new(),
+            replicas: Vec::new(),
         }
     }
 }
@@ -170,6 +283,8 @@ impl From<EndpointRow> for Endpoint {
 pub struct Health {
     /// `ok` when the database answers and the listener is connected, else `degraded`.
     pub status: String,
+    /// This server's replica id.
+    pub replica: String,
     /// `up` or `down`.
     pub database: String,
     /// `connected` or `disconnected`: whether row edits reach the server now.
@@ -270,6 +385,9 @@ pub struct Build {
     pub diagnostics: Option<String>,
     /// Each error and warning of a failed build, with its place.
     pub messages: Vec<BuildMessage>,
+    /// The replica that ran it (other replicas fetch its library instead of building).
+    #[oai(nullable)]
+    pub replica: Option<String>,
 }
 
 /// One compiler message of a failed build.

@@ -1,0 +1,204 @@
+//! The `replicas` table and each replica's observed rows, as the other replicas see them.
+
+use super::{Repo, Result};
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+/// A row of `replicas`.
+#[derive(Debug, Clone)]
+pub struct ReplicaRow {
+    pub id: String,
+    pub hostname: String,
+    pub pid: Option<i32>,
+    pub address: String,
+    pub kiln_version: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    /// When it stopped or was found silent; `None` while it is live.
+    pub gone_at: Option<DateTime<Utc>>,
+    pub builds: i64,
+    pub fetches: i64,
+}
+
+/// What one live replica observed of one plugin (a row of `plugin_replicas`).
+#[derive(Debug, Clone)]
+pub struct ObservedRow {
+    pub plugin_id: i64,
+    pub replica_id: String,
+    pub state: String,
+    pub error: Option<String>,
+    pub loaded_hash: Option<String>,
+    pub loaded_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Who this process is, as written in its `replicas` row.
+#[derive(Debug, Clone)]
+pub struct Registration<'a> {
+    pub incarnation: &'a str,
+    pub hostname: &'a str,
+    pub address: &'a str,
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Beat {
+    /// The row is ours and was live.
+    Live,
+    /// The row is ours but had been marked gone (this process was silent past the timeout):
+    /// its observed rows were removed and must be written again.
+    Returned,
+    /// The row is gone (pruned), or another process took the id.
+    Lost {
+        /// The process now holding the id, if any: `host (pid N)`.
+        holder: Option<String>,
+    },
+}
+
+impl Repo {
+    /// Registers this replica (taking over its id from an earlier process). Returns the earlier
+    /// holder when it was still live by its heartbeat, which usually means two processes were
+    /// given one id.
+    pub async fn register_replica(&self, r: &Registration<'_>, timeout: Duration) -> Result<Option<String>> {
+        let c = self.pool.get().await?;
+        let live = c
+            .query_opt(
+                "SELECT hostname, pid FROM replicas
+                 WHERE id = $1 AND gone_at IS NULL AND heartbeat_at > now() - make_interval(secs => $2)",
+                &[&&*self.replica, &timeout.as_secs_f64()],
+            )
+            .await?
+            .map(|row| format!("{} (pid {})", row.get::<_, String>(0), row.get::<_, Option<i32>>(1).unwrap_or(0)));
+        c.execute(
+            "INSERT INTO replicas (id, incarnation, hostname, pid, address, kiln_version)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE
+             SET incarnation = $2, hostname = $3, pid = $4, address = $5, kiln_version = $6, started_at = now(),
+                 heartbeat_at = now(), gone_at = NULL, builds = 0, fetches = 0",
+            &[
+                &&*self.replica,
+                &r.incarnation,
+                &r.hostname,
+                &(std::process::id() as i32),
+                &r.address,
+                &env!("CARGO_PKG_VERSION"),
+            ],
+        )
+        .await?;
+        Ok(live)
+    }
+
+    /// Says this replica is alive, with its counters.
+    pub async fn heartbeat(&self, incarnation: &str, builds: i64, fetches: i64) -> Result<Beat> {
+        let c = self.pool.get().await?;
+        // The subquery in RETURNING reads the row as it was before this statement.
+        let row = c
+            .query_opt(
+                "UPDATE replicas SET heartbeat_at = now(), gone_at = NULL, builds = $3, fetches = $4
+                 WHERE id = $1 AND incarnation = $2
+                 RETURNING (SELECT gone_at IS NOT NULL FROM replicas WHERE id = $1) AS was_gone",
+                &[&&*self.replica, &incarnation, &builds, &fetches],
+            )
+            .await?;
+        if let Some(row) = row {
+            return Ok(if row.get::<_, bool>(0) { Beat::Returned } else { Beat::Live });
+        }
+        let holder = c
+            .query_opt("SELECT hostname, pid FROM replicas WHERE id = $1", &[&&*self.replica])
+            .await?
+            .map(|row| format!("{} (pid {})", row.get::<_, String>(0), row.get::<_, Option<i32>>(1).unwrap_or(0)));
+        Ok(Beat::Lost { holder })
+    }
+
+    /// Marks every replica silent for longer than `timeout` as gone and removes its observed
+    /// rows and endpoint rows; forgets replicas gone for a day. Any replica may run it, any
+    /// number of times. Returns the ids it found gone.
+    pub async fn sweep_replicas(&self, timeout: Duration) -> Result<Vec<String>> {
+        let c = self.pool.get().await?;
+        let rows = c
+            .query(
+                "WITH gone AS (
+                     UPDATE replicas SET gone_at = now()
+                     WHERE gone_at IS NULL AND heartbeat_at < now() - make_interval(secs => $1)
+                     RETURNING id
+                 ), observed AS (
+                     DELETE FROM plugin_replicas WHERE replica_id IN (SELECT id FROM gone)
+                 ), endpoints AS (
+                     DELETE FROM plugin_endpoints WHERE replica_id IN (SELECT id FROM gone)
+                 ), forgotten AS (
+                     DELETE FROM replicas WHERE gone_at < now() - interval '1 day'
+                 )
+                 SELECT id FROM gone",
+                &[&timeout.as_secs_f64()],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// This replica stops: it is shown gone at once and its observed rows go.
+    pub async fn retire_replica(&self, incarnation: &str) -> Result<()> {
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await?;
+        let ours = tx
+            .execute(
+                "UPDATE replicas SET gone_at = now() WHERE id = $1 AND incarnation = $2",
+                &[&&*self.replica, &incarnation],
+            )
+            .await?;
+        if ours == 1 {
+            tx.execute("DELETE FROM plugin_replicas WHERE replica_id = $1", &[&&*self.replica]).await?;
+            tx.execute("DELETE FROM plugin_endpoints WHERE replica_id = $1", &[&&*self.replica]).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every replica known, live ones first.
+    pub async fn replicas(&self) -> Result<Vec<ReplicaRow>> {
+        let c = self.pool.get().await?;
+        let rows = c.query("SELECT * FROM replicas ORDER BY gone_at IS NOT NULL, id", &[]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| ReplicaRow {
+                id: r.get("id"),
+                hostname: r.get("hostname"),
+                pid: r.get("pid"),
+                address: r.get("address"),
+                kiln_version: r.get("kiln_version"),
+                started_at: r.get("started_at"),
+                heartbeat_at: r.get("heartbeat_at"),
+                gone_at: r.get("gone_at"),
+                builds: r.get("builds"),
+                fetches: r.get("fetches"),
+            })
+            .collect())
+    }
+
+    /// What every live replica observed of these plugins (all plugins: `None`), and the ids of
+    /// the live replicas (a live replica without a row for a plugin has not looked at it yet).
+    pub async fn observed(&self, plugins: Option<&[i64]>) -> Result<(Vec<ObservedRow>, Vec<String>)> {
+        let c = self.pool.get().await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&plugins];
+        let observed = c.query(
+            "SELECT o.* FROM plugin_replicas o JOIN replicas r ON r.id = o.replica_id AND r.gone_at IS NULL
+             WHERE $1::bigint[] IS NULL OR o.plugin_id = ANY($1)
+             ORDER BY o.plugin_id, o.replica_id",
+            &params,
+        );
+        let live = c.query("SELECT id FROM replicas WHERE gone_at IS NULL ORDER BY id", &[]);
+        let (observed, live) = tokio::try_join!(observed, live)?;
+        let observed = observed
+            .iter()
+            .map(|r| ObservedRow {
+                plugin_id: r.get("plugin_id"),
+                replica_id: r.get("replica_id"),
+                state: r.get("state"),
+                error: r.get("error"),
+                loaded_hash: r.get("loaded_hash"),
+                loaded_at: r.get("loaded_at"),
+                updated_at: r.get("updated_at"),
+            })
+            .collect();
+        Ok((observed, live.iter().map(|r| r.get(0)).collect()))
+    }
+}

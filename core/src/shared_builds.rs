@@ -1,0 +1,166 @@
+//! Each library built once among replicas: a replica that needs a library it does not have
+//! fetches it from PostgreSQL when another replica stored it, and otherwise builds it under an
+//! advisory lock on its build key, so that replicas needing it at once wait for one build
+//! instead of each running cargo. A replica that dies mid-build loses its session, PostgreSQL
+//! releases the lock, and the next waiter builds.
+//!
+//! The build key is what decides the library: the plugin's content hash (its sources, the
+//! kiln-types sources, the ABI version and the build profile), the toolchain (`rustc -vV`) and
+//! the target. Libraries travel with their sha256, checked before one is written to disk.
+
+use crate::compiler::{Artifact, BuildError, Compiler};
+use crate::manifest::Manifest;
+use crate::repo::Repo;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The compiler, shared with the other replicas through the database.
+pub struct SharedBuilds {
+    repo: Repo,
+    compiler: Arc<Compiler>,
+    /// sha256 of `rustc -vV` and the target, asked once, when first needed.
+    toolchain: tokio::sync::OnceCell<String>,
+    /// One build key waited for or built at a time (each wait holds a database session).
+    turn: tokio::sync::Mutex<()>,
+    fetches: AtomicU64,
+}
+
+impl SharedBuilds {
+    pub fn new(repo: Repo, compiler: Arc<Compiler>) -> Self {
+        Self { repo, compiler, toolchain: Default::default(), turn: Default::default(), fetches: Default::default() }
+    }
+
+    /// The compiler itself.
+    pub fn compiler(&self) -> &Arc<Compiler> {
+        &self.compiler
+    }
+
+    /// Libraries fetched from other replicas since start.
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// Builds run by this replica since start.
+    pub fn builds(&self) -> u64 {
+        self.compiler.builds_run()
+    }
+
+    /// The library of `hash`: on disk already, fetched from the database, or built here (and
+    /// stored for the others).
+    pub async fn build(&self, manifest: &Manifest, hash: &str) -> Result<Artifact, BuildError> {
+        let path = self.compiler.artifact_path(&manifest.name, hash);
+        if path.exists() {
+            return self.compiler.build(manifest, hash).await; // answers at once: nothing to build
+        }
+        let key = self.key(&manifest.name, hash).await;
+        match self.fetch(&key, manifest, hash).await {
+            Ok(Some(artifact)) => return Ok(artifact),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(plugin = %manifest.name, "could not fetch a shared library, building here: {e}");
+                return self.compiler.build(manifest, hash).await;
+            }
+        }
+        let _turn = self.turn.lock().await;
+        let lock = match self.repo.lock_build(&key).await {
+            Ok(lock) => lock,
+            Err(e) => {
+                tracing::warn!(plugin = %manifest.name, "could not take the build lock, building here: {e}");
+                return self.compiler.build(manifest, hash).await;
+            }
+        };
+        // Another replica may have built it while this one waited for the lock.
+        match self.fetch(&key, manifest, hash).await {
+            Ok(Some(artifact)) => {
+                lock.release().await;
+                return Ok(artifact);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(plugin = %manifest.name, "could not fetch a shared library: {e}"),
+        }
+        let artifact = match self.compiler.build(manifest, hash).await {
+            Ok(a) => a,
+            Err(e) => {
+                lock.release().await;
+                return Err(e);
+            }
+        };
+        // Stored in the background, lock held until it is: this replica loads its library at
+        // once, and a waiting replica finds it stored when it gets the lock.
+        let (repo, name, hash, library) =
+            (self.repo.clone(), manifest.name.clone(), hash.to_string(), artifact.path.clone());
+        tokio::spawn(async move {
+            let clock = Instant::now();
+            match tokio::fs::read(&library).await {
+                Ok(bytes) => {
+                    let sha256 = hex::encode(Sha256::digest(&bytes));
+                    match repo.store_library(&key, &name, &hash, &sha256, &bytes).await {
+                        Ok(()) => {
+                            tracing::debug!(plugin = %name, took = ?clock.elapsed(), size = bytes.len(), "library stored")
+                        }
+                        Err(e) => tracing::warn!(plugin = %name, "could not store the library for other replicas: {e}"),
+                    }
+                }
+                Err(e) => tracing::warn!(plugin = %name, "could not read the library to store it: {e}"),
+            }
+            lock.release().await;
+        });
+        Ok(artifact)
+    }
+
+    /// The stored library of `key` written to this replica's library directory, checked.
+    async fn fetch(
+        &self,
+        key: &str,
+        manifest: &Manifest,
+        hash: &str,
+    ) -> Result<Option<Artifact>, crate::repo::RepoError> {
+        let clock = Instant::now();
+        let Some(stored) = self.repo.stored_library(key).await? else { return Ok(None) };
+        let sha256 = hex::encode(Sha256::digest(&stored.bytes));
+        if sha256 != stored.sha256 {
+            tracing::warn!(
+                plugin = %manifest.name, built_by = %stored.built_by,
+                "a stored library does not match its sha256 ({sha256}, recorded {}); building here", stored.sha256
+            );
+            return Ok(None);
+        }
+        let path = self.compiler.artifact_path(&manifest.name, hash);
+        let tmp = path.with_extension(format!("fetch-{}", std::process::id()));
+        let written = async {
+            tokio::fs::write(&tmp, &stored.bytes).await?;
+            tokio::fs::rename(&tmp, &path).await
+        };
+        if let Err(e) = written.await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            tracing::warn!(plugin = %manifest.name, "could not write a fetched library: {e}");
+            return Ok(None);
+        }
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let took = clock.elapsed();
+        tracing::info!(plugin = %manifest.name, built_by = %stored.built_by, ?took, size = stored.bytes.len(), "library fetched");
+        Ok(Some(Artifact { path, hash: hash.to_string(), built: false, duration: Duration::ZERO }))
+    }
+
+    async fn key(&self, name: &str, hash: &str) -> String {
+        let toolchain = self.toolchain.get_or_init(toolchain).await;
+        format!("{name}-{hash}-{toolchain}")
+    }
+}
+
+/// sha256 (16 hex digits) of what the toolchain says of itself, and the target.
+async fn toolchain() -> String {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let version = match tokio::process::Command::new(&rustc).arg("-vV").output().await {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Ok(out) => format!("rustc -vV failed: {}", String::from_utf8_lossy(&out.stderr)),
+        Err(e) => format!("rustc -vV could not run: {e}"),
+    };
+    let mut h = Sha256::new();
+    h.update(version.as_bytes());
+    h.update(std::env::consts::ARCH.as_bytes());
+    h.update(std::env::consts::OS.as_bytes());
+    hex::encode(h.finalize())[..16].to_string()
+}
