@@ -28,6 +28,7 @@ pub mod replica;
 pub mod repo;
 pub mod routes;
 pub mod shared_builds;
+pub mod shared_sources;
 pub mod staging;
 pub mod supervisor;
 pub mod watcher;
@@ -94,7 +95,8 @@ pub async fn serve(
     let events = events::EventBus::new(logs.clone(), Duration::from_millis(config.event_timeout_ms.max(1)));
     // What serves is published to the route table and to the event bus alike.
     let sink = Arc::new(routes::Fanout { routes: router.clone(), events: events.clone() });
-    let builds = Arc::new(shared_builds::SharedBuilds::new(repo.clone(), Arc::new(compiler)));
+    let sources = shared_sources::SharedSources::new(repo.clone(), config.install_dir.clone());
+    let builds = Arc::new(shared_builds::SharedBuilds::new(repo.clone(), Arc::new(compiler), sources));
     let reconciler =
         Reconciler::new(repo.clone(), builds.clone(), sink, markers, logs.clone(), databases, events.clone());
     let listener_up = Arc::new(AtomicBool::new(false));

@@ -25,11 +25,20 @@ pub struct SharedBuilds {
     /// One build key waited for or built at a time (each wait holds a database session).
     turn: tokio::sync::Mutex<()>,
     fetches: AtomicU64,
+    /// Uploaded plugins' sources, unpacked from the database where this replica lacks them.
+    pub sources: crate::shared_sources::SharedSources,
 }
 
 impl SharedBuilds {
-    pub fn new(repo: Repo, compiler: Arc<Compiler>) -> Self {
-        Self { repo, compiler, toolchain: Default::default(), turn: Default::default(), fetches: Default::default() }
+    pub fn new(repo: Repo, compiler: Arc<Compiler>, sources: crate::shared_sources::SharedSources) -> Self {
+        Self {
+            repo,
+            compiler,
+            toolchain: Default::default(),
+            turn: Default::default(),
+            fetches: Default::default(),
+            sources,
+        }
     }
 
     /// The compiler itself.

@@ -3,7 +3,8 @@
 //! builder that dies mid-build is replaced by another.
 
 use crate::support::{
-    BUILD_DEADLINE, EDIT_DEADLINE, TestServer, cluster, connect, fresh_database, repo_root, wait_until,
+    BUILD_DEADLINE, EDIT_DEADLINE, TestServer, cluster, connect, crate_archive, crate_source, fresh_database, install,
+    repo_root, wait_until,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -354,4 +355,46 @@ async fn a_builder_killed_mid_build_is_replaced_and_shown_gone() {
     assert_eq!(rows, 0, "k's observed rows were removed");
     let plugin = b.plugin("gated").await;
     assert_eq!(plugin["rollout"], "converged", "{plugin:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_reaches_a_replica_that_does_not_share_the_uploaders_disk() {
+    let a = TestServer::start_with(cluster().await, &[], replica("a")).await;
+    let (status, body) = install(&a, crate_archive(&crate_source("hello"), "hello")).await;
+    assert_eq!(status, 200, "{body}");
+    let db = a.sql().await;
+    wait_until("a stored the library it built", EDIT_DEADLINE, &mut || async {
+        db.query_one("SELECT count(*) FROM plugin_libraries WHERE name = 'hello'", &[]).await.unwrap().get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    // a goes, and its disk with it: the unpacked upload and its library.
+    let (cluster, a_root, db_url) = a.stop().await;
+    let uploaded = a_root.path().join("installed/hello");
+    assert!(uploaded.join("Cargo.toml").exists());
+    drop(a_root);
+    assert!(!uploaded.exists());
+
+    // b has never seen the crate: it unpacks the stored archive, finds the library a built,
+    // and serves.
+    let b_root = tempfile::Builder::new().prefix("kiln-replica-b-").tempdir().unwrap();
+    std::fs::create_dir_all(b_root.path().join("plugins")).unwrap();
+    let b = TestServer::start_in_with(cluster, b_root, db_url, replica("b")).await;
+    b.wait_until("b serves the upload", BUILD_DEADLINE, || async { greeting(&b).await == "hello, world" }).await;
+    let copy = b.root.path().join("installed/hello");
+    assert!(copy.join("src/lib.rs").exists(), "b's own copy of the upload");
+    // (Counters reach the table with the next heartbeat.)
+    b.wait_until("b fetched the library a built, and built nothing", EDIT_DEADLINE, || async {
+        let list = replicas(&b).await;
+        let me = find(&list, "b");
+        (me["builds"].as_i64(), me["fetches"].as_i64()) == (Some(0), Some(1))
+    })
+    .await;
+
+    // Uninstalled through b: b's copy and the stored archive go with the row.
+    let (status, body) = b.send_delete("/plugins/hello").await;
+    assert_eq!(status, 200, "{body}");
+    b.wait_until("b's copy is removed", EDIT_DEADLINE, || async { !copy.exists() }).await;
+    let archives: i64 = db.query_one("SELECT count(*) FROM plugin_archives", &[]).await.unwrap().get(0);
+    assert_eq!(archives, 0);
 }

@@ -12,7 +12,6 @@ use crate::host::services::Services;
 use crate::loader::{Configured, LoadError, LoadedPlugin};
 use crate::manifest::{Manifest, ManifestError};
 use crate::repo::{Loaded, NewEndpoint, PluginRow, RowLock};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 impl Inner {
@@ -65,6 +64,7 @@ impl Inner {
                     self.logs.forget(&name);
                     self.repo.storage_forget(&name).await?;
                     self.databases.forget(&name).await?;
+                    self.builds.sources.forget(&name).await;
                 }
             }
             return Ok(Outcome::Gone);
@@ -116,7 +116,7 @@ impl Inner {
 
     /// Makes the wanted version of an active plugin serve.
     async fn load_wanted(&self, row: &PluginRow, force: bool, batched: bool) -> Result<Outcome, ReconcileError> {
-        let manifest = Manifest::read_off_worker(&PathBuf::from(&row.source_path)).await?;
+        let manifest = Manifest::read_off_worker(&self.builds.sources.dir(row).await).await?;
         if manifest.name != row.name {
             return Err(ReconcileError::NameMismatch {
                 dir: manifest.dir,

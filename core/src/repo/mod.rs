@@ -6,6 +6,7 @@
 //! rows, and which never notifies (see sql/011_replicas.sql). A [`Repo`] belongs to one replica:
 //! the rows it reads carry that replica's observed state, and it writes no other's.
 
+mod archives;
 mod events;
 mod libraries;
 mod replicas;

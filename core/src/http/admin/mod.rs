@@ -317,10 +317,11 @@ impl AdminApi {
                 ErrorResponse::new(ErrorCode::InvalidArchive, format!("could not read the upload: {e}"))
             })?;
         let install_dir = self.install_dir.clone();
-        let extracted = tokio::task::spawn_blocking(move || archive::extract(&bytes, &install_dir, Default::default()))
-            .await
-            .map_err(|e| internal(e.to_string()))?
-            .map_err(|e| ErrorResponse::new(ErrorCode::InvalidArchive, e.to_string()))?;
+        let (extracted, bytes) =
+            tokio::task::spawn_blocking(move || (archive::extract(&bytes, &install_dir, Default::default()), bytes))
+                .await
+                .map_err(|e| internal(e.to_string()))?;
+        let extracted = extracted.map_err(|e| ErrorResponse::new(ErrorCode::InvalidArchive, e.to_string()))?;
         let crate_dir = extracted.crate_dir.clone();
         let manifest = tokio::task::spawn_blocking(move || Manifest::read(&crate_dir))
             .await
@@ -351,18 +352,24 @@ impl AdminApi {
         drop(extracted);
         // Same crate, new place.
         let manifest = Manifest { manifest_path: dest.join("Cargo.toml"), dir: dest.clone(), ..manifest };
+        // The archive is stored with the row: a replica that does not share this disk unpacks it.
+        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         let inserted = self
             .repo
-            .insert_discovered(&Discovered {
-                name: &manifest.name,
-                source_path: &dest.to_string_lossy(),
-                description: &manifest.description,
-                version: &manifest.version,
-                author: &manifest.author,
-                kind: &manifest.kind,
-                origin: "upload",
-                status: "active",
-            })
+            .insert_upload(
+                &Discovered {
+                    name: &manifest.name,
+                    source_path: &dest.to_string_lossy(),
+                    description: &manifest.description,
+                    version: &manifest.version,
+                    author: &manifest.author,
+                    kind: &manifest.kind,
+                    origin: "upload",
+                    status: "active",
+                },
+                &bytes,
+                &sha256,
+            )
             .await
             .map_err(db_error)?;
         if !inserted {
