@@ -159,9 +159,9 @@ async fn storm(url: &str, secs: u64, done: Arc<AtomicBool>) -> anyhow::Result<St
 async fn converged(sql: &tokio_postgres::Client) -> anyhow::Result<bool> {
     let unsettled: i64 = sql
         .query_one(
-            "SELECT count(*) FROM plugins
-             WHERE (status = 'active' AND (state <> 'loaded' OR error IS NOT NULL))
-                OR (status = 'inactive' AND state <> 'inactive')",
+            "SELECT count(*) FROM plugins p LEFT JOIN plugin_replicas o ON o.plugin_id = p.id
+             WHERE (p.status = 'active' AND (o.state IS DISTINCT FROM 'loaded' OR o.error IS NOT NULL))
+                OR (p.status = 'inactive' AND o.state IS DISTINCT FROM 'inactive')",
             &[],
         )
         .await?

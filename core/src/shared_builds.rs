@@ -137,19 +137,26 @@ impl SharedBuilds {
             return Ok(None);
         }
         let path = self.compiler.artifact_path(&manifest.name, hash);
-        let tmp = path.with_extension(format!("fetch-{}", std::process::id()));
-        let written = async {
-            tokio::fs::write(&tmp, &stored.bytes).await?;
-            tokio::fs::rename(&tmp, &path).await
-        };
-        if let Err(e) = written.await {
-            let _ = tokio::fs::remove_file(&tmp).await;
+        // Written whole under a name of its own (unique among processes that may share the
+        // directory), then renamed: a loader never sees half a library.
+        let (target, size, built_by) = (path.clone(), stored.bytes.len(), stored.built_by.clone());
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let dir = target.parent().unwrap_or(std::path::Path::new("."));
+            let mut tmp = tempfile::Builder::new().prefix(".fetch-").tempfile_in(dir)?;
+            tmp.write_all(&stored.bytes)?;
+            tmp.persist(&target).map_err(|e| e.error)?;
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = written {
             tracing::warn!(plugin = %manifest.name, "could not write a fetched library: {e}");
             return Ok(None);
         }
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let took = clock.elapsed();
-        tracing::info!(plugin = %manifest.name, built_by = %stored.built_by, ?took, size = stored.bytes.len(), "library fetched");
+        tracing::info!(plugin = %manifest.name, built_by = %built_by, ?took, size, "library fetched");
         Ok(Some(Artifact { path, hash: hash.to_string(), built: false, duration: Duration::ZERO }))
     }
 
@@ -159,7 +166,7 @@ impl SharedBuilds {
     }
 }
 
-/// sha256 (16 hex digits) of what the toolchain says of itself, and the target.
+/// sha256 (16 hex digits) of what the toolchain says of itself, the rustc flags, and the target.
 async fn toolchain() -> String {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let version = match tokio::process::Command::new(&rustc).arg("-vV").output().await {
@@ -169,6 +176,10 @@ async fn toolchain() -> String {
     };
     let mut h = Sha256::new();
     h.update(version.as_bytes());
+    // Flags that change the code cargo emits (`-C target-cpu=native` would not run elsewhere).
+    for flags in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS"] {
+        h.update(format!("{flags}={}\n", std::env::var(flags).unwrap_or_default()).as_bytes());
+    }
     h.update(std::env::consts::ARCH.as_bytes());
     h.update(std::env::consts::OS.as_bytes());
     hex::encode(h.finalize())[..16].to_string()

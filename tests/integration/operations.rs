@@ -121,7 +121,11 @@ async fn a_config_change_reloads_when_the_plugin_or_its_manifest_asks() {
 
 fn installed_entries(server: &TestServer) -> Vec<String> {
     match std::fs::read_dir(server.root.path().join("installed")) {
-        Ok(d) => d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Ok(d) => {
+            let mut names: Vec<String> = d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+            names.sort();
+            names
+        }
         Err(_) => Vec::new(),
     }
 }
@@ -146,7 +150,8 @@ async fn install_build_history_and_uninstall() {
     // The same name again is a conflict, and leaves nothing behind.
     let (status, err) = install(&server, crate_archive(&crate_source("hello"), "again")).await;
     assert_eq!((status, err["error"].as_str()), (409, Some("PluginExists")), "{err}");
-    assert_eq!(installed_entries(&server), ["hello"]);
+    // (the crate, and the stamp naming the archive it came from)
+    assert_eq!(installed_entries(&server), [".archive-hello", "hello"]);
 
     let source = std::path::PathBuf::from(row["source_path"].as_str().unwrap());
     let library = std::path::PathBuf::from(row["binary_path"].as_str().unwrap());
@@ -155,6 +160,7 @@ async fn install_build_history_and_uninstall() {
     assert_eq!(server.get("/hello").await.0, 404);
     assert_eq!(server.get("/plugins/hello").await.0, 404);
     assert!(!source.exists(), "an uploaded plugin's source goes with it");
+    assert_eq!(installed_entries(&server), Vec::<String>::new(), "and its stamp");
     server.wait_until("its library is removed", EDIT_DEADLINE, || async { !library.exists() }).await;
     let n: i64 = db.query_one("SELECT count(*) FROM plugin_builds", &[]).await.unwrap().get(0);
     assert_eq!(n, 0, "its build history goes too");

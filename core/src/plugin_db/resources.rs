@@ -24,6 +24,13 @@ const KILN_TABLES: &[&str] = &[
     "plugin_storage",
     "plugin_migrations",
     "kiln_migrations",
+    "events",
+    "replicas",
+    "plugin_replicas",
+    // A plugin that could write here could have every replica load its code.
+    "plugin_libraries",
+    "plugin_archives",
+    "plugin_status",
 ];
 
 /// Most connections a plugin may ask for.
@@ -207,6 +214,8 @@ mod tests {
             json!({"tables": {"information_schema.tables": "read"}}),
             json!({"tables": {"plugin_other.notes": "read"}}),
             json!({"tables": {"public.plugins": "write"}}),
+            json!({"tables": {"public.plugin_libraries": "read"}}),
+            json!({"tables": {"public.replicas": "write"}}),
             json!({"names": {"secrets": "public.plugin_storage"}}),
         ] {
             assert!(Resources::parse(&bad).is_err(), "{bad}");

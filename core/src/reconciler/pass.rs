@@ -56,6 +56,7 @@ impl Inner {
             // Deleted: its endpoint rows went with it (ON DELETE CASCADE); its libraries go too,
             // but for those a served version or a pass in progress uses.
             self.waiting.lock().expect("waiting lock").remove(&id);
+            self.builds.sources.forget(id).await;
             if let Some(name) = self.retire(id).await {
                 // A new row of the same name (deleted and inserted in one transaction) is about
                 // to load these libraries, and collects them itself once it serves.
@@ -64,7 +65,6 @@ impl Inner {
                     self.logs.forget(&name);
                     self.repo.storage_forget(&name).await?;
                     self.databases.forget(&name).await?;
-                    self.builds.sources.forget(&name).await;
                 }
             }
             return Ok(Outcome::Gone);
@@ -86,6 +86,11 @@ impl Inner {
             Err(e @ (ReconcileError::Superseded | ReconcileError::ShuttingDown)) => return Err(e),
             Err(e) => e,
         };
+        // A reload asked of every replica (a raised generation) that failed here leaves the old
+        // instance serving; it counts as taken, or every later pass would try it again.
+        if let Some(s) = self.served.lock().expect("served lock").get_mut(&id) {
+            s.generation = row.generation;
+        }
         if matches!(e, ReconcileError::Manifest(ManifestError::NotFound(_)))
             && crate::manifest::exists_off_worker(std::path::Path::new(&row.source_path)).await == Some(false)
         {
@@ -133,11 +138,6 @@ impl Inner {
             None => row.config.clone(),
         };
         let hash = self.compiler.source_hash(&manifest).await?;
-        if row.quarantined_hash.as_deref() == Some(hash.as_str()) {
-            let why = row.quarantine_reason.as_deref().unwrap_or_default();
-            let why = why.strip_prefix("CrashedDuringLoad: ").unwrap_or(why).to_string();
-            return Err(ReconcileError::Quarantined(why));
-        }
         // From here to the end of the pass no garbage collection removes this library.
         let _pin = self.compiler.pin(&self.compiler.artifact_path(&manifest.name, &hash));
         let (current, generation) = {
@@ -145,8 +145,16 @@ impl Inner {
             let s = served.get(&row.id);
             (s.map(|s| (s.hash.clone(), s.config.clone(), s.plugin.clone())), s.map(|s| s.generation))
         };
-        // A raised generation is a reload asked of every replica.
+        // A raised generation is a reload asked of every replica (taken once: see pass_once).
         let force = force || generation.is_some_and(|g| g != row.generation);
+        // A version that took a replica down is not loaded again; one that already serves
+        // here (it loaded fine on this replica) keeps serving.
+        let serves_it = current.as_ref().is_some_and(|(h, _, _)| *h == hash);
+        if row.quarantined_hash.as_deref() == Some(hash.as_str()) && (force || !serves_it) {
+            let why = row.quarantine_reason.as_deref().unwrap_or_default();
+            let why = why.strip_prefix("CrashedDuringLoad: ").unwrap_or(why).to_string();
+            return Err(ReconcileError::Quarantined(why));
+        }
         if let Some((current_hash, current_config, plugin)) = &current
             && !force
             && *current_hash == hash
@@ -302,8 +310,9 @@ impl Inner {
         Ok(())
     }
 
-    /// Publishes a loaded version and records it, as one step: with the row locked (a delete or
-    /// an edit of it waits), checks that the row still wants what was built, publishes, writes
+    /// Publishes a loaded version and records it, as one step: with the row locked (a delete
+    /// waits; an edit does not, and its notification brings another pass), checks that the row
+    /// still wants what was built, publishes, writes
     /// the endpoint rows and commits. If the row changed, nothing is published (the pass starts
     /// over); if recording fails, the publish is undone. Endpoint rows equal what is served.
     async fn publish_and_record(

@@ -61,7 +61,8 @@ impl Repo {
         Ok(c.query_opt("SELECT 1 FROM plugin_libraries WHERE build_key = $1", &[&key]).await?.is_some())
     }
 
-    /// Stores a library this replica built (a second store of one key keeps the first).
+    /// Stores a library this replica built, under the build lock of `key` (replacing a stored
+    /// one: that did not match its sha256, or the builder would have fetched it).
     pub async fn store_library(
         &self,
         key: &str,
@@ -73,7 +74,9 @@ impl Repo {
         let c = self.pool.get().await?;
         c.execute(
             "INSERT INTO plugin_libraries (build_key, name, source_hash, sha256, size, library, built_by)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (build_key) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (build_key) DO UPDATE SET sha256 = excluded.sha256, size = excluded.size,
+                 library = excluded.library, built_by = excluded.built_by, built_at = now()",
             &[&key, &name, &source_hash, &sha256, &(bytes.len() as i64), &bytes, &&*self.replica],
         )
         .await?;

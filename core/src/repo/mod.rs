@@ -433,7 +433,7 @@ impl Repo {
         let c = self.pool.get().await?;
         c.execute(
             "INSERT INTO plugin_replicas (plugin_id, replica_id, state)
-             SELECT $1, $2, 'building' WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1)
+             SELECT $1, $2, 'building' WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1 FOR KEY SHARE)
              ON CONFLICT (plugin_id, replica_id) DO UPDATE SET state = 'building', updated_at = now()
              WHERE plugin_replicas.state <> 'loaded'",
             &[&id, &&*self.replica],
@@ -451,7 +451,7 @@ impl Repo {
         if still_loaded {
             c.execute(
                 "INSERT INTO plugin_replicas (plugin_id, replica_id, state, error)
-                 SELECT $1, $2, 'loaded', $3 WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1)
+                 SELECT $1, $2, 'loaded', $3 WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1 FOR KEY SHARE)
                  ON CONFLICT (plugin_id, replica_id) DO UPDATE SET state = 'loaded', error = $3, updated_at = now()",
                 &[&id, &&*self.replica, &error],
             )
@@ -488,7 +488,7 @@ impl Repo {
             .prepare_cached(
                 "WITH row AS (
                      INSERT INTO plugin_replicas (plugin_id, replica_id, state)
-                     SELECT $1, $2, 'inactive' WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1)
+                     SELECT $1, $2, 'inactive' WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1 FOR KEY SHARE)
                      ON CONFLICT (plugin_id, replica_id) DO UPDATE
                      SET state = 'inactive', error = NULL, binary_path = NULL, loaded_hash = NULL, loaded_at = NULL,
                          updated_at = now()
@@ -559,7 +559,7 @@ pub(super) async fn record_not_serving(
 ) -> Result<()> {
     c.execute(
         "INSERT INTO plugin_replicas (plugin_id, replica_id, state, error)
-         SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1)
+         SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM plugins WHERE id = $1 FOR KEY SHARE)
          ON CONFLICT (plugin_id, replica_id) DO UPDATE
          SET state = $3, error = $4, binary_path = NULL, loaded_hash = NULL, loaded_at = NULL, updated_at = now()",
         &[&id, &replica, &state, &error],

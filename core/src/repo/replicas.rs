@@ -90,19 +90,27 @@ impl Repo {
 
     /// Says this replica is alive, with its counters.
     pub async fn heartbeat(&self, incarnation: &str, builds: i64, fetches: i64) -> Result<Beat> {
-        let c = self.pool.get().await?;
-        // The subquery in RETURNING reads the row as it was before this statement.
-        let row = c
+        let mut c = self.pool.get().await?;
+        // The row is locked before it is read: a sweep committing meanwhile (which removed this
+        // replica's observed rows) is seen as `gone_at`, and answered with a resync.
+        let tx = c.transaction().await?;
+        let was_gone = tx
             .query_opt(
-                "UPDATE replicas SET heartbeat_at = now(), gone_at = NULL, builds = $3, fetches = $4
-                 WHERE id = $1 AND incarnation = $2
-                 RETURNING (SELECT gone_at IS NOT NULL FROM replicas WHERE id = $1) AS was_gone",
-                &[&&*self.replica, &incarnation, &builds, &fetches],
+                "SELECT gone_at IS NOT NULL FROM replicas WHERE id = $1 AND incarnation = $2 FOR UPDATE",
+                &[&&*self.replica, &incarnation],
+            )
+            .await?
+            .map(|row| row.get::<_, bool>(0));
+        if let Some(was_gone) = was_gone {
+            tx.execute(
+                "UPDATE replicas SET heartbeat_at = now(), gone_at = NULL, builds = $2, fetches = $3 WHERE id = $1",
+                &[&&*self.replica, &builds, &fetches],
             )
             .await?;
-        if let Some(row) = row {
-            return Ok(if row.get::<_, bool>(0) { Beat::Returned } else { Beat::Live });
+            tx.commit().await?;
+            return Ok(if was_gone { Beat::Returned } else { Beat::Live });
         }
+        drop(tx);
         let holder = c
             .query_opt("SELECT hostname, pid FROM replicas WHERE id = $1", &[&&*self.replica])
             .await?

@@ -279,6 +279,9 @@ impl AdminApi {
         {
             tracing::warn!(plugin = %row.name, "could not remove its source {}: {e}", source.display());
         }
+        if row.origin == "upload" {
+            let _ = tokio::fs::remove_file(crate::shared_sources::stamp_path(&self.install_dir, &row.name)).await;
+        }
         Ok(Json(self.plugin(row)))
     }
 
@@ -350,10 +353,16 @@ impl AdminApi {
             Err(e) => return Err(internal(format!("placing the plugin: {e}"))),
         }
         drop(extracted);
+        // The copy's stamp: the archive it was unpacked from (see `shared_sources`).
+        let stamp = crate::shared_sources::stamp_path(&self.install_dir, &manifest.name);
+        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if let Err(e) = tokio::fs::write(&stamp, &sha256).await {
+            let _ = tokio::fs::remove_dir_all(&dest).await;
+            return Err(internal(format!("placing the plugin: {e}")));
+        }
         // Same crate, new place.
         let manifest = Manifest { manifest_path: dest.join("Cargo.toml"), dir: dest.clone(), ..manifest };
         // The archive is stored with the row: a replica that does not share this disk unpacks it.
-        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         let inserted = self
             .repo
             .insert_upload(
@@ -374,6 +383,7 @@ impl AdminApi {
             .map_err(db_error)?;
         if !inserted {
             let _ = tokio::fs::remove_dir_all(&dest).await;
+            let _ = tokio::fs::remove_file(&stamp).await;
             return Err(exists(&manifest.name));
         }
         let row = self.row(&manifest.name).await?;
@@ -382,6 +392,7 @@ impl AdminApi {
             let _ = self.repo.delete(row.id).await;
             let _ = self.reconciler.reconcile(row.id, false).await;
             let _ = tokio::fs::remove_dir_all(&dest).await;
+            let _ = tokio::fs::remove_file(&stamp).await;
             return Err(failure(f));
         }
         Ok(Json(self.view(self.row(&manifest.name).await?).await?))
