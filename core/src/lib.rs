@@ -65,7 +65,10 @@ pub async fn serve(
     let url = config.database_url.as_deref().context("no database URL")?;
     let pg: tokio_postgres::Config = url.parse().context("parsing the database URL")?;
     wait_for_database(&pg, config.db_wait()).await?;
-    let pool = pool(pg.clone())?;
+    // The heartbeat's own connection: a pool busy with passes (an edit storm) must not delay it
+    // past the timeout and have this replica taken for gone.
+    let heartbeat_pool = pool(pg.clone(), 1)?;
+    let pool = pool(pg.clone(), 16)?;
     migrate::run(&pool).await.context("applying migrations")?;
     let addr = listener.local_addr()?;
     let replica_id = config.replica_id.clone().unwrap_or_else(|| replica::default_id(addr));
@@ -120,7 +123,7 @@ pub async fn serve(
     let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), events, listener_up));
     let watch_task = watcher::spawn(config.watch, config.plugin_dirs.clone(), policy, repo.clone(), reconciler.clone());
     let heartbeat = replica::Heartbeat {
-        repo: repo.clone(),
+        repo: Repo::new(heartbeat_pool, &replica_id),
         incarnation: incarnation.clone(),
         registration,
         every: config.heartbeat(),
@@ -272,11 +275,11 @@ pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn pool(pg: tokio_postgres::Config) -> anyhow::Result<Pool> {
+fn pool(pg: tokio_postgres::Config, size: usize) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     let timeout = Some(Duration::from_secs(5));
     Ok(Pool::builder(manager)
-        .max_size(16)
+        .max_size(size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(timeout)
         .create_timeout(timeout)
