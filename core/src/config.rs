@@ -69,6 +69,11 @@ pub struct Config {
     #[arg(long, env = "KILN_SUPERVISE", default_value_t = true, action = clap::ArgAction::Set)]
     pub supervise: bool,
 
+    /// Count every plugin request in `GET /metrics` (requests, latency). `false` leaves the
+    /// request path uninstrumented; the other metrics stay.
+    #[arg(long, env = "KILN_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics: bool,
+
     /// Seconds to wait at startup for PostgreSQL to accept connections.
     #[arg(long, env = "KILN_DB_WAIT_SECS", default_value_t = 60)]
     pub db_wait_secs: u64,
@@ -133,6 +138,7 @@ impl Config {
             types_dir: PathBuf::from(DEFAULT_TYPES_DIR),
             resync_secs: 60,
             supervise: false,
+            metrics: true,
             db_wait_secs: 60,
             request_timeout_secs: 30,
             route_deadline_ms: 30_000,

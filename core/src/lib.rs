@@ -19,6 +19,7 @@ pub mod load_marker;
 pub mod loader;
 pub mod local_pg;
 pub mod manifest;
+pub mod metrics;
 pub mod migrate;
 pub mod pg_binaries;
 pub mod plugin_config;
@@ -91,17 +92,25 @@ pub async fn serve(
         body_timeout: config.request_timeout(),
         default_deadline: Duration::from_millis(config.route_deadline_ms.max(1)),
     };
-    let router = Arc::new(http::PluginRouter::new(limits, logs.clone()));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let route_metrics = config.metrics.then(|| metrics.clone());
+    let router = Arc::new(http::PluginRouter::new(limits, logs.clone(), route_metrics));
     let markers = load_marker::LoadMarkers::new(config.data_dir.join("loading"));
-    record_crashes(&repo, &markers, &logs).await?;
+    record_crashes(&repo, &markers, &logs, &metrics).await?;
     let databases = Arc::new(plugin_db::PluginDatabases::new(pg.clone(), repo.pool().clone()));
     let events = events::EventBus::new(logs.clone(), Duration::from_millis(config.event_timeout_ms.max(1)));
     // What serves is published to the route table and to the event bus alike.
     let sink = Arc::new(routes::Fanout { routes: router.clone(), events: events.clone() });
     let sources = shared_sources::SharedSources::new(repo.clone(), config.install_dir.clone());
     let builds = Arc::new(shared_builds::SharedBuilds::new(repo.clone(), Arc::new(compiler), sources));
-    let reconciler =
-        Reconciler::new(repo.clone(), builds.clone(), sink, markers, logs.clone(), databases, events.clone());
+    let reconciler = Reconciler::new(
+        repo.clone(),
+        builds.clone(),
+        sink,
+        markers,
+        databases,
+        reconciler::Reporting { logs: logs.clone(), events: events.clone(), metrics },
+    );
     let listener_up = Arc::new(AtomicBool::new(false));
     let api = http::AdminApi {
         repo: repo.clone(),
@@ -249,12 +258,14 @@ async fn record_crashes(
     repo: &Repo,
     markers: &load_marker::LoadMarkers,
     logs: &host::logs::LogStore,
+    metrics: &metrics::Metrics,
 ) -> anyhow::Result<()> {
     let last_exit = std::env::var(load_marker::LAST_EXIT_ENV).ok();
     for marker in markers.take_all() {
         let message = load_marker::crash_message(&marker, last_exit.as_deref());
         tracing::error!(plugin = %marker.name, "{message}");
         logs.record(&marker.name, host::logs::Kind::Init, message.clone(), None);
+        metrics.crashes.with_label_values(&[marker.name.as_str()]).inc();
         let error = format!("{}: {message}", error_code::ErrorCode::CrashedDuringLoad);
         repo.record_crashed(marker.plugin_id, &marker.hash, &error).await.context("recording a crash during load")?;
     }

@@ -84,6 +84,7 @@ async fn listen(
         // Rows inserted while the connection was down: look now.
         events.outbox_wake.notify_one();
         up.store(true, Ordering::Relaxed);
+        reconciler.metrics().listener_connects.inc();
         *backoff = MIN_BACKOFF;
         let n = reconciler.resync_all().await?;
         tracing::info!(plugins = n, "listening on {CHANNEL}; resync requested");

@@ -84,14 +84,16 @@ pub const ADMIN_PATHS: &[&str] = &[
     "/plugins/discover",
     "/events",
     "/events/{topic}",
+    "/replicas",
     "/health",
+    "/metrics",
     "/openapi.json",
     "/docs",
     "/docs/oauth-receiver.html",
 ];
 
 /// First path segments kept for the admin API, now and later.
-pub const ADMIN_ROOTS: &[&str] = &["plugins", "events", "replicas", "health", "openapi.json", "docs"];
+pub const ADMIN_ROOTS: &[&str] = &["plugins", "events", "replicas", "health", "metrics", "openapi.json", "docs"];
 
 /// One segment of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,6 +12,7 @@ mod events;
 mod faults;
 mod host;
 mod lifecycle;
+mod metrics;
 mod newcomer;
 mod operations;
 mod quiet;

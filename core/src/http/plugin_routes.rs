@@ -55,6 +55,8 @@ pub struct PluginRouter {
     logs: Arc<LogStore>,
     /// What the current table was made from.
     built: Mutex<Built>,
+    /// Where each endpoint's request counters come from (none: requests are not counted).
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// The endpoints of one plugin instance, by path (a path's endpoint dispatches by method).
@@ -105,13 +107,14 @@ pub struct Limits {
 }
 
 impl PluginRouter {
-    pub fn new(limits: Limits, logs: Arc<LogStore>) -> Self {
+    pub fn new(limits: Limits, logs: Arc<LogStore>, metrics: Option<Arc<crate::metrics::Metrics>>) -> Self {
         Self {
             current: ArcSwap::from_pointee(Table::default()),
             docs: OnceLock::new(),
             limits,
             logs,
             built: Default::default(),
+            metrics,
         }
     }
 
@@ -147,6 +150,7 @@ impl PluginRouter {
                 route_deadline: r.deadline_ms.map(Duration::from_millis),
                 server_deadline: self.limits.default_deadline,
                 logs: self.logs.clone(),
+                metrics: self.metrics.as_ref().map(|m| m.route(&description.name, &r.method, &r.path)),
                 label: format!("{} {}", r.method, r.path).into(),
             };
             // By shape: `/items/{id}` and `/items/{key}` are one path (each endpoint binds its
@@ -272,6 +276,8 @@ struct PluginEndpoint {
     route_deadline: Option<Duration>,
     server_deadline: Duration,
     logs: Arc<LogStore>,
+    /// Its counters and latency histogram (`GET /metrics`), unless requests are not counted.
+    metrics: Option<crate::metrics::RouteMetrics>,
     /// `METHOD /path` of the route, for logs.
     label: Arc<str>,
 }
@@ -310,6 +316,9 @@ impl PluginEndpoint {
 
     /// The answer for a handler that ran past its deadline.
     fn timed_out(&self, limit: Duration, took: Duration) -> Response {
+        if let Some(m) = &self.metrics {
+            m.timed_out();
+        }
         let name = &self.plugin.description().name;
         let msg = format!("plugin {name}: {} ran past its deadline of {limit:?} ({took:?})", self.label);
         tracing::warn!(plugin = %name, route = %self.label, "{msg}");
@@ -323,7 +332,13 @@ impl PluginEndpoint {
 impl PluginEndpoint {
     /// `spans`: where the path parameters' values lie in the request path.
     async fn call(&self, req: Request, spans: ParamSpans) -> Response {
-        self.answer(req, spans).await.unwrap_or_else(|e| e.into_response())
+        let Some(metrics) = &self.metrics else {
+            return self.answer(req, spans).await.unwrap_or_else(|e| e.into_response());
+        };
+        let started = std::time::Instant::now();
+        let response = self.answer(req, spans).await.unwrap_or_else(|e| e.into_response());
+        metrics.answered(response.status().as_u16(), started.elapsed());
+        response
     }
 
     async fn answer(&self, mut req: Request, spans: ParamSpans) -> poem::Result<Response> {
@@ -378,6 +393,9 @@ impl PluginEndpoint {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(plugin = %name, path = %req.uri().path(), "{e}");
+                if let (CallError::Panic(_), Some(m)) = (&e, &self.metrics) {
+                    m.panicked();
+                }
                 self.logs.record(name, Kind::Panic, e.to_string(), Some(self.label.to_string()));
                 let msg = format!("plugin {name}: {e}");
                 return Ok(json_error(ErrorCode::PluginError, &msg));

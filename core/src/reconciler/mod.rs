@@ -157,6 +157,8 @@ pub struct Reconciler {
 
 struct Inner {
     repo: Repo,
+    /// Counts builds, loads and passes (`GET /metrics`).
+    metrics: Arc<crate::metrics::Metrics>,
     compiler: Arc<Compiler>,
     /// The compiler as the replicas share it: a library built once among them.
     builds: Arc<crate::shared_builds::SharedBuilds>,
@@ -203,19 +205,28 @@ struct Inner {
     me: Weak<Inner>,
 }
 
+/// Where the reconciler reports what happens: plugins' logs, the event bus (`kiln.plugin.*`),
+/// and the metrics.
+pub struct Reporting {
+    pub logs: Arc<LogStore>,
+    pub events: Arc<EventBus>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
 impl Reconciler {
     pub fn new(
         repo: Repo,
         builds: Arc<crate::shared_builds::SharedBuilds>,
         sink: Arc<dyn RouteSink>,
         markers: LoadMarkers,
-        logs: Arc<LogStore>,
         databases: Arc<PluginDatabases>,
-        events: Arc<EventBus>,
+        reporting: Reporting,
     ) -> Self {
+        let Reporting { logs, events, metrics } = reporting;
         let reconciler = Self {
             inner: Arc::new_cyclic(|me| Inner {
                 repo,
+                metrics,
                 compiler: builds.compiler().clone(),
                 builds,
                 sink,
@@ -331,6 +342,11 @@ impl Reconciler {
     }
 
     /// How many route tables were built since start (one per batch of changes).
+    /// This server's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.inner.metrics
+    }
+
     pub fn tables_built(&self) -> u64 {
         self.inner.tables_built.load(Ordering::Relaxed)
     }
@@ -435,7 +451,13 @@ async fn worker(inner: Arc<Inner>, id: i64, mut rx: mpsc::UnboundedReceiver<Job>
         }
         // A row read before the one the last pass acted on could undo what that pass did.
         let read = read.filter(|(stamp, _)| *stamp > acted);
-        let result = inner.pass(id, force, read, &mut acted).await.map_err(|e| {
+        let result = inner.pass(id, force, read, &mut acted).await;
+        inner.metrics.passed(match &result {
+            Ok(_) => "ok",
+            Err(ReconcileError::ShuttingDown) => "shutdown",
+            Err(_) => "error",
+        });
+        let result = result.map_err(|e| {
             let failure = Failure { code: e.code(), message: e.to_string() };
             if !matches!(e, ReconcileError::ShuttingDown) {
                 tracing::warn!(plugin_id = id, code = failure.code.as_str(), "{}", failure.message);

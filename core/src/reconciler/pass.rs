@@ -89,7 +89,7 @@ impl Inner {
         // A reload asked of every replica (a raised generation) that failed here leaves the old
         // instance serving; it counts as taken, or every later pass would try it again.
         if let Some(s) = self.served.lock().expect("served lock").get_mut(&id) {
-            s.generation = row.generation;
+            s.generation = s.generation.max(row.generation);
         }
         if matches!(e, ReconcileError::Manifest(ManifestError::NotFound(_)))
             && crate::manifest::exists_off_worker(std::path::Path::new(&row.source_path)).await == Some(false)
@@ -146,7 +146,8 @@ impl Inner {
             (s.map(|s| (s.hash.clone(), s.config.clone(), s.plugin.clone())), s.map(|s| s.generation))
         };
         // A raised generation is a reload asked of every replica (taken once: see pass_once).
-        let force = force || generation.is_some_and(|g| g != row.generation);
+        // Only a higher one: a row read a moment before another pass's can show a lower one.
+        let force = force || generation.is_some_and(|g| row.generation > g);
         // A version that took a replica down is not loaded again; one that already serves
         // here (it loaded fine on this replica) keeps serving.
         let serves_it = current.as_ref().is_some_and(|(h, _, _)| *h == hash);
@@ -231,6 +232,7 @@ impl Inner {
             runtime: tokio::runtime::Handle::current(),
         };
         let host = HostCtx::with_services(&row.name, &manifest.version, self.logs.clone(), Some(services));
+        let load_clock = std::time::Instant::now();
         let loaded = tokio::task::spawn_blocking(move || {
             // If this process dies inside the plugin's init, the next start knows who did it.
             let marker = markers.begin(id, &name, &marked_hash);
@@ -241,6 +243,7 @@ impl Inner {
         })
         .await
         .map_err(|e| LoadError::Init(format!("the load task failed: {e}")))?;
+        self.metrics.loaded(current.is_some(), loaded.is_ok(), load_clock.elapsed());
         let plugin = match loaded {
             Ok(p) => p,
             Err(e) => {
@@ -381,6 +384,7 @@ impl Inner {
             Err(e @ BuildError::Failed { messages, .. }) => (Some(e.to_string()), &messages[..]),
             Err(e) => (Some(e.to_string()), &[][..]),
         };
+        self.metrics.built(result.is_ok(), clock.elapsed());
         let ms = clock.elapsed().as_millis() as i64;
         if let Err(e) = self.repo.record_build(id, hash, started_at, ms, diagnostics.as_deref(), messages).await {
             tracing::warn!(plugin = %manifest.name, "could not record the build: {e}");

@@ -447,6 +447,17 @@ impl AdminApi {
         Ok(Json(rows.into_iter().map(|r| Replica::new(r, self.repo.replica())).collect()))
     }
 
+    /// Metrics in the Prometheus text format: requests per plugin, route pattern and status
+    /// class, their latency, panics, timeouts, crashes, builds, loads and reloads, reconcile
+    /// passes, listener connects, route tables built, events published.
+    #[oai(path = "/metrics", method = "get", tag = "Tag::Server")]
+    async fn metrics(&self) -> MetricsResponse {
+        let metrics = self.reconciler.metrics();
+        metrics.route_tables.set(self.reconciler.tables_built() as i64);
+        metrics.events_published.set(self.events.published() as i64);
+        MetricsResponse::Ok(poem_openapi::payload::PlainText(metrics.render()))
+    }
+
     /// Health of the server, the database and the listener.
     #[oai(path = "/health", method = "get", tag = "Tag::Server")]
     async fn health(&self) -> HealthResponse {

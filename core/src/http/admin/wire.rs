@@ -321,6 +321,14 @@ pub struct PluginCounts {
     pub loaded_with_error: u64,
 }
 
+/// `GET /metrics`.
+#[derive(ApiResponse)]
+pub enum MetricsResponse {
+    /// Every metric, in the Prometheus text format (0.0.4).
+    #[oai(status = 200, content_type = "text/plain; version=0.0.4; charset=utf-8")]
+    Ok(poem_openapi::payload::PlainText<String>),
+}
+
 #[derive(ApiResponse)]
 pub enum HealthResponse {
     /// Everything works.
