@@ -131,6 +131,7 @@ pub async fn serve(
     let outbox_task = tokio::spawn(events::outbox::run(repo.clone(), events.clone(), retry));
     let listen_task = tokio::spawn(listener::run(pg, reconciler.clone(), events, listener_up));
     let watch_task = watcher::spawn(config.watch, config.plugin_dirs.clone(), policy, repo.clone(), reconciler.clone());
+    let lost = Arc::new(tokio::sync::Notify::new());
     let heartbeat = replica::Heartbeat {
         repo: Repo::new(heartbeat_pool, &replica_id),
         incarnation: incarnation.clone(),
@@ -139,6 +140,7 @@ pub async fn serve(
         timeout: config.replica_timeout(),
         builds,
         reconciler: reconciler.clone(),
+        lost: lost.clone(),
     };
     let heartbeat_task = tokio::spawn(heartbeat.run());
     let resync = reconciler.clone();
@@ -156,6 +158,16 @@ pub async fn serve(
     tracing::info!(%addr, replica = %replica_id, "serving");
     let acceptor =
         http::HeadDeadlineAcceptor::new(poem::listener::TcpAcceptor::from_tokio(listener)?, config.request_timeout());
+    let taken = Arc::new(AtomicBool::new(false));
+    let shutdown = {
+        let (lost, taken) = (lost.clone(), taken.clone());
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = lost.notified() => taken.store(true, std::sync::atomic::Ordering::Relaxed),
+            }
+        }
+    };
     let result = poem::Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(app, shutdown, Some(Duration::from_secs(10)))
         .await;
@@ -169,6 +181,9 @@ pub async fn serve(
         let _ = task.await;
     }
     reconciler.shut_down(Duration::from_secs(30)).await;
+    if taken.load(std::sync::atomic::Ordering::Relaxed) {
+        anyhow::bail!("another process took replica id {replica_id:?}; this server stopped");
+    }
     if let Err(e) = repo.retire_replica(&incarnation).await {
         tracing::warn!("marking this replica gone: {e}");
     }

@@ -42,22 +42,29 @@ pub fn validate_id(id: &str) -> Result<(), String> {
     }
 }
 
-/// Registers the replica (`registration`: host name, address); warns when another live process
-/// held its id.
+/// Registers the replica (`registration`: host name, address). Refused while another live
+/// process holds the id: one that heartbeat within `timeout`, unless it is a process of this host
+/// that no longer runs (this server's own previous run, restarted by its supervisor).
 pub async fn register(
     repo: &Repo,
     incarnation: &str,
     registration: &(String, String),
     timeout: Duration,
-) -> Result<(), crate::repo::RepoError> {
+) -> anyhow::Result<()> {
     let (hostname, address) = registration;
-    let r = Registration { incarnation, hostname, address };
-    if let Some(holder) = repo.register_replica(&r, timeout).await? {
-        tracing::warn!(
-            replica = repo.replica(),
-            "replica id was live, held by {holder}: taking it over (give each server its own --replica-id)"
-        );
+    if let Some((host, pid, age)) = repo.live_holder(timeout).await? {
+        if host != *hostname || process_runs(pid) {
+            anyhow::bail!(
+                "replica id {:?} is held by a live server: {host} (pid {pid}), heartbeat {age:.1} s ago. Give \
+                 each server its own --replica-id, or start this one after the other stops (it is taken for \
+                 gone {:.0} s after its last heartbeat)",
+                repo.replica(),
+                timeout.as_secs_f64()
+            );
+        }
+        tracing::warn!(replica = repo.replica(), "taking over the id from this host's pid {pid}, which no longer runs");
     }
+    repo.register_replica(&Registration { incarnation, hostname, address }).await?;
     Ok(())
 }
 
@@ -71,6 +78,8 @@ pub struct Heartbeat {
     pub timeout: Duration,
     pub builds: Arc<SharedBuilds>,
     pub reconciler: Reconciler,
+    /// Notified when another process took this replica's id: the server stops.
+    pub lost: Arc<tokio::sync::Notify>,
 }
 
 impl Heartbeat {
@@ -80,7 +89,7 @@ impl Heartbeat {
         format!("{:x}-{nanos:x}", std::process::id())
     }
 
-    async fn register(&self) -> Result<(), crate::repo::RepoError> {
+    async fn register(&self) -> anyhow::Result<()> {
         register(&self.repo, &self.incarnation, &self.registration, self.timeout).await
     }
 
@@ -104,10 +113,15 @@ impl Heartbeat {
                     self.resync().await;
                 }
                 Ok(Beat::Lost { holder: Some(holder) }) => {
+                    // Taken for gone (silent past the timeout) and replaced, or a second server
+                    // given this id: two writers of one replica's rows must not go on.
                     tracing::error!(
                         replica = self.repo.replica(),
-                        "another process took this replica's id: {holder}; give each server its own --replica-id"
+                        "another process took this replica's id: {holder}; this server stops (give each \
+                         server its own --replica-id)"
                     );
+                    self.lost.notify_one();
+                    return;
                 }
                 Ok(Beat::Lost { holder: None }) => match self.register().await {
                     Ok(()) => {
@@ -131,4 +145,15 @@ impl Heartbeat {
             tracing::warn!("resync after rejoining: {e}");
         }
     }
+}
+
+/// Whether process `pid` of this host runs, other than this one (a container restarted with
+/// the same pid numbering can find its own pid in its previous run's row).
+fn process_runs(pid: i32) -> bool {
+    if pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    // SAFETY: kill(2) with signal 0 sends nothing; it only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }

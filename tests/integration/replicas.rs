@@ -398,3 +398,33 @@ async fn an_upload_reaches_a_replica_that_does_not_share_the_uploaders_disk() {
     let archives: i64 = db.query_one("SELECT count(*) FROM plugin_archives", &[]).await.unwrap().get(0);
     assert_eq!(archives, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_replicas_id_is_refused_to_a_second_server_and_a_replica_whose_id_is_taken_stops() {
+    let a = TestServer::start_with(cluster().await, &[], replica("a")).await;
+    // A second server given the same id, on this host, while `a` (this process) heartbeats.
+    let k_root = tempfile::Builder::new().prefix("kiln-replica-twin-").tempdir().unwrap();
+    let mut twin = ChildReplica::start(k_root.path(), &a.db_url, "a");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = twin.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < EDIT_DEADLINE, "the second server with id a kept running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "{status:?}");
+    let log = std::fs::read_to_string(k_root.path().join("kiln.log")).unwrap();
+    assert!(log.contains("replica id \"a\" is held by a live server"), "{log}");
+    assert_eq!(a.get("/health").await.0, 200, "a serves on");
+
+    // Another process takes the id (as one would after `a` was silent past the timeout): `a`
+    // stops instead of writing rows that are no longer its own.
+    let db = a.sql().await;
+    db.execute("UPDATE replicas SET incarnation = 'other', hostname = 'elsewhere' WHERE id = 'a'", &[]).await.unwrap();
+    let ended = a.ended(EDIT_DEADLINE).await;
+    let error = format!("{:#}", ended.expect_err("a stops with an error"));
+    assert!(error.contains("another process took replica id"), "{error}");
+    let holder: String = db.query_one("SELECT hostname FROM replicas WHERE id = 'a'", &[]).await.unwrap().get(0);
+    assert_eq!(holder, "elsewhere", "a left the new holder's row alone");
+}

@@ -3,6 +3,9 @@
 
 use super::{Repo, Result};
 
+/// How long a replica waits for another's build of a library before building it itself.
+pub const BUILD_LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// A library another replica (or this one) built and stored.
 #[derive(Debug, Clone)]
 pub struct StoredLibrary {
@@ -31,7 +34,8 @@ impl BuildLock {
     pub async fn release(mut self) {
         let client = self.client.take().expect("a BuildLock has its client until released");
         let unlocked = client.query_one("SELECT pg_advisory_unlock(hashtextextended($1, 0))", &[&self.key]).await;
-        if !matches!(unlocked, Ok(row) if row.get::<_, bool>(0)) {
+        let reset = client.batch_execute("RESET lock_timeout").await;
+        if !matches!(unlocked, Ok(row) if row.get::<_, bool>(0)) || reset.is_err() {
             drop(deadpool_postgres::Object::take(client));
         }
     }
@@ -105,6 +109,9 @@ impl Repo {
         if let Err(e) = c.batch_execute("SET client_connection_check_interval = 1000").await {
             tracing::debug!("client_connection_check_interval not set: {e}");
         }
+        // A holder that is alive but stuck (a paused process whose session stays open) is not
+        // waited for forever: past this, the wait fails and this replica builds by itself.
+        c.batch_execute(&format!("SET lock_timeout = {}", BUILD_LOCK_PATIENCE.as_millis())).await?;
         c.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key]).await?;
         Ok(lock)
     }

@@ -59,16 +59,23 @@ impl Repo {
     /// Registers this replica (taking over its id from an earlier process). Returns the earlier
     /// holder when it was still live by its heartbeat, which usually means two processes were
     /// given one id.
-    pub async fn register_replica(&self, r: &Registration<'_>, timeout: Duration) -> Result<Option<String>> {
+    /// The process holding this replica's id, if it heartbeat within `timeout`: (host name,
+    /// pid, seconds since its heartbeat).
+    pub async fn live_holder(&self, timeout: Duration) -> Result<Option<(String, i32, f64)>> {
         let c = self.pool.get().await?;
-        let live = c
+        let row = c
             .query_opt(
-                "SELECT hostname, pid FROM replicas
+                "SELECT hostname, coalesce(pid, 0), extract(epoch FROM now() - heartbeat_at)::float8 FROM replicas
                  WHERE id = $1 AND gone_at IS NULL AND heartbeat_at > now() - make_interval(secs => $2)",
                 &[&&*self.replica, &timeout.as_secs_f64()],
             )
-            .await?
-            .map(|row| format!("{} (pid {})", row.get::<_, String>(0), row.get::<_, Option<i32>>(1).unwrap_or(0)));
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+    }
+
+    /// Writes this replica's row as `r` (a new incarnation), whoever held it.
+    pub async fn register_replica(&self, r: &Registration<'_>) -> Result<()> {
+        let c = self.pool.get().await?;
         c.execute(
             "INSERT INTO replicas (id, incarnation, hostname, pid, address, kiln_version)
              VALUES ($1, $2, $3, $4, $5, $6)
@@ -85,7 +92,7 @@ impl Repo {
             ],
         )
         .await?;
-        Ok(live)
+        Ok(())
     }
 
     /// Says this replica is alive, with its counters.

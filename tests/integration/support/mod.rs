@@ -182,6 +182,12 @@ impl TestServer {
         (self.cluster.clone(), root, self.db_url.clone())
     }
 
+    /// Waits (up to `deadline`) for the server to end by itself, and hands back how it ended.
+    pub async fn ended(mut self, deadline: Duration) -> anyhow::Result<()> {
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(deadline, task).await.expect("the server ended in time").expect("join")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
