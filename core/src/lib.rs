@@ -108,7 +108,7 @@ pub async fn serve(
         builds.clone(),
         sink,
         markers,
-        databases,
+        databases.clone(),
         reconciler::Reporting { logs: logs.clone(), events: events.clone(), metrics },
     );
     let listener_up = Arc::new(AtomicBool::new(false));
@@ -133,7 +133,7 @@ pub async fn serve(
     let watch_task = watcher::spawn(config.watch, config.plugin_dirs.clone(), policy, repo.clone(), reconciler.clone());
     let lost = Arc::new(tokio::sync::Notify::new());
     let heartbeat = replica::Heartbeat {
-        repo: Repo::new(heartbeat_pool, &replica_id),
+        repo: Repo::new(heartbeat_pool.clone(), &replica_id),
         incarnation: incarnation.clone(),
         registration,
         every: config.heartbeat(),
@@ -187,6 +187,11 @@ pub async fn serve(
     if let Err(e) = repo.retire_replica(&incarnation).await {
         tracing::warn!("marking this replica gone: {e}");
     }
+    // Closed here, not when the database goes away (a private one stops right after): a
+    // connection the server ends is logged as an error.
+    databases.close();
+    heartbeat_pool.close();
+    repo.pool().close();
     result.context("HTTP server")
 }
 

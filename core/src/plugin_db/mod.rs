@@ -172,6 +172,14 @@ impl PluginDatabases {
         Self { base, admin, database_oid, scopes, applied }
     }
 
+    /// Closes every plugin's connections (at shutdown, before the database may go away: a
+    /// connection closed by the server instead is logged as an error).
+    pub fn close(&self) {
+        for scope in self.scopes.lock().expect("scopes lock").values() {
+            scope.pool.close();
+        }
+    }
+
     /// The scope plugin `plugin` may query through, if it has one.
     pub fn scope(&self, plugin: &str) -> Option<Arc<Scope>> {
         self.scopes.lock().expect("scopes lock").get(plugin).cloned()
