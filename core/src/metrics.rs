@@ -8,7 +8,8 @@
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// Seconds, from 100 µs to 10 s: handlers, loads and passes.
@@ -32,6 +33,8 @@ pub struct Metrics {
     pub listener_connects: IntCounter,
     pub route_tables: IntGauge,
     pub events_published: IntGauge,
+    /// The route labels handed out per plugin, so that an uninstalled plugin's series go.
+    routes: Mutex<HashMap<String, HashSet<String>>>,
 }
 
 /// The handles one plugin route counts its requests with, each made at its first use: a route
@@ -164,6 +167,7 @@ impl Metrics {
             listener_connects,
             route_tables: gauge("kiln_route_tables_built", "Plugin route tables built since start."),
             events_published: gauge("kiln_events_published", "Events published on the bus since start."),
+            routes: Default::default(),
             registry,
         }
     }
@@ -172,14 +176,30 @@ impl Metrics {
     /// parameters written `:name` (`{name}` in a label value is valid, but simple text-format
     /// parsers that scan for the closing brace of the label set cut the line there).
     pub fn route(self: &Arc<Self>, plugin: &str, method: &str, path: &str) -> RouteMetrics {
+        let route = format!("{method} {}", path.replace('{', ":").replace('}', ""));
+        self.routes.lock().expect("routes lock").entry(plugin.to_string()).or_default().insert(route.clone());
         RouteMetrics {
             metrics: self.clone(),
             plugin: plugin.into(),
-            route: format!("{method} {}", path.replace('{', ":").replace('}', "")).into(),
+            route: route.into(),
             classes: Default::default(),
             seconds: OnceLock::new(),
             panics: OnceLock::new(),
             timeouts: OnceLock::new(),
+        }
+    }
+
+    /// Plugin `plugin` was uninstalled: its series go (label sets stay bounded over time).
+    pub fn forget(&self, plugin: &str) {
+        let routes = self.routes.lock().expect("routes lock").remove(plugin).unwrap_or_default();
+        for route in &routes {
+            for class in CLASSES {
+                let _ = self.requests.remove_label_values(&[plugin, route, class]);
+            }
+            let _ = self.request_seconds.remove_label_values(&[plugin, route]);
+        }
+        for per_plugin in [&self.panics, &self.timeouts, &self.crashes] {
+            let _ = per_plugin.remove_label_values(&[plugin]);
         }
     }
 

@@ -69,4 +69,11 @@ async fn metrics_move_with_requests_panics_reloads_and_builds() {
         value(&after, "kiln_reconcile_passes_total", &[("outcome", "ok")])
             > value(&before, "kiln_reconcile_passes_total", &[("outcome", "ok")])
     );
+
+    // An uninstalled plugin's series go with it; the others stay.
+    assert_eq!(server.send_delete("/plugins/panicky").await.0, 200);
+    let gone = scrape(&server).await;
+    let of = |plugin: &str| gone.samples.iter().filter(|s| s.labels.get("plugin") == Some(plugin)).count();
+    assert_eq!(of("panicky"), 0, "no series of an uninstalled plugin");
+    assert!(of("hello") > 0);
 }

@@ -63,6 +63,7 @@ impl Inner {
                 if self.repo.get_by_name(&name).await?.is_none() {
                     self.compiler.collect_garbage(&name, &self.served_libraries());
                     self.logs.forget(&name);
+                    self.metrics.forget(&name);
                     self.repo.storage_forget(&name).await?;
                     self.databases.forget(&name).await?;
                 }
