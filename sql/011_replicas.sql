@@ -12,6 +12,9 @@ CREATE TABLE replicas (
     incarnation  TEXT NOT NULL,
     hostname     TEXT NOT NULL DEFAULT '',
     pid          INTEGER,
+    -- Which kernel and pid namespace `pid` is a pid of (boot id and namespace inode): only a
+    -- process that shares them can tell whether that pid still runs.
+    host_identity TEXT NOT NULL DEFAULT '',
     -- Where the replica serves HTTP, as it bound it.
     address      TEXT NOT NULL DEFAULT '',
     kiln_version TEXT NOT NULL DEFAULT '',

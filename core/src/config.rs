@@ -69,8 +69,8 @@ pub struct Config {
     #[arg(long, env = "KILN_SUPERVISE", default_value_t = true, action = clap::ArgAction::Set)]
     pub supervise: bool,
 
-    /// Count every plugin request in `GET /metrics` (requests, latency). `false` leaves the
-    /// request path uninstrumented; the other metrics stay.
+    /// Count every plugin request in `GET /metrics` (requests, latency, handler panics and
+    /// timeouts). `false` leaves the request path uninstrumented; the other metrics stay.
     #[arg(long, env = "KILN_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics: bool,
 

@@ -159,12 +159,23 @@ pub async fn serve(
     let acceptor =
         http::HeadDeadlineAcceptor::new(poem::listener::TcpAcceptor::from_tokio(listener)?, config.request_timeout());
     let taken = Arc::new(AtomicBool::new(false));
+    // What feeds the reconciler: stopped at once when another process took this replica's id,
+    // so that no new pass writes rows under an id that is no longer this server's.
+    let feeders: Vec<tokio::task::AbortHandle> =
+        [Some(&listen_task), Some(&resync_task), Some(&outbox_task), watch_task.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|t| t.abort_handle())
+            .collect();
     let shutdown = {
         let (lost, taken) = (lost.clone(), taken.clone());
         async move {
             tokio::select! {
                 _ = shutdown => {}
-                _ = lost.notified() => taken.store(true, std::sync::atomic::Ordering::Relaxed),
+                _ = lost.notified() => {
+                    taken.store(true, std::sync::atomic::Ordering::Relaxed);
+                    feeders.iter().for_each(tokio::task::AbortHandle::abort);
+                }
             }
         }
     };
@@ -181,10 +192,9 @@ pub async fn serve(
         let _ = task.await;
     }
     reconciler.shut_down(Duration::from_secs(30)).await;
-    if taken.load(std::sync::atomic::Ordering::Relaxed) {
-        anyhow::bail!("another process took replica id {replica_id:?}; this server stopped");
-    }
-    if let Err(e) = repo.retire_replica(&incarnation).await {
+    let taken = taken.load(std::sync::atomic::Ordering::Relaxed);
+    // The row is another process's now: not marked gone.
+    if !taken && let Err(e) = repo.retire_replica(&incarnation).await {
         tracing::warn!("marking this replica gone: {e}");
     }
     // Closed here, not when the database goes away (a private one stops right after): a
@@ -192,6 +202,9 @@ pub async fn serve(
     databases.close();
     heartbeat_pool.close();
     repo.pool().close();
+    if taken {
+        anyhow::bail!("another process took replica id {replica_id:?}; this server stopped");
+    }
     result.context("HTTP server")
 }
 

@@ -6,7 +6,7 @@
 //! a request costs a few atomic adds, not a label lookup.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -31,8 +31,8 @@ pub struct Metrics {
     load_seconds: HistogramVec,
     passes: IntCounterVec,
     pub listener_connects: IntCounter,
-    pub route_tables: IntGauge,
-    pub events_published: IntGauge,
+    route_tables: IntCounter,
+    events_published: IntCounter,
     /// The route labels handed out per plugin, so that an uninstalled plugin's series go.
     routes: Mutex<HashMap<String, HashSet<String>>>,
 }
@@ -105,10 +105,10 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(build_seconds.clone())).expect("registered once");
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("registered once");
-            g
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("registered once");
+            c
         };
         let listener_connects = IntCounter::new(
             "kiln_listener_connects_total",
@@ -161,12 +161,12 @@ impl Metrics {
             passes: counter_vec(
                 &registry,
                 "kiln_reconcile_passes_total",
-                "Reconcile passes, by outcome (ok, error, superseded).",
+                "Reconcile passes, by outcome (ok, error, shutdown).",
                 &["outcome"],
             ),
             listener_connects,
-            route_tables: gauge("kiln_route_tables_built", "Plugin route tables built since start."),
-            events_published: gauge("kiln_events_published", "Events published on the bus since start."),
+            route_tables: counter("kiln_route_tables_built_total", "Plugin route tables built."),
+            events_published: counter("kiln_events_published_total", "Events published on the bus."),
             routes: Default::default(),
             registry,
         }
@@ -219,6 +219,13 @@ impl Metrics {
     /// A reconcile pass ended.
     pub fn passed(&self, outcome: &str) {
         self.passes.with_label_values(&[outcome]).inc();
+    }
+
+    /// Brings the counters kept elsewhere (the reconciler's, the bus's) up to their values.
+    pub fn catch_up(&self, route_tables: u64, events_published: u64) {
+        for (counter, now) in [(&self.route_tables, route_tables), (&self.events_published, events_published)] {
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
     }
 
     /// Every metric in the Prometheus text format (version 0.0.4).

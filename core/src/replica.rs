@@ -4,7 +4,7 @@
 //! twice is harmless).
 
 use crate::reconciler::Reconciler;
-use crate::repo::{Beat, Registration, Repo};
+use crate::repo::{Beat, Holder, Registration, Repo};
 use crate::shared_builds::SharedBuilds;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,19 +52,29 @@ pub async fn register(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let (hostname, address) = registration;
-    if let Some((host, pid, age)) = repo.live_holder(timeout).await? {
-        if host != *hostname || process_runs(pid) {
-            anyhow::bail!(
-                "replica id {:?} is held by a live server: {host} (pid {pid}), heartbeat {age:.1} s ago. Give \
-                 each server its own --replica-id, or start this one after the other stops (it is taken for \
-                 gone {:.0} s after its last heartbeat)",
-                repo.replica(),
-                timeout.as_secs_f64()
-            );
-        }
-        tracing::warn!(replica = repo.replica(), "taking over the id from this host's pid {pid}, which no longer runs");
+    let identity = host_identity();
+    let r = Registration { incarnation, hostname, address, host_identity: &identity };
+    // Taken over only from a process this one can see is gone: same kernel and pid namespace,
+    // and its pid no longer runs (this server's previous run, restarted by its supervisor).
+    let may_take = |h: &Holder| !identity.is_empty() && h.host_identity == identity && !process_runs(h.pid);
+    match repo.claim_replica(&r, timeout, may_take).await? {
+        Ok(None) => {}
+        Ok(Some(h)) => tracing::warn!(
+            replica = repo.replica(),
+            "taking over the id from pid {} of this host, which no longer runs",
+            h.pid
+        ),
+        Err(h) => anyhow::bail!(
+            "replica id {:?} is held by a live server: {} (pid {}), heartbeat {:.1} s ago. Give each server its \
+             own --replica-id, or start this one after the other stops (it is taken for gone {:.0} s after its \
+             last heartbeat)",
+            repo.replica(),
+            h.hostname,
+            h.pid,
+            h.age,
+            timeout.as_secs_f64()
+        ),
     }
-    repo.register_replica(&Registration { incarnation, hostname, address }).await?;
     Ok(())
 }
 
@@ -156,4 +166,15 @@ fn process_runs(pid: i32) -> bool {
     // SAFETY: kill(2) with signal 0 sends nothing; it only checks that the process exists.
     let r = unsafe { libc::kill(pid, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// This process's kernel boot id and pid namespace (empty when they cannot be read): a pid
+/// means the same process only to another process that shares both.
+fn host_identity() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    match std::fs::metadata("/proc/self/ns/pid") {
+        Ok(ns) if !boot.trim().is_empty() => format!("{}:{}", boot.trim(), ns.ino()),
+        _ => String::new(),
+    }
 }

@@ -34,7 +34,7 @@ async fn metrics_move_with_requests_panics_reloads_and_builds() {
     let before = scrape(&server).await;
     assert_eq!(value(&before, "kiln_builds_total", &[("result", "success")]), 2.0, "one build each");
     assert!(value(&before, "kiln_listener_connects_total", &[]) >= 1.0);
-    assert!(value(&before, "kiln_route_tables_built", &[]) >= 1.0);
+    assert!(value(&before, "kiln_route_tables_built_total", &[]) >= 1.0);
     assert_eq!(value(&before, "kiln_plugin_loads_total", &[("kind", "load"), ("result", "ok")]), 2.0);
 
     for who in ["ada", "grace", "edsger"] {

@@ -213,14 +213,14 @@ impl EventBus {
         })
     }
 
-    /// Publishes an event to every matching subscriber, without waiting for any. `Err` when the
-    /// topic or data is refused (a `kiln.` topic from anyone but kiln, data over [`MAX_DATA`]).
-    /// Answers the event.
     /// Events published since start.
     pub fn published(&self) -> u64 {
         self.next_id.load(Ordering::Relaxed) - 1
     }
 
+    /// Publishes an event to every matching subscriber, without waiting for any. `Err` when the
+    /// topic or data is refused (a `kiln.` topic from anyone but kiln, data over [`MAX_DATA`]).
+    /// Answers the event.
     pub fn publish(&self, topic: &str, data: Value, source: Source) -> Result<Arc<Event>, String> {
         topic::check(topic, false)?;
         if topic.starts_with(topic::KILN_PREFIX) && source != Source::Kiln {

@@ -341,12 +341,12 @@ impl Reconciler {
         self.inner.compiler.builds_run()
     }
 
-    /// How many route tables were built since start (one per batch of changes).
     /// This server's metrics.
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
         &self.inner.metrics
     }
 
+    /// How many route tables were built since start (one per batch of changes).
     pub fn tables_built(&self) -> u64 {
         self.inner.tables_built.load(Ordering::Relaxed)
     }

@@ -134,8 +134,9 @@ impl Inner {
             .into_iter()
             .map(|(id, why)| (id, served.remove(&id).expect("listed from the served set"), why))
             .collect();
-        let previous = served
-            .insert(row.id, Served { hash: hash.to_string(), generation: row.generation, config, plugin, patterns });
+        // Never lower: a row read a moment before another pass's can show an older generation.
+        let generation = served.get(&row.id).map_or(row.generation, |s| s.generation.max(row.generation));
+        let previous = served.insert(row.id, Served { hash: hash.to_string(), generation, config, plugin, patterns });
         Ok((Displaced { previous, evicted }, self.changed()))
     }
 

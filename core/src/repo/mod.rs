@@ -16,7 +16,7 @@ mod storage;
 pub use events::DueEvent;
 pub use libraries::BuildLock;
 pub use libraries::StoredLibrary;
-pub use replicas::{Beat, ObservedRow, Registration, ReplicaRow};
+pub use replicas::{Beat, Holder, ObservedRow, Registration, ReplicaRow};
 
 pub use row_lock::RowLock;
 

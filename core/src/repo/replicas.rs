@@ -38,6 +38,18 @@ pub struct Registration<'a> {
     pub incarnation: &'a str,
     pub hostname: &'a str,
     pub address: &'a str,
+    /// Boot id and pid namespace: where this process's pid means this process.
+    pub host_identity: &'a str,
+}
+
+/// A live process holding a replica id (it heartbeat within the timeout).
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub hostname: String,
+    pub pid: i32,
+    pub host_identity: String,
+    /// Seconds since its last heartbeat.
+    pub age: f64,
 }
 
 /// What a heartbeat found.
@@ -59,29 +71,39 @@ impl Repo {
     /// Registers this replica (taking over its id from an earlier process). Returns the earlier
     /// holder when it was still live by its heartbeat, which usually means two processes were
     /// given one id.
-    /// The process holding this replica's id, if it heartbeat within `timeout`: (host name,
-    /// pid, seconds since its heartbeat).
-    pub async fn live_holder(&self, timeout: Duration) -> Result<Option<(String, i32, f64)>> {
-        let c = self.pool.get().await?;
-        let row = c
+    /// Writes this replica's row as `r` (a new incarnation), unless a live process holds the id
+    /// and `may_take` says no: then the holder, and nothing is written. One transaction under a
+    /// lock on the id, so two servers starting with one id cannot both claim it.
+    pub async fn claim_replica(
+        &self,
+        r: &Registration<'_>,
+        timeout: Duration,
+        may_take: impl FnOnce(&Holder) -> bool,
+    ) -> Result<std::result::Result<Option<Holder>, Holder>> {
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('kiln-replica:' || $1, 0))", &[&&*self.replica])
+            .await?;
+        let holder = tx
             .query_opt(
-                "SELECT hostname, coalesce(pid, 0), extract(epoch FROM now() - heartbeat_at)::float8 FROM replicas
+                "SELECT hostname, coalesce(pid, 0), host_identity, extract(epoch FROM now() - heartbeat_at)::float8
+                 FROM replicas
                  WHERE id = $1 AND gone_at IS NULL AND heartbeat_at > now() - make_interval(secs => $2)",
                 &[&&*self.replica, &timeout.as_secs_f64()],
             )
-            .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
-    }
-
-    /// Writes this replica's row as `r` (a new incarnation), whoever held it.
-    pub async fn register_replica(&self, r: &Registration<'_>) -> Result<()> {
-        let c = self.pool.get().await?;
-        c.execute(
-            "INSERT INTO replicas (id, incarnation, hostname, pid, address, kiln_version)
-             VALUES ($1, $2, $3, $4, $5, $6)
+            .await?
+            .map(|row| Holder { hostname: row.get(0), pid: row.get(1), host_identity: row.get(2), age: row.get(3) });
+        if let Some(h) = holder.clone()
+            && !may_take(&h)
+        {
+            return Ok(Err(h));
+        }
+        tx.execute(
+            "INSERT INTO replicas (id, incarnation, hostname, pid, address, kiln_version, host_identity)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (id) DO UPDATE
-             SET incarnation = $2, hostname = $3, pid = $4, address = $5, kiln_version = $6, started_at = now(),
-                 heartbeat_at = now(), gone_at = NULL, builds = 0, fetches = 0",
+             SET incarnation = $2, hostname = $3, pid = $4, address = $5, kiln_version = $6, host_identity = $7,
+                 started_at = now(), heartbeat_at = now(), gone_at = NULL, builds = 0, fetches = 0",
             &[
                 &&*self.replica,
                 &r.incarnation,
@@ -89,10 +111,12 @@ impl Repo {
                 &(std::process::id() as i32),
                 &r.address,
                 &env!("CARGO_PKG_VERSION"),
+                &r.host_identity,
             ],
         )
         .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(Ok(holder))
     }
 
     /// Says this replica is alive, with its counters.

@@ -453,8 +453,7 @@ impl AdminApi {
     #[oai(path = "/metrics", method = "get", tag = "Tag::Server")]
     async fn metrics(&self) -> MetricsResponse {
         let metrics = self.reconciler.metrics();
-        metrics.route_tables.set(self.reconciler.tables_built() as i64);
-        metrics.events_published.set(self.events.published() as i64);
+        metrics.catch_up(self.reconciler.tables_built(), self.events.published());
         MetricsResponse::Ok(poem_openapi::payload::PlainText(metrics.render()))
     }
 
