@@ -32,9 +32,10 @@ async fn requests_never_fail_across_many_reloads() {
 
     let src = server.plugin_dir("lifecycle").join("src/lib.rs");
     let code = std::fs::read_to_string(&src).unwrap();
-    let mut reloads = 0;
+    let (mut reloads, mut code_changes) = (0, 0);
     for round in 0..40 {
         if round % 10 == 0 {
+            code_changes += 1;
             // Now and then a real code change: a rebuild and a new library.
             let version = format!("v{}", round / 10 + 2);
             std::fs::write(&src, code.replace("\"v1\"", &format!("\"{version}\""))).unwrap();
@@ -70,7 +71,12 @@ async fn requests_never_fail_across_many_reloads() {
             _ => {}
         }
     }
-    assert_eq!(per_instance.len(), reloads + 1, "one instance per load");
+    // One instance per reload, and at start. A code change can add one: a reload's own
+    // notification reaches the server's listener after the reload answered, and if the test
+    // has written new code by then, that pass loads it before the next reload asks for a
+    // fresh instance again (as a pass would with watch mode on).
+    let (low, high) = (reloads + 1, reloads + 1 + code_changes);
+    assert!((low..=high).contains(&per_instance.len()), "{} instances for {low}..={high} loads", per_instance.len());
     let serving: Vec<_> = per_instance.iter().filter(|(_, c)| **c == (1, 0)).collect();
     assert_eq!(serving.len(), 1, "only the serving instance is not cleaned up: {per_instance:?}");
     assert!(per_instance.values().all(|c| *c == (1, 1) || *c == (1, 0)), "{per_instance:?}");
