@@ -59,12 +59,6 @@ impl Repo {
         Ok(row.map(|r| StoredLibrary { sha256: r.get(0), bytes: r.get(1), built_by: r.get(2) }))
     }
 
-    /// Whether a library is stored for `key` (without reading it).
-    pub async fn has_library(&self, key: &str) -> Result<bool> {
-        let c = self.pool.get().await?;
-        Ok(c.query_opt("SELECT 1 FROM plugin_libraries WHERE build_key = $1", &[&key]).await?.is_some())
-    }
-
     /// Stores a library this replica built, under the build lock of `key` (replacing a stored
     /// one: that did not match its sha256, or the builder would have fetched it).
     pub async fn store_library(
