@@ -119,6 +119,11 @@ pub struct Config {
     /// rows are removed.
     #[arg(long, env = "KILN_REPLICA_TIMEOUT_MS", default_value_t = 10_000)]
     pub replica_timeout_ms: u64,
+
+    /// The `kiln` binary that runs plugins with `isolation = "process"` (as `kiln plugin-host`).
+    /// Default: this binary.
+    #[arg(long, env = "KILN_PLUGIN_HOST_EXE")]
+    pub plugin_host_exe: Option<PathBuf>,
 }
 
 impl Config {
@@ -150,6 +155,7 @@ impl Config {
             replica_id: None,
             heartbeat_ms: 2000,
             replica_timeout_ms: 10_000,
+            plugin_host_exe: None,
         }
     }
 

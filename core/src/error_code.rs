@@ -45,6 +45,9 @@ pub enum ErrorCode {
     DependencyNotDeclared,
     QueryFailed,
     PluginError,
+    PluginCrashed,
+    MemoryLimit,
+    CpuLimit,
     Internal,
     DatabaseError,
     DatabaseUnavailable,
@@ -93,6 +96,9 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::PluginError,
     ErrorCode::Internal,
     ErrorCode::DatabaseError,
+    ErrorCode::PluginCrashed,
+    ErrorCode::MemoryLimit,
+    ErrorCode::CpuLimit,
     ErrorCode::DatabaseUnavailable,
     ErrorCode::DependencyUnavailable,
     ErrorCode::Timeout,
@@ -220,6 +226,15 @@ impl ErrorCode {
                 "PostgreSQL refused a plugin's query for another reason (its SQLSTATE and message are kept)",
             ),
             PluginError => ("PluginError", 500, "a plugin handler panicked or answered something invalid"),
+            PluginCrashed => (
+                "PluginCrashed",
+                502,
+                "an isolated plugin's process died (signal or exit code named) with the request in it, or is being restarted; on a row: it crashed too often and is not restarted until the row or the source changes",
+            ),
+            MemoryLimit => {
+                ("MemoryLimit", 502, "an isolated plugin's process ran out of its memory limit (it is restarted)")
+            }
+            CpuLimit => ("CpuLimit", 502, "an isolated plugin's process used up its CPU-time limit (it is restarted)"),
             Internal => ("Internal", 500, "a failure inside kiln; the log has the details"),
             DatabaseError => ("DatabaseError", 500, "PostgreSQL refused a statement for a reason other than the data"),
             DatabaseUnavailable => ("DatabaseUnavailable", 503, "PostgreSQL cannot be reached (plugins keep serving)"),

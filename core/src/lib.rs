@@ -14,6 +14,7 @@ pub mod error_code;
 pub mod events;
 pub mod host;
 mod http;
+pub mod isolation;
 pub mod listener;
 pub mod load_marker;
 pub mod loader;
@@ -109,7 +110,16 @@ pub async fn serve(
         sink,
         markers,
         databases.clone(),
-        reconciler::Reporting { logs: logs.clone(), events: events.clone(), metrics },
+        reconciler::Reporting {
+            logs: logs.clone(),
+            events: events.clone(),
+            metrics,
+            host_exe: config
+                .plugin_host_exe
+                .clone()
+                .or_else(|| std::env::current_exe().ok())
+                .unwrap_or_else(|| "kiln".into()),
+        },
     );
     let listener_up = Arc::new(AtomicBool::new(false));
     let api = http::AdminApi {

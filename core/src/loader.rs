@@ -7,6 +7,7 @@
 //! async workers.
 
 use crate::host::HostCtx;
+use crate::isolation::{Isolated, Isolation, Spawn};
 use kiln_types::PluginDescription;
 use kiln_types::abi::{
     self, AbiVersionFn, CleanupFn, ConfigureFn, EventFn, FreeBufFn, HandleFn, InitFn, KilnBuf, KilnHeaders, KilnPair,
@@ -16,6 +17,7 @@ use libloading::Library;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Why a library could not be loaded. Nothing of it stays loaded.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,9 @@ pub enum LoadError {
     /// The plugin's init returned an error or panicked.
     #[error("the plugin's init failed: {0}")]
     Init(String),
+    /// A plugin host process could not load the library (`code`: `isolation::child::LOAD_*`).
+    #[error("{message}")]
+    InHost { code: u16, message: String },
 }
 
 /// Why a handler call produced no response.
@@ -50,6 +55,13 @@ pub enum CallError {
     /// The plugin returned a malformed response.
     #[error("the plugin returned an invalid response: {0}")]
     InvalidResponse(String),
+    /// The plugin's process (isolation) died during the call, or is down: `code` says how
+    /// (`PluginCrashed`, `MemoryLimit`, `CpuLimit`).
+    #[error("{message}")]
+    Crashed { code: crate::error_code::ErrorCode, message: String },
+    /// The plugin's process was killed at the call's deadline.
+    #[error("the handler ran past its deadline; its process was killed")]
+    Timeout,
 }
 
 /// A request as the host hands it to [`LoadedPlugin::call`].
@@ -71,8 +83,24 @@ pub struct CallRequest<'a> {
 pub struct CallResponse {
     pub status: u16,
     /// Header pairs, length-prefixed as the plugin encoded them (see [`CallResponse::headers`]).
-    head: PluginBuf,
-    body: PluginBuf,
+    head: Buf,
+    body: Buf,
+}
+
+/// A response part: the plugin's own buffer (in process), or a copy (from its process).
+#[derive(Debug)]
+enum Buf {
+    Plugin(PluginBuf),
+    Owned(Vec<u8>),
+}
+
+impl AsRef<[u8]> for Buf {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Buf::Plugin(b) => b.as_ref(),
+            Buf::Owned(v) => v,
+        }
+    }
 }
 
 impl CallResponse {
@@ -85,7 +113,11 @@ impl CallResponse {
     /// The body, handed over without a copy: the plugin's buffer goes back to the plugin when
     /// the last reference to it drops (after the body is written to the client).
     pub fn into_body(self) -> bytes::Bytes {
-        if self.body.as_ref().is_empty() { bytes::Bytes::new() } else { bytes::Bytes::from_owner(self.body) }
+        match self.body {
+            Buf::Owned(v) => bytes::Bytes::from(v),
+            Buf::Plugin(b) if b.as_ref().is_empty() => bytes::Bytes::new(),
+            Buf::Plugin(b) => bytes::Bytes::from_owner(b),
+        }
     }
 }
 
@@ -180,7 +212,17 @@ pub struct LoadedPlugin {
     /// The row's `deadline_ms` for routes that set none (0: none), changed without a reload.
     deadline_ms: std::sync::atomic::AtomicU64,
     /// `Some` until dropped: `Drop` takes it to retire it (possibly on another thread).
+    /// `None` from the start for an instance in a process of its own.
     live: Option<Live>,
+    /// The instance's process, when it runs in one (`isolation = "process"`).
+    isolated: Option<IsolatedLive>,
+}
+
+/// An instance in a process of its own, and who counts its retirement.
+struct IsolatedLive {
+    plugin: Arc<Isolated>,
+    host: Arc<HostCtx>,
+    tracker: Option<Arc<Retirements>>,
 }
 
 /// The instance and the open library it lives in.
@@ -216,18 +258,64 @@ impl std::fmt::Debug for LoadedPlugin {
 
 impl LoadedPlugin {
     /// [`LoadedPlugin::load_with`], counted in `tracker` until its cleanup has run.
+    /// In a process of its own when `isolated` says so.
     pub fn load_tracked(
         path: &Path,
         config: &[u8],
         host: &Arc<HostCtx>,
         tracker: &Arc<Retirements>,
+        isolated: Option<Spawn>,
     ) -> Result<Self, LoadError> {
-        let mut plugin = Self::load_with(path, config, host)?;
+        let mut plugin = match isolated {
+            Some(spawn) => Self::load_isolated(path, config, host, spawn)?,
+            None => Self::load_with(path, config, host)?,
+        };
         tracker.loaded();
         if let Some(live) = &mut plugin.live {
             live.tracker = Some(tracker.clone());
         }
+        if let Some(isolated) = &mut plugin.isolated {
+            isolated.tracker = Some(tracker.clone());
+        }
         Ok(plugin)
+    }
+
+    /// Starts a plugin host process for the library at `path` and creates the instance there.
+    /// Blocking.
+    pub fn load_isolated(path: &Path, config: &[u8], host: &Arc<HostCtx>, spawn: Spawn) -> Result<Self, LoadError> {
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let (plugin, described) = match Isolated::start(&name, path, config, host, spawn) {
+            Ok(started) => started,
+            Err(e) => {
+                host.retire();
+                return Err(e);
+            }
+        };
+        let description: PluginDescription = match serde_json::from_slice(&described) {
+            Ok(d) => d,
+            Err(e) => {
+                plugin.retire();
+                host.retire();
+                return Err(LoadError::Describe(format!("invalid description JSON: {e}")));
+            }
+        };
+        Ok(Self {
+            description: Arc::new(description),
+            binary_path: path.to_path_buf(),
+            deadline_ms: Default::default(),
+            live: None,
+            isolated: Some(IsolatedLive { plugin, host: host.clone(), tracker: None }),
+        })
+    }
+
+    /// How this instance runs: `Some` in a process of its own, with its limits.
+    pub fn isolation(&self) -> Option<&Isolation> {
+        self.isolated.as_ref().map(|i| i.plugin.settings())
+    }
+
+    /// The crash loop that stopped this isolated instance's restarts, if one did.
+    pub fn crash_failed(&self) -> Option<String> {
+        self.isolated.as_ref().and_then(|i| i.plugin.failed())
     }
 
     /// [`LoadedPlugin::load_with`] with a host of its own, whose logs go to tracing only (for
@@ -240,56 +328,8 @@ impl LoadedPlugin {
     /// Opens the library at `path`, checks its ABI version, reads its description and creates an
     /// instance with `config` (JSON), served by `host`. Blocking.
     pub fn load_with(path: &Path, config: &[u8], host: &Arc<HostCtx>) -> Result<Self, LoadError> {
-        // Unload policy: a library is never unmapped (RTLD_NODELETE). glibc seldom unmaps a Rust
-        // cdylib anyway (its std's thread-local destructors pin it), and when it did, a thread the
-        // plugin spawned and did not stop would run unmapped code. Kept mapped, such a thread
-        // leaks instead of crashing the server. The cost is one mapping per distinct version
-        // loaded since start (the same version loaded again reuses its mapping; measured in the
-        // `unload` test and the README).
-        let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL | libc::RTLD_NODELETE;
-        // SAFETY: opening a library runs its initializers. Plugins are trusted code (see the
-        // README's trust model); the file is a kiln build output named by content hash, so it is
-        // never replaced while open.
-        let library: Library = unsafe { libloading::os::unix::Library::open(Some(path), flags) }
-            .map_err(|source| LoadError::Open { path: path.into(), source })?
-            .into();
-
-        // The ABI check comes before anything else is called.
-        // SAFETY: the symbol type matches the `kiln_abi_version` signature of every ABI version.
-        let abi_version: AbiVersionFn = unsafe { symbol(&library, path, abi::SYM_ABI_VERSION)? };
-        // SAFETY: `kiln_abi_version` takes nothing and returns a u32 in every ABI version.
-        let plugin_abi = unsafe { abi_version() };
-        if plugin_abi != abi::ABI_VERSION {
-            // SAFETY: `kiln_types_version` has this signature in every ABI version (it is part of
-            // the frozen version handshake) and returns a static string.
-            let plugin_types = match unsafe { symbol::<TypesVersionFn>(&library, path, abi::SYM_TYPES_VERSION) } {
-                // SAFETY: the returned view points at a static string in the library.
-                Ok(f) => String::from_utf8_lossy(unsafe { f().as_bytes() }).into_owned(),
-                Err(_) => "unknown".to_string(),
-            };
-            return Err(LoadError::AbiMismatch {
-                plugin_abi,
-                plugin_types,
-                server_abi: abi::ABI_VERSION,
-                server_types: kiln_types::TYPES_VERSION,
-            });
-        }
-
-        // SAFETY: the ABI version matched, so this symbol (and the four below) has this signature.
-        let init: InitFn = unsafe { symbol(&library, path, abi::SYM_INIT)? };
-        // SAFETY: see above.
-        let handle_fn: HandleFn = unsafe { symbol(&library, path, abi::SYM_HANDLE)? };
-        // SAFETY: see above.
-        let configure_fn: ConfigureFn = unsafe { symbol(&library, path, abi::SYM_CONFIGURE)? };
-        // SAFETY: see above.
-        let event_fn: EventFn = unsafe { symbol(&library, path, abi::SYM_EVENT)? };
-        // SAFETY: see above.
-        let service_fn: ServiceFn = unsafe { symbol(&library, path, abi::SYM_SERVICE)? };
-        // SAFETY: see above.
-        let cleanup_fn: CleanupFn = unsafe { symbol(&library, path, abi::SYM_CLEANUP)? };
-        // SAFETY: see above.
-        let free_fn: FreeBufFn = unsafe { symbol(&library, path, abi::SYM_FREE_BUF)? };
-
+        let Exports { init, handle_fn, configure_fn, event_fn, service_fn, cleanup_fn, free_fn, library } =
+            Exports::open(path)?;
         let mut instance: *mut c_void = std::ptr::null_mut();
         let (mut described, mut err) = (KilnBuf::EMPTY, KilnBuf::EMPTY);
         // SAFETY: the host table lives until the process exits; `config` outlives the call; the
@@ -324,7 +364,13 @@ impl LoadedPlugin {
             }
         };
         let description = Arc::new(description);
-        Ok(Self { description, binary_path: path.to_path_buf(), deadline_ms: Default::default(), live: Some(live) })
+        Ok(Self {
+            description,
+            binary_path: path.to_path_buf(),
+            deadline_ms: Default::default(),
+            live: Some(live),
+            isolated: None,
+        })
     }
 
     /// What the plugin said about itself.
@@ -358,6 +404,17 @@ impl LoadedPlugin {
 
     /// Calls a handler. Blocking: runs the plugin's code on the calling thread.
     pub fn call(&self, req: &CallRequest<'_>) -> Result<CallResponse, CallError> {
+        if let Some(isolated) = &self.isolated {
+            let deadline = crate::host::current_deadline().unwrap_or_else(|| Instant::now() + DEFAULT_DEADLINE);
+            let reply = isolated.plugin.handle(req, deadline)?;
+            return match reply.status {
+                abi::STATUS_OK => {
+                    Ok(CallResponse { status: reply.http, head: Buf::Owned(reply.head), body: Buf::Owned(reply.body) })
+                }
+                abi::STATUS_PANIC => Err(CallError::Panic(String::from_utf8_lossy(&reply.body).into_owned())),
+                status => Err(CallError::InvalidResponse(format!("status code {status}"))),
+            };
+        }
         let params: Vec<KilnPair> = req
             .params
             .iter()
@@ -387,7 +444,7 @@ impl LoadedPlugin {
         if status != abi::STATUS_OK {
             return Err(CallError::InvalidResponse(format!("status code {status}")));
         }
-        Ok(CallResponse { status: out.status, head, body })
+        Ok(CallResponse { status: out.status, head: Buf::Plugin(head), body: Buf::Plugin(body) })
     }
 }
 
@@ -402,9 +459,13 @@ impl LoadedPlugin {
             .iter()
             .position(|s| s.name == name)
             .ok_or_else(|| format!("plugin {} offers no service {name:?}", self.description.name))?;
-        let live = self.live.as_ref().expect("a LoadedPlugin is live until dropped");
         let label = format!("service {name}");
         let _route = crate::host::on_route(&label, deadline);
+        if let Some(isolated) = &self.isolated {
+            let (status, out) = isolated.plugin.service(index as u32, args, deadline)?;
+            return answer_of(status, out);
+        }
+        let live = self.live.as_ref().expect("a LoadedPlugin is live until dropped");
         let mut out = KilnBuf::EMPTY;
         // SAFETY: the instance is live; `args` outlives the call; `out` is valid for a write.
         let status = unsafe { (live.service_fn)(live.instance.0, index as u32, KilnStr::new(args), &mut out) };
@@ -419,7 +480,11 @@ impl LoadedPlugin {
 
     /// What identifies this instance to the event bus: its host context's key.
     pub fn host_key(&self) -> usize {
-        self.live.as_ref().map_or(0, |l| l.host.key())
+        match (&self.live, &self.isolated) {
+            (Some(l), _) => l.host.key(),
+            (None, Some(i)) => i.host.key(),
+            (None, None) => 0,
+        }
     }
 
     /// Hands event `topic` with `data` (JSON) to the instance's subscription `subscription`
@@ -433,9 +498,13 @@ impl LoadedPlugin {
         data: &[u8],
         deadline: std::time::Instant,
     ) -> Result<(), String> {
-        let live = self.live.as_ref().expect("a LoadedPlugin is live until dropped");
         let label = format!("event {topic}");
         let _route = crate::host::on_route(&label, deadline);
+        if let Some(isolated) = &self.isolated {
+            let (status, msg) = isolated.plugin.event(subscription, topic, data, deadline)?;
+            return answer_of(status, msg).map(drop);
+        }
+        let live = self.live.as_ref().expect("a LoadedPlugin is live until dropped");
         let mut err = KilnBuf::EMPTY;
         // SAFETY: the instance is live; both views outlive the call; `err` is valid for a write.
         let status = unsafe {
@@ -464,6 +533,13 @@ impl LoadedPlugin {
     /// Hands the instance a new configuration (JSON). Blocking. `Err` carries the plugin's
     /// reason for refusing it (or its panic message).
     pub fn configure(&self, config: &[u8]) -> Result<Configured, String> {
+        if let Some(isolated) = &self.isolated {
+            let (status, msg) = isolated.plugin.configure(config)?;
+            return match status {
+                abi::STATUS_RELOAD => Ok(Configured::Reload),
+                status => answer_of(status, msg).map(|_| Configured::Applied),
+            };
+        }
         let live = self.live.as_ref().expect("a LoadedPlugin is live until dropped");
         let mut err = KilnBuf::EMPTY;
         // SAFETY: the instance is live; `config` outlives the call; `err` is valid for a write.
@@ -483,6 +559,9 @@ impl LoadedPlugin {
         if let Some(live) = self.live.take() {
             live.retire(&self.description.name, &self.binary_path);
         }
+        if let Some(isolated) = self.isolated.take() {
+            isolated.retire(&self.description.name, &self.binary_path);
+        }
     }
 }
 
@@ -490,9 +569,19 @@ impl Drop for LoadedPlugin {
     /// The last reference may drop anywhere, also on an async worker at the end of a request:
     /// the plugin's cleanup (which may block) then moves to the blocking pool.
     fn drop(&mut self) {
-        let Some(live) = self.live.take() else { return };
+        let (live, isolated) = (self.live.take(), self.isolated.take());
+        if live.is_none() && isolated.is_none() {
+            return;
+        }
         let (name, path) = (self.description.name.clone(), self.binary_path.clone());
-        let retire = move || live.retire(&name, &path);
+        let retire = move || {
+            if let Some(live) = live {
+                live.retire(&name, &path);
+            }
+            if let Some(isolated) = isolated {
+                isolated.retire(&name, &path);
+            }
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn_blocking(retire)),
             Err(_) => retire(),
@@ -523,6 +612,106 @@ impl Live {
     }
 }
 
+/// A plugin library, opened and checked: its ABI version is this server's, and these are its
+/// exports. Also what a plugin host process (`isolation`) opens.
+pub struct Exports {
+    pub init: InitFn,
+    pub handle_fn: HandleFn,
+    pub configure_fn: ConfigureFn,
+    pub event_fn: EventFn,
+    pub service_fn: ServiceFn,
+    pub cleanup_fn: CleanupFn,
+    pub free_fn: FreeBufFn,
+    /// Must outlive every use of the function pointers above.
+    pub library: Library,
+}
+
+impl Exports {
+    /// Opens the library at `path` and checks its ABI version before anything else is called.
+    pub fn open(path: &Path) -> Result<Self, LoadError> {
+        // Unload policy: a library is never unmapped (RTLD_NODELETE). glibc seldom unmaps a Rust
+        // cdylib anyway (its std's thread-local destructors pin it), and when it did, a thread the
+        // plugin spawned and did not stop would run unmapped code. Kept mapped, such a thread
+        // leaks instead of crashing the server. The cost is one mapping per distinct version
+        // loaded since start (the same version loaded again reuses its mapping; measured in the
+        // `unload` test and the README).
+        let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL | libc::RTLD_NODELETE;
+        // SAFETY: opening a library runs its initializers. Plugins are trusted code (see the
+        // README's trust model); the file is a kiln build output named by content hash, so it is
+        // never replaced while open.
+        let library: Library = unsafe { libloading::os::unix::Library::open(Some(path), flags) }
+            .map_err(|source| LoadError::Open { path: path.into(), source })?
+            .into();
+
+        // The ABI check comes before anything else is called.
+        // SAFETY: the symbol type matches the `kiln_abi_version` signature of every ABI version.
+        let abi_version: AbiVersionFn = unsafe { symbol(&library, path, abi::SYM_ABI_VERSION)? };
+        // SAFETY: `kiln_abi_version` takes nothing and returns a u32 in every ABI version.
+        let plugin_abi = unsafe { abi_version() };
+        if plugin_abi != abi::ABI_VERSION {
+            // SAFETY: `kiln_types_version` has this signature in every ABI version (it is part of
+            // the frozen version handshake) and returns a static string.
+            let plugin_types = match unsafe { symbol::<TypesVersionFn>(&library, path, abi::SYM_TYPES_VERSION) } {
+                // SAFETY: the returned view points at a static string in the library.
+                Ok(f) => String::from_utf8_lossy(unsafe { f().as_bytes() }).into_owned(),
+                Err(_) => "unknown".to_string(),
+            };
+            return Err(LoadError::AbiMismatch {
+                plugin_abi,
+                plugin_types,
+                server_abi: abi::ABI_VERSION,
+                server_types: kiln_types::TYPES_VERSION,
+            });
+        }
+        // SAFETY (each of the seven): the ABI version matched, so the symbol has this signature.
+        Ok(Self {
+            // SAFETY: see above.
+            init: unsafe { symbol(&library, path, abi::SYM_INIT)? },
+            // SAFETY: see above.
+            handle_fn: unsafe { symbol(&library, path, abi::SYM_HANDLE)? },
+            // SAFETY: see above.
+            configure_fn: unsafe { symbol(&library, path, abi::SYM_CONFIGURE)? },
+            // SAFETY: see above.
+            event_fn: unsafe { symbol(&library, path, abi::SYM_EVENT)? },
+            // SAFETY: see above.
+            service_fn: unsafe { symbol(&library, path, abi::SYM_SERVICE)? },
+            // SAFETY: see above.
+            cleanup_fn: unsafe { symbol(&library, path, abi::SYM_CLEANUP)? },
+            // SAFETY: see above.
+            free_fn: unsafe { symbol(&library, path, abi::SYM_FREE_BUF)? },
+            library,
+        })
+    }
+}
+
+impl IsolatedLive {
+    /// Runs the cleanup in the plugin's process and ends it.
+    fn retire(self, name: &str, path: &Path) {
+        let (status, msg) = self.plugin.retire();
+        if status == abi::STATUS_OK {
+            tracing::info!(plugin = %name, library = %path.display(), "cleanup ran; the plugin's process ended");
+        } else {
+            tracing::error!(plugin = %name, library = %path.display(), "cleanup failed: {msg}");
+        }
+        self.host.retire();
+        if let Some(t) = self.tracker {
+            t.retired();
+        }
+    }
+}
+
+/// A deadline for calls made outside any route (none set on the thread).
+const DEFAULT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The answer of a call that returns a status and a message or answer.
+fn answer_of(status: i32, out: Vec<u8>) -> Result<Vec<u8>, String> {
+    match status {
+        abi::STATUS_OK => Ok(out),
+        abi::STATUS_PANIC => Err(format!("panicked: {}", String::from_utf8_lossy(&out))),
+        _ => Err(String::from_utf8_lossy(&out).into_owned()),
+    }
+}
+
 /// Looks up an exported function.
 ///
 /// # Safety
@@ -540,14 +729,14 @@ unsafe fn symbol<T: Copy>(library: &Library, path: &Path, name: &[u8]) -> Result
 ///
 /// # Safety
 /// `buf` was returned by the library that `free` belongs to, and is not used again.
-unsafe fn take_bytes(free: FreeBufFn, buf: KilnBuf) -> Vec<u8> {
+pub(crate) unsafe fn take_bytes(free: FreeBufFn, buf: KilnBuf) -> Vec<u8> {
     // SAFETY: forwarded from the caller; the buffer is freed when the `PluginBuf` drops.
     unsafe { PluginBuf::new(free, buf) }.as_ref().to_vec()
 }
 
 /// # Safety
 /// As [`take_bytes`].
-unsafe fn take_string(free: FreeBufFn, buf: KilnBuf) -> String {
+pub(crate) unsafe fn take_string(free: FreeBufFn, buf: KilnBuf) -> String {
     // SAFETY: forwarded from the caller.
     String::from_utf8_lossy(&unsafe { take_bytes(free, buf) }).into_owned()
 }

@@ -34,8 +34,18 @@ enum Command {
     Remote(kiln::cli::remote::Remote),
 }
 
+fn main() -> ExitCode {
+    // A plugin host process (process isolation) runs no async runtime and parses its own
+    // arguments: it is started by kiln, not by people.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("plugin-host") {
+        return kiln::isolation::child::main(&args[2..]);
+    }
+    cli_main()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn cli_main() -> ExitCode {
     let cli = Cli::parse();
     // The author's commands print their own report; the server logs.
     let level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };

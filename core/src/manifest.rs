@@ -11,6 +11,9 @@
 //! type = "http"        # optional; the only kind today
 //! tables = ["notes"]   # optional; tables of its own in PostgreSQL (see `plugin_db`)
 //! dependencies = ["notes", { name = "audit", version = "^0.1" }]   # optional: served first
+//! isolation = "process"   # optional: run it in a process of its own (default "in_process")
+//! memoryLimitMb = 256     # optional, with process isolation: the memory it may map
+//! cpuLimitSeconds = 3600  # optional, with process isolation: CPU time before a restart
 //! ```
 
 use serde::Deserialize;
@@ -36,6 +39,8 @@ pub struct Manifest {
     pub tables: Vec<String>,
     /// `dependencies`: plugins that must serve (in a matching version) before this one loads.
     pub dependencies: Vec<Dependency>,
+    /// `isolation`, `memoryLimitMb`, `cpuLimitSeconds`: how it runs (the row may override).
+    pub isolation: crate::isolation::Isolation,
     /// The crate directory.
     pub dir: PathBuf,
     /// The `Cargo.toml` file.
@@ -113,6 +118,11 @@ struct KilnTable {
     tables: Vec<String>,
     #[serde(default)]
     dependencies: Vec<DependencyEntry>,
+    isolation: Option<String>,
+    #[serde(rename = "memoryLimitMb")]
+    memory_limit_mb: Option<u32>,
+    #[serde(rename = "cpuLimitSeconds")]
+    cpu_limit_seconds: Option<u32>,
 }
 
 fn default_kind() -> String {
@@ -170,6 +180,23 @@ impl Manifest {
         for table in &kiln.tables {
             crate::plugin_db::check_identifier(table).map_err(|e| invalid(&manifest_path, format!("tables: {e}")))?;
         }
+        let process = match kiln.isolation.as_deref().map(crate::isolation::Isolation::mode) {
+            None => false,
+            Some(Some(process)) => process,
+            Some(None) => {
+                let msg =
+                    format!("isolation: {:?} is not \"in_process\" or \"process\"", kiln.isolation.unwrap_or_default());
+                return Err(invalid(&manifest_path, msg));
+            }
+        };
+        if [kiln.memory_limit_mb, kiln.cpu_limit_seconds].contains(&Some(0)) {
+            return Err(invalid(&manifest_path, "memoryLimitMb and cpuLimitSeconds must be positive".into()));
+        }
+        let isolation = crate::isolation::Isolation {
+            process,
+            memory_limit_mb: kiln.memory_limit_mb,
+            cpu_limit_s: kiln.cpu_limit_seconds,
+        };
         let mut dependencies: Vec<Dependency> = Vec::new();
         for entry in kiln.dependencies {
             let (name, version) = match entry {
@@ -207,6 +234,7 @@ impl Manifest {
             reload_on_config_change: kiln.reload_on_config_change,
             tables: kiln.tables,
             dependencies,
+            isolation,
             dir: dir.to_path_buf(),
             manifest_path,
         })
@@ -276,6 +304,11 @@ mod tests {
     fn reads_tables_and_refuses_unplain_names() {
         let m = parse("[package]\nname = \"x\"\n[package.metadata.kiln]\ntables = [\"notes\", \"tags_2\"]\n").unwrap();
         assert_eq!(m.tables, ["notes", "tags_2"]);
+        let isolated =
+            parse("[package]\nname = \"x\"\n[package.metadata.kiln]\nisolation = \"process\"\nmemoryLimitMb = 64\n");
+        let isolated = isolated.unwrap().isolation;
+        assert!(isolated.process && isolated.memory_limit_mb == Some(64) && isolated.cpu_limit_s.is_none());
+        assert!(parse("[package]\nname = \"x\"\n[package.metadata.kiln]\nisolation = \"jail\"\n").is_err());
         let bad = parse("[package]\nname = \"x\"\n[package.metadata.kiln]\ntables = [\"public.notes\"]\n");
         assert!(matches!(bad, Err(ManifestError::Invalid { .. })), "{bad:?}");
     }

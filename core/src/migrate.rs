@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (10, "010_statement_notify.sql", include_str!("../../sql/010_statement_notify.sql")),
     (11, "011_replicas.sql", include_str!("../../sql/011_replicas.sql")),
     (12, "012_plugin_archives.sql", include_str!("../../sql/012_plugin_archives.sql")),
+    (13, "013_isolation.sql", include_str!("../../sql/013_isolation.sql")),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

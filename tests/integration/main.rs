@@ -11,6 +11,7 @@ mod dependencies;
 mod events;
 mod faults;
 mod host;
+mod isolation;
 mod lifecycle;
 mod metrics;
 mod newcomer;

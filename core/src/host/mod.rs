@@ -128,11 +128,19 @@ unsafe extern "C" fn host_log(ctx: *const c_void, level: u32, message: KilnStr, 
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `ctx` came from `Arc::into_raw` in `table` and is never released.
         let ctx = unsafe { &*ctx.cast::<HostCtx>() };
-        if ctx.retired.load(Ordering::SeqCst) {
-            return abi::STATUS_RETIRED;
-        }
         // SAFETY: the plugin passes views that live for the call (the SDK's contract).
         let (message, fields) = unsafe { (message.as_bytes(), fields.as_bytes()) };
+        ctx.log(level, message, fields)
+    }))
+    .unwrap_or(abi::STATUS_ERROR)
+}
+
+impl HostCtx {
+    /// What `KilnHost::log` does, for a plugin in this process or one in a process of its own.
+    pub fn log(&self, level: u32, message: &[u8], fields: &[u8]) -> i32 {
+        if self.retired.load(Ordering::SeqCst) {
+            return abi::STATUS_RETIRED;
+        }
         let Some(level) = logs::Level::from_raw(level) else { return abi::STATUS_ERROR };
         let fields: serde_json::Value = if fields.is_empty() {
             serde_json::Value::Object(Default::default())
@@ -145,11 +153,40 @@ unsafe extern "C" fn host_log(ctx: *const c_void, level: u32, message: KilnStr, 
         let message = String::from_utf8_lossy(&message[..message.len().min(MAX_MESSAGE)]).into_owned();
         let route = current_route();
         let entry = LogEntry::new(level, logs::Kind::Log, message, fields, route);
-        entry.trace(&ctx.plugin, &ctx.version);
-        ctx.logs.push(&ctx.plugin, entry);
+        entry.trace(&self.plugin, &self.version);
+        self.logs.push(&self.plugin, entry);
         abi::STATUS_OK
-    }))
-    .unwrap_or(abi::STATUS_ERROR)
+    }
+
+    /// What `KilnHost::call` does: the status, and the answer to hand over (none when retired).
+    pub fn call(&self, op: &[u8], args: &[u8]) -> (i32, Option<Vec<u8>>) {
+        if self.retired.load(Ordering::SeqCst) {
+            return (abi::STATUS_RETIRED, None);
+        }
+        let deadline = DEADLINE.with(Cell::get);
+        let answer = match (std::str::from_utf8(op), serde_json::from_slice::<serde_json::Value>(args), &self.services)
+        {
+            (Ok(op), Ok(args), Some(services)) => {
+                let answer = services.call(&self.plugin, self.key(), op, &args, deadline);
+                if op == "events.on" && self.retired.load(Ordering::SeqCst) {
+                    // Retired while subscribing (from a thread the plugin left running): the
+                    // retirement may have ended the instance's subscriptions before this one.
+                    services.events.forget_instance(self.key());
+                }
+                answer
+            }
+            (_, _, None) => Err(services::CallError { code: "Unavailable", message: "no host services here".into() }),
+            _ => Err(services::CallError {
+                code: "BadRequest",
+                message: "the op or its arguments are not readable".into(),
+            }),
+        };
+        let (status, body) = match answer {
+            Ok(value) => (abi::STATUS_OK, value),
+            Err(e) => (abi::STATUS_ERROR, serde_json::json!({ "code": e.code, "message": e.message })),
+        };
+        (status, Some(serde_json::to_vec(&body).expect("a Value serializes")))
+    }
 }
 
 /// `KilnHost::call`.
@@ -167,35 +204,13 @@ unsafe extern "C" fn host_call(
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `ctx` came from `Arc::into_raw` in `table` and is never released.
         let ctx = unsafe { &*ctx.cast::<HostCtx>() };
-        if ctx.retired.load(Ordering::SeqCst) {
-            return abi::STATUS_RETIRED;
-        }
         // SAFETY: the plugin passes views that live for the call.
         let (op, args) = unsafe { (op.as_bytes(), args.as_bytes()) };
-        let deadline = DEADLINE.with(Cell::get);
-        let answer = match (std::str::from_utf8(op), serde_json::from_slice::<serde_json::Value>(args), &ctx.services) {
-            (Ok(op), Ok(args), Some(services)) => {
-                let answer = services.call(&ctx.plugin, ctx.key(), op, &args, deadline);
-                if op == "events.on" && ctx.retired.load(Ordering::SeqCst) {
-                    // Retired while subscribing (from a thread the plugin left running): the
-                    // retirement may have ended the instance's subscriptions before this one.
-                    services.events.forget_instance(ctx.key());
-                }
-                answer
-            }
-            (_, _, None) => Err(services::CallError { code: "Unavailable", message: "no host services here".into() }),
-            _ => Err(services::CallError {
-                code: "BadRequest",
-                message: "the op or its arguments are not readable".into(),
-            }),
-        };
-        let (status, body) = match answer {
-            Ok(value) => (abi::STATUS_OK, value),
-            Err(e) => (abi::STATUS_ERROR, serde_json::json!({ "code": e.code, "message": e.message })),
-        };
-        let bytes = serde_json::to_vec(&body).expect("a Value serializes");
-        // SAFETY: the plugin's writer, with its own `out`, during the call (the contract).
-        unsafe { write(out, KilnStr::new(&bytes)) };
+        let (status, answer) = ctx.call(op, args);
+        if let Some(bytes) = answer {
+            // SAFETY: the plugin's writer, with its own `out`, during the call (the contract).
+            unsafe { write(out, KilnStr::new(&bytes)) };
+        }
         status
     }))
     .unwrap_or(abi::STATUS_ERROR)

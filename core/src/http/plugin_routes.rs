@@ -144,7 +144,8 @@ impl PluginRouter {
                 plugin: plugin.clone(),
                 route: index as u32,
                 params: pattern.params().map(str::to_string).collect(),
-                blocking: r.blocking,
+                // A call to a plugin's process waits on a socket: never on an async worker.
+                blocking: r.blocking || plugin.isolation().is_some(),
                 max_body: self.limits.max_body,
                 body_timeout: self.limits.body_timeout,
                 route_deadline: r.deadline_ms.map(Duration::from_millis),
@@ -391,6 +392,12 @@ impl PluginEndpoint {
         };
         let response = match result {
             Ok(r) => r,
+            Err(CallError::Timeout) => return Ok(self.timed_out(limit, started.elapsed())),
+            Err(CallError::Crashed { code, message }) => {
+                let msg = format!("plugin {name}: {message}");
+                tracing::error!(plugin = %name, path = %req.uri().path(), "{msg}");
+                return Ok(json_error(code, &msg));
+            }
             Err(e) => {
                 tracing::error!(plugin = %name, path = %req.uri().path(), "{e}");
                 if let (CallError::Panic(_), Some(m)) = (&e, &self.metrics) {

@@ -74,6 +74,10 @@ pub enum ReconcileError {
     /// the source changes.
     #[error("{0}")]
     Quarantined(String),
+    /// Its process crashed too often (process isolation); it is not restarted until the row or
+    /// the source changes. The message starts with how it last died.
+    #[error("{0}")]
+    CrashLoop(String),
     /// The server is shutting down: nothing more is published.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -96,7 +100,13 @@ impl ReconcileError {
             Self::Load(LoadError::AbiMismatch { .. }) => ErrorCode::AbiMismatch,
             Self::Load(LoadError::EntrypointNotFound { .. }) => ErrorCode::EntrypointNotFound,
             Self::Load(LoadError::Init(_)) => ErrorCode::InitFailed,
+            Self::Load(LoadError::InHost { code, .. }) => match *code {
+                crate::isolation::child::LOAD_ABI => ErrorCode::AbiMismatch,
+                crate::isolation::child::LOAD_ENTRYPOINT => ErrorCode::EntrypointNotFound,
+                _ => ErrorCode::LoadError,
+            },
             Self::Quarantined(_) => ErrorCode::CrashedDuringLoad,
+            Self::CrashLoop(_) => ErrorCode::PluginCrashed,
             Self::Load(_) => ErrorCode::LoadError,
             Self::Scope(e) => e.code(),
             Self::InvalidRoute(_) => ErrorCode::InvalidRoute,
@@ -201,8 +211,38 @@ struct Inner {
     declared: Mutex<HashMap<String, Vec<String>>>,
     /// Where kiln announces failures and config changes (`kiln.plugin.*`), and plugins publish.
     events: Arc<EventBus>,
+    /// The `kiln` binary run as the process of an isolated plugin.
+    host_exe: std::path::PathBuf,
+    /// Where isolated instances report their crashes (see `crash_reports`).
+    crashes: mpsc::UnboundedSender<crate::isolation::CrashReport>,
     /// This `Inner` itself, to start workers from `&self`.
     me: Weak<Inner>,
+}
+
+/// Records what isolated instances report of their crashes: the restart count and last crash
+/// on this replica's row, and for a crash loop the quarantine of that version, then a pass that
+/// retires the instance (the row is `failed` until it or the source changes).
+async fn record_crashes(me: Weak<Inner>, mut reports: mpsc::UnboundedReceiver<crate::isolation::CrashReport>) {
+    while let Some(report) = reports.recv().await {
+        let Some(inner) = me.upgrade() else { return };
+        inner.metrics.crashes.with_label_values(&[&report.name]).inc();
+        let written = if report.failed {
+            inner.repo.record_crashed(report.plugin_id, &report.hash, &report.last_crash).await
+        } else {
+            let restarts = i32::try_from(report.restarts).unwrap_or(i32::MAX);
+            inner.repo.record_restart(report.plugin_id, restarts, &report.last_crash).await
+        };
+        if let Err(e) = written {
+            tracing::warn!(plugin = %report.name, "could not record the crash: {e}");
+        }
+        let data = serde_json::json!({
+            "name": report.name, "restarts": report.restarts, "error": report.last_crash, "failed": report.failed
+        });
+        let _ = inner.events.publish("kiln.plugin.crashed", data, crate::events::Source::Kiln);
+        if report.failed {
+            inner.hint(report.plugin_id);
+        }
+    }
 }
 
 /// Where the reconciler reports what happens: plugins' logs, the event bus (`kiln.plugin.*`),
@@ -211,6 +251,8 @@ pub struct Reporting {
     pub logs: Arc<LogStore>,
     pub events: Arc<EventBus>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The `kiln` binary that isolated plugins run in (`kiln plugin-host`).
+    pub host_exe: std::path::PathBuf,
 }
 
 impl Reconciler {
@@ -222,7 +264,8 @@ impl Reconciler {
         databases: Arc<PluginDatabases>,
         reporting: Reporting,
     ) -> Self {
-        let Reporting { logs, events, metrics } = reporting;
+        let Reporting { logs, events, metrics, host_exe } = reporting;
+        let (crashes, crash_reports) = mpsc::unbounded_channel();
         let reconciler = Self {
             inner: Arc::new_cyclic(|me| Inner {
                 repo,
@@ -246,11 +289,14 @@ impl Reconciler {
                 databases,
                 declared: Default::default(),
                 events,
+                host_exe,
+                crashes,
                 me: me.clone(),
             }),
         };
         let (me, wanted) = (Arc::downgrade(&reconciler.inner), reconciler.inner.table_wanted.clone());
-        tokio::spawn(ownership::publisher(me, wanted));
+        tokio::spawn(ownership::publisher(me.clone(), wanted));
+        tokio::spawn(record_crashes(me, crash_reports));
         reconciler
     }
 

@@ -9,6 +9,7 @@ use crate::events::Source;
 use crate::host::HostCtx;
 use crate::host::logs::Kind;
 use crate::host::services::Services;
+use crate::isolation::{Isolation, Spawn};
 use crate::loader::{Configured, LoadError, LoadedPlugin};
 use crate::manifest::{Manifest, ManifestError};
 use crate::repo::{Loaded, NewEndpoint, PluginRow, RowLock};
@@ -87,6 +88,8 @@ impl Inner {
             Err(e @ (ReconcileError::Superseded | ReconcileError::ShuttingDown)) => return Err(e),
             Err(e) => e,
         };
+        // An instance the pass retired (its process crashed too often) serves no more.
+        serving = serving && self.served.lock().expect("served lock").contains_key(&id);
         // A reload asked of every replica (a raised generation) that failed here leaves the old
         // instance serving; it counts as taken, or every later pass would try it again.
         if let Some(s) = self.served.lock().expect("served lock").get_mut(&id) {
@@ -141,21 +144,36 @@ impl Inner {
         let hash = self.compiler.source_hash(&manifest).await?;
         // From here to the end of the pass no garbage collection removes this library.
         let _pin = self.compiler.pin(&self.compiler.artifact_path(&manifest.name, &hash));
-        let (current, generation) = {
+        let (mut current, generation) = {
             let served = self.served.lock().expect("served lock");
             let s = served.get(&row.id);
             (s.map(|s| (s.hash.clone(), s.config.clone(), s.plugin.clone())), s.map(|s| s.generation))
         };
+        // An isolated instance whose process crashed too often serves nothing but errors: it
+        // goes (its version is quarantined by now, so it is not loaded again below).
+        if current.as_ref().is_some_and(|(_, _, p)| p.crash_failed().is_some()) {
+            self.retire(row.id).await;
+            current = None;
+        }
         // A raised generation is a reload asked of every replica (taken once: see pass_once).
         // Only a higher one: a row read a moment before another pass's can show a lower one.
         let force = force || generation.is_some_and(|g| row.generation > g);
+        // Another way of running it (in process, in a process of its own, other limits) is a
+        // fresh instance.
+        let isolation = wanted_isolation(row, &manifest);
+        let force = force || current.as_ref().is_some_and(|(_, _, p)| p.isolation() != isolation.as_ref());
         // A version that took a replica down is not loaded again; one that already serves
         // here (it loaded fine on this replica) keeps serving.
         let serves_it = current.as_ref().is_some_and(|(h, _, _)| *h == hash);
         if row.quarantined_hash.as_deref() == Some(hash.as_str()) && (force || !serves_it) {
             let why = row.quarantine_reason.as_deref().unwrap_or_default();
-            let why = why.strip_prefix("CrashedDuringLoad: ").unwrap_or(why).to_string();
-            return Err(ReconcileError::Quarantined(why));
+            return Err(match why.strip_prefix("CrashedDuringLoad: ") {
+                Some(why) => ReconcileError::Quarantined(why.to_string()),
+                None if why.contains(": ") => {
+                    ReconcileError::CrashLoop(why.strip_prefix("PluginCrashed: ").unwrap_or(why).to_string())
+                }
+                None => ReconcileError::Quarantined(why.to_string()),
+            });
         }
         if let Some((current_hash, current_config, plugin)) = &current
             && !force
@@ -233,14 +251,23 @@ impl Inner {
             runtime: tokio::runtime::Handle::current(),
         };
         let host = HostCtx::with_services(&row.name, &manifest.version, self.logs.clone(), Some(services));
+        let spawn = isolation.map(|settings| Spawn {
+            exe: self.host_exe.clone(),
+            settings,
+            plugin_id: row.id,
+            hash: hash.clone(),
+            logs: self.logs.clone(),
+            reports: self.crashes.clone(),
+        });
         let load_clock = std::time::Instant::now();
         let loaded = tokio::task::spawn_blocking(move || {
-            // If this process dies inside the plugin's init, the next start knows who did it.
-            let marker = markers.begin(id, &name, &marked_hash);
-            if let Err(e) = &marker {
+            // If this process dies inside the plugin's init, the next start knows who did it
+            // (an isolated plugin's init runs in its own process: it cannot).
+            let marker = spawn.is_none().then(|| markers.begin(id, &name, &marked_hash));
+            if let Some(Err(e)) = &marker {
                 tracing::warn!(plugin = %name, "could not record the load in progress: {e}");
             }
-            LoadedPlugin::load_tracked(&path, &config_json, &host, &retirements)
+            LoadedPlugin::load_tracked(&path, &config_json, &host, &retirements, spawn)
         })
         .await
         .map_err(|e| LoadError::Init(format!("the load task failed: {e}")))?;
@@ -425,6 +452,7 @@ async fn record_publish(
     }
     let endpoints = endpoints_of(plugin);
     let mut record = loaded(manifest, hash, plugin, &endpoints);
+    record.fresh = true;
     // The endpoint rows are the replaced version's (endpoint rows equal what is served): when
     // the new version's are the same, they stay as they are (a reload for a config change
     // rewrote every endpoint row).
@@ -459,7 +487,23 @@ fn loaded<'a>(
         kind: &manifest.kind,
         endpoints,
         keep_endpoints: false,
+        fresh: false,
     }
+}
+
+/// How the row and the manifest want the plugin run: `Some` in a process of its own (the row's
+/// `isolation` and limits over the manifest's).
+fn wanted_isolation(row: &PluginRow, manifest: &Manifest) -> Option<Isolation> {
+    let process = match row.isolation.as_deref().and_then(Isolation::mode) {
+        Some(process) => process,
+        None => manifest.isolation.process,
+    };
+    let limit = |row: Option<i32>, manifest: Option<u32>| row.and_then(|v| u32::try_from(v).ok()).or(manifest);
+    process.then(|| Isolation {
+        process,
+        memory_limit_mb: limit(row.memory_limit_mb, manifest.isolation.memory_limit_mb),
+        cpu_limit_s: limit(row.cpu_limit_s, manifest.isolation.cpu_limit_s),
+    })
 }
 
 /// The cycle through `start` in the dependency graph, as names from `start` back to it.

@@ -63,6 +63,14 @@ pub struct PluginRow {
     pub deadline_ms: Option<i32>,
     /// Desired: raised to have every replica load a fresh instance (a reload).
     pub generation: i64,
+    /// Desired: `in_process` or `process`, over the manifest's `isolation`; and the limits of
+    /// process isolation over the manifest's.
+    pub isolation: Option<String>,
+    pub memory_limit_mb: Option<i32>,
+    pub cpu_limit_s: Option<i32>,
+    /// Observed here: restarts of the serving instance's process, and how it last died.
+    pub restarts: i32,
+    pub last_crash: Option<String>,
 }
 
 impl PluginRow {
@@ -91,6 +99,11 @@ impl PluginRow {
             resources: r.get("resources"),
             deadline_ms: r.get("deadline_ms"),
             generation: r.get("generation"),
+            isolation: r.get("isolation"),
+            memory_limit_mb: r.get("memory_limit_mb"),
+            cpu_limit_s: r.get("cpu_limit_s"),
+            restarts: r.get("restarts"),
+            last_crash: r.get("last_crash"),
         }
     }
 
@@ -134,6 +147,8 @@ pub struct Loaded<'a> {
     /// The endpoint rows hold these endpoints already (the replaced version's were the same):
     /// they are not rewritten.
     pub keep_endpoints: bool,
+    /// A new instance: its process's restart count and last crash start over.
+    pub fresh: bool,
 }
 
 /// A build kiln ran, for the history.
@@ -168,7 +183,7 @@ pub struct Discovered<'a> {
 
 /// A plugin row with this replica's observed state (`$1`: the replica). Callers add the `WHERE`.
 const SELECT_ROW: &str = "SELECT p.*, coalesce(o.state, 'pending') AS state, o.error, o.path, o.binary_path,
-            o.loaded_hash, o.loaded_at
+            o.loaded_hash, o.loaded_at, coalesce(o.restarts, 0) AS restarts, o.last_crash
      FROM plugins p LEFT JOIN plugin_replicas o ON o.plugin_id = p.id AND o.replica_id = $1";
 
 /// Queries over the connection pool, as one replica.
@@ -476,6 +491,19 @@ impl Repo {
         )
         .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Observed: the serving instance's process was restarted `restarts` times, last after
+    /// `last_crash`.
+    pub async fn record_restart(&self, id: i64, restarts: i32, last_crash: &str) -> Result<()> {
+        let c = self.pool.get().await?;
+        c.execute(
+            "UPDATE plugin_replicas SET restarts = $3, last_crash = $4, updated_at = now()
+             WHERE plugin_id = $1 AND replica_id = $2",
+            &[&id, &&*self.replica, &restarts, &last_crash],
+        )
+        .await?;
         Ok(())
     }
 

@@ -29,7 +29,9 @@ impl RowLock {
                  VALUES ($1, $2, 'loaded', NULL, $3, $4, $5, now(), now())
                  ON CONFLICT (plugin_id, replica_id) DO UPDATE
                  SET state = 'loaded', error = NULL, path = $3, binary_path = $4, loaded_hash = $5, loaded_at = now(),
-                     updated_at = now()",
+                     updated_at = now(),
+                     restarts = CASE WHEN $6 THEN 0 ELSE plugin_replicas.restarts END,
+                     last_crash = CASE WHEN $6 THEN NULL ELSE plugin_replicas.last_crash END",
             )
             .await?;
         let described = c
@@ -54,7 +56,8 @@ impl RowLock {
         let replica: &str = &self.replica;
         // Sent together (tokio-postgres pipelines concurrent requests): one round trip, not
         // four. They run in order; if one fails, the transaction is aborted and so are the rest.
-        let observed_params: [&(dyn ToSql + Sync); 5] = [&id, &replica, &l.manifest_path, &l.binary_path, &l.hash];
+        let observed_params: [&(dyn ToSql + Sync); 6] =
+            [&id, &replica, &l.manifest_path, &l.binary_path, &l.hash, &l.fresh];
         let described_params: [&(dyn ToSql + Sync); 5] = [&id, &l.description, &l.version, &l.author, &l.kind];
         if l.keep_endpoints {
             tokio::try_join!(c.execute(&observed, &observed_params), c.execute(&described, &described_params))?;

@@ -158,6 +158,8 @@ impl TestServer {
         tweak: impl FnOnce(&mut kiln::Config),
     ) -> Self {
         let mut config = kiln::Config::under(root.path(), db_url.clone());
+        // Isolated plugins run in the kiln binary (the test binary serves in process).
+        config.plugin_host_exe = Some(env!("CARGO_BIN_EXE_kiln").into());
         tweak(&mut config);
         config.build_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kiln-plugin-build");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

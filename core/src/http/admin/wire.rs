@@ -47,6 +47,23 @@ pub struct Plugin {
     /// Desired: the route deadline in milliseconds for routes that set none (null: the server's).
     #[oai(nullable)]
     pub deadline_ms: Option<i32>,
+    /// Desired: `process` (a process of its own) or `in_process`, over the manifest's
+    /// `isolation` (null: the manifest's; edit the row to change it).
+    #[oai(nullable)]
+    pub isolation: Option<String>,
+    /// Desired, with process isolation: MiB the process may map beyond the loaded library
+    /// (null: the manifest's `memoryLimitMb`, or none).
+    #[oai(nullable)]
+    pub memory_limit_mb: Option<i32>,
+    /// Desired, with process isolation: CPU seconds before a restart (null: the manifest's
+    /// `cpuLimitSeconds`, or none).
+    #[oai(nullable)]
+    pub cpu_limit_s: Option<i32>,
+    /// Observed by the replica that answers: restarts of the serving instance's process.
+    pub restarts: i32,
+    /// How that process last died (signal or exit code, its last lines of output).
+    #[oai(nullable)]
+    pub last_crash: Option<String>,
     /// The event subscriptions of the version serving now, with their counters.
     pub events: Vec<Subscription>,
     /// The replica that answers (the one `state`, `error`, `binary_path`, … are from).
@@ -251,6 +268,11 @@ impl From<PluginRow> for Plugin {
             updated_at: r.updated_at,
             resources: r.resources,
             deadline_ms: r.deadline_ms,
+            isolation: r.isolation,
+            memory_limit_mb: r.memory_limit_mb,
+            cpu_limit_s: r.cpu_limit_s,
+            restarts: r.restarts,
+            last_crash: r.last_crash,
             events: Vec::new(),
             replica: String::new(),
             rollout: String::new(),

@@ -1,0 +1,199 @@
+//! The framing between kiln and a plugin host process: one frame is a little-endian `u32`
+//! length (of what follows), a kind byte, and a body of fixed-size integers and
+//! length-prefixed byte strings. Both ends are this binary, so the format carries no version:
+//! a child is always the same `kiln` as its parent.
+
+use std::io::{self, Read, Write};
+
+/// Parent → child: create the instance. `[config]`.
+pub const INIT: u8 = 1;
+/// Parent → child: one request. `[route u32][method][path][query][params][headers][body]`,
+/// where params and headers are a `u32` count of (name, value) pairs.
+pub const HANDLE: u8 = 2;
+/// Parent → child: `[config]`.
+pub const CONFIGURE: u8 = 3;
+/// Parent → child: `[subscription u32][topic][data]`.
+pub const EVENT: u8 = 4;
+/// Parent → child: `[service u32][args]`.
+pub const SERVICE: u8 = 5;
+/// Parent → child: run the cleanup; the child exits after its reply.
+pub const CLEANUP: u8 = 6;
+/// Child → parent, during a call (or on the side connection): `[level u32][message][fields]`.
+pub const HOST_LOG: u8 = 10;
+/// Child → parent: `[op][args]`.
+pub const HOST_CALL: u8 = 11;
+/// Either way, the answer to the frame before: `[status i32][http u16][a][b]`.
+pub const REPLY: u8 = 20;
+
+/// The largest frame either side accepts (a request body is bounded by `--max-body` before).
+pub const MAX_FRAME: usize = 1 << 30;
+
+/// A frame being written: the header is filled in by [`Frame::send`].
+#[derive(Debug)]
+pub struct Frame {
+    buf: Vec<u8>,
+}
+
+impl Frame {
+    pub fn new(kind: u8) -> Self {
+        Self::with_capacity(kind, 64)
+    }
+
+    pub fn with_capacity(kind: u8, capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(5 + capacity);
+        buf.extend_from_slice(&[0, 0, 0, 0, kind]);
+        Self { buf }
+    }
+
+    pub fn u16(mut self, v: u16) -> Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    pub fn u32(mut self, v: u32) -> Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    pub fn i32(mut self, v: i32) -> Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// A byte string: its length (`u32`), then the bytes.
+    pub fn bytes(mut self, v: &[u8]) -> Self {
+        let len = u32::try_from(v.len()).unwrap_or(u32::MAX);
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(&v[..len as usize]);
+        self
+    }
+
+    /// A count of pairs, then each pair.
+    pub fn pairs<'a>(mut self, pairs: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])>) -> Self {
+        self = self.u32(pairs.len() as u32);
+        for (n, v) in pairs {
+            self = self.bytes(n).bytes(v);
+        }
+        self
+    }
+
+    /// A reply: `[status][http][a][b]`.
+    pub fn reply(status: i32, http: u16, a: &[u8], b: &[u8]) -> Self {
+        Self::with_capacity(REPLY, 14 + a.len() + b.len()).i32(status).u16(http).bytes(a).bytes(b)
+    }
+
+    /// Writes the frame in one `write_all`.
+    pub fn send(mut self, w: &mut impl Write) -> io::Result<()> {
+        let len = u32::try_from(self.buf.len() - 4).map_err(|_| invalid("a frame over 4 GiB"))?;
+        self.buf[..4].copy_from_slice(&len.to_le_bytes());
+        w.write_all(&self.buf)
+    }
+}
+
+/// Reads one frame into `body` (replacing what it held) and returns its kind. An end of stream
+/// before a frame is `UnexpectedEof`.
+pub fn read_frame(r: &mut impl Read, body: &mut Vec<u8>) -> io::Result<u8> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(invalid("a frame of an impossible length"));
+    }
+    body.clear();
+    body.resize(len - 1, 0);
+    r.read_exact(body)?;
+    Ok(head[4])
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// Reads the fields of a frame's body in order.
+#[derive(Debug)]
+pub struct Fields<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Fields<'a> {
+    pub fn new(body: &'a [u8]) -> Self {
+        Self { rest: body }
+    }
+
+    fn take<const N: usize>(&mut self) -> io::Result<[u8; N]> {
+        let (head, rest) = self.rest.split_first_chunk::<N>().ok_or_else(|| invalid("a frame cut short"))?;
+        self.rest = rest;
+        Ok(*head)
+    }
+
+    pub fn u16(&mut self) -> io::Result<u16> {
+        self.take().map(u16::from_le_bytes)
+    }
+
+    pub fn u32(&mut self) -> io::Result<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+
+    pub fn i32(&mut self) -> io::Result<i32> {
+        self.take().map(i32::from_le_bytes)
+    }
+
+    pub fn bytes(&mut self) -> io::Result<&'a [u8]> {
+        let len = self.u32()? as usize;
+        let (v, rest) = self.rest.split_at_checked(len).ok_or_else(|| invalid("a frame cut short"))?;
+        self.rest = rest;
+        Ok(v)
+    }
+
+    pub fn pairs(&mut self) -> io::Result<Vec<(&'a [u8], &'a [u8])>> {
+        let n = self.u32()? as usize;
+        // Each pair takes at least 8 bytes: a count beyond that is a lie, not an allocation.
+        if n > self.rest.len() / 8 {
+            return Err(invalid("a frame cut short"));
+        }
+        (0..n).map(|_| Ok((self.bytes()?, self.bytes()?))).collect()
+    }
+
+    /// A reply's fields.
+    pub fn reply(&mut self) -> io::Result<Reply<'a>> {
+        Ok(Reply { status: self.i32()?, http: self.u16()?, a: self.bytes()?, b: self.bytes()? })
+    }
+}
+
+/// The fields of a [`REPLY`].
+#[derive(Debug)]
+pub struct Reply<'a> {
+    pub status: i32,
+    pub http: u16,
+    pub a: &'a [u8],
+    pub b: &'a [u8],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_lies_are_refused() {
+        let mut out = Vec::new();
+        let pairs = [(&b"a"[..], &b"1"[..]), (&b""[..], &b"\0\n"[..])];
+        Frame::new(HANDLE).u32(7).bytes(b"GET").pairs(pairs.iter().copied()).send(&mut out).unwrap();
+        Frame::reply(-1, 404, b"x", b"").send(&mut out).unwrap();
+        let (mut r, mut body) = (&out[..], Vec::new());
+        assert_eq!(read_frame(&mut r, &mut body).unwrap(), HANDLE);
+        let mut f = Fields::new(&body);
+        assert_eq!((f.u32().unwrap(), f.bytes().unwrap()), (7, &b"GET"[..]));
+        assert_eq!(f.pairs().unwrap(), pairs);
+        assert!(f.u32().is_err(), "nothing is left");
+        assert_eq!(read_frame(&mut r, &mut body).unwrap(), REPLY);
+        let reply = Fields::new(&body).reply().unwrap();
+        assert_eq!((reply.status, reply.http, reply.a, reply.b), (-1, 404, &b"x"[..], &b""[..]));
+        assert_eq!(read_frame(&mut r, &mut body).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        let lie = Frame::new(HANDLE).u32(u32::MAX);
+        let mut lie_out = Vec::new();
+        lie.send(&mut lie_out).unwrap();
+        read_frame(&mut &lie_out[..], &mut body).unwrap();
+        assert!(Fields::new(&body).pairs().is_err(), "a count larger than the frame is refused");
+        assert!(read_frame(&mut &[0u8, 0, 0, 0, 1][..], &mut body).is_err(), "an empty frame has no kind");
+    }
+}

@@ -1,0 +1,199 @@
+//! Process isolation: a plugin in a process of its own (`isolated` fixture) that aborts,
+//! segfaults, overflows its stack, exits, runs out of memory or hangs costs its own requests
+//! (502 `PluginCrashed`, `MemoryLimit`; 504 `Timeout`) and nothing else: a neighbour under load
+//! sees no failure, the process is restarted, a crash loop ends in `failed`, and a reload under
+//! load drops nothing.
+
+use crate::support::{EDIT_DEADLINE, TestServer};
+use serde_json::Value;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Requests to `path` in a loop until stopped: (answered 200, anything else).
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(server: &Arc<TestServer>, path: &'static str, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (server, stop, ok, failed) = (server.clone(), stop.clone(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match server.get(path).await {
+                            (200, _) => ok.fetch_add(1, Ordering::Relaxed),
+                            (status, body) => {
+                                eprintln!("{path} answered {status}: {body}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Self { stop, ok, failed, tasks }
+    }
+
+    /// Stops the clients: (ok, failed).
+    async fn end(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}
+
+async fn pid_of(server: &TestServer) -> Option<u64> {
+    match server.get("/isolated/ok").await {
+        (200, body) => body["pid"].as_u64(),
+        _ => None,
+    }
+}
+
+/// Waits until the isolated plugin answers again, from a process other than `dead`.
+async fn serving_again(server: &TestServer, dead: u64) -> u64 {
+    let pid = Arc::new(AtomicU64::new(0));
+    server
+        .wait_until("the plugin's process is restarted and serves", EDIT_DEADLINE, || {
+            let pid = pid.clone();
+            async move {
+                let now = pid_of(server).await.filter(|p| *p != dead).unwrap_or(0);
+                pid.store(now, Ordering::Relaxed);
+                now != 0
+            }
+        })
+        .await;
+    pid.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_in_an_isolated_plugin_costs_only_its_own_requests() {
+    let server = Arc::new(TestServer::start(&["isolated", "hello"]).await);
+    server.wait_state("isolated", "loaded").await;
+    server.wait_state("hello", "loaded").await;
+    let mut pid = pid_of(&server).await.expect("the isolated plugin serves");
+    assert_ne!(pid, u64::from(std::process::id()), "it runs in a process of its own");
+    // Host calls from its process: a log line and storage (the second request sees the first).
+    assert_eq!(server.get("/isolated/ok").await.1["hits"], 2);
+    let (status, logs) = server.get("/plugins/isolated/logs").await;
+    assert_eq!(status, 200);
+    assert!(logs.to_string().contains("ok asked"), "{logs}");
+    assert_eq!(server.get("/isolated/background").await.1, "logged");
+    assert!(server.get("/plugins/isolated/logs").await.1.to_string().contains("from a thread of its own"));
+
+    let neighbour = Load::start(&server, "/hello/neighbour", 3);
+    let crashes: [(&str, &str, &str); 4] = [
+        ("abort", "PluginCrashed", "signal 6 (SIGABRT)"),
+        ("segfault", "PluginCrashed", "signal 11 (SIGSEGV)"),
+        ("overflow", "PluginCrashed", "overflowed its stack"),
+        ("exit", "PluginCrashed", "exited with code 7"),
+    ];
+    for (n, (how, code, says)) in crashes.iter().enumerate() {
+        let (status, body) = server.get(&format!("/isolated/{how}")).await;
+        assert_eq!((status, body["error"].as_str()), (502, Some(*code)), "{how}: {body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says) || server.plugin("isolated").await["lastCrash"].to_string().contains(says));
+        pid = serving_again(&server, pid).await;
+        server
+            .wait_until("the row counts the restart", EDIT_DEADLINE, || async {
+                server.plugin("isolated").await["restarts"] == n as u64 + 1
+            })
+            .await;
+        let row = server.plugin("isolated").await;
+        let last = row["lastCrash"].as_str().unwrap_or_default();
+        assert!(last.contains(says), "{how}: the row says how it died: {last}");
+        assert_eq!(row["state"], "loaded");
+    }
+
+    // A fresh instance (a reload) starts its crash count over. Its limits: memory, and the
+    // deadline (its process is killed there, the one thing in-process mode cannot do).
+    assert_eq!(server.post("/plugins/isolated/reload", None).await.0, 200);
+    pid = pid_of(&server).await.expect("serves after the reload");
+    assert_eq!(server.plugin("isolated").await["restarts"], 0);
+    let (status, body) = server.get("/isolated/hog").await;
+    assert_eq!((status, body["error"].as_str()), (502, Some("MemoryLimit")), "{body}");
+    pid = serving_again(&server, pid).await;
+    let started = std::time::Instant::now();
+    let (status, body) = server.get("/isolated/hang").await;
+    assert_eq!((status, body["error"].as_str()), (504, Some("Timeout")), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2), "answered at its 300 ms deadline");
+    serving_again(&server, pid).await;
+    server
+        .wait_until("the row says it was killed at the deadline", EDIT_DEADLINE, || async {
+            server.plugin("isolated").await["lastCrash"].as_str().unwrap_or_default().starts_with("Timeout")
+        })
+        .await;
+
+    // A reload under load in process mode drops nothing: the new process serves before the
+    // old one is retired.
+    let own = Load::start(&server, "/isolated/ok", 3);
+    for _ in 0..5 {
+        let (status, body) = server.post("/plugins/isolated/reload", None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (ok, failed) = own.end().await;
+    assert_eq!(failed, 0, "{failed} of {} requests to the reloaded plugin failed", ok + failed);
+    assert!(ok > 20, "the load was real: {ok}");
+
+    // A crash loop: five crashes within a minute, and it is `failed`, not restarted.
+    for _ in 0..5 {
+        let (status, _) = server.get("/isolated/abort").await;
+        assert!(status == 502 || status == 404, "{status}");
+        server
+            .wait_until("restarted or given up", EDIT_DEADLINE, || async {
+                let row = server.plugin("isolated").await;
+                row["state"] == "failed" || pid_of(&server).await.is_some()
+            })
+            .await;
+    }
+    let row = server.wait_state("isolated", "failed").await;
+    let error = row["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("PluginCrashed") && error.contains("not restarted"), "{error}");
+    assert_eq!(server.get("/isolated/ok").await.0, 404, "its routes are gone");
+    // A reload of the same row and source is refused; an edit of the row brings it back.
+    assert_eq!(server.post("/plugins/isolated/reload", None).await.0, 422);
+    let sql = server.sql().await;
+    sql.execute("UPDATE plugins SET config = '{\"again\": true}' WHERE name = 'isolated'", &[]).await.unwrap();
+    server
+        .wait_until("an edited row lifts the crash loop", EDIT_DEADLINE, || async { pid_of(&server).await.is_some() })
+        .await;
+
+    let (ok, failed) = neighbour.end().await;
+    assert_eq!(failed, 0, "the neighbour failed {failed} of {} requests", ok + failed);
+    assert!(ok > 50, "the neighbour's load was real: {ok}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_row_chooses_how_a_plugin_runs() {
+    let server = TestServer::start(&["isolated"]).await;
+    server.wait_state("isolated", "loaded").await;
+    let own = u64::from(std::process::id());
+    assert_ne!(pid_of(&server).await, Some(own));
+    let sql = server.sql().await;
+    sql.execute("UPDATE plugins SET isolation = 'in_process' WHERE name = 'isolated'", &[]).await.unwrap();
+    server
+        .wait_until("it serves from the server's process", EDIT_DEADLINE, || async {
+            pid_of(&server).await == Some(own)
+        })
+        .await;
+    let row: Value = server.plugin("isolated").await;
+    assert_eq!(row["isolation"], "in_process");
+    sql.execute("UPDATE plugins SET isolation = 'process', memory_limit_mb = 128 WHERE name = 'isolated'", &[])
+        .await
+        .unwrap();
+    server
+        .wait_until("it serves from a process of its own again", EDIT_DEADLINE, || async {
+            pid_of(&server).await.is_some_and(|p| p != own)
+        })
+        .await;
+    let refused = sql.execute("UPDATE plugins SET isolation = 'jail' WHERE name = 'isolated'", &[]).await;
+    assert!(refused.is_err(), "PostgreSQL refuses an unknown isolation");
+}
