@@ -30,6 +30,7 @@ pub enum ErrorCode {
     LoadError,
     InitFailed,
     CrashedDuringLoad,
+    CrashLoop,
     RouteConflict,
     DependencyMissing,
     DependencyCycle,
@@ -82,6 +83,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::LoadError,
     ErrorCode::InitFailed,
     ErrorCode::CrashedDuringLoad,
+    ErrorCode::CrashLoop,
     ErrorCode::RouteConflict,
     ErrorCode::DependencyMissing,
     ErrorCode::DependencyCycle,
@@ -167,6 +169,11 @@ impl ErrorCode {
                 422,
                 "this version took the server down while loading (how: signal or exit code); it is skipped until the row or the source changes",
             ),
+            CrashLoop => (
+                "CrashLoop",
+                422,
+                "an isolated plugin's process crashed 5 times within 60 s (the last crash is named): it is not restarted until the row or the source changes",
+            ),
             RouteConflict => (
                 "RouteConflict",
                 422,
@@ -229,7 +236,7 @@ impl ErrorCode {
             PluginCrashed => (
                 "PluginCrashed",
                 502,
-                "an isolated plugin's process died (signal or exit code named) with the request in it, or is being restarted; on a row: it crashed too often and is not restarted until the row or the source changes",
+                "an isolated plugin's process died (signal or exit code named) with the request in it, or is being restarted",
             ),
             MemoryLimit => {
                 ("MemoryLimit", 502, "an isolated plugin's process ran out of its memory limit (it is restarted)")

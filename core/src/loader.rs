@@ -283,8 +283,7 @@ impl LoadedPlugin {
     /// Starts a plugin host process for the library at `path` and creates the instance there.
     /// Blocking.
     pub fn load_isolated(path: &Path, config: &[u8], host: &Arc<HostCtx>, spawn: Spawn) -> Result<Self, LoadError> {
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let (plugin, described) = match Isolated::start(&name, path, config, host, spawn) {
+        let (plugin, described) = match Isolated::start(host.plugin(), path, config, host, spawn) {
             Ok(started) => started,
             Err(e) => {
                 host.retire();

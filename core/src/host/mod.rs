@@ -52,6 +52,11 @@ impl HostCtx {
         Arc::new(Self { plugin: plugin.into(), version: version.into(), retired, logs, services })
     }
 
+    /// The plugin's name.
+    pub fn plugin(&self) -> &str {
+        &self.plugin
+    }
+
     /// The instance is gone: host calls made from now on answer `STATUS_RETIRED`, and the
     /// event subscriptions it made at runtime end.
     pub fn retire(&self) {

@@ -235,6 +235,10 @@ fn dispatch(kind: u8, body: &[u8]) -> Frame {
     }
     match kind {
         wire::INIT => {
+            let body = match f.bytes() {
+                Ok(config) => config,
+                Err(e) => return bad(e),
+            };
             let mut inst: *mut c_void = std::ptr::null_mut();
             let (mut described, mut err) = (KilnBuf::EMPTY, KilnBuf::EMPTY);
             // SAFETY: the host table is static; `body` (the config) outlives the call; the
@@ -258,6 +262,10 @@ fn dispatch(kind: u8, body: &[u8]) -> Frame {
             Err(e) => bad(e),
         },
         wire::CONFIGURE => {
+            let body = match f.bytes() {
+                Ok(config) => config,
+                Err(e) => return bad(e),
+            };
             let mut err = KilnBuf::EMPTY;
             // SAFETY: the instance is live (cleanup ends the process); `body` outlives the call.
             let status = unsafe { (x.configure_fn)(instance(), KilnStr::new(body), &mut err) };

@@ -486,10 +486,9 @@ fn launch(
         .stderr(writer)
         // One malloc arena: each would reserve 64 MiB of address space against the limit.
         .env("MALLOC_ARENA_MAX", "1");
-    let process = command.spawn().map_err(|e| io(&spawn.exe.display().to_string(), e))?;
-    // The command holds the pipe's and the socket's ends: drop them, so that the pipe ends with
-    // the child.
-    drop(command);
+    // The command holds the pipe's and the socket's ends: the spawner drops them, so that the
+    // pipe ends with the child.
+    let process = spawn_process(command).map_err(|e| io(&spawn.exe.display().to_string(), e))?;
     let child = Arc::new(Child {
         pid: process.id() as i32,
         path,
@@ -502,6 +501,7 @@ fn launch(
         reaped: Mutex::new(false),
         tail: Arc::new(Mutex::new(VecDeque::new())),
         output_done: Arc::new(AtomicBool::new(false)),
+        out_of_memory: Arc::new(AtomicBool::new(false)),
         owner: Mutex::new(Weak::new()),
         told: AtomicBool::new(false),
         name: name.into(),
@@ -546,6 +546,31 @@ fn launch(
     let described = reply.a.to_vec();
     child.put_back(conn);
     Ok((child, described))
+}
+
+/// Starts `command` from one thread that lives as long as the process. The child asks the
+/// kernel to kill it when its parent goes (PR_SET_PDEATHSIG), and "parent" there means the
+/// thread that forked it: a child started from a pool thread, or from the waiter that restarts
+/// it, would be killed when that thread ends.
+fn spawn_process(command: Command) -> io::Result<std::process::Child> {
+    type Request = (Command, std::sync::mpsc::SyncSender<io::Result<std::process::Child>>);
+    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Request>>> = std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        let started = std::thread::Builder::new().name("kiln-plugin-spawner".into()).spawn(move || {
+            for (mut command, reply) in rx {
+                let _ = reply.send(command.spawn());
+            }
+        });
+        if let Err(e) = started {
+            tracing::error!("cannot start the plugin process spawner: {e}");
+        }
+        Mutex::new(tx)
+    });
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    let sent = spawner.lock().unwrap_or_else(|p| p.into_inner()).send((command, reply));
+    sent.map_err(|_| io::Error::other("the plugin process spawner is gone"))?;
+    answer.recv().map_err(|_| io::Error::other("the plugin process spawner is gone"))?
 }
 
 /// A call that did not get its reply.
@@ -626,6 +651,8 @@ struct Child {
     tail: Arc<Mutex<VecDeque<String>>>,
     /// Set when the output reader reached the end of the child's output.
     output_done: Arc<AtomicBool>,
+    /// Set when the output said an allocation failed (the memory limit).
+    out_of_memory: Arc<AtomicBool>,
     /// Told when the child ends (see `watch`), once (`told`).
     owner: Mutex<Weak<Isolated>>,
     told: AtomicBool,
@@ -698,6 +725,7 @@ impl Child {
     /// Keeps the child's output: the last lines for a crash report, each line in its log.
     fn read_output(&self, reader: std::io::PipeReader, logs: Arc<LogStore>) {
         let (tail, name, done) = (self.tail.clone(), self.name.clone(), self.output_done.clone());
+        let out_of_memory = self.out_of_memory.clone();
         let spawned = std::thread::Builder::new().name(format!("{name}-output")).spawn(move || {
             for line in BufReader::new(reader).lines() {
                 let Ok(line) = line else { break };
@@ -710,6 +738,14 @@ impl Child {
                     None,
                 );
                 logs.push(&name, entry);
+                if line.starts_with("memory allocation of") && line.ends_with("failed") {
+                    out_of_memory.store(true, Ordering::SeqCst);
+                }
+                // Backtrace frames (indented) and their footnote stay in the log, not in the
+                // crash report's last lines.
+                if line.starts_with(char::is_whitespace) || line.starts_with("note: Some details are omitted") {
+                    continue;
+                }
                 let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
                 if tail.len() == TAIL_LINES {
                     tail.pop_front();
@@ -774,7 +810,7 @@ impl Child {
             child.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
             let reason = child.kill_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let death = match status {
-                Ok(status) => classify(status, reason, &child.tail_after_exit()),
+                Ok(status) => classify(status, reason, child.output_read_after_exit()),
                 Err(e) => Death::Crashed(format!("could not be waited for: {e}")),
             };
             *child.exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(death);
@@ -787,26 +823,26 @@ impl Child {
         }
     }
 
-    /// The output's last lines once the child is gone: its pipe is read to the end first
-    /// (briefly: a grandchild may hold it open).
-    fn tail_after_exit(&self) -> Vec<String> {
+    /// Whether the output said an allocation failed, once the child is gone: its pipe is read
+    /// to the end first (briefly: a grandchild may hold it open).
+    fn output_read_after_exit(&self) -> bool {
         let deadline = Instant::now() + Duration::from_millis(200);
         while !self.output_done.load(Ordering::SeqCst) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
-        self.tail()
+        self.out_of_memory.load(Ordering::SeqCst)
     }
 }
 
 /// How the child ended, from its status and what kiln knows.
-fn classify(status: ExitStatus, kill_reason: Option<Death>, tail: &[String]) -> Death {
+fn classify(status: ExitStatus, kill_reason: Option<Death>, out_of_memory: bool) -> Death {
     if let Some(reason) = kill_reason {
         return reason;
     }
     if status.signal() == Some(libc::SIGXCPU) {
         return Death::CpuLimit;
     }
-    if tail.iter().any(|l| l.contains("memory allocation of") && l.contains("failed")) {
+    if out_of_memory {
         return Death::MemoryLimit;
     }
     Death::Crashed(crate::supervisor::describe(status))

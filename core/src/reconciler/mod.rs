@@ -106,7 +106,7 @@ impl ReconcileError {
                 _ => ErrorCode::LoadError,
             },
             Self::Quarantined(_) => ErrorCode::CrashedDuringLoad,
-            Self::CrashLoop(_) => ErrorCode::PluginCrashed,
+            Self::CrashLoop(_) => ErrorCode::CrashLoop,
             Self::Load(_) => ErrorCode::LoadError,
             Self::Scope(e) => e.code(),
             Self::InvalidRoute(_) => ErrorCode::InvalidRoute,
@@ -227,7 +227,8 @@ async fn record_crashes(me: Weak<Inner>, mut reports: mpsc::UnboundedReceiver<cr
         let Some(inner) = me.upgrade() else { return };
         inner.metrics.crashes.with_label_values(&[&report.name]).inc();
         let written = if report.failed {
-            inner.repo.record_crashed(report.plugin_id, &report.hash, &report.last_crash).await
+            let error = format!("{}: {}", ErrorCode::CrashLoop, report.last_crash);
+            inner.repo.record_crashed(report.plugin_id, &report.hash, &error).await
         } else {
             let restarts = i32::try_from(report.restarts).unwrap_or(i32::MAX);
             inner.repo.record_restart(report.plugin_id, restarts, &report.last_crash).await

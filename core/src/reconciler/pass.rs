@@ -167,12 +167,9 @@ impl Inner {
         let serves_it = current.as_ref().is_some_and(|(h, _, _)| *h == hash);
         if row.quarantined_hash.as_deref() == Some(hash.as_str()) && (force || !serves_it) {
             let why = row.quarantine_reason.as_deref().unwrap_or_default();
-            return Err(match why.strip_prefix("CrashedDuringLoad: ") {
-                Some(why) => ReconcileError::Quarantined(why.to_string()),
-                None if why.contains(": ") => {
-                    ReconcileError::CrashLoop(why.strip_prefix("PluginCrashed: ").unwrap_or(why).to_string())
-                }
-                None => ReconcileError::Quarantined(why.to_string()),
+            return Err(match why.strip_prefix("CrashLoop: ") {
+                Some(why) => ReconcileError::CrashLoop(why.to_string()),
+                None => ReconcileError::Quarantined(why.strip_prefix("CrashedDuringLoad: ").unwrap_or(why).to_string()),
             });
         }
         if let Some((current_hash, current_config, plugin)) = &current
