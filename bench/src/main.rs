@@ -4,12 +4,13 @@
 //! Run: `bench/run` (installs wrk, then `cargo run --release -p kiln-bench`; about 6 minutes on
 //! 2 cores). `KILN_BENCH_QUICK=1` shortens every section (for a smoke run);
 //! `KILN_BENCH_ONLY=a,b` runs only the named sections (calls, throughput, neighbours, toggles,
-//! reloads, load, metrics, cold, restarts, scale, thousand, storm, replicas). `thousand` builds 1,000 plugins the first
+//! reloads, load, metrics, isolation, cold, restarts, scale, thousand, storm, replicas). `thousand` builds 1,000 plugins the first
 //! time (~10 minutes) and caches them in `target/kiln-bench-cache/`; `KILN_BENCH_PLUGINS=N`
 //! changes the count.
 
 mod cpu;
 mod events;
+mod isolation;
 mod load;
 mod metrics;
 mod replicas;
@@ -88,6 +89,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if on("metrics") {
         metrics::run(&server, &db, work.path(), &plugins, quick, &mut rows).await?;
+    }
+    if on("isolation") {
+        isolation::run(&server, &db, work.path(), &plugins, quick, &mut rows).await?;
     }
     server.stop();
 

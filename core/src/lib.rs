@@ -114,11 +114,9 @@ pub async fn serve(
             logs: logs.clone(),
             events: events.clone(),
             metrics,
-            host_exe: config
-                .plugin_host_exe
-                .clone()
-                .or_else(|| std::env::current_exe().ok())
-                .unwrap_or_else(|| "kiln".into()),
+            // This very binary, even if its file was replaced since it started (the child
+            // speaks the parent's framing, which carries no version).
+            host_exe: config.plugin_host_exe.clone().unwrap_or_else(|| "/proc/self/exe".into()),
         },
     );
     let listener_up = Arc::new(AtomicBool::new(false));

@@ -139,10 +139,18 @@ pub fn main(args: &[String]) -> ExitCode {
         return ExitCode::from(5);
     }
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let Ok(stream) = stream else {
+            // Out of descriptors, say: no busy loop (it would burn the CPU-time limit).
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        };
+        let Ok(refusal) = stream.try_clone() else { continue };
         let spawned = std::thread::Builder::new().name("plugin-call".into()).spawn(move || serve(stream));
         if let Err(e) = spawned {
+            // Under the memory limit a thread's stack may not fit: this call is refused, the
+            // process lives on.
             eprintln!("kiln plugin-host: cannot start a thread: {e}");
+            refuse(refusal);
         }
     }
     ExitCode::SUCCESS
@@ -154,11 +162,13 @@ fn open(args: &Args) -> Result<(), LoadError> {
     let exports = Exports::open(&args.library)?;
     let _ = EXPORTS.set(exports);
     if let Some(mb) = args.memory_limit_mb {
+        // SAFETY: sysconf has no preconditions.
+        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let mapped = std::fs::read_to_string("/proc/self/statm")
             .ok()
             .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u64>().ok()))
             .unwrap_or(0)
-            * 4096;
+            * page;
         set_limit(libc::RLIMIT_AS, mapped + mb * 1024 * 1024, mapped + mb * 1024 * 1024);
     }
     if let Some(s) = args.cpu_limit_s {
@@ -192,6 +202,15 @@ fn serve_refusal(listener: &UnixListener, e: LoadError) {
     }
 }
 
+/// Answers a connection's first call with [`wire::STATUS_BUSY`] and closes it.
+fn refuse(stream: UnixStream) {
+    let Ok(mut conn) = Conn::new(stream) else { return };
+    if wire::read_frame(&mut conn.read, &mut conn.buf).is_ok() {
+        let _ = Frame::reply(wire::STATUS_BUSY, 0, b"the plugin's process has no thread for this call", b"")
+            .send(&mut conn.write);
+    }
+}
+
 /// Serves the calls of one connection until the parent closes it.
 fn serve(stream: UnixStream) {
     let Ok(conn) = Conn::new(stream) else { return };
@@ -221,16 +240,15 @@ fn exports() -> &'static Exports {
     EXPORTS.get().expect("the library is open before calls are served")
 }
 
-fn instance() -> *mut c_void {
-    INSTANCE.load(Ordering::Acquire)
-}
-
 /// Runs one call and makes its reply.
 fn dispatch(kind: u8, body: &[u8]) -> Frame {
     let bad = |e: io::Error| Frame::reply(abi::STATUS_ERROR, 0, e.to_string().as_bytes(), b"");
     let x = exports();
     let mut f = Fields::new(body);
-    if kind != wire::INIT && instance().is_null() {
+    // Read once: the parent sends the cleanup only when no other call is in flight, so the
+    // instance stays valid for this call.
+    let instance = INSTANCE.load(Ordering::Acquire);
+    if kind != wire::INIT && instance.is_null() {
         return Frame::reply(abi::STATUS_ERROR, 0, b"no instance", b"");
     }
     match kind {
@@ -257,7 +275,7 @@ fn dispatch(kind: u8, body: &[u8]) -> Frame {
             INSTANCE.store(inst, Ordering::Release);
             Frame::reply(abi::STATUS_OK, 0, &described, b"")
         }
-        wire::HANDLE => match handle(x, &mut f) {
+        wire::HANDLE => match handle(x, instance, &mut f) {
             Ok(frame) => frame,
             Err(e) => bad(e),
         },
@@ -268,7 +286,7 @@ fn dispatch(kind: u8, body: &[u8]) -> Frame {
             };
             let mut err = KilnBuf::EMPTY;
             // SAFETY: the instance is live (cleanup ends the process); `body` outlives the call.
-            let status = unsafe { (x.configure_fn)(instance(), KilnStr::new(body), &mut err) };
+            let status = unsafe { (x.configure_fn)(instance, KilnStr::new(body), &mut err) };
             // SAFETY: written by this library (or empty), freed once.
             Frame::reply(status, 0, &unsafe { take_bytes(x.free_fn, err) }, b"")
         }
@@ -278,7 +296,7 @@ fn dispatch(kind: u8, body: &[u8]) -> Frame {
             let mut err = KilnBuf::EMPTY;
             // SAFETY: the instance is live; both views outlive the call; `err` is writable.
             let status =
-                unsafe { (x.event_fn)(instance(), subscription, KilnStr::new(topic), KilnStr::new(data), &mut err) };
+                unsafe { (x.event_fn)(instance, subscription, KilnStr::new(topic), KilnStr::new(data), &mut err) };
             // SAFETY: written by this library (or empty), freed once.
             Frame::reply(status, 0, &unsafe { take_bytes(x.free_fn, err) }, b"")
         }
@@ -287,7 +305,7 @@ fn dispatch(kind: u8, body: &[u8]) -> Frame {
             let Ok((service, args)) = read else { return bad(read.unwrap_err()) };
             let mut out = KilnBuf::EMPTY;
             // SAFETY: the instance is live; `args` outlives the call; `out` is writable.
-            let status = unsafe { (x.service_fn)(instance(), service, KilnStr::new(args), &mut out) };
+            let status = unsafe { (x.service_fn)(instance, service, KilnStr::new(args), &mut out) };
             // SAFETY: written by this library (or empty), freed once.
             Frame::reply(status, 0, &unsafe { take_bytes(x.free_fn, out) }, b"")
         }
@@ -305,7 +323,7 @@ fn dispatch(kind: u8, body: &[u8]) -> Frame {
 }
 
 /// One request: the plugin's response, status and headers in one reply.
-fn handle(x: &Exports, f: &mut Fields<'_>) -> io::Result<Frame> {
+fn handle(x: &Exports, instance: *mut c_void, f: &mut Fields<'_>) -> io::Result<Frame> {
     let (route, method, path, query) = (f.u32()?, f.bytes()?, f.bytes()?, f.bytes()?);
     let pair = |(n, v): (&[u8], &[u8])| KilnPair { name: KilnStr::new(n), value: KilnStr::new(v) };
     let params: Vec<KilnPair> = f.pairs()?.into_iter().map(pair).collect();
@@ -325,7 +343,7 @@ fn handle(x: &Exports, f: &mut Fields<'_>) -> io::Result<Frame> {
     let mut out = KilnResponse::EMPTY;
     // SAFETY: the instance is live; every view in `raw` borrows this frame's body or the vectors
     // above, all alive for the call; `out` is writable.
-    let status = unsafe { (x.handle_fn)(instance(), &raw, &mut out) };
+    let status = unsafe { (x.handle_fn)(instance, &raw, &mut out) };
     // SAFETY: both buffers were written by this library and are freed once.
     let (head, body) = unsafe { (take_bytes(x.free_fn, out.headers), take_bytes(x.free_fn, out.body)) };
     Ok(Frame::reply(status, out.status, &head, &body))

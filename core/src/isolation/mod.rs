@@ -21,7 +21,7 @@ use crate::host::HostCtx;
 use crate::host::logs::{Kind, LogStore};
 use crate::loader::{CallError, LoadError};
 use std::collections::VecDeque;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
@@ -38,8 +38,15 @@ pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
 /// How long init, a config change and the cleanup may take in the child before it is killed.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call waits for a restarting process before it answers `PluginCrashed`.
+const RESTART_WAIT: Duration = Duration::from_secs(3);
+/// The longest line of the child's output kept (longer ones are cut).
+const MAX_LINE: usize = 8 * 1024;
 /// Lines of the child's stdout and stderr kept for the crash report.
 const TAIL_LINES: usize = 8;
+/// The environment variables a plugin's process gets from kiln's (no others).
+const PASSED_ENV: &[&str] =
+    &["PATH", "HOME", "TZ", "LANG", "LC_ALL", "RUST_BACKTRACE", "RUST_LIB_BACKTRACE", "RUST_MIN_STACK"];
 /// Idle call connections kept per child (more are closed when returned).
 const MAX_IDLE: usize = 64;
 
@@ -118,11 +125,20 @@ impl Death {
         }
     }
 
+    /// What a call in flight when the child died answers. A call killed at its own deadline
+    /// answers `Timeout` where it waits (`exchange`); one it took along was not late.
     fn error(&self) -> CallError {
         match self {
-            Death::Timeout => CallError::Timeout,
+            Death::Timeout => {
+                crashed("PluginCrashed: the plugin's process was killed at another call's deadline".into())
+            }
             death => CallError::Crashed { code: death.code(), message: death.to_string() },
         }
+    }
+
+    /// Whether it counts towards a crash loop: kiln's own kills (a deadline, a stop) do not.
+    fn counts(&self) -> bool {
+        !matches!(self, Death::Timeout | Death::Stopped)
     }
 }
 
@@ -161,6 +177,9 @@ struct State {
     crashes: VecDeque<Instant>,
     restarts: u32,
     retired: bool,
+    /// A restart is under way (`retire` waits for it, so that a child started for a retired
+    /// instance gets its cleanup).
+    restarting: bool,
 }
 
 impl std::fmt::Debug for Isolated {
@@ -209,6 +228,7 @@ impl Isolated {
 
     /// The child serving now; waits (until `deadline`) while one is restarted.
     fn live_child(&self, deadline: Instant) -> Result<Arc<Child>, CallError> {
+        let waited_until = &(Instant::now() + RESTART_WAIT);
         let mut state = self.lock();
         loop {
             if let Some(why) = &state.failed {
@@ -222,7 +242,9 @@ impl Isolated {
             {
                 return Ok(child.clone());
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            // A call waits for a restart a little (the first one takes a few milliseconds), not
+            // to its deadline: waiting calls hold blocking-pool threads.
+            let left = deadline.min(*waited_until).saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(crashed("PluginCrashed: the plugin's process is being restarted after a crash".into()));
             }
@@ -240,22 +262,32 @@ impl Isolated {
         let child = self.live_child(deadline)?;
         let mut conn = match child.take_conn() {
             Ok(c) => c,
-            Err(_) => return Err(child.failure(None)),
+            // Gone: how it ended. Alive but not connectable (kiln out of descriptors, say):
+            // this call fails, the process lives on.
+            Err(_) if child.dead.load(Ordering::SeqCst) => return Err(child.failure()),
+            Err(e) => return Err(crashed(format!("PluginCrashed: cannot reach the plugin's process: {e}"))),
         };
         match conn.call(frame, &self.host, deadline) {
             Ok(()) => {
                 let out = match Fields::new(&conn.buf).reply() {
-                    Ok(reply) => Ok(read(reply)),
-                    Err(e) => Err(CallError::InvalidResponse(e.to_string())),
+                    Ok(reply) if reply.status == wire::STATUS_BUSY => {
+                        // The child closes this connection.
+                        return Err(crashed(format!("PluginCrashed: {}", String::from_utf8_lossy(reply.a))));
+                    }
+                    Ok(reply) => read(reply),
+                    Err(e) => return Err(CallError::InvalidResponse(e.to_string())),
                 };
                 child.put_back(conn);
-                out
+                Ok(out)
             }
             Err(Broken::Timeout) => {
                 child.kill(Death::Timeout);
                 Err(CallError::Timeout)
             }
-            Err(Broken::Io(e)) => Err(child.failure(Some(e))),
+            Err(Broken::Io(e)) => {
+                tracing::debug!(plugin = %self.name, "a call to the plugin's process broke: {e}");
+                Err(child.failure())
+            }
         }
     }
 
@@ -285,11 +317,14 @@ impl Isolated {
     }
 
     pub fn configure(&self, config: &[u8]) -> Result<(i32, Vec<u8>), String> {
-        let answer = self.simple(Frame::new(wire::CONFIGURE).bytes(config), Instant::now() + INIT_TIMEOUT)?;
-        if answer.0 == kiln_types::abi::STATUS_OK {
-            *self.config.lock().unwrap_or_else(|p| p.into_inner()) = config.to_vec();
+        // Kept before the call: a restart after the child applied it inits with it. Put back
+        // if the plugin does not apply it.
+        let before = std::mem::replace(&mut *self.config.lock().unwrap_or_else(|p| p.into_inner()), config.to_vec());
+        let answer = self.simple(Frame::new(wire::CONFIGURE).bytes(config), Instant::now() + INIT_TIMEOUT);
+        if !matches!(answer, Ok((kiln_types::abi::STATUS_OK, _))) {
+            *self.config.lock().unwrap_or_else(|p| p.into_inner()) = before;
         }
-        Ok(answer)
+        answer
     }
 
     pub fn event(
@@ -313,9 +348,17 @@ impl Isolated {
             let mut state = self.lock();
             state.retired = true;
             self.changed.notify_all();
+            let limit = INIT_TIMEOUT + Duration::from_secs(5);
+            state =
+                self.changed.wait_timeout_while(state, limit, |s| s.restarting).unwrap_or_else(|p| p.into_inner()).0;
             state.child.take()
         };
         let Some(child) = child else { return (kiln_types::abi::STATUS_OK, String::new()) };
+        self.clean_up(&child)
+    }
+
+    /// Runs the cleanup in `child` and lets it exit (killed if it does not in time).
+    fn clean_up(&self, child: &Arc<Child>) -> (i32, String) {
         let answer = match child.take_conn() {
             Ok(mut conn) => match conn.call(Frame::new(wire::CLEANUP), &self.host, Instant::now() + CLEANUP_TIMEOUT) {
                 Ok(()) => Fields::new(&conn.buf)
@@ -343,7 +386,9 @@ impl Isolated {
             }
             state.child = None;
             let now = Instant::now();
-            state.crashes.push_back(now);
+            if death.counts() {
+                state.crashes.push_back(now);
+            }
             while state.crashes.front().is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW) {
                 state.crashes.pop_front();
             }
@@ -354,6 +399,7 @@ impl Isolated {
                 text.push_str(&tail.join(" | "));
             }
             let failed = state.crashes.len() >= MAX_CRASHES;
+            state.restarting = !failed;
             if failed {
                 text = format!("{text} (crashed {MAX_CRASHES} times in {}s: not restarted)", CRASH_WINDOW.as_secs());
                 state.failed = Some(text.clone());
@@ -381,17 +427,28 @@ impl Isolated {
         if crashes > 1 {
             std::thread::sleep(Duration::from_millis(50 << (crashes - 1).min(6)));
         }
+        let done = |state: &mut State| {
+            state.restarting = false;
+            self.changed.notify_all();
+        };
+        if self.lock().retired {
+            done(&mut self.lock());
+            return;
+        }
         let config = self.config.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let started = launch(&self.name, &self.library, &config, &self.host, &self.spawn);
         let mut state = self.lock();
         match started {
-            Ok((child, described)) if described == self.described => {
+            Ok((child, described)) if same_description(&described, &self.described) => {
                 if state.retired {
+                    // Retired while it started: it was initialized, so it is cleaned up.
                     drop(state);
-                    child.kill(Death::Stopped);
+                    self.clean_up(&child);
+                    done(&mut self.lock());
                     return;
                 }
                 state.child = Some(child.clone());
+                state.restarting = false;
                 tracing::info!(plugin = %self.name, restarts = state.restarts, "the plugin's process serves again");
                 drop(state);
                 self.changed.notify_all();
@@ -402,13 +459,16 @@ impl Isolated {
             other => {
                 let why = match other {
                     Ok((child, _)) => {
-                        child.kill(Death::Stopped);
+                        drop(state);
+                        self.clean_up(&child);
+                        state = self.lock();
                         "the restarted process describes other routes".to_string()
                     }
                     Err(e) => e.to_string(),
                 };
                 let text = format!("PluginCrashed: the plugin's process could not be restarted: {why}");
                 state.failed = Some(text.clone());
+                state.restarting = false;
                 let _ = self.spawn.reports.send(CrashReport {
                     plugin_id: self.spawn.plugin_id,
                     name: self.name.clone(),
@@ -420,6 +480,14 @@ impl Isolated {
             }
         }
         self.changed.notify_all();
+    }
+}
+
+/// Whether two descriptions say the same (as JSON values: key order aside).
+fn same_description(a: &[u8], b: &[u8]) -> bool {
+    match (serde_json::from_slice::<serde_json::Value>(a), serde_json::from_slice::<serde_json::Value>(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 
@@ -480,6 +548,13 @@ fn launch(
     if let Some(s) = spawn.settings.cpu_limit_s {
         command.arg("--cpu-limit-s").arg(s.to_string());
     }
+    // Not kiln's environment: it holds the database URL and the admin token.
+    command.env_clear();
+    for (key, value) in std::env::vars_os() {
+        if PASSED_ENV.iter().any(|k| key == *k) {
+            command.env(key, value);
+        }
+    }
     command
         .stdin(Stdio::from(OwnedFd::from(listener)))
         .stdout(writer.try_clone().map_err(|e| io("a pipe", e))?)
@@ -508,6 +583,19 @@ fn launch(
     });
     child.read_output(reader, spawn.logs.clone());
     child.start_waiter(process);
+    // From here, a failure does not leave the process behind.
+    match init(&child, config, host) {
+        Ok(described) => Ok((child, described)),
+        Err(e) => {
+            child.kill(Death::Stopped);
+            Err(e)
+        }
+    }
+}
+
+/// Opens the side connection and creates the instance in a started child: its description.
+fn init(child: &Arc<Child>, config: &[u8], host: &Arc<HostCtx>) -> Result<Vec<u8>, LoadError> {
+    let io = |what: &str, e: io::Error| LoadError::Init(format!("could not start the plugin's process ({what}): {e}"));
     let side = UnixStream::connect(&child.path).map_err(|e| io("the side connection", e))?;
     child.serve_side(side, host.clone());
     let mut conn = child.take_conn().map_err(|e| io("a call connection", e))?;
@@ -524,7 +612,6 @@ fn launch(
                     child.death().map_or_else(|| "it stopped answering".into(), |d| d.to_string())
                 }
             };
-            child.kill(Death::Stopped);
             let tail = child.tail();
             return Err(LoadError::Init(format!(
                 "the plugin's process died during init: {death}; {}",
@@ -537,7 +624,6 @@ fn launch(
         let message = String::from_utf8_lossy(reply.a).into_owned();
         let code = reply.http;
         drop(conn);
-        child.kill(Death::Stopped);
         return Err(match code {
             child::LOAD_INIT => LoadError::Init(message),
             _ => LoadError::InHost { code, message },
@@ -545,7 +631,7 @@ fn launch(
     }
     let described = reply.a.to_vec();
     child.put_back(conn);
-    Ok((child, described))
+    Ok(described)
 }
 
 /// Starts `command` from one thread that lives as long as the process. The child asks the
@@ -604,6 +690,7 @@ impl Conn {
                 wire::HOST_LOG | wire::HOST_CALL => serve_host_call(kind, &self.buf, host),
                 _ => return Err(Broken::Io(io::Error::new(io::ErrorKind::InvalidData, "an unexpected frame"))),
             };
+            self.write.set_write_timeout(Some(left()?)).map_err(Broken::Io)?;
             answer.send(&mut self.write).map_err(timeout_or_io)?;
         }
     }
@@ -616,8 +703,14 @@ fn timeout_or_io(e: io::Error) -> Broken {
     }
 }
 
-/// Serves one host call of the child's, on the thread the call came in on.
+/// Serves one host call of the child's, on the thread the call came in on. Never unwinds: a
+/// panic is a refused call.
 fn serve_host_call(kind: u8, body: &[u8], host: &HostCtx) -> Frame {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| host_call(kind, body, host)))
+        .unwrap_or_else(|_| Frame::reply(kiln_types::abi::STATUS_ERROR, 0, b"", b""))
+}
+
+fn host_call(kind: u8, body: &[u8], host: &HostCtx) -> Frame {
     let mut f = Fields::new(body);
     let bad = || Frame::reply(kiln_types::abi::STATUS_ERROR, 0, b"", b"");
     if kind == wire::HOST_LOG {
@@ -670,7 +763,9 @@ impl Child {
         Ok(Conn { write: stream.try_clone()?, read: BufReader::with_capacity(64 * 1024, stream), buf: Vec::new() })
     }
 
-    fn put_back(&self, conn: Conn) {
+    fn put_back(&self, mut conn: Conn) {
+        // A large reply's buffer is not kept for every idle connection.
+        conn.buf.shrink_to(1 << 20);
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE && !self.dead.load(Ordering::SeqCst) {
             idle.push(conn);
@@ -680,12 +775,10 @@ impl Child {
     /// Kills the child (SIGKILL), remembering why, unless it is reaped already.
     fn kill(&self, why: Death) {
         self.dead.store(true, Ordering::SeqCst);
-        {
-            let mut reason = self.kill_reason.lock().unwrap_or_else(|p| p.into_inner());
-            reason.get_or_insert(why);
-        }
         let reaped = self.reaped.lock().unwrap_or_else(|p| p.into_inner());
         if !*reaped {
+            // Only a signal sent names the cause (and only a death by SIGKILL is taken for it).
+            self.kill_reason.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
             // SAFETY: kill(2) touches no memory of ours; the pid is our unreaped child's (the
             // `reaped` lock is held, and the waiter reaps only under it), so it names no other
             // process.
@@ -705,7 +798,7 @@ impl Child {
     }
 
     /// A call broke: the child is (or is made) gone, and the error says how it ended.
-    fn failure(&self, _cause: Option<io::Error>) -> CallError {
+    fn failure(&self) -> CallError {
         self.dead.store(true, Ordering::SeqCst);
         if !self.wait_exit(Duration::from_secs(1)) {
             // Alive but not answering on a connection: it cannot be trusted with more calls.
@@ -722,13 +815,22 @@ impl Child {
         self.tail.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
     }
 
-    /// Keeps the child's output: the last lines for a crash report, each line in its log.
+    /// Keeps the child's output: the last lines for a crash report, each line in its log. Reads
+    /// to the end whatever the bytes (a line is cut at [`MAX_LINE`], and need not be UTF-8), so
+    /// the child never blocks on a full pipe.
     fn read_output(&self, reader: std::io::PipeReader, logs: Arc<LogStore>) {
         let (tail, name, done) = (self.tail.clone(), self.name.clone(), self.output_done.clone());
         let out_of_memory = self.out_of_memory.clone();
         let spawned = std::thread::Builder::new().name(format!("{name}-output")).spawn(move || {
-            for line in BufReader::new(reader).lines() {
-                let Ok(line) = line else { break };
+            let mut reader = BufReader::new(reader);
+            let mut raw = Vec::new();
+            loop {
+                raw.clear();
+                match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut raw) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&raw).trim_end_matches(['\n', '\r']).to_string();
                 tracing::warn!(plugin = %name, "plugin process: {line}");
                 let entry = crate::host::logs::LogEntry::new(
                     crate::host::logs::Level::Warn,
@@ -764,10 +866,14 @@ impl Child {
         let spawned = std::thread::Builder::new().name(format!("{}-side", self.name)).spawn(move || {
             let Ok(mut write) = side.try_clone() else { return };
             let (mut read, mut buf) = (BufReader::new(side), Vec::new());
-            while let Ok(kind) = wire::read_frame(&mut read, &mut buf) {
+            while let Ok(kind) = wire::read_frame_within(&mut read, &mut buf, wire::MAX_HOST_FRAME) {
+                if !matches!(kind, wire::HOST_LOG | wire::HOST_CALL) {
+                    break;
+                }
                 if serve_host_call(kind, &buf, &host).send(&mut write).is_err() {
                     break;
                 }
+                buf.shrink_to(64 * 1024);
             }
         });
         if let Err(e) = spawned {
@@ -798,8 +904,17 @@ impl Child {
             // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // Waits without reaping, so that `kill` (under `reaped`) never signals a reused pid.
-            // SAFETY: waitid writes only into `info`, which lives for the call.
-            unsafe { libc::waitid(libc::P_PID, child.pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            loop {
+                // SAFETY: waitid writes only into `info`, which lives for the call.
+                let waited = unsafe {
+                    libc::waitid(libc::P_PID, child.pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT)
+                };
+                // Anything but an interruption: the child has ended (or was reaped elsewhere,
+                // and `wait` below returns at once).
+                if waited == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                    break;
+                }
+            }
             child.dead.store(true, Ordering::SeqCst);
             let status = {
                 let mut reaped = child.reaped.lock().unwrap_or_else(|p| p.into_inner());
@@ -836,7 +951,9 @@ impl Child {
 
 /// How the child ended, from its status and what kiln knows.
 fn classify(status: ExitStatus, kill_reason: Option<Death>, out_of_memory: bool) -> Death {
-    if let Some(reason) = kill_reason {
+    if let Some(reason) = kill_reason
+        && status.signal() == Some(libc::SIGKILL)
+    {
         return reason;
     }
     if status.signal() == Some(libc::SIGXCPU) {

@@ -24,6 +24,11 @@ pub const HOST_LOG: u8 = 10;
 pub const HOST_CALL: u8 = 11;
 /// Either way, the answer to the frame before: `[status i32][http u16][a][b]`.
 pub const REPLY: u8 = 20;
+/// A reply status of the child's: it could not take the call (no thread for it) and closes
+/// the connection.
+pub const STATUS_BUSY: i32 = -100;
+/// The largest host call the parent reads from a child.
+pub const MAX_HOST_FRAME: usize = 64 << 20;
 
 /// The largest frame either side accepts (a request body is bounded by `--max-body` before).
 pub const MAX_FRAME: usize = 1 << 30;
@@ -91,17 +96,25 @@ impl Frame {
 }
 
 /// Reads one frame into `body` (replacing what it held) and returns its kind. An end of stream
-/// before a frame is `UnexpectedEof`.
+/// before a frame is `UnexpectedEof`. The body grows as its bytes arrive: a length alone
+/// allocates nothing.
 pub fn read_frame(r: &mut impl Read, body: &mut Vec<u8>) -> io::Result<u8> {
+    read_frame_within(r, body, MAX_FRAME)
+}
+
+/// [`read_frame`], refusing a frame over `max` bytes.
+pub fn read_frame_within(r: &mut impl Read, body: &mut Vec<u8>, max: usize) -> io::Result<u8> {
     let mut head = [0u8; 5];
     r.read_exact(&mut head)?;
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len == 0 || len > MAX_FRAME {
+    if len == 0 || len > max {
         return Err(invalid("a frame of an impossible length"));
     }
     body.clear();
-    body.resize(len - 1, 0);
-    r.read_exact(body)?;
+    let want = (len - 1) as u64;
+    if r.take(want).read_to_end(body)? as u64 != want {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "a frame cut short"));
+    }
     Ok(head[4])
 }
 
