@@ -140,7 +140,7 @@ impl Metrics {
             crashes: counter_vec(
                 &registry,
                 "kiln_plugin_crashes_total",
-                "Plugin versions found to have taken the server down while loading, by plugin.",
+                "Plugin versions found to have taken the server down while loading, and deaths of isolated plugins' processes, by plugin.",
                 &["plugin"],
             ),
             builds: counter_vec(&registry, "kiln_builds_total", "Plugin builds run here, by result.", &["result"]),

@@ -197,3 +197,54 @@ async fn the_row_chooses_how_a_plugin_runs() {
     let refused = sql.execute("UPDATE plugins SET isolation = 'jail' WHERE name = 'isolated'", &[]).await;
     assert!(refused.is_err(), "PostgreSQL refuses an unknown isolation");
 }
+
+/// Processes running `kiln plugin-host` for a library under `root` (this test's own).
+fn hosts_under(root: &std::path::Path, plugin: &str) -> usize {
+    let needle = format!("{}/bin/{plugin}-", root.display());
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("plugin-host") && c.contains(&needle))
+        .count()
+}
+
+/// Every host call crosses the process boundary: two isolated plugins, `notes` (its database
+/// schema, storage, an event it emits, a service it offers) and `audit` (an event subscriber
+/// that calls notes' service), behave as they do in process.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_calls_events_and_services_cross_the_process_boundary() {
+    let server = TestServer::start(&["audit", "notes"]).await;
+    server.wait_state("audit", "loaded").await;
+    server.wait_state("notes", "loaded").await;
+    let sql = server.sql().await;
+    sql.execute("UPDATE plugins SET isolation = 'process' WHERE name IN ('audit', 'notes')", &[]).await.unwrap();
+    let root = server.root.path().to_path_buf();
+    server
+        .wait_until("both serve from processes of their own", EDIT_DEADLINE, || async {
+            hosts_under(&root, "audit") == 1 && hosts_under(&root, "notes") == 1
+        })
+        .await;
+    // Database, storage and an emitted event (notes); a service called from another plugin's
+    // process (audit → notes).
+    let (status, body) = server.post("/notes", Some(serde_json::json!({ "text": "buy milk" }))).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(server.get("/audit/notes").await, (200, serde_json::json!({ "notes": 1 })));
+    // The event reached the subscriber in its process.
+    server
+        .wait_until("audit hears notes.created", EDIT_DEADLINE, || async {
+            let (_, events) = server.get("/audit").await;
+            events.as_array().into_iter().flatten().any(|e| e["topic"] == "notes.created")
+        })
+        .await;
+    // Both appear in the API's document as before.
+    let (_, doc) = server.get("/openapi.json").await;
+    assert!(doc["paths"]["/notes"].is_object() && doc["paths"]["/audit/notes"].is_object());
+    // Disabled, their processes end (the cleanup ran in each).
+    sql.execute("UPDATE plugins SET status = 'inactive' WHERE name IN ('audit', 'notes')", &[]).await.unwrap();
+    server
+        .wait_until("their processes end", EDIT_DEADLINE, || async {
+            hosts_under(&root, "audit") + hosts_under(&root, "notes") == 0
+        })
+        .await;
+}
