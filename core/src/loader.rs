@@ -104,6 +104,17 @@ impl AsRef<[u8]> for Buf {
 }
 
 impl CallResponse {
+    /// The response a plugin's process sent (see `isolation`).
+    pub fn from_reply(reply: crate::isolation::Reply) -> Result<Self, CallError> {
+        match reply.status {
+            abi::STATUS_OK => {
+                Ok(CallResponse { status: reply.http, head: Buf::Owned(reply.head), body: Buf::Owned(reply.body) })
+            }
+            abi::STATUS_PANIC => Err(CallError::Panic(String::from_utf8_lossy(&reply.body).into_owned())),
+            status => Err(CallError::InvalidResponse(format!("status code {status}"))),
+        }
+    }
+
     /// The response's (name, value) pairs, not yet checked as HTTP header names and values:
     /// views into the plugin's buffer.
     pub fn headers(&self) -> abi::HeaderPairs<'_> {
@@ -312,6 +323,11 @@ impl LoadedPlugin {
         self.isolated.as_ref().map(|i| i.plugin.settings())
     }
 
+    /// The instance's process, when it runs in one.
+    pub fn isolated(&self) -> Option<&Arc<Isolated>> {
+        self.isolated.as_ref().map(|i| &i.plugin)
+    }
+
     /// The crash loop that stopped this isolated instance's restarts, if one did.
     pub fn crash_failed(&self) -> Option<String> {
         self.isolated.as_ref().and_then(|i| i.plugin.failed())
@@ -405,14 +421,7 @@ impl LoadedPlugin {
     pub fn call(&self, req: &CallRequest<'_>) -> Result<CallResponse, CallError> {
         if let Some(isolated) = &self.isolated {
             let deadline = crate::host::current_deadline().unwrap_or_else(|| Instant::now() + DEFAULT_DEADLINE);
-            let reply = isolated.plugin.handle(req, deadline)?;
-            return match reply.status {
-                abi::STATUS_OK => {
-                    Ok(CallResponse { status: reply.http, head: Buf::Owned(reply.head), body: Buf::Owned(reply.body) })
-                }
-                abi::STATUS_PANIC => Err(CallError::Panic(String::from_utf8_lossy(&reply.body).into_owned())),
-                status => Err(CallError::InvalidResponse(format!("status code {status}"))),
-            };
+            return CallResponse::from_reply(isolated.plugin.handle(req, deadline)?);
         }
         let params: Vec<KilnPair> = req
             .params

@@ -144,8 +144,7 @@ impl PluginRouter {
                 plugin: plugin.clone(),
                 route: index as u32,
                 params: pattern.params().map(str::to_string).collect(),
-                // A call to a plugin's process waits on a socket: never on an async worker.
-                blocking: r.blocking || plugin.isolation().is_some(),
+                blocking: r.blocking,
                 max_body: self.limits.max_body,
                 body_timeout: self.limits.body_timeout,
                 route_deadline: r.deadline_ms.map(Duration::from_millis),
@@ -357,7 +356,27 @@ impl PluginEndpoint {
         let started = std::time::Instant::now();
         let limit = self.route_deadline.or_else(|| self.plugin.deadline()).unwrap_or(self.server_deadline);
         let deadline = started + limit;
-        let result = if self.blocking {
+        let result = if let Some(isolated) = self.plugin.isolated() {
+            // In a process of its own: the frame is made here (the request's views do not
+            // cross an await), and the call is awaited without a blocking-pool thread.
+            let frame = {
+                let decoded = param_values(&self.params, &spans, req.uri().path());
+                let params: Vec<(&str, &str)> = decoded.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+                crate::isolation::Isolated::request_frame(&CallRequest {
+                    route: self.route,
+                    method: req.method().as_str(),
+                    path: req.uri().path(),
+                    query: req.uri().query().unwrap_or(""),
+                    params: &params,
+                    headers: request_headers::over(req.headers()),
+                    body: &body,
+                })
+            };
+            match Box::pin(isolated.handle_async(frame, deadline, &self.label)).await {
+                Err(CallError::Timeout) => return Ok(self.timed_out(limit, started.elapsed())),
+                answer => answer.and_then(CallResponse::from_reply),
+            }
+        } else if self.blocking {
             let owned = OwnedRequest::new(&req, &self.params, &spans);
             match Box::pin(self.call_blocking(owned, body, deadline)).await {
                 Some(r) => r,

@@ -14,6 +14,7 @@
 //! for its answer, so they run with that thread's route and deadline, as in process.
 
 pub mod child;
+mod requests;
 pub mod wire;
 
 use crate::error_code::ErrorCode;
@@ -227,6 +228,18 @@ impl Isolated {
     }
 
     /// The child serving now; waits (until `deadline`) while one is restarted.
+    /// The child serving now, without waiting: `None` while one is restarted.
+    fn live_child_now(&self) -> Result<Option<Arc<Child>>, CallError> {
+        let state = self.lock();
+        if let Some(why) = &state.failed {
+            return Err(crashed(why.clone()));
+        }
+        if state.retired {
+            return Err(crashed("PluginCrashed: the plugin's process was retired".into()));
+        }
+        Ok(state.child.clone().filter(|c| !c.dead.load(Ordering::SeqCst)))
+    }
+
     fn live_child(&self, deadline: Instant) -> Result<Arc<Child>, CallError> {
         let waited_until = &(Instant::now() + RESTART_WAIT);
         let mut state = self.lock();
@@ -293,22 +306,26 @@ impl Isolated {
 
     /// A request. `headers` are the request's (name, value) pairs.
     pub fn handle(&self, req: &crate::loader::CallRequest<'_>, deadline: Instant) -> Result<Reply, CallError> {
+        self.exchange(Self::request_frame(req), deadline, |r| Reply {
+            status: r.status,
+            http: r.http,
+            head: r.a.to_vec(),
+            body: r.b.to_vec(),
+        })
+    }
+
+    /// A request as the frame that carries it (headers copied).
+    pub fn request_frame(req: &crate::loader::CallRequest<'_>) -> Frame {
         let headers = collect_headers(req.headers);
         let size = req.body.len() + req.path.len() + req.query.len() + 64;
-        let frame = Frame::with_capacity(wire::HANDLE, size)
+        Frame::with_capacity(wire::HANDLE, size)
             .u32(req.route)
             .bytes(req.method.as_bytes())
             .bytes(req.path.as_bytes())
             .bytes(req.query.as_bytes())
             .pairs(req.params.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
             .pairs(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
-            .bytes(req.body);
-        self.exchange(frame, deadline, |r| Reply {
-            status: r.status,
-            http: r.http,
-            head: r.a.to_vec(),
-            body: r.b.to_vec(),
-        })
+            .bytes(req.body)
     }
 
     /// A call whose reply is a status and a message or answer: configure, event, service.
@@ -569,6 +586,7 @@ fn launch(
         path,
         _dir: dir,
         idle: Mutex::new(Vec::new()),
+        idle_async: Mutex::new(Vec::new()),
         dead: AtomicBool::new(false),
         exit: Mutex::new(None),
         exited: Condvar::new(),
@@ -732,6 +750,8 @@ struct Child {
     /// Holds the socket's directory (0700) until the child is gone.
     _dir: tempfile::TempDir,
     idle: Mutex<Vec<Conn>>,
+    /// Idle connections for requests from async tasks (`requests.rs`).
+    idle_async: Mutex<Vec<requests::AsyncConn>>,
     /// Set when the child is known to be gone (or going): no new calls start on it.
     dead: AtomicBool,
     exit: Mutex<Option<Death>>,
@@ -923,6 +943,7 @@ impl Child {
                 status
             };
             child.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            child.idle_async.lock().unwrap_or_else(|p| p.into_inner()).clear();
             let reason = child.kill_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let death = match status {
                 Ok(status) => classify(status, reason, child.output_read_after_exit()),

@@ -88,10 +88,15 @@ impl Frame {
     }
 
     /// Writes the frame in one `write_all`.
-    pub fn send(mut self, w: &mut impl Write) -> io::Result<()> {
+    pub fn send(self, w: &mut impl Write) -> io::Result<()> {
+        w.write_all(&self.into_bytes()?)
+    }
+
+    /// The frame's bytes, its length filled in.
+    pub fn into_bytes(mut self) -> io::Result<Vec<u8>> {
         let len = u32::try_from(self.buf.len() - 4).map_err(|_| invalid("a frame over 4 GiB"))?;
         self.buf[..4].copy_from_slice(&len.to_le_bytes());
-        w.write_all(&self.buf)
+        Ok(self.buf)
     }
 }
 
@@ -120,6 +125,23 @@ pub fn read_frame_within(r: &mut impl Read, body: &mut Vec<u8>, max: usize) -> i
 
 fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// [`read_frame`] from an async stream.
+pub async fn read_frame_async(r: &mut (impl tokio::io::AsyncRead + Unpin), body: &mut Vec<u8>) -> io::Result<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head).await?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(invalid("a frame of an impossible length"));
+    }
+    body.clear();
+    let want = (len - 1) as u64;
+    if (&mut *r).take(want).read_to_end(body).await? as u64 != want {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "a frame cut short"));
+    }
+    Ok(head[4])
 }
 
 /// Reads the fields of a frame's body in order.
