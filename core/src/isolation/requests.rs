@@ -3,8 +3,10 @@
 //! switches fewer than a blocking call). Host calls the plugin makes meanwhile are served on the
 //! worker (`block_in_place`, as in-process plugins' host calls are), logs inline.
 
+use super::calls::serve_host_call;
+use super::process::Child;
 use super::wire::{self, Fields, Frame};
-use super::{Child, Death, Isolated, Reply, crashed, serve_host_call};
+use super::{Death, Isolated, Reply, crashed};
 use crate::host::HostCtx;
 use crate::loader::CallError;
 use std::io;
