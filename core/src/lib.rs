@@ -25,6 +25,7 @@ pub mod migrate;
 pub mod pg_binaries;
 pub mod plugin_config;
 pub mod plugin_db;
+pub mod prebuilt;
 pub mod reconciler;
 pub mod replica;
 pub mod repo;

@@ -63,6 +63,19 @@ impl SharedBuilds {
         if path.exists() {
             return self.compiler.build(manifest, hash).await; // answers at once: nothing to build
         }
+        // A library the crate carries, built from these very sources: no build, no fetch.
+        let (dir, name, owned_hash, dest) =
+            (manifest.dir.clone(), manifest.name.clone(), hash.to_string(), path.clone());
+        let prebuilt =
+            tokio::task::spawn_blocking(move || crate::prebuilt::install(&dir, &name, &owned_hash, &dest)).await;
+        match prebuilt {
+            Ok(Ok(true)) => {
+                return Ok(Artifact { path, hash: hash.to_string(), built: false, duration: Duration::ZERO });
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(plugin = %manifest.name, "could not read the prebuilt library: {e}"),
+            Err(e) => tracing::warn!(plugin = %manifest.name, "could not read the prebuilt library: {e}"),
+        }
         let key = self.key(&manifest.name, hash).await;
         match self.fetch(&key, manifest, hash).await {
             Ok(Some(artifact)) => return Ok(artifact),

@@ -285,3 +285,33 @@ fn standalone_manifest(path: &std::path::Path) {
     }
     std::fs::write(path, out).unwrap();
 }
+
+/// A crate that carries its library (`kiln check --write-prebuilt`) serves without a build while
+/// its sources stay as they were; once they change, it is built from source.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prebuilt_library_serves_without_a_build_while_its_sources_fit() {
+    use crate::support::{cluster, copy_crate, crate_source, fresh_database};
+    let root = tempfile::Builder::new().prefix("kiln-test-").tempdir().unwrap();
+    let dir = root.path().join("plugins/hello");
+    copy_crate(&crate_source("hello"), &dir);
+    let out = kiln(&dir, &["check", "--write-prebuilt"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(".kiln-prebuilt"), "{}", text(&out));
+
+    let cluster = cluster().await;
+    let db_url = fresh_database(&cluster).await;
+    let server = TestServer::start_in(cluster, root, db_url).await;
+    server.wait_state("hello", "loaded").await;
+    assert_eq!(server.get("/hello/prebuilt").await.0, 200);
+    let builds = || async { server.get("/plugins/hello/builds").await.1.as_array().map_or(0, Vec::len) };
+    assert_eq!(builds().await, 0, "the prebuilt library served: no build ran");
+
+    // Changed sources do not fit the library any more: built from source.
+    let lib = dir.join("src/lib.rs");
+    let code = std::fs::read_to_string(&lib).unwrap();
+    std::fs::write(&lib, format!("{code}\n// changed after the prebuild\n")).unwrap();
+    let (status, body) = server.post("/plugins/hello/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(builds().await, 1, "built from the changed sources");
+    assert_eq!(server.get("/hello/prebuilt").await.0, 200);
+}

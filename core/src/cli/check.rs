@@ -25,6 +25,10 @@ pub struct CheckArgs {
     /// The kiln-types sources plugins are built against.
     #[arg(long, env = "KILN_TYPES_DIR", default_value = crate::config::DEFAULT_TYPES_DIR)]
     pub types_dir: PathBuf,
+    /// Also keep the library in the crate (`.kiln-prebuilt/`), so that a server with the same
+    /// kiln-types and build profile loads it without compiling while the sources stay as they are.
+    #[arg(long)]
+    pub write_prebuilt: bool,
 }
 
 /// Why the check failed: what the author must fix.
@@ -50,6 +54,8 @@ pub struct Checked {
     pub built: bool,
     pub duration: std::time::Duration,
     pub description: kiln_types::PluginDescription,
+    /// The prebuilt library's stamp, when asked to write one.
+    pub prebuilt: Option<PathBuf>,
 }
 
 /// Builds and loads the crate at `args.dir`.
@@ -80,7 +86,14 @@ pub async fn check(args: &CheckArgs) -> Result<Checked, CheckError> {
         crate::routes::RouteProblem::Invalid(why) => CheckError::Routes(format!("InvalidRoute: {why}")),
         crate::routes::RouteProblem::Conflict(why) => CheckError::Routes(format!("RouteConflict: {why}")),
     })?;
-    Ok(Checked { library: artifact.path, built: artifact.built, duration: artifact.duration, description })
+    let prebuilt = if args.write_prebuilt {
+        let (dir, name, library) = (manifest.dir.clone(), manifest.name.clone(), artifact.path.clone());
+        let written = tokio::task::spawn_blocking(move || crate::prebuilt::write(&dir, &name, &hash, &library));
+        Some(written.await.map_err(std::io::Error::other)??)
+    } else {
+        None
+    };
+    Ok(Checked { library: artifact.path, built: artifact.built, duration: artifact.duration, description, prebuilt })
 }
 
 /// The report `kiln check` prints for a plugin that would serve.
@@ -91,6 +104,9 @@ pub fn report(checked: &Checked) -> String {
         out.push_str(&format!(" (built in {:.1} s)", checked.duration.as_secs_f64()));
     }
     out.push_str(&format!("\n  library {}\n", checked.library.display()));
+    if let Some(stamp) = &checked.prebuilt {
+        out.push_str(&format!("  prebuilt {}\n", stamp.display()));
+    }
     let width = d.routes.iter().map(|r| r.method.len() + r.path.len() + 1).max().unwrap_or(0);
     for r in &d.routes {
         let route = format!("{} {}", r.method, r.path);
