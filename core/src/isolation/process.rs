@@ -33,6 +33,8 @@ pub(super) fn launch(
     let listener = UnixListener::bind(&path).map_err(|e| io("a socket", e))?;
     let (reader, writer) = std::io::pipe().map_err(|e| io("a pipe", e))?;
     let mut command = Command::new(&spawn.exe);
+    // Shown by `ps` as `kiln plugin-host --library …/<plugin>-<hash>.so`, whatever the path run.
+    std::os::unix::process::CommandExt::arg0(&mut command, "kiln");
     command.arg("plugin-host").arg("--library").arg(library).arg("--parent").arg(std::process::id().to_string());
     if let Some(mb) = spawn.settings.memory_limit_mb {
         command.arg("--memory-limit-mb").arg(mb.to_string());

@@ -462,16 +462,25 @@ impl Inner {
             (served.take_all(), self.changed())
         };
         self.show(change).await;
-        let plugins: Vec<Arc<LoadedPlugin>> = served.into_values().map(|s| s.plugin).collect();
-        let retire = move || {
-            for plugin in plugins {
-                match Arc::try_unwrap(plugin) {
-                    Ok(p) => p.retire_now(),
-                    Err(still_used) => drop(still_used), // its last request retires it
+        let retire = |plugins: Vec<Arc<LoadedPlugin>>| {
+            move || {
+                for plugin in plugins {
+                    match Arc::try_unwrap(plugin) {
+                        Ok(p) => p.retire_now(),
+                        Err(still_used) => drop(still_used), // its last request retires it
+                    }
                 }
             }
         };
-        let _ = tokio::task::spawn_blocking(retire).await;
+        // In-process cleanups one after another; each plugin process's at once (a hung one
+        // takes seconds to be given up on, and must not hold up the others).
+        let (isolated, in_process): (Vec<_>, Vec<_>) =
+            served.into_values().map(|s| s.plugin).partition(|p| p.isolation().is_some());
+        let mut tasks = vec![tokio::task::spawn_blocking(retire(in_process))];
+        tasks.extend(isolated.into_iter().map(|p| tokio::task::spawn_blocking(retire(vec![p]))));
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 }
 
