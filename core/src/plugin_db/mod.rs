@@ -272,6 +272,14 @@ impl PluginDatabases {
     fn pool_for(&self, names: &Names, password: &str, size: u32) -> Result<Pool, ScopeError> {
         let mut config = self.base.clone();
         config.user(&names.role).password(password).application_name(format!("kiln plugin {}", names.plugin));
+        // PostgreSQL's warnings are not sent to these sessions: the recycle's ROLLBACK outside a
+        // transaction would log "there is no transaction in progress" at every checkout. (The
+        // plugin gets its rows and errors as before; `RESET ALL` keeps this default.)
+        let options = match config.get_options() {
+            Some(existing) => format!("{existing} -c client_min_messages=error"),
+            None => "-c client_min_messages=error".to_string(),
+        };
+        config.options(options);
         // Each checkout starts clean: whatever a previous call left on the connection (an open or
         // failed transaction, settings, advisory locks, LISTENs, temporary tables) is undone.
         let recycling_method = RecyclingMethod::Custom(
