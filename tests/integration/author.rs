@@ -38,7 +38,9 @@ async fn a_new_plugin_tests_checks_and_serves_at_once() {
     let bad = kiln(&work, &["new", "no way"]).await;
     assert!(text(&bad).contains("invalid plugin name"), "{}", text(&bad));
 
-    // Its own tests pass inside it, with nothing but what `kiln new` wrote.
+    // Its own tests pass inside it, with nothing but what `kiln new` wrote; the lock it wrote
+    // is cargo's own (cargo leaves it as it is), with the versions the example plugins use.
+    let lock = std::fs::read_to_string(dir.join("Cargo.lock")).unwrap();
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("standalone-plugins");
     let tested = tokio::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .arg("test")
@@ -48,6 +50,7 @@ async fn a_new_plugin_tests_checks_and_serves_at_once() {
         .await
         .expect("run cargo test");
     assert!(tested.status.success(), "cargo test in a new plugin: {}", text(&tested));
+    assert_eq!(std::fs::read_to_string(dir.join("Cargo.lock")).unwrap(), lock, "cargo rewrote the template's lock");
     assert!(text(&tested).contains("2 passed"), "{}", text(&tested));
 
     // `kiln check` builds and loads it as the server would, and says what it serves.

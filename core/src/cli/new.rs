@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 const CARGO_TOML: &str = include_str!("template/Cargo.toml.txt");
 const LIB_RS: &str = include_str!("template/lib.rs.txt");
 const CARGO_CONFIG: &str = include_str!("template/cargo-config.toml.txt");
+/// The example plugins' lock (the template's dependencies are theirs): a new crate resolves to
+/// the versions kiln's build directory has built already, without asking the registry.
+const CARGO_LOCK: &str = include_str!("template/Cargo.lock.txt");
 
 /// Names a plugin crate from the template cannot have: its dependencies, and keywords.
 const RESERVED: &[&str] =
@@ -50,6 +53,7 @@ pub fn write_crate(name: &str, dir: &Path, types_dir: &Path) -> Result<Vec<PathB
         ("src/lib.rs", LIB_RS.replace("__NAME__", name).replace("__TYPE__", &type_name(name))),
         (".cargo/config.toml", CARGO_CONFIG.replace("__TYPES__", &types)),
         (".gitignore", "/target\n".to_string()),
+        ("Cargo.lock", lock_for(name)),
     ];
     let mut written = Vec::new();
     for (file, content) in files {
@@ -59,6 +63,19 @@ pub fn write_crate(name: &str, dir: &Path, types_dir: &Path) -> Result<Vec<PathB
         written.push(path);
     }
     Ok(written)
+}
+
+/// The template's lock with the crate's own entry named `name`, in cargo's order (by name), so
+/// cargo takes it as it is instead of rewriting it.
+fn lock_for(name: &str) -> String {
+    const SEP: &str = "\n[[package]]\n";
+    let mut parts = CARGO_LOCK.split(SEP);
+    let head = parts.next().unwrap_or_default().to_string();
+    let mut packages: Vec<String> =
+        parts.map(|p| p.trim_end().replace("name = \"__NAME__\"", &format!("name = \"{name}\""))).collect();
+    let key = |p: &String| p.lines().next().unwrap_or_default().to_string();
+    packages.sort_by_key(key);
+    packages.iter().fold(head, |lock, p| format!("{lock}{SEP}{p}\n"))
 }
 
 /// The plugin type's name: `my-plugin` → `MyPluginPlugin` (the suffix keeps it apart from the
@@ -87,6 +104,17 @@ mod tests {
     }
 
     #[test]
+    fn the_lock_names_the_crate_in_cargos_order() {
+        for name in ["aaa", "my-plugin", "zzz"] {
+            let lock = lock_for(name);
+            let names: Vec<&str> = lock.lines().filter_map(|l| l.strip_prefix("name = ")).collect();
+            assert!(names.contains(&format!("{name:?}").as_str()), "{name}: {names:?}");
+            assert!(names.windows(2).all(|w| w[0] <= w[1]), "{name}: sorted as cargo writes it: {names:?}");
+            assert!(!lock.contains("__NAME__"));
+        }
+    }
+
+    #[test]
     fn refuses_bad_names_and_full_directories() {
         let root = tempfile::tempdir().unwrap();
         let types = Path::new(crate::config::DEFAULT_TYPES_DIR);
@@ -96,7 +124,7 @@ mod tests {
         std::fs::write(root.path().join("taken"), "").unwrap();
         assert!(matches!(write_crate("ok", root.path(), types), Err(NewError::NotEmpty(_))));
         let written = write_crate("ok", &root.path().join("ok"), types).unwrap();
-        assert_eq!(written.len(), 4);
+        assert_eq!(written.len(), 5);
         let config = std::fs::read_to_string(root.path().join("ok/.cargo/config.toml")).unwrap();
         let patch: toml::Value = toml::from_str(&config).unwrap();
         let path = patch["patch"]["crates-io"]["kiln-types"]["path"].as_str().unwrap();
