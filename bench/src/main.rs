@@ -491,10 +491,17 @@ async fn cold_compile(db: &Db, work: &Path, rows: &mut Vec<Row>) -> anyhow::Resu
     let server = Kiln::start(&work.join("cold-root"), vec![dir.join("none")], &db.fresh("bench_cold").await?).await?;
     let sql = server.sql().await?;
     let types = setup::repo_root().join("types");
-    let kinds: [(&str, &str, Generator); 2] = [
+    let kinds: [(&str, &str, Generator); 3] = [
         ("one raw route, kiln-types only", "raw", |d, n, _| generate_plugin(d, n, 1)),
         ("as `kiln new` writes it: typed routes, serde + schemars", "typed", |d, n, types| {
             kiln::cli::new::write_crate(n, d, types)?;
+            Ok(())
+        }),
+        // The baseline of the row above: the same crate without the lock `kiln new` writes
+        // (kiln then asks cargo for one, as it did before `kiln new` wrote it).
+        ("as `kiln new` writes it, without its Cargo.lock", "unlocked", |d, n, types| {
+            kiln::cli::new::write_crate(n, d, types)?;
+            std::fs::remove_file(d.join("Cargo.lock"))?;
             Ok(())
         }),
     ];
