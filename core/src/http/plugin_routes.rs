@@ -359,19 +359,7 @@ impl PluginEndpoint {
         let result = if let Some(isolated) = self.plugin.isolated() {
             // In a process of its own: the frame is made here (the request's views do not
             // cross an await), and the call is awaited without a blocking-pool thread.
-            let frame = {
-                let decoded = param_values(&self.params, &spans, req.uri().path());
-                let params: Vec<(&str, &str)> = decoded.iter().map(|(n, v)| (*n, v.as_ref())).collect();
-                crate::isolation::Isolated::request_frame(&CallRequest {
-                    route: self.route,
-                    method: req.method().as_str(),
-                    path: req.uri().path(),
-                    query: req.uri().query().unwrap_or(""),
-                    params: &params,
-                    headers: request_headers::over(req.headers()),
-                    body: &body,
-                })
-            };
+            let frame = self.with_call_request(&req, &spans, &body, crate::isolation::Isolated::request_frame);
             match Box::pin(isolated.handle_async(frame, deadline, &self.label)).await {
                 Err(CallError::Timeout) => return Ok(self.timed_out(limit, started.elapsed())),
                 answer => answer.and_then(CallResponse::from_reply),
@@ -384,18 +372,8 @@ impl PluginEndpoint {
             }
         } else {
             // Inline, with the request borrowed: the fastest path, as for a linked-in handler.
-            let decoded = param_values(&self.params, &spans, req.uri().path());
-            let params: Vec<(&str, &str)> = decoded.iter().map(|(n, v)| (*n, v.as_ref())).collect();
             let _route = crate::host::on_route(&self.label, deadline);
-            let result = self.plugin.call(&CallRequest {
-                route: self.route,
-                method: req.method().as_str(),
-                path: req.uri().path(),
-                query: req.uri().query().unwrap_or(""),
-                params: &params,
-                headers: request_headers::over(req.headers()),
-                body: &body,
-            });
+            let result = self.with_call_request(&req, &spans, &body, |call| self.plugin.call(call));
             let took = started.elapsed();
             if took > SLOW_INLINE {
                 let route = &self.plugin.description().routes[self.route as usize];
@@ -451,6 +429,29 @@ impl PluginEndpoint {
             }
         }
         Ok(builder.body(response.into_body()))
+    }
+}
+
+impl PluginEndpoint {
+    /// The request as the plugin sees it (views of `req`, its parameters decoded), handed to `f`.
+    fn with_call_request<T>(
+        &self,
+        req: &Request,
+        spans: &ParamSpans,
+        body: &[u8],
+        f: impl FnOnce(&CallRequest<'_>) -> T,
+    ) -> T {
+        let decoded = param_values(&self.params, spans, req.uri().path());
+        let params: Vec<(&str, &str)> = decoded.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+        f(&CallRequest {
+            route: self.route,
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query().unwrap_or(""),
+            params: &params,
+            headers: request_headers::over(req.headers()),
+            body,
+        })
     }
 }
 
