@@ -194,20 +194,21 @@ fn serve_refusal(listener: &UnixListener, e: LoadError) {
         LoadError::Init(_) => LOAD_INIT,
         _ => LOAD_OPEN,
     };
-    if let Ok((stream, _)) = listener.accept()
-        && let Ok(mut conn) = Conn::new(stream)
-        && wire::read_frame(&mut conn.read, &mut conn.buf).is_ok()
-    {
-        let _ = Frame::reply(abi::STATUS_ERROR, code, e.to_string().as_bytes(), b"").send(&mut conn.write);
+    if let Ok((stream, _)) = listener.accept() {
+        answer_first(stream, abi::STATUS_ERROR, code, e.to_string().as_bytes());
     }
 }
 
 /// Answers a connection's first call with [`wire::STATUS_BUSY`] and closes it.
 fn refuse(stream: UnixStream) {
+    answer_first(stream, wire::STATUS_BUSY, 0, b"the plugin's process has no thread for this call");
+}
+
+/// Reads a connection's first call and answers it with `status`, `http` and `message`.
+fn answer_first(stream: UnixStream, status: i32, http: u16, message: &[u8]) {
     let Ok(mut conn) = Conn::new(stream) else { return };
     if wire::read_frame(&mut conn.read, &mut conn.buf).is_ok() {
-        let _ = Frame::reply(wire::STATUS_BUSY, 0, b"the plugin's process has no thread for this call", b"")
-            .send(&mut conn.write);
+        let _ = Frame::reply(status, http, message, b"").send(&mut conn.write);
     }
 }
 

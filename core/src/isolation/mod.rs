@@ -281,14 +281,7 @@ impl Isolated {
         };
         match conn.call(frame, &self.host, deadline) {
             Ok(()) => {
-                let out = match Fields::new(&conn.buf).reply() {
-                    Ok(reply) if reply.status == wire::STATUS_BUSY => {
-                        // The child closes this connection.
-                        return Err(crashed(format!("PluginCrashed: {}", String::from_utf8_lossy(reply.a))));
-                    }
-                    Ok(reply) => read(reply),
-                    Err(e) => return Err(CallError::InvalidResponse(e.to_string())),
-                };
+                let out = read(reply_in(&conn.buf)?);
                 child.put_back(conn);
                 Ok(out)
             }
@@ -504,6 +497,19 @@ fn same_description(a: &[u8], b: &[u8]) -> bool {
     match (serde_json::from_slice::<serde_json::Value>(a), serde_json::from_slice::<serde_json::Value>(b)) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
+    }
+}
+
+/// The reply a call left in its connection's buffer. A child that had no thread for the call
+/// refused it ([`wire::STATUS_BUSY`]) and closes that connection, so `Err` never goes back to
+/// the pool.
+fn reply_in(buf: &[u8]) -> Result<wire::Reply<'_>, CallError> {
+    match Fields::new(buf).reply() {
+        Ok(reply) if reply.status == wire::STATUS_BUSY => {
+            Err(crashed(format!("PluginCrashed: {}", String::from_utf8_lossy(reply.a))))
+        }
+        Ok(reply) => Ok(reply),
+        Err(e) => Err(CallError::InvalidResponse(e.to_string())),
     }
 }
 

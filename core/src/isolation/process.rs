@@ -27,7 +27,7 @@ pub(super) fn launch(
     host: &Arc<HostCtx>,
     spawn: &Spawn,
 ) -> Result<(Arc<Child>, Vec<u8>), LoadError> {
-    let io = |what: &str, e: io::Error| LoadError::Init(format!("could not start the plugin's process ({what}): {e}"));
+    let io = start_error;
     let dir = tempfile::Builder::new().prefix("kiln-host-").tempdir().map_err(|e| io("a socket directory", e))?;
     let path = dir.path().join("s");
     let listener = UnixListener::bind(&path).map_err(|e| io("a socket", e))?;
@@ -88,9 +88,14 @@ pub(super) fn launch(
     }
 }
 
+/// Why a child could not be started: `what` failed.
+fn start_error(what: &str, e: io::Error) -> LoadError {
+    LoadError::Init(format!("could not start the plugin's process ({what}): {e}"))
+}
+
 /// Opens the side connection and creates the instance in a started child: its description.
 fn init(child: &Arc<Child>, config: &[u8], host: &Arc<HostCtx>) -> Result<Vec<u8>, LoadError> {
-    let io = |what: &str, e: io::Error| LoadError::Init(format!("could not start the plugin's process ({what}): {e}"));
+    let io = start_error;
     let side = UnixStream::connect(&child.path).map_err(|e| io("the side connection", e))?;
     child.serve_side(side, host.clone());
     let mut conn = child.take_conn().map_err(|e| io("a call connection", e))?;

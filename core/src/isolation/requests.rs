@@ -5,8 +5,8 @@
 
 use super::calls::serve_host_call;
 use super::process::Child;
-use super::wire::{self, Fields, Frame};
-use super::{Death, Isolated, Reply, crashed};
+use super::wire::{self, Frame};
+use super::{Death, Isolated, Reply, crashed, reply_in};
 use crate::host::HostCtx;
 use crate::loader::CallError;
 use std::io;
@@ -117,13 +117,8 @@ impl Isolated {
         };
         match tokio::time::timeout_at(deadline.into(), conn.call(frame, &self.host, deadline, route)).await {
             Ok(Ok(())) => {
-                let reply = match Fields::new(&conn.buf).reply() {
-                    Ok(r) if r.status == wire::STATUS_BUSY => {
-                        return Err(crashed(format!("PluginCrashed: {}", String::from_utf8_lossy(r.a))));
-                    }
-                    Ok(r) => Reply { status: r.status, http: r.http, head: r.a.to_vec(), body: r.b.to_vec() },
-                    Err(e) => return Err(CallError::InvalidResponse(e.to_string())),
-                };
+                let r = reply_in(&conn.buf)?;
+                let reply = Reply { status: r.status, http: r.http, head: r.a.to_vec(), body: r.b.to_vec() };
                 child.put_back_async(conn);
                 Ok(reply)
             }

@@ -111,16 +111,21 @@ pub fn read_frame(r: &mut impl Read, body: &mut Vec<u8>) -> io::Result<u8> {
 pub fn read_frame_within(r: &mut impl Read, body: &mut Vec<u8>, max: usize) -> io::Result<u8> {
     let mut head = [0u8; 5];
     r.read_exact(&mut head)?;
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len == 0 || len > max {
-        return Err(invalid("a frame of an impossible length"));
-    }
+    let want = body_len(&head, max)?;
     body.clear();
-    let want = (len - 1) as u64;
     if r.take(want).read_to_end(body)? as u64 != want {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "a frame cut short"));
     }
     Ok(head[4])
+}
+
+/// The length of the body a frame's header announces (the length counts the kind byte too).
+fn body_len(head: &[u8; 5], max: usize) -> io::Result<u64> {
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len == 0 || len > max {
+        return Err(invalid("a frame of an impossible length"));
+    }
+    Ok((len - 1) as u64)
 }
 
 fn invalid(what: &str) -> io::Error {
@@ -132,12 +137,8 @@ pub async fn read_frame_async(r: &mut (impl tokio::io::AsyncRead + Unpin), body:
     use tokio::io::AsyncReadExt;
     let mut head = [0u8; 5];
     r.read_exact(&mut head).await?;
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len == 0 || len > MAX_FRAME {
-        return Err(invalid("a frame of an impossible length"));
-    }
+    let want = body_len(&head, MAX_FRAME)?;
     body.clear();
-    let want = (len - 1) as u64;
     if (&mut *r).take(want).read_to_end(body).await? as u64 != want {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "a frame cut short"));
     }
