@@ -232,7 +232,6 @@ pub struct LoadedPlugin {
 /// An instance in a process of its own, and who counts its retirement.
 struct IsolatedLive {
     plugin: Arc<Isolated>,
-    host: Arc<HostCtx>,
     tracker: Option<Arc<Retirements>>,
 }
 
@@ -314,7 +313,7 @@ impl LoadedPlugin {
             binary_path: path.to_path_buf(),
             deadline_ms: Default::default(),
             live: None,
-            isolated: Some(IsolatedLive { plugin, host: host.clone(), tracker: None }),
+            isolated: Some(IsolatedLive { plugin, tracker: None }),
         })
     }
 
@@ -490,7 +489,7 @@ impl LoadedPlugin {
     pub fn host_key(&self) -> usize {
         match (&self.live, &self.isolated) {
             (Some(l), _) => l.host.key(),
-            (None, Some(i)) => i.host.key(),
+            (None, Some(i)) => i.plugin.host().key(),
             (None, None) => 0,
         }
     }
@@ -701,7 +700,7 @@ impl IsolatedLive {
         } else {
             tracing::error!(plugin = %name, library = %path.display(), "cleanup failed: {msg}");
         }
-        self.host.retire();
+        self.plugin.host().retire();
         if let Some(t) = self.tracker {
             t.retired();
         }

@@ -213,6 +213,11 @@ impl Isolated {
         Ok((isolated, described))
     }
 
+    /// The host context its calls are served with.
+    pub fn host(&self) -> &Arc<HostCtx> {
+        &self.host
+    }
+
     pub fn settings(&self) -> &Isolation {
         &self.spawn.settings
     }
