@@ -124,6 +124,20 @@ pub struct Config {
     /// Default: this binary.
     #[arg(long, env = "KILN_PLUGIN_HOST_EXE")]
     pub plugin_host_exe: Option<PathBuf>,
+
+    /// Plugin catalogs to sync (comma-separated): http(s) URLs, or absolute directory paths,
+    /// serving a `catalog.json`. Recorded in `catalog_repositories`, where operators may add more.
+    #[arg(long = "catalog", env = "KILN_CATALOGS", value_delimiter = ',')]
+    pub catalogs: Vec<String>,
+
+    /// ed25519 public keys (base64 or hex, comma-separated) one of which must have signed a
+    /// catalog entry for it to be installed. None: only the archive's sha256 is checked.
+    #[arg(long = "catalog-trusted-key", env = "KILN_CATALOG_TRUSTED_KEYS", value_delimiter = ',')]
+    pub catalog_trusted_keys: Vec<String>,
+
+    /// Seconds between catalog syncs (the first at startup); 0: only on `POST /catalog/sync`.
+    #[arg(long, env = "KILN_CATALOG_SYNC_SECS", default_value_t = 3600)]
+    pub catalog_sync_secs: u64,
 }
 
 impl Config {
@@ -156,6 +170,9 @@ impl Config {
             heartbeat_ms: 2000,
             replica_timeout_ms: 10_000,
             plugin_host_exe: None,
+            catalogs: Vec::new(),
+            catalog_trusted_keys: Vec::new(),
+            catalog_sync_secs: 0,
         }
     }
 

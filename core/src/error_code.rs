@@ -17,6 +17,7 @@ pub enum ErrorCode {
     MethodNotAllowed,
     RequestTimeout,
     PluginExists,
+    NotInCatalog,
     LengthRequired,
     TooLarge,
     BodyTooLarge,
@@ -49,6 +50,10 @@ pub enum ErrorCode {
     PluginCrashed,
     MemoryLimit,
     CpuLimit,
+    ChecksumMismatch,
+    SignatureInvalid,
+    CatalogMismatch,
+    CatalogUnavailable,
     Internal,
     DatabaseError,
     DatabaseUnavailable,
@@ -66,6 +71,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::TopicReserved,
     ErrorCode::DependencyNotDeclared,
     ErrorCode::PluginNotFound,
+    ErrorCode::NotInCatalog,
     ErrorCode::NotFound,
     ErrorCode::MethodNotAllowed,
     ErrorCode::RequestTimeout,
@@ -84,6 +90,9 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::InitFailed,
     ErrorCode::CrashedDuringLoad,
     ErrorCode::CrashLoop,
+    ErrorCode::ChecksumMismatch,
+    ErrorCode::SignatureInvalid,
+    ErrorCode::CatalogMismatch,
     ErrorCode::RouteConflict,
     ErrorCode::DependencyMissing,
     ErrorCode::DependencyCycle,
@@ -101,6 +110,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::PluginCrashed,
     ErrorCode::MemoryLimit,
     ErrorCode::CpuLimit,
+    ErrorCode::CatalogUnavailable,
     ErrorCode::DatabaseUnavailable,
     ErrorCode::DependencyUnavailable,
     ErrorCode::Timeout,
@@ -143,7 +153,12 @@ impl ErrorCode {
             RequestTimeout => {
                 ("RequestTimeout", 408, "a request body that stopped arriving (`--request-timeout-secs`)")
             }
-            PluginExists => ("PluginExists", 409, "an upload whose plugin name is taken"),
+            PluginExists => (
+                "PluginExists",
+                409,
+                "an upload whose plugin name is taken; a catalog install over a plugin that was not installed from an archive",
+            ),
+            NotInCatalog => ("NotInCatalog", 404, "no synced catalog entry of that name (and version)"),
             LengthRequired => ("LengthRequired", 411, "an upload without a Content-Length"),
             TooLarge => ("TooLarge", 413, "an upload over 32 MiB"),
             BodyTooLarge => (
@@ -242,6 +257,26 @@ impl ErrorCode {
                 ("MemoryLimit", 502, "an isolated plugin's process ran out of its memory limit (it is restarted)")
             }
             CpuLimit => ("CpuLimit", 502, "an isolated plugin's process used up its CPU-time limit (it is restarted)"),
+            ChecksumMismatch => (
+                "ChecksumMismatch",
+                422,
+                "a catalog archive whose sha256 is not the one its entry lists (both named); nothing is installed",
+            ),
+            SignatureInvalid => (
+                "SignatureInvalid",
+                422,
+                "trusted keys are configured and the catalog entry is unsigned, or not signed by any of them; nothing is installed",
+            ),
+            CatalogMismatch => (
+                "CatalogMismatch",
+                422,
+                "a catalog archive whose manifest names another plugin or version than its entry; nothing is installed",
+            ),
+            CatalogUnavailable => (
+                "CatalogUnavailable",
+                502,
+                "a catalog archive could not be downloaded (the URL and the failure are named)",
+            ),
             Internal => ("Internal", 500, "a failure inside kiln; the log has the details"),
             DatabaseError => ("DatabaseError", 500, "PostgreSQL refused a statement for a reason other than the data"),
             DatabaseUnavailable => ("DatabaseUnavailable", 503, "PostgreSQL cannot be reached (plugins keep serving)"),

@@ -5,6 +5,7 @@
 //! reacts to edits of the `plugins` table. See ARCHITECTURE.md for the map.
 
 pub mod archive;
+pub mod catalog;
 pub mod cli;
 pub mod compiler;
 pub mod config;
@@ -131,7 +132,10 @@ pub async fn serve(
         logs: logs.clone(),
         events: events.clone(),
     };
-    let app = http::app(api, router, config.admin_token.clone(), config.request_timeout())?;
+    let keys = catalog::trust::TrustedKeys::parse(&config.catalog_trusted_keys).map_err(anyhow::Error::msg)?;
+    let catalogs = Arc::new(catalog::Catalog::new(repo.clone(), keys)?);
+    repo.add_catalog_sources(&config.catalogs).await.context("recording the catalog sources")?;
+    let app = http::app(api, catalogs.clone(), router, config.admin_token.clone(), config.request_timeout())?;
 
     let retry = events::outbox::Retry {
         first_pause: Duration::from_millis(config.event_retry_ms.max(1)),
@@ -152,6 +156,8 @@ pub async fn serve(
         lost: lost.clone(),
     };
     let heartbeat_task = tokio::spawn(heartbeat.run());
+    let catalog_task =
+        (config.catalog_sync_secs > 0).then(|| catalogs.spawn_periodic(Duration::from_secs(config.catalog_sync_secs)));
     let resync = reconciler.clone();
     let every = config.resync_interval();
     let resync_task = tokio::spawn(async move {
@@ -171,7 +177,7 @@ pub async fn serve(
     // What feeds the reconciler: stopped at once when another process took this replica's id,
     // so that no new pass writes rows under an id that is no longer this server's.
     let feeders: Vec<tokio::task::AbortHandle> =
-        [Some(&listen_task), Some(&resync_task), Some(&outbox_task), watch_task.as_ref()]
+        [Some(&listen_task), Some(&resync_task), Some(&outbox_task), watch_task.as_ref(), catalog_task.as_ref()]
             .into_iter()
             .flatten()
             .map(|t| t.abort_handle())
@@ -193,9 +199,10 @@ pub async fn serve(
         .await;
     // Shutdown order: stop what feeds the reconciler, then let it finish and retire everything
     // (every instance's cleanup runs once; `serve` returns after the last).
-    for task in [Some(listen_task), Some(resync_task), Some(outbox_task), Some(heartbeat_task), watch_task]
-        .into_iter()
-        .flatten()
+    for task in
+        [Some(listen_task), Some(resync_task), Some(outbox_task), Some(heartbeat_task), watch_task, catalog_task]
+            .into_iter()
+            .flatten()
     {
         task.abort();
         let _ = task.await;

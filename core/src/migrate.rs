@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (11, "011_replicas.sql", include_str!("../../sql/011_replicas.sql")),
     (12, "012_plugin_archives.sql", include_str!("../../sql/012_plugin_archives.sql")),
     (13, "013_isolation.sql", include_str!("../../sql/013_isolation.sql")),
+    (14, "014_catalog.sql", include_str!("../../sql/014_catalog.sql")),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

@@ -32,7 +32,7 @@ impl SharedSources {
     /// Errors are logged and leave `source_path` (whose absence the pass reports).
     pub async fn dir(&self, row: &PluginRow) -> PathBuf {
         let given = PathBuf::from(&row.source_path);
-        if row.origin != "upload" {
+        if !row.from_archive() {
             return given;
         }
         let local = self.install_dir.join(&row.name);

@@ -42,7 +42,7 @@ pub enum ErrorResponse {
     /// Something only kiln may do (`TopicReserved`: publishing a `kiln.` event).
     #[oai(status = 403)]
     Forbidden(Json<ApiError>),
-    /// No such plugin (`PluginNotFound`), or no such path (`NotFound`).
+    /// No such plugin (`PluginNotFound`), catalog entry (`NotInCatalog`), or path (`NotFound`).
     #[oai(status = 404)]
     NotFound(Json<ApiError>),
     /// The path exists with other methods (`MethodNotAllowed`), named in `Allow`.
@@ -63,13 +63,17 @@ pub enum ErrorResponse {
     /// The plugin could not be built, loaded, configured or served; the previous version, if any,
     /// still serves. Codes: `ManifestNotFound`, `InvalidManifest`, `BuildFailed`, `AbiMismatch`,
     /// `EntrypointNotFound`, `LoadError`, `InitFailed`, `RouteConflict`, `InvalidRoute`,
-    /// `InvalidConfig` (with `details.violations`), `PluginInactive`, `DatabaseRefused`; and an
-    /// event kiln refuses (`InvalidEvent`).
+    /// `InvalidConfig` (with `details.violations`), `PluginInactive`, `DatabaseRefused`; an
+    /// event kiln refuses (`InvalidEvent`); a catalog archive refused (`ChecksumMismatch`,
+    /// `SignatureInvalid`, `CatalogMismatch`).
     #[oai(status = 422)]
     Unprocessable(Json<ApiError>),
     /// An unexpected failure (`Internal`, `DatabaseError`).
     #[oai(status = 500)]
     Internal(Json<ApiError>),
+    /// Something kiln fetches from elsewhere could not be had (`CatalogUnavailable`).
+    #[oai(status = 502)]
+    BadGateway(Json<ApiError>),
     /// The database is unavailable (`DatabaseUnavailable`).
     #[oai(status = 503)]
     Unavailable(Json<ApiError>),
@@ -95,6 +99,7 @@ impl ErrorResponse {
             413 => Self::TooLarge(body),
             415 => Self::UnsupportedMediaType(body),
             422 => Self::Unprocessable(body),
+            502 => Self::BadGateway(body),
             503 => Self::Unavailable(body),
             _ => Self::Internal(body),
         }

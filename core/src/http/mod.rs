@@ -32,12 +32,14 @@ use std::sync::Arc;
 /// Builds the HTTP application: the admin API, the live docs and the plugin routes.
 pub fn app(
     api: AdminApi,
+    catalog: Arc<crate::catalog::Catalog>,
     router: Arc<PluginRouter>,
     admin_token: Option<String>,
     body_timeout: std::time::Duration,
 ) -> anyhow::Result<impl Endpoint<Output = Response>> {
     let (repo, logs) = (api.repo.clone(), api.logs.clone());
-    let service = OpenApiService::new(api, "kiln", env!("CARGO_PKG_VERSION"))
+    let catalog = admin::catalog::CatalogApi { admin: api.clone(), catalog };
+    let service = OpenApiService::new((api, catalog), "kiln", env!("CARGO_PKG_VERSION"))
         .description("Admin API of kiln, and the endpoints of every plugin it serves now (tagged by plugin).");
     let admin_token = admin_token.filter(|t| !t.is_empty());
     let docs = Arc::new(Docs::new(&service.spec(), &service.swagger_ui_html(), admin_token.is_some())?);

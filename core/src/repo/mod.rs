@@ -7,12 +7,14 @@
 //! the rows it reads carry that replica's observed state, and it writes no other's.
 
 mod archives;
+mod catalog;
 mod events;
 mod libraries;
 mod replicas;
 mod row_lock;
 mod storage;
 
+pub use catalog::{CatalogEntry, CatalogSource, ListedEntry};
 pub use events::DueEvent;
 pub use libraries::BuildLock;
 pub use libraries::StoredLibrary;
@@ -51,7 +53,7 @@ pub struct PluginRow {
     pub updated_at: DateTime<Utc>,
     /// Desired configuration (a JSON object).
     pub config: serde_json::Value,
-    /// `discovered`, `sql` or `upload`.
+    /// `discovered`, `sql`, `upload` or `catalog`.
     pub origin: String,
     /// A version that took a server down while loading (see `load_marker`), and why.
     pub quarantined_hash: Option<String>,
@@ -105,6 +107,12 @@ impl PluginRow {
             restarts: r.get("restarts"),
             last_crash: r.get("last_crash"),
         }
+    }
+
+    /// Whether it was installed from an archive (an upload or a catalog), which kiln keeps in
+    /// `plugin_archives` and unpacks into its install directory.
+    pub fn from_archive(&self) -> bool {
+        matches!(self.origin.as_str(), "upload" | "catalog")
     }
 
     /// Whether the user wants this plugin served.

@@ -4,10 +4,11 @@
 //! the reconciler for a pass; a reload asks for a forced pass. Wire types live here and are
 //! converted from the repository's rows.
 
+pub mod catalog;
+mod install;
 mod wire;
 
 use super::error::{ApiError, ErrorResponse};
-use crate::archive;
 use crate::discovery;
 use crate::error_code::ErrorCode;
 use crate::events::{EventBus, Source};
@@ -15,13 +16,11 @@ use crate::host::logs::{Level as LogLevel, LogStore};
 use crate::manifest::{Manifest, ManifestError, validate_name};
 use crate::plugin_config::{self, mask};
 use crate::reconciler::{Failure, Reconciler};
-use crate::repo::Discovered;
 use crate::repo::{PluginRow, Repo, RepoError};
 use chrono::{DateTime, Utc};
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{OpenApi, Tags};
-use std::io::ErrorKind;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,9 +34,12 @@ enum Tag {
     Events,
     /// The server itself.
     Server,
+    /// Plugin catalogs: what they offer, and installs and upgrades from them.
+    Catalog,
 }
 
 /// The admin API.
+#[derive(Clone)]
 pub struct AdminApi {
     pub repo: Repo,
     pub reconciler: Reconciler,
@@ -261,7 +263,7 @@ impl AdminApi {
     }
 
     /// Uninstall a plugin: unload it, delete its row (endpoints, builds) and libraries, and its
-    /// source if it was installed by upload.
+    /// source if it was installed from an archive (an upload or a catalog).
     #[oai(path = "/plugins/:name", method = "delete", tag = "Tag::Plugins")]
     async fn uninstall(
         &self,
@@ -272,14 +274,14 @@ impl AdminApi {
         self.reconciler.reconcile(row.id, false).await.map_err(failure)?;
         let source = PathBuf::from(&row.source_path);
         // Only a directory kiln created itself, inside its install directory, is removed.
-        if row.origin == "upload"
+        if row.from_archive()
             && source.starts_with(&self.install_dir)
             && source != self.install_dir
             && let Err(e) = tokio::fs::remove_dir_all(&source).await
         {
             tracing::warn!(plugin = %row.name, "could not remove its source {}: {e}", source.display());
         }
-        if row.origin == "upload" {
+        if row.from_archive() {
             let _ = tokio::fs::remove_file(crate::shared_sources::stamp_path(&self.install_dir, &row.name)).await;
         }
         Ok(Json(self.plugin(row)))
@@ -319,83 +321,8 @@ impl AdminApi {
             form.file.into_vec().await.map_err(|e| {
                 ErrorResponse::new(ErrorCode::InvalidArchive, format!("could not read the upload: {e}"))
             })?;
-        let install_dir = self.install_dir.clone();
-        let (extracted, bytes) =
-            tokio::task::spawn_blocking(move || (archive::extract(&bytes, &install_dir, Default::default()), bytes))
-                .await
-                .map_err(|e| internal(e.to_string()))?;
-        let extracted = extracted.map_err(|e| ErrorResponse::new(ErrorCode::InvalidArchive, e.to_string()))?;
-        let crate_dir = extracted.crate_dir.clone();
-        let manifest = tokio::task::spawn_blocking(move || Manifest::read(&crate_dir))
-            .await
-            .map_err(|e| internal(e.to_string()))?
-            .map_err(|e| ErrorResponse::new(manifest_code(&e), e.to_string()))?;
-        let exists = |name: &str| {
-            let msg = format!("a plugin named {name:?} exists; uninstall it first (DELETE /plugins/{name})");
-            ErrorResponse::new(ErrorCode::PluginExists, msg)
-        };
-        let dest = self.install_dir.join(&manifest.name);
-        if dest.exists() || self.repo.get_by_name(&manifest.name).await.map_err(db_error)?.is_some() {
-            return Err(exists(&manifest.name));
-        }
-        // The rename claims the name: of concurrent uploads of one new plugin, exactly one wins
-        // it; the others find the directory taken (ENOTEMPTY or EEXIST) and are told so.
-        let from = extracted.crate_dir.clone();
-        let to = dest.clone();
-        match tokio::task::spawn_blocking(move || std::fs::rename(from, to))
-            .await
-            .map_err(|e| internal(e.to_string()))?
-        {
-            Ok(()) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::DirectoryNotEmpty | ErrorKind::AlreadyExists) => {
-                return Err(exists(&manifest.name));
-            }
-            Err(e) => return Err(internal(format!("placing the plugin: {e}"))),
-        }
-        drop(extracted);
-        // The copy's stamp: the archive it was unpacked from (see `shared_sources`).
-        let stamp = crate::shared_sources::stamp_path(&self.install_dir, &manifest.name);
-        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-        if let Err(e) = tokio::fs::write(&stamp, &sha256).await {
-            let _ = tokio::fs::remove_dir_all(&dest).await;
-            return Err(internal(format!("placing the plugin: {e}")));
-        }
-        // Same crate, new place.
-        let manifest = Manifest { manifest_path: dest.join("Cargo.toml"), dir: dest.clone(), ..manifest };
-        // The archive is stored with the row: a replica that does not share this disk unpacks it.
-        let inserted = self
-            .repo
-            .insert_upload(
-                &Discovered {
-                    name: &manifest.name,
-                    source_path: &dest.to_string_lossy(),
-                    description: &manifest.description,
-                    version: &manifest.version,
-                    author: &manifest.author,
-                    kind: &manifest.kind,
-                    origin: "upload",
-                    status: "active",
-                },
-                &bytes,
-                &sha256,
-            )
-            .await
-            .map_err(db_error)?;
-        if !inserted {
-            let _ = tokio::fs::remove_dir_all(&dest).await;
-            let _ = tokio::fs::remove_file(&stamp).await;
-            return Err(exists(&manifest.name));
-        }
-        let row = self.row(&manifest.name).await?;
-        if let Err(f) = self.reconciler.reconcile(row.id, false).await {
-            // All or nothing: take the failed install back out.
-            let _ = self.repo.delete(row.id).await;
-            let _ = self.reconciler.reconcile(row.id, false).await;
-            let _ = tokio::fs::remove_dir_all(&dest).await;
-            let _ = tokio::fs::remove_file(&stamp).await;
-            return Err(failure(f));
-        }
-        Ok(Json(self.view(self.row(&manifest.name).await?).await?))
+        let (extracted, manifest, bytes) = self.unpack(bytes, None).await?;
+        Ok(Json(self.install_new(extracted, manifest, bytes, "upload").await?))
     }
 
     /// Publish an event: the body (any JSON) is its data. Topics are dot-separated segments of
