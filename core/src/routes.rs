@@ -85,6 +85,10 @@ pub const ADMIN_PATHS: &[&str] = &[
     "/events",
     "/events/{topic}",
     "/replicas",
+    "/catalog",
+    "/catalog/sources",
+    "/catalog/sync",
+    "/catalog/{name}/install",
     "/health",
     "/metrics",
     "/openapi.json",
@@ -93,7 +97,8 @@ pub const ADMIN_PATHS: &[&str] = &[
 ];
 
 /// First path segments kept for the admin API, now and later.
-pub const ADMIN_ROOTS: &[&str] = &["plugins", "events", "replicas", "health", "metrics", "openapi.json", "docs"];
+pub const ADMIN_ROOTS: &[&str] =
+    &["plugins", "events", "replicas", "catalog", "health", "metrics", "openapi.json", "docs"];
 
 /// One segment of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,52 +4,11 @@
 //! sees no failure, the process is restarted, a crash loop ends in `failed`, and a reload under
 //! load drops nothing.
 
-use crate::support::{EDIT_DEADLINE, TestServer};
+use crate::support::{EDIT_DEADLINE, Load, TestServer};
 use serde_json::Value;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-/// Requests to `path` in a loop until stopped: (answered 200, anything else).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(server: &Arc<TestServer>, path: &'static str, clients: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let tasks = (0..clients)
-            .map(|_| {
-                let (server, stop, ok, failed) = (server.clone(), stop.clone(), ok.clone(), failed.clone());
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        match server.get(path).await {
-                            (200, _) => ok.fetch_add(1, Ordering::Relaxed),
-                            (status, body) => {
-                                eprintln!("{path} answered {status}: {body}");
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                })
-            })
-            .collect();
-        Self { stop, ok, failed, tasks }
-    }
-
-    /// Stops the clients: (ok, failed).
-    async fn end(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
-    }
-}
 
 async fn pid_of(server: &TestServer) -> Option<u64> {
     match server.get("/isolated/ok").await {

@@ -3,6 +3,7 @@
 
 mod author;
 mod boundary;
+mod catalog;
 mod control_plane;
 mod crashes;
 mod database;

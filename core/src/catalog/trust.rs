@@ -117,6 +117,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_openssl_recipe_makes_a_signature_kiln_accepts() {
+        // Made with the README's commands (OpenSSL 3.0), over an archive holding `archive`.
+        let public = "X41NJWczddsyvOA8LNYTgKLeSNSMzmKvjPLMBdJhRqI=";
+        let sig = "NLY++vvDkQiPVOcF9PNQdbK1ncVORm43SPxHIl3ZPNOUye6F+tQM5HxLwx1jhKUKfQLvhholRX1e4RYyqxQXBQ==";
+        let sha = "0eb3e36bfb24dcd9bb1d1bece1531216b59539a8fde17ee80224af0653c92aa3";
+        let keys = TrustedKeys::parse(&[public.to_string()]).unwrap();
+        assert_eq!(keys.check(b"archive", sha, Some(sig)), Ok(()));
+        assert_eq!(keys.check_signature(&sha.replace('0', "1"), Some(sig)), Err(Untrusted::BadSignature));
+    }
+
+    #[test]
     fn keys_are_base64_or_hex_of_32_bytes() {
         let public = key(3).verifying_key().to_bytes();
         assert!(TrustedKeys::parse(&[hex::encode(public)]).unwrap().required());

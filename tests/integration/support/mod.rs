@@ -14,7 +14,7 @@ use serde_json::Value;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, oneshot};
@@ -349,4 +349,45 @@ pub async fn install(server: &TestServer, archive: Vec<u8>) -> (u16, Value) {
     let resp = server.http.post(server.url("/plugins/install")).multipart(form).send().await.unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Requests to `path` in a loop until stopped: (answered 200, anything else).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(server: &Arc<TestServer>, path: &'static str, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (server, stop, ok, failed) = (server.clone(), stop.clone(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match server.get(path).await {
+                            (200, _) => ok.fetch_add(1, Ordering::Relaxed),
+                            (status, body) => {
+                                eprintln!("{path} answered {status}: {body}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Self { stop, ok, failed, tasks }
+    }
+
+    /// Stops the clients: (ok, failed).
+    pub async fn end(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
 }

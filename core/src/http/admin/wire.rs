@@ -25,6 +25,9 @@ pub struct Plugin {
     pub state: String,
     /// Directory of the plugin's crate.
     pub source_path: String,
+    /// How it came: `discovered` (a plugin directory), `sql` (a row inserted by hand), `upload`
+    /// or `catalog` (from an archive kiln keeps).
+    pub origin: String,
     /// The manifest (Cargo.toml) last read.
     #[oai(nullable)]
     pub path: Option<String>,
@@ -259,6 +262,7 @@ impl From<PluginRow> for Plugin {
             status: r.status,
             state: r.state,
             source_path: r.source_path,
+            origin: r.origin,
             path: r.path,
             binary_path: r.binary_path,
             error: r.error,
