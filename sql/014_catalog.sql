@@ -20,7 +20,7 @@ CREATE TABLE catalog_plugins (
     -- Absolute: a relative URL in catalog.json is resolved against the catalog's own.
     archive_url   TEXT NOT NULL,
     sha256        TEXT NOT NULL CHECK (sha256 ~ '^[0-9a-f]{64}$'),
-    -- ed25519 over the archive's bytes, base64; NULL when unsigned.
+    -- base64 ed25519 signature over the `sha256` text (64 lowercase hex digits); NULL when unsigned.
     signature     TEXT,
     synced_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (repository_id, name, version)

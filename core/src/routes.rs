@@ -94,11 +94,14 @@ pub const ADMIN_PATHS: &[&str] = &[
     "/openapi.json",
     "/docs",
     "/docs/oauth-receiver.html",
+    "/admin",
+    "/admin/app.js",
+    "/admin/app.css",
 ];
 
 /// First path segments kept for the admin API, now and later.
 pub const ADMIN_ROOTS: &[&str] =
-    &["plugins", "events", "replicas", "catalog", "health", "metrics", "openapi.json", "docs"];
+    &["plugins", "events", "replicas", "catalog", "health", "metrics", "openapi.json", "docs", "admin"];
 
 /// One segment of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,7 +26,8 @@ impl SharedSources {
 
     /// Where this replica finds the crate of `row`. Not an upload: its `source_path`. An upload:
     /// its `source_path` when that is another existing directory (a disk shared with the
-    /// uploader); otherwise this replica's copy in its install directory, checked against the
+    /// uploader) unpacked from the stored archive (its stamp says so; after an upgrade the
+    /// uploader's copy is stale until its replica unpacks the new archive); otherwise this replica's copy in its install directory, checked against the
     /// stored archive's sha256 and unpacked again when missing or stale (the same path on
     /// replicas that do not share a disk may hold a copy of an earlier plugin of that name).
     /// Errors are logged and leave `source_path` (whose absence the pass reports).
@@ -36,7 +37,10 @@ impl SharedSources {
             return given;
         }
         let local = self.install_dir.join(&row.name);
-        if given != local && crate::manifest::exists_off_worker(&given).await != Some(false) {
+        if given != local
+            && crate::manifest::exists_off_worker(&given).await != Some(false)
+            && self.holds_stored_archive(row, &given).await
+        {
             return given;
         }
         self.known.lock().expect("known lock").insert(row.id, row.name.clone());
@@ -47,6 +51,19 @@ impl SharedSources {
                 tracing::warn!(plugin = %row.name, "could not unpack its stored archive: {e}");
                 given
             }
+        }
+    }
+
+    /// Whether `dir` (another replica's copy) holds `row`'s stored archive, or the plugin has
+    /// none stored (the directory is all there is).
+    async fn holds_stored_archive(&self, row: &PluginRow, dir: &Path) -> bool {
+        let Some(parent) = dir.parent() else { return false };
+        match self.repo.archive_sha256(row.id).await {
+            Ok(None) => true,
+            Ok(Some(sha256)) => {
+                tokio::fs::read_to_string(stamp_path(parent, &row.name)).await.is_ok_and(|s| s == sha256)
+            }
+            Err(_) => false,
         }
     }
 

@@ -153,14 +153,37 @@ async fn a_verified_catalog_installs_and_upgrades_under_load_and_refuses_what_do
         std::fs::read_dir(&installed).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "refused installs left {left:?} in {}", installed.display());
 
+    // A plugin kiln did not install from an archive is never replaced.
+    let sql = server.sql().await;
+    sql.execute("INSERT INTO plugins (name, source_path, status) VALUES ('hello', '/nowhere', 'inactive')", &[])
+        .await
+        .unwrap();
+    let (status, body) = install_from_catalog(&server, "hello", None).await;
+    assert_eq!((status, body["error"].as_str()), (409, Some("PluginExists")), "{body}");
+    sql.execute("DELETE FROM plugins WHERE name = 'hello'", &[]).await.unwrap();
+
     // A verified archive installs, builds and serves.
     let (status, plugin) = install_from_catalog(&server, "hello", None).await;
     assert_eq!(status, 200, "{plugin}");
     assert_eq!((plugin["version"].as_str(), plugin["origin"].as_str()), (Some("0.1.0"), Some("catalog")), "{plugin}");
     assert_eq!(server.get("/hello/kiln").await.1["message"], "hello, kiln");
 
+    // A second replica on the same database serves it too.
+    let replica_root = tempfile::Builder::new().prefix("kiln-replica-").tempdir().unwrap();
+    std::fs::create_dir_all(replica_root.path().join("plugins")).unwrap();
+    let replica = TestServer::start_in_with(server.cluster.clone(), replica_root, server.db_url.clone(), |c| {
+        c.replica_id = Some("second".into())
+    })
+    .await;
+    replica
+        .wait_until("the second replica serves hello", BUILD_DEADLINE, || async {
+            replica.get("/hello/kiln").await.1["message"] == "hello, kiln"
+        })
+        .await;
+
     // Newer versions are published; the periodic sync sees them.
-    entries.push(entry(dir, "hello", "0.2.0", &hello_archive("0.2.0", "hi"), None, Some(&trusted)));
+    let v2 = hello_archive("0.2.0", "hi");
+    entries.push(entry(dir, "hello", "0.2.0", &v2, None, Some(&trusted)));
     entries.push(entry(dir, "hello", "0.3.0", &hello_archive("0.3.0", "does not compile\""), None, Some(&trusted)));
     write_catalog(dir, &entries);
     server
@@ -179,19 +202,36 @@ async fn a_verified_catalog_installs_and_upgrades_under_load_and_refuses_what_do
     let (status, plugin) = install_from_catalog(&server, "hello", Some("0.2.0")).await;
     assert_eq!((status, plugin["version"].as_str()), (200, Some("0.2.0")), "{plugin}");
     assert_eq!(server.get("/hello/kiln").await.1["message"], "hi, kiln");
+    // The replaced archive reached the other replica (a trigger notified it).
+    replica
+        .wait_until("the second replica serves 0.2.0", BUILD_DEADLINE, || async {
+            replica.get("/hello/kiln").await.1["message"] == "hi, kiln"
+        })
+        .await;
     let (status, body) = install_from_catalog(&server, "hello", None).await;
     assert_eq!((status, body["error"].as_str()), (422, Some("BuildFailed")), "{body}");
     let message = body["message"].as_str().unwrap();
-    assert!(message.contains("rolled back to 0.2.0"), "{message}");
+    assert!(message.contains("the upgrade to 0.3.0 failed and was rolled back to 0.2.0"), "{message}");
     assert!(message.contains("src/lib.rs"), "the compiler's diagnostics: {message}");
-    let row = server
-        .wait_until("the rolled-back version is recorded", BUILD_DEADLINE, || async {
+    // The stored archive is 0.2.0's again, and every replica is back on it, with no error.
+    let stored: String = sql
+        .query_one(
+            "SELECT a.sha256 FROM plugin_archives a JOIN plugins p ON p.id = a.plugin_id WHERE p.name = 'hello'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, sha256(&v2), "the old archive was put back");
+    server
+        .wait_until("every replica is back on 0.2.0 with no error", BUILD_DEADLINE, || async {
             let p = server.plugin("hello").await;
-            p["state"] == "loaded" && p["error"].is_null() && p["version"] == "0.2.0"
+            p["rollout"] == "converged"
+                && p["replicas"].as_array().is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["error"].is_null()))
         })
         .await;
-    let _ = row;
     assert_eq!(server.get("/hello/kiln").await.1["message"], "hi, kiln");
+    assert_eq!(replica.get("/hello/kiln").await.1["message"], "hi, kiln");
     let (ok, failed) = load.end().await;
     assert!(ok > 0, "the load ran");
     assert_eq!(failed, 0, "requests failed during the upgrades");
@@ -205,7 +245,6 @@ async fn a_verified_catalog_installs_and_upgrades_under_load_and_refuses_what_do
     assert_eq!((status, &plugin["loaded_at"]), (200, &before), "{plugin}");
 
     // A second source, a directory, beside one that cannot be read: a sync says which is which.
-    let sql = server.sql().await;
     sql.execute(
         "INSERT INTO catalog_repositories (url) VALUES ($1), ('http://127.0.0.1:9/nothing')",
         &[&dir.to_string_lossy().as_ref()],

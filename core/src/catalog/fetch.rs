@@ -5,6 +5,10 @@
 
 use std::fmt;
 use std::path::{Component, PathBuf};
+use std::time::Duration;
+
+/// How long reading a local catalog file may take.
+const FILE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A document to read: over HTTP, or from a local file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,12 +91,27 @@ impl Location {
                 Ok(body)
             }
             Self::File(path) => {
+                use tokio::io::AsyncReadExt;
                 let shown = path.display();
-                let meta = tokio::fs::metadata(path).await.map_err(|e| format!("{shown}: {e}"))?;
-                if meta.len() > cap {
+                // A regular file only (a FIFO would block, a device never end), read under the cap
+                // whatever its size said, within a deadline.
+                let read = async {
+                    let file = tokio::fs::File::open(path).await?;
+                    if !file.metadata().await?.is_file() {
+                        return Err(std::io::Error::other("not a regular file"));
+                    }
+                    let mut bytes = Vec::new();
+                    file.take(cap + 1).read_to_end(&mut bytes).await?;
+                    Ok(bytes)
+                };
+                let bytes = tokio::time::timeout(FILE_DEADLINE, read)
+                    .await
+                    .map_err(|_| format!("{shown}: not read within {} s", FILE_DEADLINE.as_secs()))?
+                    .map_err(|e| format!("{shown}: {e}"))?;
+                if bytes.len() as u64 > cap {
                     return Err(format!("{shown}: larger than {cap} bytes"));
                 }
-                tokio::fs::read(path).await.map_err(|e| format!("{shown}: {e}"))
+                Ok(bytes)
             }
         }
     }
@@ -126,6 +145,21 @@ mod tests {
         assert_eq!(at("file:///srv/cat/catalog.json"), "/srv/cat/catalog.json");
         assert!(Location::parse("relative/dir").is_err());
         assert!(Location::parse("ftp://h/x").is_err());
+    }
+
+    #[tokio::test]
+    async fn local_files_are_read_under_the_cap_and_only_if_regular() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.tar.gz");
+        std::fs::write(&file, [1u8; 100]).unwrap();
+        let http = reqwest::Client::new();
+        let at = Location::File(file);
+        assert_eq!(at.fetch(&http, 100).await.unwrap().len(), 100);
+        assert!(at.fetch(&http, 99).await.unwrap_err().contains("larger than 99 bytes"));
+        // A device says it is empty and never ends.
+        let zero = Location::File("/dev/zero".into());
+        assert!(zero.fetch(&http, 1 << 20).await.unwrap_err().contains("not a regular file"));
+        assert!(Location::File(dir.path().join("none")).fetch(&http, 10).await.is_err());
     }
 
     #[test]

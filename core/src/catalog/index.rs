@@ -44,8 +44,9 @@ pub fn parse(text: &[u8], at: &Location) -> Result<Index, String> {
     let mut index = Index::default();
     let mut seen = std::collections::HashSet::new();
     for (i, value) in doc.plugins.into_iter().enumerate() {
+        // PostgreSQL keeps no NUL in text: the label of an entry is made without them.
         let label = match (value.get("name").and_then(|v| v.as_str()), value.get("version").and_then(|v| v.as_str())) {
-            (Some(n), Some(v)) => format!("{n}@{v}"),
+            (Some(n), Some(v)) => format!("{n}@{v}").replace('\0', "\\0"),
             _ => format!("#{i}"),
         };
         let checked = serde_json::from_value::<RawEntry>(value)
@@ -56,7 +57,10 @@ pub fn parse(text: &[u8], at: &Location) -> Result<Index, String> {
             });
         match checked {
             Ok(e) => index.entries.push(e),
-            Err(error) => index.refused.push(serde_json::json!({ "entry": label, "error": error })),
+            Err(error) => {
+                let error = error.replace('\0', "\\0");
+                index.refused.push(serde_json::json!({ "entry": label, "error": error }))
+            }
         }
     }
     Ok(index)
@@ -64,6 +68,10 @@ pub fn parse(text: &[u8], at: &Location) -> Result<Index, String> {
 
 fn entry(raw: RawEntry, at: &Location) -> Result<CatalogEntry, String> {
     crate::manifest::validate_name(&raw.name)?;
+    let texts = [&raw.description, &raw.url, &raw.sha256, &raw.version];
+    if texts.into_iter().chain(raw.signature.as_ref()).any(|t| t.contains('\0')) {
+        return Err("a NUL character in a field".into());
+    }
     let version = semver::Version::parse(&raw.version).map_err(|e| format!("version {:?}: {e}", raw.version))?;
     let sha256 = raw.sha256.to_ascii_lowercase();
     if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -103,6 +111,7 @@ mod tests {
             { "name": "greeter", "version": "1.0.0", "url": "again", "sha256": SHA },
             { "name": "f", "version": "1.0.0", "url": "file:///etc/passwd", "sha256": SHA },
             { "name": "sig", "version": "1.0.0", "url": "x", "sha256": SHA, "signature": "not base64!" },
+            { "name": "nul", "version": "1.0.0", "url": "x", "sha256": SHA, "description": "a\u{0}b" },
             { "version": "1.0.0" },
         ]});
         let index = parse(doc.to_string().as_bytes(), &at()).unwrap();
@@ -111,7 +120,10 @@ mod tests {
         assert_eq!(e.archive_url, "http://example.test/cat/g-1.tar.gz");
         assert_eq!(e.sha256, SHA, "lowercased");
         let refused: Vec<&str> = index.refused.iter().map(|r| r["entry"].as_str().unwrap()).collect();
-        assert_eq!(refused, ["bad name@1.0.0", "v@one", "s@1.0.0", "greeter@1.0.0", "f@1.0.0", "sig@1.0.0", "#7"]);
+        assert_eq!(
+            refused,
+            ["bad name@1.0.0", "v@one", "s@1.0.0", "greeter@1.0.0", "f@1.0.0", "sig@1.0.0", "nul@1.0.0", "#8"]
+        );
         assert!(index.refused[3]["error"].as_str().unwrap().contains("listed twice"));
         assert!(index.refused[4]["error"].as_str().unwrap().contains("http"), "{:?}", index.refused[4]);
     }

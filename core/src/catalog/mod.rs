@@ -55,16 +55,29 @@ impl Catalog {
     pub async fn sync(&self) -> Result<Vec<CatalogSource>, RepoError> {
         let _one = self.syncing.lock().await;
         for source in self.repo.catalog_sources().await? {
-            match self.read_index(&source.url).await {
+            if !self.keys.required() && source.url.to_ascii_lowercase().starts_with("http://") {
+                tracing::warn!(
+                    catalog = %source.url,
+                    "a catalog over plain HTTP without trusted keys: whoever is on the path can change what installs"
+                );
+            }
+            let failed = match self.read_index(&source.url).await {
                 Ok(index) => {
                     let refused = serde_json::Value::from(index.refused);
-                    self.repo.replace_catalog_entries(source.id, &index.entries, &refused).await?;
-                    tracing::info!(catalog = %source.url, entries = index.entries.len(), "synced");
+                    match self.repo.replace_catalog_entries(source.id, &index.entries, &refused).await {
+                        Ok(()) => {
+                            tracing::info!(catalog = %source.url, entries = index.entries.len(), "synced");
+                            None
+                        }
+                        Err(e @ RepoError::Unavailable(_)) => return Err(e),
+                        Err(e) => Some(format!("its entries could not be stored: {e}")),
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(catalog = %source.url, "could not sync: {e}");
-                    self.repo.record_catalog_failure(source.id, &e).await?;
-                }
+                Err(e) => Some(e),
+            };
+            if let Some(e) = failed {
+                tracing::warn!(catalog = %source.url, "could not sync: {e}");
+                self.repo.record_catalog_failure(source.id, &e).await?;
             }
         }
         self.repo.catalog_sources().await

@@ -6,6 +6,7 @@
 //! is exact and costs one comparison per request.
 
 mod admin;
+mod admin_page;
 mod body;
 mod docs;
 mod error;
@@ -46,7 +47,7 @@ pub fn app(
     router.attach_docs(docs.clone());
     let methods = admin_methods(&service.spec())?;
     let spec_docs = docs.clone();
-    let admin = Route::new()
+    let admin = admin_page::routes(Route::new())
         .at("/openapi.json", spec_endpoint(spec_docs))
         .at("/docs", ui_endpoint(docs))
         .nest("/", service)
@@ -133,7 +134,12 @@ impl<E: Endpoint<Output = Response>> Endpoint for AdminGate<E> {
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
         let path = req.uri().path();
-        let public = path == "/health" || path == "/openapi.json" || path == "/docs" || path.starts_with("/docs/");
+        let public = path == "/health"
+            || path == "/openapi.json"
+            || path == "/docs"
+            || path.starts_with("/docs/")
+            || path == "/admin"
+            || path.starts_with("/admin/");
         if let Some(token) = &self.token
             && !public
         {

@@ -83,6 +83,8 @@ impl Repo {
     ) -> Result<()> {
         let mut c = self.pool.get().await?;
         let tx = c.transaction().await?;
+        // Replicas syncing at once take turns (each deletes what the other inserted).
+        tx.execute("SELECT 1 FROM catalog_repositories WHERE id = $1 FOR UPDATE", &[&id]).await?;
         tx.execute("DELETE FROM catalog_plugins WHERE repository_id = $1", &[&id]).await?;
         let insert = tx
             .prepare(
@@ -144,15 +146,16 @@ impl Repo {
     /// Replaces the stored archive of plugin `id` (installed from an upload or a catalog), in one
     /// transaction with its origin. The replacement notifies every replica (a trigger): each
     /// unpacks the new archive, builds and loads it (see `shared_sources`), keeping the old
-    /// instance serving if that fails. Returns the archive it replaced — (sha256, bytes, origin), to put back for a
-    /// roll-back — or None, writing nothing, if the plugin has no stored archive.
+    /// instance serving if that fails. With `only_if`, nothing is written unless the stored
+    /// archive's sha256 is that one (a roll-back does not undo another install's work).
     pub async fn replace_archive(
         &self,
         id: i64,
         archive: &[u8],
         sha256: &str,
         origin: &str,
-    ) -> Result<Option<(String, Vec<u8>, String)>> {
+        only_if: Option<&str>,
+    ) -> Result<Replaced> {
         let mut c = self.pool.get().await?;
         let tx = c.transaction().await?;
         let old = tx
@@ -162,7 +165,11 @@ impl Repo {
                 &[&id],
             )
             .await?;
-        let Some(old) = old else { return Ok(None) };
+        let Some(old) = old else { return Ok(Replaced::NoArchive) };
+        let (old_sha256, old_archive, old_origin): (String, Vec<u8>, String) = (old.get(0), old.get(1), old.get(2));
+        if only_if.is_some_and(|expected| expected != old_sha256) {
+            return Ok(Replaced::NotThat(old_sha256));
+        }
         tx.execute(
             "UPDATE plugin_archives SET sha256 = $2, size = $3, archive = $4, uploaded_by = $5, uploaded_at = now()
              WHERE plugin_id = $1",
@@ -171,6 +178,17 @@ impl Repo {
         .await?;
         tx.execute("UPDATE plugins SET origin = $2 WHERE id = $1", &[&id, &origin]).await?;
         tx.commit().await?;
-        Ok(Some((old.get(0), old.get(1), old.get(2))))
+        Ok(Replaced::Done { sha256: old_sha256, archive: old_archive, origin: old_origin })
     }
+}
+
+/// What [`Repo::replace_archive`] did.
+#[derive(Debug)]
+pub enum Replaced {
+    /// The plugin has no stored archive (it was installed before kiln kept them): nothing written.
+    NoArchive,
+    /// The stored archive is another than `only_if` asked for (its sha256): nothing written.
+    NotThat(String),
+    /// Replaced; what was stored before.
+    Done { sha256: String, archive: Vec<u8>, origin: String },
 }

@@ -14,7 +14,7 @@ mod replicas;
 mod row_lock;
 mod storage;
 
-pub use catalog::{CatalogEntry, CatalogSource, ListedEntry};
+pub use catalog::{CatalogEntry, CatalogSource, ListedEntry, Replaced};
 pub use events::DueEvent;
 pub use libraries::BuildLock;
 pub use libraries::StoredLibrary;

@@ -129,21 +129,14 @@ impl CatalogApi {
             return Err(ErrorResponse::new(ErrorCode::NotInCatalog, msg));
         };
         let entry = pick.entry;
-        let _one = self.catalog.installing.lock().await;
-        let existing = self.admin.repo.get_by_name(&name).await.map_err(db_error)?;
-        if let Some(row) = &existing {
-            if !row.from_archive() {
-                let msg = format!(
-                    "{:?} was not installed from an archive (origin {:?}): kiln does not replace its source",
-                    row.name, row.origin
-                );
-                return Err(ErrorResponse::new(ErrorCode::PluginExists, msg));
-            }
-            let current = self.admin.repo.archive_sha256(row.id).await.map_err(db_error)?;
-            if current.as_deref() == Some(entry.sha256.as_str()) {
-                return Ok(Json(self.admin.view(row.clone()).await?));
-            }
+        if let Some(row) = self.admin.repo.get_by_name(&name).await.map_err(db_error)?
+            && row.from_archive()
+            && self.admin.repo.archive_sha256(row.id).await.map_err(db_error)?.as_deref() == Some(entry.sha256.as_str())
+        {
+            // Installed already: nothing changes (and nothing is downloaded).
+            return Ok(Json(self.admin.view(row).await?));
         }
+        // Checked (signature, sha256, then the manifest against the entry) before anything else.
         let bytes = self.catalog.download(&entry).await.map_err(|e| {
             let code = match &e {
                 DownloadError::Untrusted(Untrusted::Checksum { .. }) => ErrorCode::ChecksumMismatch,
@@ -154,11 +147,25 @@ impl CatalogApi {
             ErrorResponse::new(code, format!("{}@{} from {}: {e}", entry.name, entry.version, pick.repository))
         })?;
         let (extracted, manifest, bytes) = self.admin.unpack(bytes, Some(&entry)).await?;
+        let _one = self.catalog.installing.lock().await;
+        let existing = self.admin.repo.get_by_name(&name).await.map_err(db_error)?;
         let plugin = match existing {
             None => self.admin.install_new(extracted, manifest, bytes, "catalog").await?,
             Some(row) => {
                 drop(extracted);
-                self.admin.upgrade(row, bytes, &entry).await?
+                if !row.from_archive() {
+                    let msg = format!(
+                        "{:?} was not installed from an archive (origin {:?}): kiln does not replace its source",
+                        row.name, row.origin
+                    );
+                    return Err(ErrorResponse::new(ErrorCode::PluginExists, msg));
+                }
+                let current = self.admin.repo.archive_sha256(row.id).await.map_err(db_error)?;
+                if current.as_deref() == Some(entry.sha256.as_str()) {
+                    // Installed already: nothing changes.
+                    return Ok(Json(self.admin.view(row).await?));
+                }
+                self.admin.upgrade(row, bytes, entry).await?
             }
         };
         Ok(Json(plugin))

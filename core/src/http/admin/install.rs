@@ -8,7 +8,8 @@ use crate::archive::{self, Extracted};
 use crate::error_code::ErrorCode;
 use crate::http::error::ErrorResponse;
 use crate::manifest::Manifest;
-use crate::repo::{CatalogEntry, Discovered, PluginRow};
+use crate::reconciler::Failure;
+use crate::repo::{CatalogEntry, Discovered, PluginRow, Replaced};
 use std::io::ErrorKind;
 
 type Result<T> = std::result::Result<T, ErrorResponse>;
@@ -32,16 +33,14 @@ impl AdminApi {
             .await
             .map_err(|e| internal(e.to_string()))?
             .map_err(|e| ErrorResponse::new(manifest_code(&e), e.to_string()))?;
-        if let Some(entry) = entry {
-            let same_version = semver::Version::parse(&manifest.version)
-                .is_ok_and(|v| semver::Version::parse(&entry.version).is_ok_and(|e| e == v));
-            if manifest.name != entry.name || !same_version {
-                let msg = format!(
-                    "the catalog lists {}@{}, but the archive holds {}@{}",
-                    entry.name, entry.version, manifest.name, manifest.version
-                );
-                return Err(ErrorResponse::new(ErrorCode::CatalogMismatch, msg));
-            }
+        if let Some(entry) = entry
+            && (manifest.name != entry.name || !same_version(&manifest.version, &entry.version))
+        {
+            let msg = format!(
+                "the catalog lists {}@{}, but the archive holds {}@{}",
+                entry.name, entry.version, manifest.name, manifest.version
+            );
+            return Err(ErrorResponse::new(ErrorCode::CatalogMismatch, msg));
         }
         Ok((extracted, manifest, bytes))
     }
@@ -127,32 +126,65 @@ impl AdminApi {
     /// Replaces the archive of `row` (installed from an upload or a catalog) with `bytes`,
     /// already checked against `entry`, and has every replica load it: the old version serves
     /// until the new one does (a zero-drop reload). If it does not serve here, the old archive
-    /// is put back and reloaded, and the answer says why the new one failed.
-    pub(super) async fn upgrade(&self, row: PluginRow, bytes: Vec<u8>, entry: &CatalogEntry) -> Result<Plugin> {
+    /// is put back (unless another install replaced it meanwhile) and reloaded, and the answer
+    /// says why the new one failed. It runs to its end even if the client goes away.
+    pub(super) async fn upgrade(&self, row: PluginRow, bytes: Vec<u8>, entry: CatalogEntry) -> Result<Plugin> {
+        let this = self.clone();
+        tokio::spawn(async move { this.upgrade_to_end(row, bytes, entry).await })
+            .await
+            .map_err(|e| internal(format!("the upgrade task failed: {e}")))?
+    }
+
+    async fn upgrade_to_end(&self, row: PluginRow, bytes: Vec<u8>, entry: CatalogEntry) -> Result<Plugin> {
         let sha256 = sha256_hex(&bytes);
-        let replaced = self.repo.replace_archive(row.id, &bytes, &sha256, "catalog").await.map_err(db_error)?;
-        let Some((old_sha256, old_bytes, old_origin)) = replaced else {
+        let replaced = self.repo.replace_archive(row.id, &bytes, &sha256, "catalog", None).await.map_err(db_error)?;
+        let Replaced::Done { sha256: old_sha256, archive: old_bytes, origin: old_origin } = replaced else {
             let msg =
                 format!("{:?} was installed before kiln kept archives; uninstall it and install it again", row.name);
             return Err(ErrorResponse::new(ErrorCode::PluginExists, msg));
         };
         tracing::info!(plugin = %row.name, from = %row.version, to = %entry.version, "upgrading from a catalog");
-        let Err(f) = self.reconciler.reconcile(row.id, false).await else {
-            return self.view(self.row(&row.name).await?).await;
+        let f = match self.reconciler.reconcile(row.id, false).await {
+            Ok(_) => {
+                let now = self.row(&row.name).await?;
+                // A pass that kept the old sources (one that could not unpack the new archive)
+                // succeeds without upgrading: that is a failure here.
+                if !now.wants_active() || same_version(&now.version, &entry.version) {
+                    return self.view(now).await;
+                }
+                let message = format!("the new version did not load here ({} still serves; see the log)", now.version);
+                Failure { code: ErrorCode::LoadError, message }
+            }
+            Err(f) if f.code == ErrorCode::Internal => {
+                // The server is stopping: the next start carries on with the new archive.
+                return Err(failure(f));
+            }
+            Err(f) => f,
         };
         tracing::warn!(plugin = %row.name, to = %entry.version, "the upgrade failed, rolling back: {}", f.message);
-        let restored = self.repo.replace_archive(row.id, &old_bytes, &old_sha256, &old_origin).await;
-        match restored {
-            Ok(_) => {
-                if let Err(again) = self.reconciler.reconcile(row.id, false).await {
-                    tracing::warn!(plugin = %row.name, "the rolled-back version did not load again: {}", again.message);
+        let restored = self.repo.replace_archive(row.id, &old_bytes, &old_sha256, &old_origin, Some(&sha256)).await;
+        let what = match restored {
+            Ok(Replaced::Done { .. }) => match self.reconciler.reconcile(row.id, false).await {
+                Ok(_) => format!("was rolled back to {}", row.version),
+                Err(again) => {
+                    format!("was rolled back to {}, which did not load again ({})", row.version, again.message)
                 }
+            },
+            Ok(Replaced::NotThat(_)) => "was not rolled back: another install replaced the archive meanwhile".into(),
+            Ok(Replaced::NoArchive) => "was not rolled back: the plugin's archive is gone (uninstalled?)".into(),
+            Err(e) => {
+                tracing::error!(plugin = %row.name, "could not put the old archive back: {e}");
+                format!("could not be rolled back ({e})")
             }
-            Err(e) => tracing::error!(plugin = %row.name, "could not put the old archive back: {e}"),
-        }
-        let message = format!("the upgrade to {} was rolled back to {}: {}", entry.version, row.version, f.message);
-        Err(failure(crate::reconciler::Failure { code: f.code, message }))
+        };
+        let message = format!("the upgrade to {} failed and {what}: {}", entry.version, f.message);
+        Err(failure(Failure { code: f.code, message }))
     }
+}
+
+/// Whether two version strings name the same semver version.
+fn same_version(a: &str, b: &str) -> bool {
+    matches!((semver::Version::parse(a), semver::Version::parse(b)), (Ok(a), Ok(b)) if a == b)
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
