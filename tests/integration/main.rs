@@ -1,6 +1,7 @@
 //! kiln's integration tests: a real PostgreSQL, real cargo builds of real plugin crates, real
 //! HTTP. One test binary (see `support` for the harness).
 
+mod admin_page;
 mod author;
 mod boundary;
 mod catalog;

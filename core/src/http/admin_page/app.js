@@ -182,7 +182,7 @@ function hintOf(prop) {
   if (prop.description) parts.push(prop.description);
   if (prop.minimum !== undefined) parts.push('at least ' + prop.minimum);
   if (prop.maximum !== undefined) parts.push('at most ' + prop.maximum);
-  if (prop.minLength) parts.push('at least ' + prop.minLength + ' characters');
+  if (prop.minLength) parts.push('at least ' + prop.minLength + (prop.minLength === 1 ? ' character' : ' characters'));
   if (prop.default !== undefined) parts.push('default ' + JSON.stringify(prop.default));
   return parts.join('; ');
 }
@@ -391,6 +391,7 @@ function useToken(event) {
   event.preventDefault();
   token = $('#token').value;
   $('#token').value = '';
+  $('#token').placeholder = token ? 'in use' : '';
   sessionStorage.setItem('kiln-token', token);
   say(token ? 'Using the token.' : 'Not using a token.', 'good');
   lastList = '';
@@ -399,6 +400,7 @@ function useToken(event) {
 }
 
 document.addEventListener('DOMContentLoaded', () => {
+  if (token) $('#token').placeholder = 'in use';
   $('#token-form').addEventListener('submit', useToken);
   $('#upload-form').addEventListener('submit', upload);
   $('#config-form').addEventListener('submit', saveConfig);
