@@ -31,8 +31,9 @@ async fn serve_dir(dir: PathBuf) -> String {
     base
 }
 
-/// `hello` at `version`, greeting with `greeting` (a word that does not compile breaks it).
-fn hello_archive(version: &str, greeting: &str) -> Vec<u8> {
+/// `hello` at `version`, greeting with `greeting` (a word that does not compile breaks it);
+/// `prebuilt`: with the library `kiln check --write-prebuilt` leaves in the crate.
+fn hello_archive(version: &str, greeting: &str, prebuilt: bool) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     copy_crate(&crate_source("hello"), dir.path());
     let edit = |file: &str, from: &str, to: &str| {
@@ -44,6 +45,15 @@ fn hello_archive(version: &str, greeting: &str) -> Vec<u8> {
     edit("Cargo.toml", "version = \"0.1.0\"", &format!("version = \"{version}\""));
     edit("Cargo.lock", "name = \"hello\"\nversion = \"0.1.0\"", &format!("name = \"hello\"\nversion = \"{version}\""));
     edit("src/lib.rs", "format!(\"hello, {who}\")", &format!("format!(\"{greeting}, {{who}}\")"));
+    if prebuilt {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["check", "--write-prebuilt"])
+            .current_dir(dir.path())
+            .env("KILN_BUILD_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-plugin-build"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
     crate_archive(dir.path(), "hello")
 }
 
@@ -94,7 +104,7 @@ async fn a_verified_catalog_installs_and_upgrades_under_load_and_refuses_what_do
     let (trusted, other) = (SigningKey::from_bytes(&[7; 32]), SigningKey::from_bytes(&[8; 32]));
     let files = tempfile::tempdir().unwrap();
     let dir = files.path();
-    let v1 = hello_archive("0.1.0", "hello");
+    let v1 = hello_archive("0.1.0", "hello", true);
     let mut entries = vec![
         entry(dir, "hello", "0.1.0", &v1, None, Some(&trusted)),
         // Listed with the sha256 of other bytes than those served.
@@ -162,11 +172,12 @@ async fn a_verified_catalog_installs_and_upgrades_under_load_and_refuses_what_do
     assert_eq!((status, body["error"].as_str()), (409, Some("PluginExists")), "{body}");
     sql.execute("DELETE FROM plugins WHERE name = 'hello'", &[]).await.unwrap();
 
-    // A verified archive installs, builds and serves.
+    // A verified archive installs and serves: with the prebuilt library it carries, no build.
     let (status, plugin) = install_from_catalog(&server, "hello", None).await;
     assert_eq!(status, 200, "{plugin}");
     assert_eq!((plugin["version"].as_str(), plugin["origin"].as_str()), (Some("0.1.0"), Some("catalog")), "{plugin}");
     assert_eq!(server.get("/hello/kiln").await.1["message"], "hello, kiln");
+    assert_eq!(server.get("/plugins/hello/builds").await.1, json!([]), "the prebuilt library served");
 
     // A second replica on the same database serves it too.
     let replica_root = tempfile::Builder::new().prefix("kiln-replica-").tempdir().unwrap();
@@ -182,9 +193,16 @@ async fn a_verified_catalog_installs_and_upgrades_under_load_and_refuses_what_do
         .await;
 
     // Newer versions are published; the periodic sync sees them.
-    let v2 = hello_archive("0.2.0", "hi");
+    let v2 = hello_archive("0.2.0", "hi", false);
     entries.push(entry(dir, "hello", "0.2.0", &v2, None, Some(&trusted)));
-    entries.push(entry(dir, "hello", "0.3.0", &hello_archive("0.3.0", "does not compile\""), None, Some(&trusted)));
+    entries.push(entry(
+        dir,
+        "hello",
+        "0.3.0",
+        &hello_archive("0.3.0", "does not compile\"", false),
+        None,
+        Some(&trusted),
+    ));
     write_catalog(dir, &entries);
     server
         .wait_until("the new versions are synced", EDIT_DEADLINE, || async {

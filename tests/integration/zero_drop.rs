@@ -1,34 +1,17 @@
 //! Reloads under load: no request fails, and every retired instance is cleaned up exactly once.
 
-use crate::support::{EDIT_DEADLINE, TestServer, log_entries};
+use crate::support::{EDIT_DEADLINE, Load, TestServer, log_entries};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_never_fail_across_many_reloads() {
     let server = Arc::new(TestServer::start(&["lifecycle"]).await);
     server.wait_state("lifecycle", "loaded").await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut clients = Vec::new();
-    for i in 0..4 {
-        let (server, stop, ok, failed) = (server.clone(), stop.clone(), ok.clone(), failed.clone());
-        // One client of four sends slow requests, which are in flight across the swaps.
-        let path = if i == 0 { "/lifecycle/slow" } else { "/lifecycle" };
-        clients.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match server.get(path).await {
-                    (200, _) => ok.fetch_add(1, Ordering::Relaxed),
-                    (status, body) => {
-                        eprintln!("{path} answered {status}: {body}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    // One client of four sends slow requests, which are in flight across the swaps.
+    let slow = Load::start(&server, "/lifecycle/slow", 1);
+    let fast = Load::start(&server, "/lifecycle", 3);
 
     let src = server.plugin_dir("lifecycle").join("src/lib.rs");
     let code = std::fs::read_to_string(&src).unwrap();
@@ -44,11 +27,8 @@ async fn requests_never_fail_across_many_reloads() {
         assert_eq!(status, 200, "{body}");
         reloads += 1;
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let ((slow_ok, slow_failed), (fast_ok, fast_failed)) = (slow.end().await, fast.end().await);
+    let (ok, failed) = (slow_ok + fast_ok, slow_failed + fast_failed);
     assert_eq!(failed, 0, "{failed} of {} requests failed across {reloads} reloads", ok + failed);
     assert!(ok > 100, "the load was real: {ok} requests");
     assert_eq!(server.get("/lifecycle").await.1, "v5");
