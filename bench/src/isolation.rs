@@ -8,7 +8,7 @@
 
 use crate::load::quantile;
 use crate::setup::{self, Db, Kiln, http};
-use crate::{Row, row, wrk};
+use crate::{Row, cpu, row, wrk};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,9 @@ pub async fn run(
 
     let (rounds, secs) = if quick { (3, 1) } else { (9, 2) };
     let (mut ratios, mut added, mut rps) = (Vec::new(), Vec::new(), (Vec::new(), Vec::new()));
+    // CPU per request at one connection: kiln's threads (both servers' are named alike; the
+    // idle one adds only its timers), plus the plugin's process for the isolated one.
+    let mut cpu_1 = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let pair = |conns| async move {
             let run = |addr| async move {
@@ -65,7 +68,22 @@ pub async fn run(
         ratios.push(b.rps / a.rps);
         rps.0.push(a.rps);
         rps.1.push(b.rps);
-        let (a1, b1) = pair(1).await?;
+        let cpu_of = |addr, isolated: bool| async move {
+            let ns = || cpu::threads_ns(setup::KILN_THREADS) + if isolated { children_ns("powertable") } else { 0 };
+            let before = ns();
+            let stats = wrk::run(addr, "/powertable", 1, Duration::from_secs(secs)).await?;
+            anyhow::ensure!(stats.failed == 0, "requests failed");
+            anyhow::Ok((stats, (ns() - before) as f64 / stats.ok.max(1) as f64 / 1e3))
+        };
+        let ((a1, a_cpu), (b1, b_cpu)) = if round % 2 == 0 {
+            let a = cpu_of(in_process.addr, false).await?;
+            (a, cpu_of(isolated.addr, true).await?)
+        } else {
+            let b = cpu_of(isolated.addr, true).await?;
+            (cpu_of(in_process.addr, false).await?, b)
+        };
+        cpu_1.0.push(a_cpu);
+        cpu_1.1.push(b_cpu);
         added.push(b1.p50_us - a1.p50_us);
         eprintln!(
             "  round {round}: in process {:.0} req/s, p50 {:.0} µs at 1 conn; own process {:.0} req/s, p50 {:.0} µs",
@@ -88,6 +106,13 @@ pub async fn run(
         format!("{:.0} µs (median of the rounds)", quantile(&mut added, 0.5)),
         "the same route in process",
         "≤ 20 µs",
+    ));
+    let (a, b) = (quantile(&mut cpu_1.0, 0.5), quantile(&mut cpu_1.1, 0.5));
+    rows.push(row(
+        "CPU per request at 1 conn, kiln and the plugin's process (the price of polling while alone)",
+        format!("{b:.1} µs ({:.1}× in process)", b / a),
+        format!("{a:.1} µs in process"),
+        "",
     ));
 
     // Restarts after a crash.
@@ -122,10 +147,29 @@ pub async fn run(
 /// Processes whose command line is `kiln plugin-host --library …<name>-…` (the bench's own
 /// children).
 fn children(name: &str) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    child_dirs(name).len()
+}
+
+fn child_dirs(name: &str) -> Vec<std::path::PathBuf> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(Result::ok)
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains("plugin-host") && c.contains(&format!("/{name}-")))
-        .count()
+        .map(|e| e.path())
+        .filter(|p| {
+            std::fs::read(p.join("cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                c.contains("plugin-host") && c.contains(&format!("/{name}-"))
+            })
+        })
+        .collect()
+}
+
+/// Nanoseconds on a CPU of the live threads of those processes (`/proc/<pid>/task/*/schedstat`).
+fn children_ns(name: &str) -> u64 {
+    child_dirs(name)
+        .iter()
+        .filter_map(|p| std::fs::read_dir(p.join("task")).ok())
+        .flat_map(|tasks| tasks.flatten())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }

@@ -17,6 +17,7 @@ mod calls;
 pub mod child;
 mod process;
 mod requests;
+mod spin;
 pub mod wire;
 
 use crate::error_code::ErrorCode;
