@@ -125,6 +125,11 @@ pub struct Config {
     #[arg(long, env = "KILN_PLUGIN_HOST_EXE")]
     pub plugin_host_exe: Option<PathBuf>,
 
+    /// Microseconds an isolated call's waiter polls its socket, when it is the only call in
+    /// flight on its side, before it sleeps (see the README's Process isolation); 0: never.
+    #[arg(long, env = "KILN_ISOLATION_POLL_US", default_value_t = 100)]
+    pub isolation_poll_us: u64,
+
     /// Plugin catalogs to sync (comma-separated): http(s) URLs, or absolute directory paths,
     /// serving a `catalog.json`. Recorded in `catalog_repositories`, where operators may add more.
     #[arg(long = "catalog", env = "KILN_CATALOGS", value_delimiter = ',')]
@@ -170,6 +175,7 @@ impl Config {
             heartbeat_ms: 2000,
             replica_timeout_ms: 10_000,
             plugin_host_exe: None,
+            isolation_poll_us: 100,
             catalogs: Vec::new(),
             catalog_trusted_keys: Vec::new(),
             catalog_sync_secs: 0,

@@ -39,6 +39,7 @@ struct Args {
     memory_limit_mb: Option<u64>,
     cpu_limit_s: Option<u64>,
     parent: Option<i32>,
+    poll_us: Option<u64>,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
@@ -51,6 +52,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--library" => out.library = value.into(),
             "--memory-limit-mb" => out.memory_limit_mb = Some(number()?),
             "--cpu-limit-s" => out.cpu_limit_s = Some(number()?),
+            "--poll-us" => out.poll_us = Some(number()?),
             "--parent" => out.parent = Some(value.parse().map_err(|_| format!("--parent: {value}"))?),
             _ => return Err(format!("unknown argument {flag}")),
         }
@@ -172,6 +174,9 @@ fn open(args: &Args) -> Result<(), LoadError> {
             * page;
         set_limit(libc::RLIMIT_AS, mapped + mb * 1024 * 1024, mapped + mb * 1024 * 1024);
     }
+    if let Some(us) = args.poll_us {
+        super::spin::set_budget(std::time::Duration::from_micros(us));
+    }
     if let Some(s) = args.cpu_limit_s {
         NO_POLLING.store(true, Ordering::Relaxed);
         // SIGXCPU at the soft limit; SIGKILL a second later if it is ignored.
@@ -233,7 +238,7 @@ fn serve(stream: UnixStream) {
             if !NO_POLLING.load(Ordering::Relaxed) && conn.read.buffer().is_empty() {
                 let busy = super::spin::InFlight::enter(&BUSY);
                 if busy.alone() {
-                    super::spin::ready_within(conn.read.get_ref().as_raw_fd(), super::spin::BUDGET);
+                    super::spin::ready_within(conn.read.get_ref().as_raw_fd(), super::spin::budget());
                 }
             }
             wire::read_frame(&mut conn.read, &mut body)
@@ -426,10 +431,12 @@ mod tests {
 
     #[test]
     fn arguments_are_read_or_refused() {
-        let args: Vec<String> =
-            ["--library", "/x.so", "--memory-limit-mb", "64", "--parent", "7"].map(String::from).into();
+        let args: Vec<String> = ["--library", "/x.so", "--memory-limit-mb", "64", "--parent", "7", "--poll-us", "0"]
+            .map(String::from)
+            .into();
         let parsed = parse(&args).unwrap();
         assert_eq!((parsed.library, parsed.memory_limit_mb, parsed.parent), ("/x.so".into(), Some(64), Some(7)));
+        assert_eq!(parsed.poll_us, Some(0));
         assert!(parse(&["--memory-limit-mb".to_string(), "x".to_string()]).is_err());
         assert!(parse(&[]).is_err(), "a library is required");
     }

@@ -18,6 +18,8 @@ pub mod child;
 mod process;
 mod requests;
 mod spin;
+
+pub use spin::set_budget as set_poll_budget;
 pub mod wire;
 
 use crate::error_code::ErrorCode;

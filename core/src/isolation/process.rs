@@ -42,6 +42,7 @@ pub(super) fn launch(
     if let Some(s) = spawn.settings.cpu_limit_s {
         command.arg("--cpu-limit-s").arg(s.to_string());
     }
+    command.arg("--poll-us").arg(super::spin::budget().as_micros().to_string());
     // Not kiln's environment: it holds the database URL and the admin token.
     command.env_clear();
     for (key, value) in std::env::vars_os() {

@@ -10,15 +10,28 @@
 //! work; the budget bounds what an idle plugin costs (at most 100 µs of CPU per call).
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// How long a lone waiter polls before it blocks, in µs (`--isolation-poll-us`; 0: never).
+static BUDGET_US: AtomicU64 = AtomicU64::new(100);
+
+/// Sets how long a lone waiter polls (for this process: the server, or a plugin's process).
+pub fn set_budget(budget: Duration) {
+    BUDGET_US.store(budget.as_micros() as u64, Ordering::Relaxed);
+}
+
 /// How long a lone waiter polls before it blocks.
-pub const BUDGET: Duration = Duration::from_micros(100);
+pub fn budget() -> Duration {
+    Duration::from_micros(BUDGET_US.load(Ordering::Relaxed))
+}
 
 /// Polls `fd` until it has input (or an error or hang-up, which the read that follows
 /// reports) or `budget` passes. Whether it is ready.
 pub fn ready_within(fd: RawFd, budget: Duration) -> bool {
+    if budget.is_zero() {
+        return false;
+    }
     let start = Instant::now();
     loop {
         let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
