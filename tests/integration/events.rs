@@ -255,6 +255,36 @@ async fn runtime_subscriptions_follow_on_once_and_off() {
         .await;
 }
 
+/// A handler that answers its own topic would loop for ever: kiln refuses the emit that would
+/// make a chain deeper than 16 (each event emitted by a handler of the one before), tells the
+/// plugin why, and the bus goes quiet.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_loop_ends_at_the_depth_limit() {
+    let server = TestServer::start(&["eventsink"]).await;
+    server.wait_state("eventsink", "loaded").await;
+    assert_eq!(server.post("/events/loop.start", Some(json!({ "n": 0 }))).await.0, 202);
+    let looped = server
+        .wait_until("the loop is refused", EDIT_DEADLINE, || async {
+            !server.get("/eventsink/loop").await.1["refused"].is_null()
+        })
+        .await;
+    let _ = looped;
+    let (_, state) = server.get("/eventsink/loop").await;
+    assert_eq!(state["last"], 16, "events 0 (from the API) to 16 were delivered: {state}");
+    let refused = state["refused"].as_str().unwrap();
+    assert!(refused.contains("chain of 17 events") && refused.contains("a loop?"), "{refused}");
+    let (_, events) = server.get("/events?topic=loop.*&limit=100").await;
+    let depths: Vec<u64> = events.as_array().unwrap().iter().map(|e| e["depth"].as_u64().unwrap()).collect();
+    assert_eq!(depths, (0..=16).rev().collect::<Vec<u64>>(), "one event per step, newest first");
+    // An event emitted outside a handler starts a chain of its own.
+    assert_eq!(server.post("/events/loop.again", Some(json!({ "n": 100 }))).await.0, 202);
+    server
+        .wait_until("the second loop runs to its end too", EDIT_DEADLINE, || async {
+            server.get("/eventsink/loop").await.1["last"] == 116
+        })
+        .await;
+}
+
 /// Durable events: rows of the `events` table are delivered once their transaction commits
 /// (any size), retried while a subscriber fails, and end `dead` with the error kept.
 #[tokio::test(flavor = "multi_thread")]

@@ -5,6 +5,7 @@ use crate::host::logs::{Kind, Level, LogEntry, LogStore};
 use crate::loader::LoadedPlugin;
 use kiln_types::abi::RUNTIME_SUBSCRIPTION;
 use serde_json::{Value, json};
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -45,6 +46,30 @@ impl std::fmt::Display for Source {
     }
 }
 
+/// The longest chain of events, each emitted by a handler of the one before, that kiln
+/// publishes: a plugin that answers its own topic would otherwise loop for ever.
+pub const MAX_DEPTH: u8 = 16;
+
+thread_local! {
+    /// The depth of the event this thread is delivering to a handler, while it does.
+    static DELIVERING: Cell<Option<u8>> = const { Cell::new(None) };
+}
+
+/// Marks this thread as delivering an event of `depth` until dropped.
+struct DepthMark(Option<u8>);
+
+impl DepthMark {
+    fn enter(depth: u8) -> Self {
+        Self(DELIVERING.with(|d| d.replace(Some(depth))))
+    }
+}
+
+impl Drop for DepthMark {
+    fn drop(&mut self) {
+        DELIVERING.with(|d| d.set(self.0));
+    }
+}
+
 /// One published event, with what became of it at each subscriber.
 #[derive(Debug)]
 pub struct Event {
@@ -54,6 +79,8 @@ pub struct Event {
     /// than a parsed value).
     json: Box<str>,
     pub source: Source,
+    /// How many events led to this one: 0, or one more than the event whose handler emitted it.
+    pub depth: u8,
     pub at: SystemTime,
     /// How many subscriptions matched it when it was published.
     pub subscribers: std::sync::atomic::AtomicU32,
@@ -226,6 +253,20 @@ impl EventBus {
         if topic.starts_with(topic::KILN_PREFIX) && source != Source::Kiln {
             return Err(format!("{:?}: topics under {:?} are kiln's own", topic, topic::KILN_PREFIX));
         }
+        // An event a handler emits is one step deeper than the event it handles.
+        let depth = match (&source, DELIVERING.with(Cell::get)) {
+            (Source::Plugin(_), Some(handled)) => handled.saturating_add(1),
+            _ => 0,
+        };
+        if depth > MAX_DEPTH {
+            let msg = format!(
+                "{topic:?} is not published: it would end a chain of {depth} events, each emitted by a handler of the one before (at most {MAX_DEPTH}); a loop?"
+            );
+            if let Source::Plugin(plugin) = &source {
+                tracing::warn!(plugin = %plugin, "{msg}");
+            }
+            return Err(msg);
+        }
         let json = data.to_string();
         if json.len() > MAX_DATA {
             return Err(format!("the event's data is {} bytes of JSON; at most {MAX_DATA} are accepted", json.len()));
@@ -235,6 +276,7 @@ impl EventBus {
             topic: topic.to_string(),
             json: json.into_boxed_str(),
             source,
+            depth,
             at: SystemTime::now(),
             subscribers: Default::default(),
             deliveries: Mutex::new(Vec::new()),
@@ -542,7 +584,11 @@ impl Delivering {
             }
             let started = std::time::Instant::now();
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((event.clone(), started, false));
-            let result = plugin.event(index, &event.topic, event.json.as_bytes(), started + self.timeout);
+            let result = {
+                // What the handler emits is one step deeper (see `publish`).
+                let _depth = DepthMark::enter(event.depth);
+                plugin.event(index, &event.topic, event.json.as_bytes(), started + self.timeout)
+            };
             drop(plugin);
             let counted = self.current.lock().unwrap_or_else(|p| p.into_inner()).take().is_some_and(|c| c.2);
             if counted {

@@ -201,6 +201,9 @@ pub struct EventView {
     pub data: serde_json::Value,
     /// `kiln`, `api`, `postgres` or `plugin:<name>`.
     pub source: String,
+    /// How many events led to this one (0, or one more than the event whose handler emitted
+    /// it); a chain deeper than 16 is refused.
+    pub depth: u8,
     pub at: DateTime<Utc>,
     /// How many subscriptions matched it when it was published.
     pub subscribers: u32,
@@ -226,6 +229,7 @@ impl From<&crate::events::Event> for EventView {
             topic: e.topic.clone(),
             data: e.data(),
             source: e.source.to_string(),
+            depth: e.depth,
             at: e.at.into(),
             subscribers: e.subscribers.load(std::sync::atomic::Ordering::Relaxed),
             deliveries: e
