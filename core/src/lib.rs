@@ -90,7 +90,7 @@ pub async fn serve(
         Compiler::new(config.build_dir.clone(), config.bin_dir.clone(), config.types_dir.clone(), config.build_profile)
             .context("preparing the build directories")?;
     let logs: Arc<host::logs::LogStore> = Default::default();
-    isolation::set_poll_budget(Duration::from_micros(config.isolation_poll_us.min(10_000)));
+    isolation::set_poll_budget(Duration::from_micros(config.isolation_poll_us.min(1_000)));
     let limits = http::Limits {
         max_body: config.max_body,
         body_timeout: config.request_timeout(),

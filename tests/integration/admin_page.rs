@@ -10,6 +10,8 @@ use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "s3cret-admin";
+const TIMES: &str = "#config-form [name=times]";
+const TIMES_ERROR: &str = "#config-form div:has(> [name=times]) .field-error";
 
 /// chromedriver in a process group of its own (with the Chromium it starts), killed on drop.
 struct Driver(std::process::Child);
@@ -133,27 +135,34 @@ async fn the_admin_page_drives_plugins_in_a_real_browser() {
     // invalid value is refused with the message at its field, and nothing changes.
     click(&client, "tr[data-name=configured] button[data-action=open]").await;
     text_of(&client, "#detail-heading", EDIT_DEADLINE, |t| t == "configured").await;
-    text_of(&client, "label[for=cfg-times]", EDIT_DEADLINE, |t| t == "times").await;
-    assert_eq!(attr(&client, "#cfg-api_key", "type").await.as_deref(), Some("password"));
-    assert_eq!(attr(&client, "#cfg-times", "type").await.as_deref(), Some("number"));
-    fill(&client, "#cfg-times", "0").await;
+    text_of(&client, TIMES, EDIT_DEADLINE, |_| true).await;
+    let label =
+        client.execute(&format!("return document.querySelector('{TIMES}').labels[0].textContent"), vec![]).await;
+    assert_eq!(label.unwrap(), "times");
+    assert_eq!(attr(&client, "#config-form [name=api_key]", "type").await.as_deref(), Some("password"));
+    assert_eq!(attr(&client, TIMES, "type").await.as_deref(), Some("number"));
+    fill(&client, TIMES, "0").await;
     click(&client, "#config-form button[type=submit]").await;
-    let error = text_of(&client, "#cfg-times-error", EDIT_DEADLINE, |t| !t.is_empty()).await;
+    let error = text_of(&client, TIMES_ERROR, EDIT_DEADLINE, |t| !t.is_empty()).await;
     assert!(error.contains("minimum"), "{error}");
-    assert_eq!(attr(&client, "#cfg-times", "aria-invalid").await.as_deref(), Some("true"));
+    assert_eq!(attr(&client, TIMES, "aria-invalid").await.as_deref(), Some("true"));
     // The README's picture (KILN_SCREENSHOT_DIR=$PWD/docs cargo test … admin_page).
     if let Ok(dir) = std::env::var("KILN_SCREENSHOT_DIR") {
         let png = client.screenshot().await.unwrap();
         std::fs::write(std::path::Path::new(&dir).join("admin-page.png"), png).unwrap();
     }
     assert_eq!(server.get("/configured").await.1["times"], 1, "an invalid config is not applied");
-    fill(&client, "#cfg-times", "3").await;
-    fill(&client, "#cfg-greeting", "howdy").await;
+    fill(&client, TIMES, "3").await;
+    fill(&client, "#config-form [name=greeting]", "howdy").await;
     click(&client, "#config-form button[type=submit]").await;
     text_of(&client, "#status", EDIT_DEADLINE, |t| t.contains("saved and applied")).await;
     let now = server.get("/configured").await.1;
     assert_eq!((&now["times"], &now["greeting"]), (&json!(3), &json!("howdy")), "{now}");
     assert_eq!(admin_get(&server, "/plugins/configured/config").await["config"]["times"], 3);
+    // Only what the user set is stored: the defaults are not pinned into the row.
+    let stored: serde_json::Value =
+        server.sql().await.query_one("SELECT config FROM plugins WHERE name = 'configured'", &[]).await.unwrap().get(0);
+    assert_eq!(stored, json!({ "times": 3, "greeting": "howdy" }));
 
     // Logs and builds of a plugin.
     assert_eq!(server.get("/hello/browser").await.0, 200);
@@ -185,5 +194,7 @@ async fn the_admin_page_drives_plugins_in_a_real_browser() {
     let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
     assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
     assert!(!page.text().await.unwrap().contains("http"), "no external resources");
+    let violations = client.execute("return window.cspViolations", vec![]).await.unwrap();
+    assert_eq!(violations, json!(0), "the page needs nothing its policy forbids");
     client.close().await.unwrap();
 }

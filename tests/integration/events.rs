@@ -279,10 +279,14 @@ async fn an_event_loop_ends_at_the_depth_limit() {
     // An event emitted outside a handler starts a chain of its own.
     assert_eq!(server.post("/events/loop.again", Some(json!({ "n": 100 }))).await.0, 202);
     server
-        .wait_until("the second loop runs to its end too", EDIT_DEADLINE, || async {
-            server.get("/eventsink/loop").await.1["last"] == 116
+        .wait_until("the second loop runs to its end and is refused too", EDIT_DEADLINE, || async {
+            let state = server.get("/eventsink/loop").await.1;
+            state["last"] == 116 && !state["refused"].is_null()
         })
         .await;
+    let (_, events) = server.get("/events?topic=loop.*&limit=17").await;
+    let depths: Vec<u64> = events.as_array().unwrap().iter().map(|e| e["depth"].as_u64().unwrap()).collect();
+    assert_eq!(depths, (0..=16).rev().collect::<Vec<u64>>(), "the second chain, 0 to 16");
 }
 
 /// Durable events: rows of the `events` table are delivered once their transaction commits

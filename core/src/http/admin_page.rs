@@ -11,8 +11,8 @@ const INDEX: &str = include_str!("admin_page/index.html");
 const SCRIPT: &str = include_str!("admin_page/app.js");
 const STYLE: &str = include_str!("admin_page/app.css");
 
-const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; \
-                   form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'none'; \
+                   form-action 'none'; base-uri 'none'; frame-ancestors 'none'";
 
 /// The page's three files, under `/admin`.
 pub fn routes(route: Route) -> Route {

@@ -219,12 +219,12 @@ fn answer_first(stream: UnixStream, status: i32, http: u16, message: &[u8]) {
     }
 }
 
-/// Serves the calls of one connection until the parent closes it.
 /// Calls this process is running or waiting for with a poll (see `spin`).
 static BUSY: AtomicUsize = AtomicUsize::new(0);
 /// Set when the process has a CPU-time limit, which polling would spend.
 static NO_POLLING: AtomicBool = AtomicBool::new(false);
 
+/// Serves the calls of one connection until the parent closes it.
 fn serve(stream: UnixStream) {
     let Ok(conn) = Conn::new(stream) else { return };
     CONN.with(|c| *c.borrow_mut() = Some(conn));

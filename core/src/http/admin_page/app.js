@@ -7,9 +7,17 @@ const $ = (selector) => document.querySelector(selector);
 const enc = encodeURIComponent;
 const TICK_MS = 2000;
 
-let token = sessionStorage.getItem('kiln-token') || '';
+// In memory only: plugin routes share this page's origin, so nothing is left in storage.
+let token = '';
 let selected = null;
 let lastList = '';
+let refreshing = false;
+let logsLoading = false;
+// Policy violations seen (the browser test reads it: the page must need none).
+window.cspViolations = 0;
+document.addEventListener('securitypolicyviolation', () => {
+  window.cspViolations += 1;
+});
 
 function h(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -66,6 +74,17 @@ async function api(method, path, body) {
 // The plugins table: rows are kept and updated in place, so focus and clicks survive a refresh.
 
 async function refresh() {
+  // One at a time: an older answer never lands after a newer one.
+  if (refreshing) return;
+  refreshing = true;
+  try {
+    await refreshNow();
+  } finally {
+    refreshing = false;
+  }
+}
+
+async function refreshNow() {
   const r = await api('GET', '/plugins');
   if (!r.ok) {
     if (r.status !== 401) say('Could not list the plugins: ' + problem(r), 'bad');
@@ -129,7 +148,9 @@ function updateRow(row, p) {
 
 async function act(name, what, button) {
   let r;
-  button.disabled = true;
+  if (button.getAttribute('aria-disabled') === 'true') return;
+  // aria-disabled, not disabled: the button keeps the keyboard focus.
+  button.setAttribute('aria-disabled', 'true');
   try {
     if (what === 'toggle') {
       say(`Switching ${name}…`);
@@ -146,21 +167,23 @@ async function act(name, what, button) {
     }
     if (r && !r.ok && r.status !== 401) say(`${name}: ${problem(r)}`, 'bad');
   } finally {
-    button.disabled = false;
+    button.removeAttribute('aria-disabled');
     await refresh();
   }
 }
 
 // The detail panel of one plugin.
 
-async function select(name) {
+async function select(name, focus = true) {
   selected = name;
   $('#detail').hidden = false;
   const heading = $('#detail-heading');
   heading.textContent = name;
   heading.tabIndex = -1;
+  const from = document.activeElement;
   await Promise.all([loadConfig(name), loadBuilds(name), loadLogs(name)]);
-  heading.focus();
+  // Only if the user has not moved on meanwhile.
+  if (focus && selected === name && document.activeElement === from) heading.focus();
 }
 
 function closeDetail() {
@@ -187,17 +210,26 @@ function hintOf(prop) {
   return parts.join('; ');
 }
 
-function configField(key, prop, value, required) {
-  const id = 'cfg-' + key;
+function configField(index, key, prop, value, required) {
+  // Ids from the position: a key may hold any character.
+  const id = 'cfg-' + index;
   const kind = fieldKind(prop);
   const described = [];
   const hint = hintOf(prop);
   if (hint) described.push(id + '-hint');
   described.push(id + '-error');
-  const common = { id, name: key, dataset: { kind }, 'aria-describedby': described.join(' '), required: required || undefined };
+  const initial = value === undefined ? undefined : JSON.stringify(value);
+  const common = {
+    id,
+    name: key,
+    dataset: { kind, initial, default: prop.default === undefined ? undefined : JSON.stringify(prop.default) },
+    'aria-describedby': described.join(' '),
+    required: required || undefined,
+  };
   let input;
   if (kind === 'enum') {
-    input = h('select', common, ...prop.enum.map((v) => h('option', { value: JSON.stringify(v), selected: v === value || undefined }, String(v))));
+    const unset = value === undefined && !required ? [h('option', { value: '', selected: true }, '(not set)')] : [];
+    input = h('select', common, ...unset, ...prop.enum.map((v) => h('option', { value: JSON.stringify(v), selected: v === value || undefined }, String(v))));
   } else if (kind === 'boolean') {
     input = h('input', { ...common, type: 'checkbox', checked: value === true || undefined });
   } else if (kind === 'integer' || kind === 'number') {
@@ -223,7 +255,11 @@ function configField(key, prop, value, required) {
 async function loadConfig(name) {
   const form = $('#config-form');
   const r = await api('GET', `/plugins/${enc(name)}/config`);
+  // Another plugin was chosen meanwhile: its own form is (being) shown.
+  if (name !== selected) return;
   form.replaceChildren();
+  delete form.dataset.whole;
+  form.dataset.plugin = name;
   if (!r.ok) {
     form.append(h('p', { class: 'form-error', text: problem(r) }));
     return;
@@ -233,12 +269,11 @@ async function loadConfig(name) {
   const required = new Set((schema && schema.required) || []);
   form.append(h('p', { class: 'form-error', id: 'config-error', role: 'alert', hidden: true }));
   if (props) {
-    for (const [key, prop] of Object.entries(props)) form.append(...configField(key, prop, config[key], required.has(key)));
+    Object.entries(props).forEach(([key, prop], i) => form.append(...configField(i, key, prop, config[key], required.has(key))));
   } else {
-    form.append(...configField('config', { description: 'This plugin declares no configSchema: its whole config, as JSON.' }, config, false));
+    form.append(...configField(0, 'config', { description: 'This plugin declares no configSchema: its whole config, as JSON.' }, config, false));
     form.dataset.whole = 'true';
   }
-  form.dataset.had = JSON.stringify(Object.keys(config || {}));
   form.append(h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Save configuration')));
 }
 
@@ -260,33 +295,44 @@ function clearErrors(form) {
   }
 }
 
+// What a field holds now, as a JSON value (undefined: not set); bad JSON throws.
+function valueOf(input) {
+  const kind = input.dataset.kind;
+  if (kind === 'boolean') return input.checked;
+  if (kind === 'enum') return input.value === '' ? undefined : JSON.parse(input.value);
+  if (input.value === '') return undefined;
+  if (kind === 'integer' || kind === 'number') return Number(input.value);
+  if (kind === 'json') return JSON.parse(input.value);
+  return input.value;
+}
+
+// The config to send: each field the user changed, and each one that holds something other
+// than its default (so that saving does not pin defaults into the row).
 function readConfig(form) {
-  const had = new Set(JSON.parse(form.dataset.had || '[]'));
   const config = {};
   const bad = [];
   for (const input of form.querySelectorAll('[data-kind]')) {
-    const key = input.name;
-    const kind = input.dataset.kind;
-    if (kind === 'boolean') config[key] = input.checked;
-    else if (kind === 'enum') config[key] = JSON.parse(input.value);
-    else if (input.value === '' && !had.has(key)) continue;
-    else if (kind === 'integer' || kind === 'number') config[key] = input.value === '' ? null : Number(input.value);
-    else if (kind === 'json') {
-      try {
-        config[key] = JSON.parse(input.value);
-      } catch (e) {
-        bad.push([key, 'not valid JSON: ' + e.message]);
-      }
-    } else config[key] = input.value;
+    let value;
+    try {
+      value = valueOf(input);
+    } catch (e) {
+      bad.push([input.name, 'not valid JSON: ' + e.message]);
+      continue;
+    }
+    const now = value === undefined ? undefined : JSON.stringify(value);
+    const changed = now !== input.dataset.initial;
+    const isDefault = now === input.dataset.default || (now === undefined && input.dataset.initial === undefined);
+    if (value !== undefined && (changed || !isDefault)) config[input.name] = value;
   }
-  if (form.dataset.whole === 'true') return { config: config.config, bad };
+  if (form.dataset.whole === 'true') return { config: config.config ?? {}, bad };
   return { config, bad };
 }
 
 async function saveConfig(event) {
   event.preventDefault();
   const form = event.currentTarget;
-  const name = selected;
+  // The plugin whose form this is (not whichever is chosen by the time it answers).
+  const name = form.dataset.plugin;
   clearErrors(form);
   const { config, bad } = readConfig(form);
   for (const [key, message] of bad) showFieldError(form, key, message);
@@ -298,7 +344,11 @@ async function saveConfig(event) {
   const r = await api('PUT', `/plugins/${enc(name)}/config`, config);
   if (r.ok) {
     say(`The configuration of ${name} is saved and applied.`, 'good');
-    await loadConfig(name);
+    if (selected === name) {
+      await loadConfig(name);
+      const submit = form.querySelector('button[type=submit]');
+      if (submit) submit.focus();
+    }
     return;
   }
   const violations = (r.data && r.data.details && r.data.details.violations) || [];
@@ -392,21 +442,24 @@ function useToken(event) {
   token = $('#token').value;
   $('#token').value = '';
   $('#token').placeholder = token ? 'in use' : '';
-  sessionStorage.setItem('kiln-token', token);
   say(token ? 'Using the token.' : 'Not using a token.', 'good');
   lastList = '';
   refresh();
-  if (selected) select(selected);
+  if (selected) select(selected, false);
 }
 
 document.addEventListener('DOMContentLoaded', () => {
-  if (token) $('#token').placeholder = 'in use';
   $('#token-form').addEventListener('submit', useToken);
   $('#upload-form').addEventListener('submit', upload);
   $('#config-form').addEventListener('submit', saveConfig);
   refresh();
   setInterval(() => {
     refresh();
-    if (selected) loadLogs(selected);
+    if (selected && !logsLoading) {
+      logsLoading = true;
+      loadLogs(selected).finally(() => {
+        logsLoading = false;
+      });
+    }
   }, TICK_MS);
 });
