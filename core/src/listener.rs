@@ -88,6 +88,7 @@ async fn listen(
         *backoff = MIN_BACKOFF;
         let n = reconciler.resync_all().await?;
         tracing::info!(plugins = n, "listening on {CHANNEL}; resync requested");
+        let mut senders = Senders::default();
         while let Some(msg) = rx.recv().await {
             // Every notification that has arrived is handled at once: the plugin ids of all of
             // them go to the reconciler as one batch (one query reads their rows), so a storm
@@ -97,7 +98,14 @@ async fn listen(
             while let Some(msg) = next.take() {
                 let note = msg?;
                 if note.channel() == EVENTS_CHANNEL {
-                    publish(events, note.payload());
+                    if senders.is_plugin(&client, note.process_id()).await {
+                        tracing::warn!(
+                            payload = note.payload(),
+                            "a {EVENTS_CHANNEL} notification from a plugin's database session was refused: plugins publish with events::emit"
+                        );
+                    } else {
+                        publish(events, note.payload());
+                    }
                 } else if note.channel() == OUTBOX_CHANNEL {
                     events.outbox_wake.notify_one();
                 } else {
@@ -128,6 +136,44 @@ async fn listen(
     driver.abort();
     drop(client);
     result
+}
+
+/// Which database sessions are plugins' (a plugin's own role, marked `kiln: plugin …`), by
+/// backend pid, remembered for a while: a plugin's statements may `NOTIFY kiln_events` (no
+/// privilege governs NOTIFY), but an event from a plugin goes through `events::emit`, which names
+/// the plugin and keeps its checks. kiln's plugin sessions are pooled, so the session that sent a
+/// notification is still there when it arrives; a session already gone is taken as not a
+/// plugin's.
+#[derive(Default)]
+struct Senders {
+    known: std::collections::HashMap<i32, (bool, std::time::Instant)>,
+}
+
+impl Senders {
+    const REMEMBERED: Duration = Duration::from_secs(10);
+
+    async fn is_plugin(&mut self, client: &tokio_postgres::Client, pid: i32) -> bool {
+        if let Some((plugin, at)) = self.known.get(&pid)
+            && at.elapsed() < Self::REMEMBERED
+        {
+            return *plugin;
+        }
+        let plugin = client
+            .query_opt(
+                "SELECT coalesce(shobj_description(r.oid, 'pg_authid') LIKE 'kiln: plugin %', false)
+                 FROM pg_stat_activity a JOIN pg_roles r ON r.rolname = a.usename WHERE a.pid = $1",
+                &[&pid],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.get::<_, bool>(0));
+        if self.known.len() > 1000 {
+            self.known.clear();
+        }
+        self.known.insert(pid, (plugin, std::time::Instant::now()));
+        plugin
+    }
 }
 
 /// Publishes the event of a `kiln_events` notification; one kiln cannot read is logged.

@@ -292,3 +292,25 @@ async fn calls_start_clean_and_foreign_schemas_are_left_alone() {
     let kept = db.query_opt("SELECT 1 FROM pg_namespace WHERE nspname = 'plugin_sqlrun'", &[]).await.unwrap();
     assert!(kept.is_some(), "a schema kiln did not make is not dropped");
 }
+
+/// A plugin's statements can `NOTIFY kiln_events` (no privilege governs NOTIFY), but kiln does
+/// not publish what a plugin's session sends there: plugins publish with `events::emit`. The
+/// same notification from another session is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_session_cannot_publish_events_through_notify() {
+    let server = TestServer::start(&["sqlrun"]).await;
+    server.wait_state("sqlrun", "loaded").await;
+    let forged =
+        sql(&server, "query", "SELECT pg_notify('kiln_events', '{\"topic\": \"forged.by.plugin\"}')", json!([])).await;
+    assert!(forged.get("error").is_none(), "the plugin could send it: {forged}");
+    // Another session's notification, committed after the plugin's, arrives after it.
+    let db = server.sql().await;
+    db.execute("SELECT pg_notify('kiln_events', '{\"topic\": \"sent.by.operator\"}')", &[]).await.unwrap();
+    server
+        .wait_until("the operator's event is published", EDIT_DEADLINE, || async {
+            server.get("/events?topic=sent.by.*").await.1.as_array().is_some_and(|e| !e.is_empty())
+        })
+        .await;
+    let (_, refused) = server.get("/events?topic=forged.by.*").await;
+    assert_eq!(refused, json!([]), "the plugin's notification was not published");
+}
