@@ -207,3 +207,30 @@ async fn host_calls_events_and_services_cross_the_process_boundary() {
         })
         .await;
 }
+
+/// A restart whose first try fails (here the plugin's init, once) is tried again: the plugin
+/// serves again instead of being given up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_that_fails_once_is_tried_again() {
+    let server = TestServer::start(&["isolated"]).await;
+    server.wait_state("isolated", "loaded").await;
+    let marker = server.root.path().join("fail-init-once");
+    let config = serde_json::json!({ "fail_init_once": marker.to_string_lossy() });
+    server.sql().await.execute("UPDATE plugins SET config = $1 WHERE name = 'isolated'", &[&config]).await.unwrap();
+    server
+        .wait_until("the new config serves", EDIT_DEADLINE, || async {
+            let p = server.plugin("isolated").await;
+            p["state"] == "loaded" && p["error"].is_null() && pid_of(&server).await.is_some()
+        })
+        .await;
+    let first = pid_of(&server).await.unwrap();
+    std::fs::write(&marker, "").unwrap();
+    assert_eq!(server.get("/isolated/abort").await.0, 502);
+    let now = serving_again(&server, first).await;
+    assert_ne!(now, first);
+    assert!(!marker.exists(), "the first restart's init ran, found the marker and failed");
+    let row = server.plugin("isolated").await;
+    assert!(row["error"].is_null() && row["state"] == "loaded", "{row}");
+    let (_, logs) = server.get("/plugins/isolated/logs").await;
+    assert!(logs.to_string().contains("trying again"), "{logs}");
+}

@@ -38,6 +38,8 @@ use wire::{Fields, Frame};
 /// Crashes within [`CRASH_WINDOW`] that end the restarts: the plugin is then `failed`.
 pub const MAX_CRASHES: usize = 5;
 pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
+/// Tries at a restart before the instance is given up (100 ms, then 200 ms apart).
+const RESTART_ATTEMPTS: u32 = 3;
 /// How long init, a config change and the cleanup may take in the child before it is killed.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -453,7 +455,23 @@ impl Isolated {
             return;
         }
         let config = self.config.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let started = launch(&self.name, &self.library, &config, &self.host, &self.spawn);
+        // A restart that fails (no descriptor or memory to start a process just then, an init
+        // that met a passing failure) is tried again before the instance is given up.
+        let mut attempt = 1;
+        let started = loop {
+            let started = launch(&self.name, &self.library, &config, &self.host, &self.spawn);
+            match &started {
+                Err(e) if attempt < RESTART_ATTEMPTS && !self.lock().retired => {
+                    let msg =
+                        format!("the plugin's process could not be restarted (attempt {attempt}): {e}; trying again");
+                    tracing::warn!(plugin = %self.name, "{msg}");
+                    self.spawn.logs.record(&self.name, Kind::Init, msg, None);
+                    std::thread::sleep(Duration::from_millis(100 << (attempt - 1)));
+                    attempt += 1;
+                }
+                _ => break started,
+            }
+        };
         let mut state = self.lock();
         match started {
             Ok((child, described)) if same_description(&described, &self.described) => {
@@ -483,7 +501,8 @@ impl Isolated {
                     }
                     Err(e) => e.to_string(),
                 };
-                let text = format!("PluginCrashed: the plugin's process could not be restarted: {why}");
+                let text =
+                    format!("PluginCrashed: the plugin's process could not be restarted ({attempt} attempts): {why}");
                 state.failed = Some(text.clone());
                 state.restarting = false;
                 let _ = self.spawn.reports.send(CrashReport {
