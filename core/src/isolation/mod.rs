@@ -18,6 +18,7 @@ pub mod child;
 mod process;
 mod requests;
 mod spin;
+mod stale_dirs;
 
 pub use spin::set_budget as set_poll_budget;
 pub mod wire;

@@ -28,7 +28,11 @@ pub(super) fn launch(
     spawn: &Spawn,
 ) -> Result<(Arc<Child>, Vec<u8>), LoadError> {
     let io = start_error;
-    let dir = tempfile::Builder::new().prefix("kiln-host-").tempdir().map_err(|e| io("a socket directory", e))?;
+    super::stale_dirs::sweep_once();
+    let dir = tempfile::Builder::new()
+        .prefix(&super::stale_dirs::prefix())
+        .tempdir()
+        .map_err(|e| io("a socket directory", e))?;
     let path = dir.path().join("s");
     let listener = UnixListener::bind(&path).map_err(|e| io("a socket", e))?;
     let (reader, writer) = std::io::pipe().map_err(|e| io("a pipe", e))?;
