@@ -515,8 +515,18 @@ async fn worker(inner: Arc<Inner>, id: i64, mut rx: mpsc::UnboundedReceiver<Job>
         });
         let result = result.map_err(|e| {
             let failure = Failure { code: e.code(), message: e.to_string() };
-            if !matches!(e, ReconcileError::ShuttingDown) {
-                tracing::warn!(plugin_id = id, code = failure.code.as_str(), "{}", failure.message);
+            match e {
+                ReconcileError::ShuttingDown => {}
+                // Waiting for a dependency is normal (at a start, the order passes run in): it
+                // loads by itself once the dependency serves.
+                ReconcileError::DependencyMissing(_) => {
+                    tracing::info!(
+                        plugin_id = id,
+                        "waits for a dependency that does not serve yet: {}",
+                        failure.message
+                    )
+                }
+                _ => tracing::warn!(plugin_id = id, code = failure.code.as_str(), "{}", failure.message),
             }
             failure
         });
