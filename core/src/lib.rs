@@ -134,7 +134,7 @@ pub async fn serve(
         events: events.clone(),
     };
     let keys = catalog::trust::TrustedKeys::parse(&config.catalog_trusted_keys).map_err(anyhow::Error::msg)?;
-    let catalogs = Arc::new(catalog::Catalog::new(repo.clone(), keys)?);
+    let catalogs = Arc::new(catalog::Catalog::new(repo.clone(), keys));
     repo.add_catalog_sources(&config.catalogs).await.context("recording the catalog sources")?;
     let app = http::app(api, catalogs.clone(), router, config.admin_token.clone(), config.request_timeout())?;
 

@@ -32,7 +32,8 @@ pub enum DownloadError {
 /// The catalogs a server reads from.
 pub struct Catalog {
     repo: Repo,
-    http: reqwest::Client,
+    /// Made at the first download (its TLS roots are not loaded at every start).
+    http: std::sync::OnceLock<Result<reqwest::Client, String>>,
     pub keys: TrustedKeys,
     /// One sync at a time (a periodic one and `POST /catalog/sync`).
     syncing: tokio::sync::Mutex<()>,
@@ -41,13 +42,20 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn new(repo: Repo, keys: TrustedKeys) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(120))
-            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Self { repo, http, keys, syncing: Default::default(), installing: Default::default() })
+    pub fn new(repo: Repo, keys: TrustedKeys) -> Self {
+        Self { repo, http: Default::default(), keys, syncing: Default::default(), installing: Default::default() }
+    }
+
+    fn http(&self) -> Result<&reqwest::Client, String> {
+        let made = self.http.get_or_init(|| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(120))
+                .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| format!("no HTTP client: {e}"))
+        });
+        made.as_ref().map_err(Clone::clone)
     }
 
     /// Reads every source's `catalog.json` and replaces its entries; a source that cannot be
@@ -85,7 +93,7 @@ impl Catalog {
 
     async fn read_index(&self, source: &str) -> Result<index::Index, String> {
         let at = Location::parse(source)?;
-        let text = at.fetch(&self.http, INDEX_CAP).await?;
+        let text = at.fetch(self.http()?, INDEX_CAP).await?;
         index::parse(&text, &at)
     }
 
@@ -93,10 +101,9 @@ impl Catalog {
     /// downloaded, the bytes after.
     pub async fn download(&self, entry: &CatalogEntry) -> Result<Vec<u8>, DownloadError> {
         self.keys.check_signature(&entry.sha256, entry.signature.as_deref())?;
-        let bytes = Location::archive(&entry.archive_url)
-            .fetch(&self.http, ARCHIVE_CAP)
-            .await
-            .map_err(DownloadError::Unavailable)?;
+        let http = self.http().map_err(DownloadError::Unavailable)?;
+        let bytes =
+            Location::archive(&entry.archive_url).fetch(http, ARCHIVE_CAP).await.map_err(DownloadError::Unavailable)?;
         self.keys.check(&bytes, &entry.sha256, entry.signature.as_deref())?;
         Ok(bytes)
     }

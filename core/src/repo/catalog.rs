@@ -41,6 +41,9 @@ pub struct ListedEntry {
 impl Repo {
     /// Adds catalog sources (the server's configured ones); those already there are kept.
     pub async fn add_catalog_sources(&self, urls: &[String]) -> Result<()> {
+        if urls.is_empty() {
+            return Ok(());
+        }
         let c = self.pool.get().await?;
         c.execute(
             "INSERT INTO catalog_repositories (url) SELECT unnest($1::text[]) ON CONFLICT (url) DO NOTHING",

@@ -7,7 +7,7 @@ use crate::catalog::{self, Catalog, DownloadError, trust::Untrusted};
 use crate::error_code::ErrorCode;
 use crate::http::error::ErrorResponse;
 use crate::manifest::validate_name;
-use crate::repo::{CatalogSource, ListedEntry};
+use crate::repo::{CatalogEntry, CatalogSource, ListedEntry, PluginRow};
 use chrono::{DateTime, Utc};
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
@@ -78,6 +78,24 @@ impl From<CatalogSource> for CatalogSourceView {
 
 #[OpenApi]
 impl CatalogApi {
+    /// The plugin named `name`, as a catalog install of `entry` sees it. A plugin that was not
+    /// installed from an archive is refused (409): kiln does not replace its source.
+    async fn existing(&self, name: &str, entry: &CatalogEntry) -> std::result::Result<Existing, ErrorResponse> {
+        let Some(row) = self.admin.repo.get_by_name(name).await.map_err(db_error)? else { return Ok(Existing::None) };
+        if !row.from_archive() {
+            let msg = format!(
+                "{:?} was not installed from an archive (origin {:?}): kiln does not replace its source",
+                row.name, row.origin
+            );
+            return Err(ErrorResponse::new(ErrorCode::PluginExists, msg));
+        }
+        let current = self.admin.repo.archive_sha256(row.id).await.map_err(db_error)?;
+        if current.as_deref() == Some(entry.sha256.as_str()) {
+            return Ok(Existing::Installed(self.admin.view(row).await?));
+        }
+        Ok(Existing::Other(row))
+    }
+
     /// List what the catalogs offer (as of their last sync), with the installed versions.
     #[oai(path = "/catalog", method = "get", tag = "Tag::Catalog")]
     async fn list(&self) -> Result<Vec<CatalogPlugin>> {
@@ -129,12 +147,9 @@ impl CatalogApi {
             return Err(ErrorResponse::new(ErrorCode::NotInCatalog, msg));
         };
         let entry = pick.entry;
-        if let Some(row) = self.admin.repo.get_by_name(&name).await.map_err(db_error)?
-            && row.from_archive()
-            && self.admin.repo.archive_sha256(row.id).await.map_err(db_error)?.as_deref() == Some(entry.sha256.as_str())
-        {
-            // Installed already: nothing changes (and nothing is downloaded).
-            return Ok(Json(self.admin.view(row).await?));
+        // Nothing is downloaded for a plugin that is installed already, or that kiln would not replace.
+        if let Existing::Installed(plugin) = self.existing(&name, &entry).await? {
+            return Ok(Json(plugin));
         }
         // Checked (signature, sha256, then the manifest against the entry) before anything else.
         let bytes = self.catalog.download(&entry).await.map_err(|e| {
@@ -147,29 +162,27 @@ impl CatalogApi {
             ErrorResponse::new(code, format!("{}@{} from {}: {e}", entry.name, entry.version, pick.repository))
         })?;
         let (extracted, manifest, bytes) = self.admin.unpack(bytes, Some(&entry)).await?;
+        // Again under the lock: another install may have come first.
         let _one = self.catalog.installing.lock().await;
-        let existing = self.admin.repo.get_by_name(&name).await.map_err(db_error)?;
-        let plugin = match existing {
-            None => self.admin.install_new(extracted, manifest, bytes, "catalog").await?,
-            Some(row) => {
+        let plugin = match self.existing(&name, &entry).await? {
+            Existing::None => self.admin.install_new(extracted, manifest, bytes, "catalog").await?,
+            Existing::Installed(plugin) => plugin,
+            Existing::Other(row) => {
                 drop(extracted);
-                if !row.from_archive() {
-                    let msg = format!(
-                        "{:?} was not installed from an archive (origin {:?}): kiln does not replace its source",
-                        row.name, row.origin
-                    );
-                    return Err(ErrorResponse::new(ErrorCode::PluginExists, msg));
-                }
-                let current = self.admin.repo.archive_sha256(row.id).await.map_err(db_error)?;
-                if current.as_deref() == Some(entry.sha256.as_str()) {
-                    // Installed already: nothing changes.
-                    return Ok(Json(self.admin.view(row).await?));
-                }
                 self.admin.upgrade(row, bytes, entry).await?
             }
         };
         Ok(Json(plugin))
     }
+}
+
+/// What a catalog install finds of the plugin it installs.
+enum Existing {
+    None,
+    /// The entry's archive is installed already: the plugin as it is.
+    Installed(Plugin),
+    /// Another archive is installed: an upgrade.
+    Other(PluginRow),
 }
 
 impl CatalogApi {
