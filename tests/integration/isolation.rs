@@ -180,12 +180,19 @@ async fn host_calls_events_and_services_cross_the_process_boundary() {
     let server = TestServer::start(&["audit", "notes"]).await;
     server.wait_state("audit", "loaded").await;
     server.wait_state("notes", "loaded").await;
+    let before = (server.plugin("audit").await["loaded_at"].clone(), server.plugin("notes").await["loaded_at"].clone());
     let sql = server.sql().await;
     sql.execute("UPDATE plugins SET isolation = 'process' WHERE name IN ('audit', 'notes')", &[]).await.unwrap();
     let root = server.root.path().to_path_buf();
+    // Served by the new instances (published: a new `loaded_at`), not only started: an event
+    // delivered to the old audit would be kept in the memory of an instance that is gone.
     server
         .wait_until("both serve from processes of their own", EDIT_DEADLINE, || async {
-            hosts_under(&root, "audit") == 1 && hosts_under(&root, "notes") == 1
+            let (audit, notes) = (server.plugin("audit").await, server.plugin("notes").await);
+            hosts_under(&root, "audit") == 1
+                && hosts_under(&root, "notes") == 1
+                && audit["loaded_at"] != before.0
+                && notes["loaded_at"] != before.1
         })
         .await;
     // Database, storage and an emitted event (notes); a service called from another plugin's
