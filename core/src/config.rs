@@ -33,9 +33,10 @@ pub struct Config {
     #[arg(long, env = "KILN_BUILD_DIR", default_value = ".kiln/build")]
     pub build_dir: PathBuf,
 
-    /// How plugins are built: `optimized` (as a release build), or `fast` (a one-line change
-    /// serves sooner, handlers run slower: for the author's loop).
-    #[arg(long, env = "KILN_BUILD_PROFILE", value_enum, default_value = "optimized")]
+    /// How plugins are built: `staged` (an edit of a plugin that serves is served from an
+    /// unoptimized draft at once, then from its optimized build), `optimized` (as a release
+    /// build, at once), or `fast` (without crate-local LTO: handlers run a little slower).
+    #[arg(long, env = "KILN_BUILD_PROFILE", value_enum, default_value = "staged")]
     pub build_profile: crate::compiler::BuildProfile,
 
     /// Where plugins installed by upload are unpacked, one directory each.

@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (12, "012_plugin_archives.sql", include_str!("../../sql/012_plugin_archives.sql")),
     (13, "013_isolation.sql", include_str!("../../sql/013_isolation.sql")),
     (14, "014_catalog.sql", include_str!("../../sql/014_catalog.sql")),
+    (15, "015_draft_builds.sql", include_str!("../../sql/015_draft_builds.sql")),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

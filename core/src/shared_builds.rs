@@ -16,6 +16,34 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// The lock of a build key this replica holds, to build its library (see [`SharedBuilds::build`]).
+struct Held {
+    key: String,
+    lock: crate::repo::BuildLock,
+}
+
+/// What is left of a staged build once its draft serves: building the library itself (and
+/// storing it for the other replicas). Dropped unfinished, it builds nothing more: a cargo run
+/// in progress is killed, and the build key's lock goes with its session.
+pub struct Finisher {
+    manifest: Manifest,
+    hash: String,
+    held: Option<Held>,
+}
+
+impl Finisher {
+    /// The version it finishes.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// Builds the library, as [`SharedBuilds::build`] would have.
+    pub async fn finish(self, builds: &SharedBuilds) -> Result<Artifact, BuildError> {
+        let built = builds.compiler.build(&self.manifest, &self.hash).await;
+        builds.share(&self.manifest.name, built, self.held)
+    }
+}
+
 /// The compiler, shared with the other replicas through the database.
 pub struct SharedBuilds {
     repo: Repo,
@@ -59,9 +87,30 @@ impl SharedBuilds {
     /// The library of `hash`: on disk already, fetched from the database, or built here (and
     /// stored for the others).
     pub async fn build(&self, manifest: &Manifest, hash: &str) -> Result<Artifact, BuildError> {
+        Ok(self.obtain(manifest, hash, false).await?.0)
+    }
+
+    /// As [`SharedBuilds::build`], but where this replica would build the library it builds a
+    /// draft first (see [`Compiler::build_draft`]) and answers that, with the [`Finisher`] that
+    /// builds the library itself (and stores it for the other replicas, which wait for it as
+    /// they wait for any build: each version is still compiled once among them).
+    pub async fn build_staged(
+        &self,
+        manifest: &Manifest,
+        hash: &str,
+    ) -> Result<(Artifact, Option<Finisher>), BuildError> {
+        self.obtain(manifest, hash, true).await
+    }
+
+    async fn obtain(
+        &self,
+        manifest: &Manifest,
+        hash: &str,
+        draft: bool,
+    ) -> Result<(Artifact, Option<Finisher>), BuildError> {
         let path = self.compiler.artifact_path(&manifest.name, hash);
         if path.exists() {
-            return self.compiler.build(manifest, hash).await; // answers at once: nothing to build
+            return Ok((self.compiler.build(manifest, hash).await?, None)); // answers at once
         }
         // A library the crate carries, built from these very sources: no build, no fetch.
         let (dir, name, owned_hash, dest) =
@@ -70,7 +119,9 @@ impl SharedBuilds {
             tokio::task::spawn_blocking(move || crate::prebuilt::install(&dir, &name, &owned_hash, &dest)).await;
         match prebuilt {
             Ok(Ok(true)) => {
-                return Ok(Artifact { path, hash: hash.to_string(), built: false, duration: Duration::ZERO });
+                let artifact =
+                    Artifact { path, hash: hash.to_string(), built: false, duration: Duration::ZERO, draft: false };
+                return Ok((artifact, None));
             }
             Ok(Ok(false)) => {}
             Ok(Err(e)) => tracing::warn!(plugin = %manifest.name, "could not read the prebuilt library: {e}"),
@@ -78,11 +129,11 @@ impl SharedBuilds {
         }
         let key = self.key(&manifest.name, hash).await;
         match self.fetch(&key, manifest, hash).await {
-            Ok(Some(artifact)) => return Ok(artifact),
+            Ok(Some(artifact)) => return Ok((artifact, None)),
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(plugin = %manifest.name, "could not fetch a shared library, building here: {e}");
-                return self.compiler.build(manifest, hash).await;
+                return self.here(manifest, hash, None, draft).await;
             }
         }
         let _turn = self.turn.lock().await;
@@ -90,29 +141,68 @@ impl SharedBuilds {
             Ok(lock) => lock,
             Err(e) => {
                 tracing::warn!(plugin = %manifest.name, "could not take the build lock, building here: {e}");
-                return self.compiler.build(manifest, hash).await;
+                return self.here(manifest, hash, None, draft).await;
             }
         };
         // Another replica may have built it while this one waited for the lock.
         match self.fetch(&key, manifest, hash).await {
             Ok(Some(artifact)) => {
                 lock.release().await;
-                return Ok(artifact);
+                return Ok((artifact, None));
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(plugin = %manifest.name, "could not fetch a shared library: {e}"),
         }
-        let artifact = match self.compiler.build(manifest, hash).await {
+        self.here(manifest, hash, Some(Held { key, lock }), draft).await
+    }
+
+    /// Builds on this replica: the library, stored for the others under `held` (the build
+    /// key's lock), or a draft and the finisher that will do that.
+    async fn here(
+        &self,
+        manifest: &Manifest,
+        hash: &str,
+        held: Option<Held>,
+        draft: bool,
+    ) -> Result<(Artifact, Option<Finisher>), BuildError> {
+        if draft {
+            match self.compiler.build_draft(manifest, hash).await {
+                Ok(artifact) if artifact.draft => {
+                    let finisher = Finisher { manifest: manifest.clone(), hash: hash.to_string(), held };
+                    return Ok((artifact, Some(finisher)));
+                }
+                Ok(_) => {} // the library exists now (built meanwhile): below, at once
+                Err(e) => {
+                    if let Some(held) = held {
+                        held.lock.release().await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let built = self.compiler.build(manifest, hash).await;
+        Ok((self.share(&manifest.name, built, held)?, None))
+    }
+
+    /// After a build here: stores its library for the other replicas and releases the build
+    /// key's lock, in the background (this replica loads the library at once; a waiting replica
+    /// finds it stored when it gets the lock). A failed build releases the lock at once.
+    fn share(
+        &self,
+        name: &str,
+        built: Result<Artifact, BuildError>,
+        held: Option<Held>,
+    ) -> Result<Artifact, BuildError> {
+        let Some(Held { key, lock }) = held else { return built };
+        let artifact = match built {
             Ok(a) => a,
             Err(e) => {
-                lock.release().await;
+                tokio::spawn(lock.release());
                 return Err(e);
             }
         };
-        // Stored in the background, lock held until it is: this replica loads its library at
-        // once, and a waiting replica finds it stored when it gets the lock.
         let (repo, name, hash, library) =
-            (self.repo.clone(), manifest.name.clone(), hash.to_string(), artifact.path.clone());
+            (self.repo.clone(), name.to_string(), artifact.hash.clone(), artifact.path.clone());
         tokio::spawn(async move {
             let clock = Instant::now();
             match tokio::fs::read(&library).await {
@@ -170,7 +260,7 @@ impl SharedBuilds {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let took = clock.elapsed();
         tracing::info!(plugin = %manifest.name, built_by = %built_by, ?took, size, "library fetched");
-        Ok(Some(Artifact { path, hash: hash.to_string(), built: false, duration: Duration::ZERO }))
+        Ok(Some(Artifact { path, hash: hash.to_string(), built: false, duration: Duration::ZERO, draft: false }))
     }
 
     async fn key(&self, name: &str, hash: &str) -> String {

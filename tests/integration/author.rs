@@ -2,10 +2,11 @@
 //! `kiln check` reports what would serve or what is wrong; a plugin written against the SDK of
 //! an earlier kiln still compiles and serves.
 
-use crate::support::{TestServer, repo_root};
+use crate::support::{BUILD_DEADLINE, Load, TestServer, repo_root};
 use serde_json::json;
 use std::path::Path;
 use std::process::Output;
+use std::sync::Arc;
 
 /// Runs the `kiln` binary with `args` in `dir`.
 async fn kiln(dir: &Path, args: &[&str]) -> Output {
@@ -139,6 +140,93 @@ async fn an_edit_with_an_old_mtime_is_built_all_the_same() {
     let (status, row) = server.post("/plugins/hello/reload", None).await;
     assert_eq!(status, 200, "{row}");
     assert_eq!(server.get("/hello/ann").await.1["message"], "hi, ann", "the old library was served again");
+}
+
+/// Staged builds, the default profile: an edit of a plugin that serves is served at once from a
+/// draft, then from the optimized library of the same version, swapped in under load with no
+/// failed request; the draft's library is collected, and the history records both builds.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edit_serves_a_draft_at_once_then_its_optimized_build() {
+    let server = Arc::new(TestServer::start(&["hello"]).await);
+    server.wait_state("hello", "loaded").await;
+    let binary = |row: &serde_json::Value| row["binary_path"].as_str().unwrap_or_default().to_string();
+    let draft_suffix = format!("-draft.{}", std::env::consts::DLL_EXTENSION);
+    assert!(!binary(&server.plugin("hello").await).ends_with(&draft_suffix), "a start builds no draft");
+    let load = Load::start(&server, "/hello/ann", 4);
+
+    let lib = server.plugin_dir("hello").join("src/lib.rs");
+    let code = std::fs::read_to_string(&lib).unwrap();
+    std::fs::write(&lib, code.replace("format!(\"hello, {who}\")", "format!(\"hi, {who}\")")).unwrap();
+    let (status, row) = server.post("/plugins/hello/reload", None).await;
+    assert_eq!(status, 200, "{row}");
+    let row = server.plugin("hello").await;
+    assert!(binary(&row).ends_with(&draft_suffix), "the edit serves from a draft: {row}");
+    assert_eq!(server.get("/hello/ann").await.1["message"], "hi, ann", "the draft serves the new code");
+    let hash = row["loaded_hash"].as_str().unwrap().to_string();
+
+    server
+        .wait_until("the optimized library serves", BUILD_DEADLINE, || async {
+            let row = server.plugin("hello").await;
+            row["loaded_hash"] == hash.as_str() && !binary(&row).ends_with(&draft_suffix) && row["state"] == "loaded"
+        })
+        .await;
+    assert_eq!(server.get("/hello/ann").await.1["message"], "hi, ann");
+    let (ok, failed) = load.end().await;
+    assert_eq!(failed, 0, "requests failed while the draft and then the optimized library were swapped in");
+    assert!(ok > 0);
+
+    let (_, builds) = server.get("/plugins/hello/builds").await;
+    let summary: Vec<(bool, bool, &str)> = builds.as_array().unwrap()[..2]
+        .iter()
+        .map(|b| (b["draft"].as_bool().unwrap(), b["success"].as_bool().unwrap(), b["source_hash"].as_str().unwrap()))
+        .collect();
+    assert_eq!(summary, [(false, true, hash.as_str()), (true, true, hash.as_str())], "{builds}");
+    let libraries: Vec<String> = std::fs::read_dir(server.root.path().join("bin"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("hello-"))
+        .collect();
+    assert_eq!(libraries.len(), 1, "the draft and the replaced version were collected: {libraries:?}");
+}
+
+/// An edit made while the optimized build of the last one runs is served from its own draft at
+/// once (that build is cancelled, not waited for), and ends served from its optimized library.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edit_during_an_optimized_build_cancels_it() {
+    let server = TestServer::start(&["hello"]).await;
+    server.wait_state("hello", "loaded").await;
+    let lib = server.plugin_dir("hello").join("src/lib.rs");
+    let code = std::fs::read_to_string(&lib).unwrap();
+    let mut hashes = Vec::new();
+    for greeting in ["hi", "hey", "yo"] {
+        std::fs::write(&lib, code.replace("format!(\"hello, {who}\")", &format!("format!(\"{greeting}, {{who}}\")")))
+            .unwrap();
+        let (status, row) = server.post("/plugins/hello/reload", None).await;
+        assert_eq!(status, 200, "{row}");
+        assert_eq!(server.get("/hello/ann").await.1["message"], format!("{greeting}, ann"));
+        hashes.push(server.plugin("hello").await["loaded_hash"].as_str().unwrap().to_string());
+    }
+    let last = hashes.last().unwrap().clone();
+    server
+        .wait_until("the last edit's optimized library serves", BUILD_DEADLINE, || async {
+            let row = server.plugin("hello").await;
+            row["loaded_hash"] == last.as_str() && !row["binary_path"].as_str().unwrap_or("-draft").contains("-draft")
+        })
+        .await;
+    assert_eq!(server.get("/hello/ann").await.1["message"], "yo, ann");
+    let (_, builds) = server.get("/plugins/hello/builds").await;
+    let builds = builds.as_array().unwrap();
+    let count = |hash: &str, draft: bool| {
+        builds.iter().filter(|b| b["source_hash"] == hash && b["draft"] == draft && b["success"] == true).count()
+    };
+    for hash in &hashes {
+        assert_eq!(count(hash, true), 1, "each edit served from one draft: {builds:?}");
+    }
+    // The edit that followed at once (a cargo run takes longer) cancelled the optimized builds
+    // of the first two versions; the last one's ran.
+    assert_eq!([count(&hashes[0], false), count(&hashes[1], false), count(&last, false)], [0, 0, 1], "{builds:?}");
+    // Every build recorded succeeded: a cancelled one is not recorded as a failure.
+    assert!(builds.iter().all(|b| b["success"] == true), "{builds:?}");
 }
 
 /// The terminal interface against a live server: tables, exit statuses, a followed log, an

@@ -199,7 +199,11 @@ async fn inserting_a_row_builds_and_serves_a_new_plugin() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reload_serves_the_changed_code_and_retires_the_old_version() {
-    let server = TestServer::start(&["lifecycle"]).await;
+    // Built optimized at once: the staged profile's draft and its swap are in author.rs.
+    let server = TestServer::start_with(crate::support::cluster().await, &["lifecycle"], |c| {
+        c.build_profile = kiln::compiler::BuildProfile::Optimized;
+    })
+    .await;
     let v1 = server.wait_state("lifecycle", "loaded").await;
     assert_eq!(server.get("/lifecycle").await.1, "v1");
 

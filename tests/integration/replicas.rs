@@ -114,18 +114,37 @@ async fn three_replicas_follow_one_row_and_build_each_version_once() {
     assert_eq!(status, 200, "{body}");
     wait_all(&all, "the new version serves", BUILD_DEADLINE, "hi, world").await;
     let new_hash = b.plugin("hello").await["loaded_hash"].as_str().unwrap().to_string();
-    let (_, builds) = a.get("/plugins/hello/builds").await;
-    let of_new: Vec<&Value> = builds.as_array().unwrap().iter().filter(|x| x["source_hash"] == new_hash).collect();
-    assert_eq!(of_new.len(), 1, "one build of the new version: {builds:#}");
-    assert_eq!(of_new[0]["success"], true, "{builds:#}");
+    let of_new = |draft: bool| {
+        let (a, new_hash) = (&a, &new_hash);
+        async move {
+            let (_, builds) = a.get("/plugins/hello/builds").await;
+            let list: Vec<Value> =
+                builds.as_array().unwrap().iter().filter(|x| x["source_hash"] == new_hash.as_str()).cloned().collect();
+            list.into_iter().filter(|x| x["draft"] == draft).collect::<Vec<Value>>()
+        }
+    };
+    // The replica that built it served a draft first (the staged profile), then recorded the
+    // optimized build.
+    a.wait_until("the new version's optimized build is recorded", BUILD_DEADLINE, || async {
+        !of_new(false).await.is_empty()
+    })
+    .await;
+    let optimized = of_new(false).await;
+    assert_eq!(optimized.len(), 1, "one optimized build of the new version: {optimized:#?}");
+    assert_eq!(optimized[0]["success"], true, "{optimized:#?}");
     // Whichever replica took the build lock first built it (b's own pass, or a pass another
     // replica's notification woke); the other two fetched it.
-    let builder = of_new[0]["replica"].as_str().unwrap().to_string();
+    let builder = optimized[0]["replica"].as_str().unwrap().to_string();
+    let drafts = of_new(true).await;
+    assert!(
+        drafts.len() == 1 && drafts[0]["replica"] == builder.as_str(),
+        "one draft, served by the replica that built the version (the others wait for its library): {drafts:#?}"
+    );
     let (a_built, b_built, c_built) = (builder == "a", builder == "b", builder == "c");
     b.wait_until("one replica built the new version; the other two fetched it", EDIT_DEADLINE, || async {
-        counters("a", 1 + a_built as i64, !a_built as i64).await
-            && counters("b", b_built as i64, 1 + !b_built as i64).await
-            && counters("c", c_built as i64, 1 + !c_built as i64).await
+        counters("a", 1 + 2 * a_built as i64, !a_built as i64).await
+            && counters("b", 2 * b_built as i64, 1 + !b_built as i64).await
+            && counters("c", 2 * c_built as i64, 1 + !c_built as i64).await
     })
     .await;
     for s in all {

@@ -20,7 +20,7 @@ pub struct CheckArgs {
     #[arg(long, env = "KILN_BUILD_DIR")]
     pub build_dir: Option<PathBuf>,
     /// How plugins are built (as `kiln serve` takes it).
-    #[arg(long, env = "KILN_BUILD_PROFILE", value_enum, default_value = "optimized")]
+    #[arg(long, env = "KILN_BUILD_PROFILE", value_enum, default_value = "staged")]
     pub build_profile: crate::compiler::BuildProfile,
     /// The kiln-types sources plugins are built against.
     #[arg(long, env = "KILN_TYPES_DIR", default_value = crate::config::DEFAULT_TYPES_DIR)]

@@ -215,6 +215,9 @@ struct Inner {
     host_exe: std::path::PathBuf,
     /// Where isolated instances report their crashes (see `crash_reports`).
     crashes: mpsc::UnboundedSender<crate::isolation::CrashReport>,
+    /// The optimized build in progress of each plugin a draft serves for (a staged build), with
+    /// its version.
+    finishers: Mutex<HashMap<i64, (String, tokio::task::AbortHandle)>>,
     /// This `Inner` itself, to start workers from `&self`.
     me: Weak<Inner>,
 }
@@ -292,6 +295,7 @@ impl Reconciler {
                 events,
                 host_exe,
                 crashes,
+                finishers: Default::default(),
                 me: me.clone(),
             }),
         };
@@ -368,6 +372,10 @@ impl Reconciler {
         for (tx, task) in workers {
             drop(tx); // the worker ends after the jobs it has
             let _ = task.await;
+        }
+        // No pass starts another now. A draft serves until the end.
+        for (_, (_, task)) in self.inner.finishers.lock().expect("finishers lock").drain() {
+            task.abort();
         }
         self.inner.retire_all().await;
         if tokio::time::timeout(patience, self.inner.retirements.all_done()).await.is_err() {

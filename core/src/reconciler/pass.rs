@@ -13,6 +13,7 @@ use crate::isolation::{Isolation, Spawn};
 use crate::loader::{Configured, LoadError, LoadedPlugin};
 use crate::manifest::{Manifest, ManifestError};
 use crate::repo::{Loaded, NewEndpoint, PluginRow, RowLock};
+use crate::shared_builds::Finisher;
 use std::sync::Arc;
 
 impl Inner {
@@ -57,6 +58,7 @@ impl Inner {
             // Deleted: its endpoint rows went with it (ON DELETE CASCADE); its libraries go too,
             // but for those a served version or a pass in progress uses.
             self.waiting.lock().expect("waiting lock").remove(&id);
+            self.cancel_finisher(id, None);
             self.builds.sources.forget(id).await;
             if let Some(name) = self.retire(id).await {
                 // A new row of the same name (deleted and inserted in one transaction) is about
@@ -73,6 +75,7 @@ impl Inner {
         };
         if !row.wants_active() {
             self.waiting.lock().expect("waiting lock").remove(&id);
+            self.cancel_finisher(id, None);
             self.retire(id).await;
             if batched || row.state != "inactive" || row.binary_path.is_some() {
                 self.repo.record_unloaded(id).await?;
@@ -142,6 +145,8 @@ impl Inner {
             None => row.config.clone(),
         };
         let hash = self.compiler.source_hash(&manifest).await?;
+        // The optimized build of another version is of no use any more.
+        self.cancel_finisher(row.id, Some(&hash));
         // From here to the end of the pass no garbage collection removes this library.
         let _pin = self.compiler.pin(&self.compiler.artifact_path(&manifest.name, &hash));
         let (mut current, generation) = {
@@ -158,6 +163,11 @@ impl Inner {
         // A raised generation is a reload asked of every replica (taken once: see pass_once).
         // Only a higher one: a row read a moment before another pass's can show a lower one.
         let force = force || generation.is_some_and(|g| row.generation > g);
+        // A draft of the wanted version serves (a staged build): once its optimized library is
+        // built, a fresh instance of that replaces it.
+        let draft = self.compiler.draft_path(&manifest.name, &hash);
+        let draft_serves = current.as_ref().is_some_and(|(h, _, p)| *h == hash && p.binary_path() == draft.as_path());
+        let force = force || (draft_serves && self.compiler.artifact_path(&manifest.name, &hash).exists());
         // Another way of running it (in process, in a process of its own, other limits) is a
         // fresh instance.
         let isolation = wanted_isolation(row, &manifest);
@@ -234,7 +244,10 @@ impl Inner {
         if current.is_none() && !self.compiler.artifact_path(&manifest.name, &hash).exists() {
             self.repo.record_building(row.id).await?;
         }
-        let artifact = self.build(row.id, &manifest, &hash).await?;
+        // An edit of a plugin that serves is served from a draft first (a staged profile).
+        let staged = self.compiler.profile().drafts() && current.is_some();
+        let _draft_pin = (staged && !draft_serves).then(|| self.compiler.pin(&draft));
+        let (artifact, finisher) = self.build(row.id, &manifest, &hash, staged).await?;
         // Its schema, grants and migrations are in place before its init runs.
         self.databases.ensure(row, &manifest, &hash).await?;
         let (path, retirements) = (artifact.path.clone(), self.retirements.clone());
@@ -281,6 +294,9 @@ impl Inner {
         plugin.set_deadline(row.deadline_ms);
         self.publish_and_record(row, &manifest, &hash, config, Arc::new(plugin)).await?;
         tracing::info!(plugin = %row.name, built = artifact.built, library = %artifact.path.display(), "serving");
+        if let Some(finisher) = finisher {
+            self.finish_later(row.id, &row.name, finisher);
+        }
         // Another library of this plugin can have become unused only if one was built, a
         // version was replaced, or the row last recorded another (not at a warm start, nor
         // when turning plugins on: that would read the library directory once per plugin).
@@ -398,23 +414,92 @@ impl Inner {
         Ok(())
     }
 
-    /// Builds through the compiler and records every build that ran in the history.
-    async fn build(&self, id: i64, manifest: &Manifest, hash: &str) -> Result<Artifact, ReconcileError> {
+    /// Builds through the compiler and records every build that ran in the history. `staged`:
+    /// a draft where this replica would build (see [`crate::shared_builds::SharedBuilds::build_staged`]).
+    async fn build(
+        &self,
+        id: i64,
+        manifest: &Manifest,
+        hash: &str,
+        staged: bool,
+    ) -> Result<(Artifact, Option<Finisher>), ReconcileError> {
         let started_at = chrono::Utc::now();
         let clock = std::time::Instant::now();
-        let result = self.builds.build(manifest, hash).await;
-        let (diagnostics, messages) = match &result {
-            Ok(a) if !a.built => return Ok(a.clone()),
+        let result = if staged {
+            self.builds.build_staged(manifest, hash).await
+        } else {
+            self.builds.build(manifest, hash).await.map(|a| (a, None))
+        };
+        let draft = result.as_ref().is_ok_and(|(a, _)| a.draft) || (staged && result.is_err());
+        self.record_build(id, &manifest.name, hash, started_at, clock, result.as_ref().map(|(a, _)| a), draft).await;
+        Ok(result?)
+    }
+
+    /// Records a build in the history (nothing when none ran), and in the metrics.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_build(
+        &self,
+        id: i64,
+        name: &str,
+        hash: &str,
+        started_at: chrono::DateTime<chrono::Utc>,
+        clock: std::time::Instant,
+        result: Result<&Artifact, &BuildError>,
+        draft: bool,
+    ) {
+        let (diagnostics, messages) = match result {
+            Ok(a) if !a.built => return,
             Ok(_) => (None, &[][..]),
             Err(e @ BuildError::Failed { messages, .. }) => (Some(e.to_string()), &messages[..]),
             Err(e) => (Some(e.to_string()), &[][..]),
         };
         self.metrics.built(result.is_ok(), clock.elapsed());
         let ms = clock.elapsed().as_millis() as i64;
-        if let Err(e) = self.repo.record_build(id, hash, started_at, ms, diagnostics.as_deref(), messages).await {
-            tracing::warn!(plugin = %manifest.name, "could not record the build: {e}");
+        let build =
+            crate::repo::NewBuild { started_at, duration_ms: ms, diagnostics: diagnostics.as_deref(), messages, draft };
+        if let Err(e) = self.repo.record_build(id, hash, &build).await {
+            tracing::warn!(plugin = %name, "could not record the build: {e}");
         }
-        Ok(result?)
+    }
+
+    /// Builds the optimized library of a draft that serves, in a task of its own, then has a
+    /// pass swap it in. A later pass for another version (or none) cancels it.
+    fn finish_later(&self, id: i64, name: &str, finisher: Finisher) {
+        let (me, builds, name, hash) =
+            (self.me.clone(), self.builds.clone(), name.to_string(), finisher.hash().to_string());
+        let mut finishers = self.finishers.lock().expect("finishers lock");
+        let task_hash = hash.clone();
+        let task = tokio::spawn(async move {
+            let (started_at, clock) = (chrono::Utc::now(), std::time::Instant::now());
+            let result = finisher.finish(&builds).await;
+            let Some(inner) = me.upgrade() else { return };
+            {
+                let mut finishers = inner.finishers.lock().expect("finishers lock");
+                if finishers.get(&id).is_some_and(|(h, _)| *h == task_hash) {
+                    finishers.remove(&id);
+                }
+            }
+            inner.record_build(id, &name, &task_hash, started_at, clock, result.as_ref(), false).await;
+            match result {
+                Ok(_) => inner.hint(id),
+                // In the build history too.
+                Err(e) => tracing::warn!(plugin = %name, "the optimized build failed; the draft keeps serving: {e}"),
+            }
+        });
+        if let Some((_, stale)) = finishers.insert(id, (hash, task.abort_handle())) {
+            stale.abort();
+        }
+    }
+
+    /// Cancels plugin `id`'s optimized build in progress, unless it is of version `keep`.
+    pub(super) fn cancel_finisher(&self, id: i64, keep: Option<&str>) {
+        let mut finishers = self.finishers.lock().expect("finishers lock");
+        if finishers.get(&id).is_some_and(|(h, _)| Some(h.as_str()) != keep)
+            && let Some((hash, task)) = finishers.remove(&id)
+        {
+            tracing::debug!(plugin_id = id, hash = %hash, "optimized build cancelled: another version is wanted");
+            task.abort();
+        }
     }
 
     /// Refreshes the row of a version that serves already (its endpoints included).

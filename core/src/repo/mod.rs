@@ -172,6 +172,19 @@ pub struct BuildRecord {
     pub messages: Vec<crate::diagnostics::Diagnostic>,
     /// The replica that ran it (none for builds recorded before replicas).
     pub replica: Option<String>,
+    /// A draft: the plugin crate unoptimized, served until the optimized build replaces it.
+    pub draft: bool,
+}
+
+/// A build that ran, to record (see [`Repo::record_build`]).
+#[derive(Debug)]
+pub struct NewBuild<'a> {
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i64,
+    /// What the compiler said of a failed build (`None`: it succeeded).
+    pub diagnostics: Option<&'a str>,
+    pub messages: &'a [crate::diagnostics::Diagnostic],
+    pub draft: bool,
 }
 
 /// Metadata of a discovered or installed plugin, written with its row when it is inserted.
@@ -352,30 +365,23 @@ impl Repo {
     }
 
     /// Records a build kiln ran.
-    pub async fn record_build(
-        &self,
-        plugin_id: i64,
-        source_hash: &str,
-        started_at: DateTime<Utc>,
-        duration_ms: i64,
-        diagnostics: Option<&str>,
-        messages: &[crate::diagnostics::Diagnostic],
-    ) -> Result<()> {
+    pub async fn record_build(&self, plugin_id: i64, source_hash: &str, build: &NewBuild<'_>) -> Result<()> {
         let c = self.pool.get().await?;
-        let messages = serde_json::to_value(messages).unwrap_or_else(|_| serde_json::json!([]));
+        let messages = serde_json::to_value(build.messages).unwrap_or_else(|_| serde_json::json!([]));
         c.execute(
             "INSERT INTO plugin_builds (plugin_id, source_hash, started_at, duration_ms, success, diagnostics, messages,
-                                        replica_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                                        replica_id, draft)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             &[
                 &plugin_id,
                 &source_hash,
-                &started_at,
-                &duration_ms,
-                &diagnostics.is_none(),
-                &diagnostics,
+                &build.started_at,
+                &build.duration_ms,
+                &build.diagnostics.is_none(),
+                &build.diagnostics,
                 &messages,
                 &&*self.replica,
+                &build.draft,
             ],
         )
         .await?;
@@ -402,6 +408,7 @@ impl Repo {
                 diagnostics: r.get("diagnostics"),
                 messages: serde_json::from_value(r.get("messages")).unwrap_or_default(),
                 replica: r.get("replica_id"),
+                draft: r.get("draft"),
             })
             .collect())
     }

@@ -243,6 +243,7 @@ impl AdminApi {
                     diagnostics: b.diagnostics,
                     messages: b.messages.into_iter().map(Into::into).collect(),
                     replica: b.replica,
+                    draft: b.draft,
                 })
                 .collect(),
         ))

@@ -426,6 +426,9 @@ pub struct Build {
     /// The replica that ran it (other replicas fetch its library instead of building).
     #[oai(nullable)]
     pub replica: Option<String>,
+    /// A draft (`--build-profile staged`): the plugin crate unoptimized, served at once after an
+    /// edit until the optimized build of the same version (recorded next) replaces it.
+    pub draft: bool,
 }
 
 /// One compiler message of a failed build.
