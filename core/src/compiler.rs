@@ -67,11 +67,31 @@ impl BuildProfile {
 
 /// What a draft is compiled with beyond the profile, for the plugin crate alone (its
 /// dependencies are the optimized build's, shared): no optimization and no crate-local LTO, and
-/// the same `debug_assertions` and overflow checks as the final library (rustc would turn both on
-/// at opt-level 0), so that a draft behaves as its optimized build will. Its incremental state
-/// is kept apart from the optimized build's, so that each stays warm while they alternate.
-const DRAFT_RUSTC_ARGS: [&str; 8] =
-    ["-C", "opt-level=0", "-C", "lto=off", "-C", "debug-assertions=off", "-C", "overflow-checks=off"];
+/// the `debug_assertions` and overflow checks of the crate's release profile (rustc would turn
+/// both on at opt-level 0), so that a draft behaves as its optimized build will. Its incremental
+/// state is kept apart from the optimized build's, so that each stays warm as they alternate.
+/// `None` for a crate whose release profile asks for LTO: its dependencies are then built as
+/// bitcode for the LTO step, which a draft does not run. (A profile set elsewhere, in a
+/// workspace root or a cargo config, is not read: a draft that fails for it without an error in
+/// the plugin's code is replaced by the optimized build, see `SharedBuilds`.)
+fn draft_rustc_args(manifest: &str) -> Option<Vec<String>> {
+    let doc: toml::Table = manifest.parse().ok()?;
+    let release = doc.get("profile").and_then(|p| p.get("release"));
+    let setting = |key: &str| release.and_then(|r| r.get(key));
+    if setting("lto").is_some_and(|lto| !matches!(lto, toml::Value::Boolean(false)) && lto.as_str() != Some("off")) {
+        return None;
+    }
+    let debug_assertions = setting("debug-assertions").and_then(toml::Value::as_bool).unwrap_or(false);
+    let overflow_checks = setting("overflow-checks").and_then(toml::Value::as_bool).unwrap_or(debug_assertions);
+    let on = |b: bool| if b { "on" } else { "off" };
+    let args = [
+        "opt-level=0".to_string(),
+        "lto=off".to_string(),
+        format!("debug-assertions={}", on(debug_assertions)),
+        format!("overflow-checks={}", on(overflow_checks)),
+    ];
+    Some(args.into_iter().flat_map(|arg| ["-C".to_string(), arg]).collect())
+}
 
 /// A plugin library ready to load.
 #[derive(Debug, Clone)]
@@ -104,6 +124,17 @@ pub enum BuildError {
     /// The build ran past its deadline and was killed.
     #[error("build timed out after {0:?} and was stopped")]
     TimedOut(Duration),
+    /// The plugin's files changed while cargo built them: the library was not kept. What changed
+    /// them (a save the watcher sees, a reload) brings the next pass.
+    #[error("the plugin's sources changed during the build: the library was not kept")]
+    SourcesChanged,
+}
+
+impl BuildError {
+    /// Whether the compiler found an error in the plugin's code (one with a place in a file).
+    pub fn in_code(&self) -> bool {
+        matches!(self, Self::Failed { messages, .. } if messages.iter().any(|m| m.level == "error" && m.file.is_some()))
+    }
 }
 
 /// Builds plugins. One per server; cheap to share behind an `Arc`.
@@ -123,6 +154,9 @@ pub struct Compiler {
     /// Manifests known to be workspaces of their own (built in place, not staged).
     own_workspace: Mutex<std::collections::HashSet<PathBuf>>,
     profile: BuildProfile,
+    /// The process groups of the cargo runs in progress, and whether the server stops (see
+    /// [`Compiler::stop`]).
+    running: Mutex<(std::collections::HashSet<u32>, bool)>,
 }
 
 /// Keeps a library out of garbage collection while it lives (see [`Compiler::pin`]).
@@ -169,6 +203,7 @@ impl Compiler {
             pinned: Default::default(),
             own_workspace: Default::default(),
             profile,
+            running: Default::default(),
         })
     }
 
@@ -187,6 +222,11 @@ impl Compiler {
                 tokio::fs::copy(&lock, manifest.dir.join("Cargo.lock")).await?;
             }
         }
+        self.tree_hash(manifest).await
+    }
+
+    /// The content hash of the plugin's files as they are (see [`Compiler::source_hash`]).
+    async fn tree_hash(&self, manifest: &Manifest) -> Result<String, BuildError> {
         let dir = manifest.dir.clone();
         let tree = tokio::task::spawn_blocking(move || hash_tree(&dir)).await.map_err(std::io::Error::other)??;
         let mut h = Sha256::new();
@@ -215,14 +255,25 @@ impl Compiler {
         self.profile
     }
 
+    /// The server stops: every cargo run in progress is killed (its build fails), and none
+    /// starts any more.
+    pub fn stop(&self) {
+        let mut running = self.running.lock().expect("running lock");
+        running.1 = true;
+        for pgid in running.0.drain() {
+            kill_group(pgid);
+        }
+    }
+
     /// Builds the plugin whose sources hash to `hash`, unless its library already exists.
     pub async fn build(&self, manifest: &Manifest, hash: &str) -> Result<Artifact, BuildError> {
-        self.build_as(manifest, hash, false).await
+        self.build_as(manifest, hash, None).await
     }
 
     /// Builds a draft of the version `hash`: the plugin crate without optimization (see
-    /// [`DRAFT_RUSTC_ARGS`]), to serve until [`Compiler::build`] has made its library. When that
-    /// library exists already, it is the answer (`draft` false) and nothing is built.
+    /// [`draft_rustc_args`]), to serve until [`Compiler::build`] has made its library. When that
+    /// library exists already, it is the answer (`draft` false) and nothing is built; for a
+    /// crate that cannot have a draft, the library is built.
     pub async fn build_draft(&self, manifest: &Manifest, hash: &str) -> Result<Artifact, BuildError> {
         let library = self.artifact_path(&manifest.name, hash);
         if library.exists() {
@@ -234,10 +285,21 @@ impl Compiler {
                 draft: false,
             });
         }
-        self.build_as(manifest, hash, true).await
+        let text = tokio::fs::read_to_string(&manifest.manifest_path).await?;
+        match draft_rustc_args(&text) {
+            Some(args) => self.build_as(manifest, hash, Some(args)).await,
+            None => self.build_as(manifest, hash, None).await,
+        }
     }
 
-    async fn build_as(&self, manifest: &Manifest, hash: &str, draft: bool) -> Result<Artifact, BuildError> {
+    /// Builds the library of `hash`, or with `draft_args` its draft.
+    async fn build_as(
+        &self,
+        manifest: &Manifest,
+        hash: &str,
+        draft_args: Option<Vec<String>>,
+    ) -> Result<Artifact, BuildError> {
+        let draft = draft_args.is_some();
         let path = if draft { self.draft_path(&manifest.name, hash) } else { self.artifact_path(&manifest.name, hash) };
         let skipped =
             Artifact { path: path.clone(), hash: hash.to_string(), built: false, duration: Duration::ZERO, draft };
@@ -266,9 +328,9 @@ impl Compiler {
             &target_dir,
         ];
         let draft_incremental = format!("incremental={}", self.target_dir.join("kiln-draft-incremental").display());
-        if draft {
+        if let Some(args) = &draft_args {
             build.push("--");
-            build.extend(DRAFT_RUSTC_ARGS);
+            build.extend(args.iter().map(String::as_str));
             build.extend(["-C", &draft_incremental]);
         }
         let (buildable, mut output) = self.cargo_on(manifest, &build).await?;
@@ -310,6 +372,11 @@ impl Compiler {
             return Err(failed(&output));
         }
         let library = library.ok_or(BuildError::NoLibrary)?;
+        // cargo builds what is on disk when it runs: sources edited since they were hashed made
+        // a library of other code than `hash` names, which must not be kept under that name.
+        if self.tree_hash(manifest).await? != hash {
+            return Err(BuildError::SourcesChanged);
+        }
         let tmp = path.with_extension("tmp");
         tokio::fs::copy(&library, &tmp).await?;
         tokio::fs::rename(&tmp, &path).await?;
@@ -408,7 +475,14 @@ impl Compiler {
             .process_group(0)
             .kill_on_drop(true)
             .spawn()?;
-        let mut group = GroupKill(child.id());
+        let mut group = GroupKill { pgid: child.id(), running: &self.running };
+        {
+            let mut running = self.running.lock().expect("running lock");
+            if running.1 {
+                return Err(BuildError::Io(std::io::Error::other("the server is stopping")));
+            }
+            running.0.extend(group.pgid);
+        }
         let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
         let mut stderr = child.stderr.take().expect("piped");
         let run = async {
@@ -435,7 +509,7 @@ impl Compiler {
             Ok(out) => out?,
             Err(_) => return Err(BuildError::TimedOut(BUILD_TIMEOUT)),
         };
-        group.0 = None; // cargo was waited for: its group is gone, its id may be reused
+        group.disarm(); // cargo was waited for: its group is gone, its id may be reused
         Ok(out)
     }
 
@@ -452,17 +526,41 @@ impl Compiler {
     }
 }
 
-/// Kills the process group led by the pid it holds when dropped (see [`Compiler::cargo`]).
-struct GroupKill(Option<u32>);
+/// Kills the process group of a cargo run when dropped before [`GroupKill::disarm`] (see
+/// [`Compiler::cargo`]), and keeps it in the compiler's list of runs meanwhile.
+struct GroupKill<'a> {
+    /// cargo's pid, its group's id.
+    pgid: Option<u32>,
+    running: &'a Mutex<(std::collections::HashSet<u32>, bool)>,
+}
 
-impl Drop for GroupKill {
-    fn drop(&mut self) {
-        if let Some(pgid) = self.0.and_then(|pid| libc::pid_t::try_from(pid).ok()) {
-            // SAFETY: kill(2) takes plain integers and touches no memory of ours. The group's
-            // leader (cargo) was not waited for, so its pid, and with it the group id, cannot have
-            // been reused: the signal reaches cargo and the rustc it started, nothing else.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+impl GroupKill<'_> {
+    /// cargo was waited for.
+    fn disarm(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            self.running.lock().expect("running lock").0.remove(&pgid);
         }
+    }
+}
+
+impl Drop for GroupKill<'_> {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            self.running.lock().expect("running lock").0.remove(&pgid);
+            kill_group(pgid);
+        }
+    }
+}
+
+/// SIGKILL to the process group `pgid`, led by a cargo that was not waited for yet.
+fn kill_group(pgid: u32) {
+    if let Ok(pgid) = libc::pid_t::try_from(pgid) {
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours. The group's leader
+        // (cargo) is not reaped yet when its guard drops, so its pid, and with it the group id,
+        // cannot have been reused. From `stop`, a run whose cargo was reaped a moment ago may
+        // still be listed (it leaves the list right after the wait returns): its id could be
+        // reused only if the kernel's cyclic pid allocation wrapped around in that moment.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
     }
 }
 
@@ -609,7 +707,12 @@ fn hash_tree(dir: &Path) -> std::io::Result<String> {
             continue;
         }
         let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
-        let content = std::fs::read(entry.path())?;
+        let mut content = std::fs::read(entry.path())?;
+        if rel == Path::new("Cargo.lock")
+            && let Some(canonical) = canonical_lock(&content)
+        {
+            content = canonical;
+        }
         h.update(rel.to_string_lossy().as_bytes());
         h.update([0]);
         h.update((content.len() as u64).to_le_bytes());
@@ -618,9 +721,54 @@ fn hash_tree(dir: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// A lock file's packages in cargo's order, written out again: cargo rewrites a lock whose
+/// packages are out of its order (a package renamed by hand, say) at the first build, which
+/// would change the content hash and build the plugin a second time. `None` if it does not parse.
+fn canonical_lock(content: &[u8]) -> Option<Vec<u8>> {
+    let mut lock: toml::Table = std::str::from_utf8(content).ok()?.parse().ok()?;
+    if let Some(toml::Value::Array(packages)) = lock.get_mut("package") {
+        let key = |p: &toml::Value| {
+            let field = |k: &str| p.get(k).and_then(toml::Value::as_str).unwrap_or_default().to_string();
+            (field("name"), field("version"), field("source"))
+        };
+        packages.sort_by_cached_key(key);
+    }
+    toml::to_string(&lock).ok().map(String::into_bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_hashes_the_same_in_any_package_order() {
+        let a = "version = 4\n\n[[package]]\nname = \"b\"\nversion = \"1.0.0\"\n\n[[package]]\nname = \"a\"\nversion = \"0.1.0\"\ndependencies = [\"b\"]\n";
+        let b = "version = 4\n\n[[package]]\nname = \"a\"\nversion = \"0.1.0\"\ndependencies = [\"b\"]\n\n[[package]]\nname = \"b\"\nversion = \"1.0.0\"\n";
+        assert_eq!(canonical_lock(a.as_bytes()), canonical_lock(b.as_bytes()));
+        let other = b.replace("1.0.0", "1.0.1");
+        assert_ne!(canonical_lock(b.as_bytes()), canonical_lock(other.as_bytes()), "versions count");
+        assert_eq!(canonical_lock(b"not = [toml"), None);
+    }
+
+    #[test]
+    fn a_draft_follows_the_release_profile_and_none_is_made_with_lto() {
+        let args = |toml: &str| draft_rustc_args(toml).map(|a| a.join(" "));
+        assert_eq!(
+            args("[package]\nname = \"p\"\n").as_deref(),
+            Some("-C opt-level=0 -C lto=off -C debug-assertions=off -C overflow-checks=off")
+        );
+        assert_eq!(
+            args("[profile.release]\ndebug-assertions = true\n").as_deref(),
+            Some("-C opt-level=0 -C lto=off -C debug-assertions=on -C overflow-checks=on")
+        );
+        assert_eq!(
+            args("[profile.release]\ndebug-assertions = true\noverflow-checks = false\nlto = false\n").as_deref(),
+            Some("-C opt-level=0 -C lto=off -C debug-assertions=on -C overflow-checks=off")
+        );
+        assert_eq!(args("[profile.release]\nlto = true\n"), None);
+        assert_eq!(args("[profile.release]\nlto = \"thin\"\n"), None);
+        assert!(args("[profile.release]\nlto = \"off\"\n").is_some());
+    }
 
     #[test]
     fn hash_changes_with_content_and_ignores_target() {

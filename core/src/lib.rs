@@ -122,6 +122,8 @@ pub async fn serve(
             host_exe: config.plugin_host_exe.clone().unwrap_or_else(|| "/proc/self/exe".into()),
         },
     );
+    // The plugins a start finds are built optimized directly; those added later may draft.
+    reconciler.draft_new_plugins_after(repo.max_plugin_id().await.context("reading the plugin ids")?);
     let listener_up = Arc::new(AtomicBool::new(false));
     let api = http::AdminApi {
         repo: repo.clone(),

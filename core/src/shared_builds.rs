@@ -28,7 +28,10 @@ struct Held {
 pub struct Finisher {
     manifest: Manifest,
     hash: String,
+    /// The build key's lock, taken to build the draft (`None`: taken, or not, by `finish`).
     held: Option<Held>,
+    /// One of [`MAX_DRAFTING`]'s places.
+    _place: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Finisher {
@@ -39,10 +42,19 @@ impl Finisher {
 
     /// Builds the library, as [`SharedBuilds::build`] would have.
     pub async fn finish(self, builds: &SharedBuilds) -> Result<Artifact, BuildError> {
-        let built = builds.compiler.build(&self.manifest, &self.hash).await;
-        builds.share(&self.manifest.name, built, self.held)
+        match self.held {
+            Some(held) => {
+                let built = builds.compiler.build(&self.manifest, &self.hash).await;
+                builds.share(&self.manifest.name, built, Some(held))
+            }
+            None => builds.build(&self.manifest, &self.hash).await,
+        }
     }
 }
+
+/// Drafts whose optimized build is still to come, at most: each holds its build key's lock, a
+/// database session, until then (the pool has 16).
+const MAX_DRAFTING: usize = 4;
 
 /// The compiler, shared with the other replicas through the database.
 pub struct SharedBuilds {
@@ -53,6 +65,8 @@ pub struct SharedBuilds {
     /// One build key waited for or built at a time (each wait holds a database session).
     turn: tokio::sync::Mutex<()>,
     fetches: AtomicU64,
+    /// Places for drafts whose optimized build is to come (see [`MAX_DRAFTING`]).
+    drafting: Arc<tokio::sync::Semaphore>,
     /// Uploaded plugins' sources, unpacked from the database where this replica lacks them.
     pub sources: crate::shared_sources::SharedSources,
 }
@@ -65,6 +79,7 @@ impl SharedBuilds {
             toolchain: Default::default(),
             turn: Default::default(),
             fetches: Default::default(),
+            drafting: Arc::new(tokio::sync::Semaphore::new(MAX_DRAFTING)),
             sources,
         }
     }
@@ -94,12 +109,20 @@ impl SharedBuilds {
     /// draft first (see [`Compiler::build_draft`]) and answers that, with the [`Finisher`] that
     /// builds the library itself (and stores it for the other replicas, which wait for it as
     /// they wait for any build: each version is still compiled once among them).
+    /// With [`MAX_DRAFTING`] drafts waiting for their optimized builds already, it builds the
+    /// library directly.
     pub async fn build_staged(
         &self,
         manifest: &Manifest,
         hash: &str,
     ) -> Result<(Artifact, Option<Finisher>), BuildError> {
         self.obtain(manifest, hash, true).await
+    }
+
+    /// What builds the library of a version whose draft serves already (its optimized build
+    /// was cancelled, and the version is wanted again).
+    pub fn finisher(&self, manifest: &Manifest, hash: &str) -> Finisher {
+        Finisher { manifest: manifest.clone(), hash: hash.to_string(), held: None, _place: None }
     }
 
     async fn obtain(
@@ -165,19 +188,25 @@ impl SharedBuilds {
         held: Option<Held>,
         draft: bool,
     ) -> Result<(Artifact, Option<Finisher>), BuildError> {
-        if draft {
+        let place = if draft { self.drafting.clone().try_acquire_owned().ok() } else { None };
+        if place.is_some() {
             match self.compiler.build_draft(manifest, hash).await {
                 Ok(artifact) if artifact.draft => {
-                    let finisher = Finisher { manifest: manifest.clone(), hash: hash.to_string(), held };
+                    let finisher = Finisher { manifest: manifest.clone(), hash: hash.to_string(), held, _place: place };
                     return Ok((artifact, Some(finisher)));
                 }
-                Ok(_) => {} // the library exists now (built meanwhile): below, at once
-                Err(e) => {
+                // The library exists now (built meanwhile, or the crate cannot have a draft).
+                Ok(_) => {}
+                // An error in the plugin's code is the answer; any other failure may be the
+                // draft's own (a profile whose LTO leaves only bitcode to link): the library is
+                // built as if there were no drafts.
+                Err(e @ BuildError::Failed { .. }) if e.in_code() => {
                     if let Some(held) = held {
                         held.lock.release().await;
                     }
                     return Err(e);
                 }
+                Err(e) => tracing::warn!(plugin = %manifest.name, "the draft did not build, building optimized: {e}"),
             }
         }
         let built = self.compiler.build(manifest, hash).await;

@@ -7,6 +7,7 @@ use serde_json::json;
 use std::path::Path;
 use std::process::Output;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Runs the `kiln` binary with `args` in `dir`.
 async fn kiln(dir: &Path, args: &[&str]) -> Output {
@@ -227,6 +228,66 @@ async fn an_edit_during_an_optimized_build_cancels_it() {
     assert_eq!([count(&hashes[0], false), count(&hashes[1], false), count(&last, false)], [0, 0, 1], "{builds:?}");
     // Every build recorded succeeded: a cancelled one is not recorded as a failure.
     assert!(builds.iter().all(|b| b["success"] == true), "{builds:?}");
+}
+
+/// A version wanted again after its optimized build was cancelled (an edit that failed to
+/// build came between) gets that build: its draft does not serve for good. A plugin added while
+/// the server runs is served from a draft first too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draft_served_again_gets_its_optimized_build_and_a_new_plugin_drafts() {
+    let server = TestServer::start(&["hello"]).await;
+    server.wait_state("hello", "loaded").await;
+    let lib = server.plugin_dir("hello").join("src/lib.rs");
+    let code = std::fs::read_to_string(&lib).unwrap();
+    let edited = code.replace("format!(\"hello, {who}\")", "format!(\"hi again, {who}\")");
+    std::fs::write(&lib, &edited).unwrap();
+    let (status, row) = server.post("/plugins/hello/reload", None).await;
+    assert_eq!(status, 200, "{row}");
+    assert!(server.plugin("hello").await["binary_path"].as_str().unwrap().contains("-draft."));
+    // At once (before the optimized build can end), an edit that does not build: the optimized
+    // build of the version that serves is cancelled, and its draft serves on.
+    std::fs::write(&lib, edited.replace("pub struct", "pub struct struct")).unwrap();
+    let (status, body) = server.post("/plugins/hello/reload", None).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(server.get("/hello/ann").await.1["message"], "hi again, ann");
+    // The edit undone: the version whose draft serves is wanted again, seen by a pass that is
+    // not a forced reload (as the watcher's or a row change's are).
+    std::fs::write(&lib, &edited).unwrap();
+    let db = server.sql().await;
+    db.execute("UPDATE plugins SET status = 'active' WHERE name = 'hello'", &[]).await.unwrap();
+    server
+        .wait_until("the optimized library of the version wanted again serves", Duration::from_secs(120), || async {
+            let row = server.plugin("hello").await;
+            !row["binary_path"].as_str().unwrap_or("-draft.").contains("-draft.") && row["error"].is_null()
+        })
+        .await;
+    assert_eq!(server.get("/hello/ann").await.1["message"], "hi again, ann");
+
+    // A plugin added now (its sources new to the build directory): a draft, then optimized.
+    let dir = server.root.path().join("added");
+    crate::support::copy_crate(&crate::support::crate_source("hello"), &dir);
+    let added_lib = dir.join("src/lib.rs");
+    let unique = format!("format!(\"added {}, {{who}}\")", std::process::id());
+    std::fs::write(&added_lib, code.replace("format!(\"hello, {who}\")", &unique).replace("\"/hello", "\"/added"))
+        .unwrap();
+    for file in ["Cargo.toml", "Cargo.lock"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap().replace("name = \"hello\"", "name = \"added\"");
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+    db.execute("INSERT INTO plugins (name, source_path) VALUES ('added', $1)", &[&dir.to_string_lossy().as_ref()])
+        .await
+        .unwrap();
+    server
+        .wait_until("the added plugin's optimized library serves", Duration::from_secs(120), || async {
+            let row = server.plugin("added").await;
+            let binary = row["binary_path"].as_str().unwrap_or_default();
+            row["state"] == "loaded" && !binary.is_empty() && !binary.contains("-draft.")
+        })
+        .await;
+    let (_, builds) = server.get("/plugins/added/builds").await;
+    let drafts: Vec<bool> = builds.as_array().unwrap().iter().map(|b| b["draft"].as_bool().unwrap()).collect();
+    assert_eq!(drafts, [false, true], "a draft, then the optimized build: {builds}");
+    assert_eq!(server.get("/added/ann").await.1["message"], format!("added {}, ann", std::process::id()));
 }
 
 /// The terminal interface against a live server: tables, exit statuses, a followed log, an

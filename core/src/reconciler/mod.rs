@@ -15,6 +15,7 @@
 //!
 //! This folder is the one place where what kiln serves changes.
 
+mod finishing;
 mod ownership;
 mod pass;
 mod served_set;
@@ -215,9 +216,11 @@ struct Inner {
     host_exe: std::path::PathBuf,
     /// Where isolated instances report their crashes (see `crash_reports`).
     crashes: mpsc::UnboundedSender<crate::isolation::CrashReport>,
-    /// The optimized build in progress of each plugin a draft serves for (a staged build), with
-    /// its version.
-    finishers: Mutex<HashMap<i64, (String, tokio::task::AbortHandle)>>,
+    /// Plugins with a higher id were added while this server ran: a staged build serves their
+    /// first version from a draft too (see [`Reconciler::draft_new_plugins_after`]).
+    new_after: std::sync::atomic::AtomicI64,
+    /// The optimized builds of drafts that serve (a staged build).
+    finishing: finishing::Finishing,
     /// This `Inner` itself, to start workers from `&self`.
     me: Weak<Inner>,
 }
@@ -295,7 +298,8 @@ impl Reconciler {
                 events,
                 host_exe,
                 crashes,
-                finishers: Default::default(),
+                finishing: Default::default(),
+                new_after: std::sync::atomic::AtomicI64::new(i64::MAX),
                 me: me.clone(),
             }),
         };
@@ -368,14 +372,14 @@ impl Reconciler {
             let _served = self.inner.served.lock().expect("served lock");
             self.inner.closed.store(true, Ordering::SeqCst);
         }
+        // A draft serves until the end; builds in progress are stopped (a cold build could take
+        // minutes), so the passes waiting for them end now.
+        self.inner.finishing.cancel_all();
+        self.inner.compiler.stop();
         let workers: Vec<_> = self.inner.workers.lock().expect("workers lock").drain().map(|(_, w)| w).collect();
         for (tx, task) in workers {
             drop(tx); // the worker ends after the jobs it has
             let _ = task.await;
-        }
-        // No pass starts another now. A draft serves until the end.
-        for (_, (_, task)) in self.inner.finishers.lock().expect("finishers lock").drain() {
-            task.abort();
         }
         self.inner.retire_all().await;
         if tokio::time::timeout(patience, self.inner.retirements.all_done()).await.is_err() {
@@ -384,6 +388,13 @@ impl Reconciler {
                 "plugin instances still in use after {patience:?}: their cleanup did not run"
             );
         }
+    }
+
+    /// With a staged build profile, serve from a draft first not only edits of plugins that
+    /// serve but also plugins whose rows have an id above `id` (those added while the server
+    /// runs: a start, whose plugins all come at once, builds them optimized directly).
+    pub fn draft_new_plugins_after(&self, id: i64) {
+        self.inner.new_after.store(id, Ordering::Relaxed);
     }
 
     /// How many plugins have a pass running or queued.

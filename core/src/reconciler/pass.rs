@@ -58,7 +58,7 @@ impl Inner {
             // Deleted: its endpoint rows went with it (ON DELETE CASCADE); its libraries go too,
             // but for those a served version or a pass in progress uses.
             self.waiting.lock().expect("waiting lock").remove(&id);
-            self.cancel_finisher(id, None);
+            self.finishing.forget_other(id, None);
             self.builds.sources.forget(id).await;
             if let Some(name) = self.retire(id).await {
                 // A new row of the same name (deleted and inserted in one transaction) is about
@@ -75,7 +75,7 @@ impl Inner {
         };
         if !row.wants_active() {
             self.waiting.lock().expect("waiting lock").remove(&id);
-            self.cancel_finisher(id, None);
+            self.finishing.forget_other(id, None);
             self.retire(id).await;
             if batched || row.state != "inactive" || row.binary_path.is_some() {
                 self.repo.record_unloaded(id).await?;
@@ -83,7 +83,8 @@ impl Inner {
             return Ok(Outcome::Inactive);
         }
         let mut serving = self.served.lock().expect("served lock").contains_key(&id);
-        let e = match self.load_wanted(&row, force, batched).await {
+        let mut swapping = None;
+        let e = match self.load_wanted(&row, force, batched, &mut swapping).await {
             Ok(outcome) => {
                 self.waiting.lock().expect("waiting lock").remove(&id);
                 return Ok(outcome);
@@ -91,6 +92,11 @@ impl Inner {
             Err(e @ (ReconcileError::Superseded | ReconcileError::ShuttingDown)) => return Err(e),
             Err(e) => e,
         };
+        // The optimized library of a draft that serves did not: the draft serves on, and the
+        // swap is not tried again for this version.
+        if let Some(hash) = swapping {
+            self.finishing.mark_failed(id, &hash);
+        }
         // An instance the pass retired (its process crashed too often) serves no more.
         serving = serving && self.served.lock().expect("served lock").contains_key(&id);
         // A reload asked of every replica (a raised generation) that failed here leaves the old
@@ -126,8 +132,15 @@ impl Inner {
         Err(e)
     }
 
-    /// Makes the wanted version of an active plugin serve.
-    async fn load_wanted(&self, row: &PluginRow, force: bool, batched: bool) -> Result<Outcome, ReconcileError> {
+    /// Makes the wanted version of an active plugin serve. `swapping` is set to the version
+    /// when the pass replaces its served draft by its optimized library.
+    async fn load_wanted(
+        &self,
+        row: &PluginRow,
+        force: bool,
+        batched: bool,
+        swapping: &mut Option<String>,
+    ) -> Result<Outcome, ReconcileError> {
         let manifest = Manifest::read_off_worker(&self.builds.sources.dir(row).await).await?;
         if manifest.name != row.name {
             return Err(ReconcileError::NameMismatch {
@@ -146,7 +159,7 @@ impl Inner {
         };
         let hash = self.compiler.source_hash(&manifest).await?;
         // The optimized build of another version is of no use any more.
-        self.cancel_finisher(row.id, Some(&hash));
+        self.finishing.forget_other(row.id, Some(&hash));
         // From here to the end of the pass no garbage collection removes this library.
         let _pin = self.compiler.pin(&self.compiler.artifact_path(&manifest.name, &hash));
         let (mut current, generation) = {
@@ -164,10 +177,16 @@ impl Inner {
         // Only a higher one: a row read a moment before another pass's can show a lower one.
         let force = force || generation.is_some_and(|g| row.generation > g);
         // A draft of the wanted version serves (a staged build): once its optimized library is
-        // built, a fresh instance of that replaces it.
+        // built, a fresh instance of that replaces it (unless that failed already). Its build
+        // runs, or is started again (it was cancelled, and the version is wanted again).
         let draft = self.compiler.draft_path(&manifest.name, &hash);
         let draft_serves = current.as_ref().is_some_and(|(h, _, p)| *h == hash && p.binary_path() == draft.as_path());
-        let force = force || (draft_serves && self.compiler.artifact_path(&manifest.name, &hash).exists());
+        let optimized_exists = self.compiler.artifact_path(&manifest.name, &hash).exists();
+        if draft_serves && !optimized_exists && !self.finishing.known(row.id, &hash) {
+            self.finish_later(row.id, &row.name, self.builds.finisher(&manifest, &hash));
+        }
+        let swap = draft_serves && optimized_exists && !self.finishing.failed(row.id, &hash);
+        let force = force || swap;
         // Another way of running it (in process, in a process of its own, other limits) is a
         // fresh instance.
         let isolation = wanted_isolation(row, &manifest);
@@ -203,8 +222,10 @@ impl Inner {
             if !still {
                 return Err(ReconcileError::Superseded);
             }
+            // A draft whose optimized build failed shows that error while it serves.
+            let kept_error = draft_serves && self.finishing.failed(row.id, &hash);
             if observed.state != "loaded"
-                || observed.error.is_some()
+                || (observed.error.is_some() && !kept_error)
                 || observed.loaded_hash.as_deref() != Some(hash.as_str())
             {
                 self.record_loaded(row.id, &manifest, &hash, plugin).await?;
@@ -244,10 +265,28 @@ impl Inner {
         if current.is_none() && !self.compiler.artifact_path(&manifest.name, &hash).exists() {
             self.repo.record_building(row.id).await?;
         }
-        // An edit of a plugin that serves is served from a draft first (a staged profile).
-        let staged = self.compiler.profile().drafts() && current.is_some();
+        // An edit of a plugin that serves, or a plugin added while the server runs, is served
+        // from a draft first (a staged profile).
+        let added = row.id > self.new_after.load(std::sync::atomic::Ordering::Relaxed);
+        let staged = self.compiler.profile().drafts() && (current.is_some() || added);
         let _draft_pin = (staged && !draft_serves).then(|| self.compiler.pin(&draft));
-        let (artifact, finisher) = self.build(row.id, &manifest, &hash, staged).await?;
+        if swap {
+            *swapping = Some(hash.clone());
+        }
+        let (artifact, finisher) = if self.finishing.running(row.id, &hash) && draft.exists() {
+            // A fresh instance of the draft that serves, whose optimized build runs: not a
+            // second build of the version (it would wait for the first one's build lock).
+            let draft = Artifact {
+                path: draft.clone(),
+                hash: hash.clone(),
+                built: false,
+                duration: Default::default(),
+                draft: true,
+            };
+            (draft, None)
+        } else {
+            self.build(row.id, &manifest, &hash, staged).await?
+        };
         // Its schema, grants and migrations are in place before its init runs.
         self.databases.ensure(row, &manifest, &hash).await?;
         let (path, retirements) = (artifact.path.clone(), self.retirements.clone());
@@ -437,7 +476,7 @@ impl Inner {
 
     /// Records a build in the history (nothing when none ran), and in the metrics.
     #[allow(clippy::too_many_arguments)]
-    async fn record_build(
+    pub(super) async fn record_build(
         &self,
         id: i64,
         name: &str,
@@ -459,46 +498,6 @@ impl Inner {
             crate::repo::NewBuild { started_at, duration_ms: ms, diagnostics: diagnostics.as_deref(), messages, draft };
         if let Err(e) = self.repo.record_build(id, hash, &build).await {
             tracing::warn!(plugin = %name, "could not record the build: {e}");
-        }
-    }
-
-    /// Builds the optimized library of a draft that serves, in a task of its own, then has a
-    /// pass swap it in. A later pass for another version (or none) cancels it.
-    fn finish_later(&self, id: i64, name: &str, finisher: Finisher) {
-        let (me, builds, name, hash) =
-            (self.me.clone(), self.builds.clone(), name.to_string(), finisher.hash().to_string());
-        let mut finishers = self.finishers.lock().expect("finishers lock");
-        let task_hash = hash.clone();
-        let task = tokio::spawn(async move {
-            let (started_at, clock) = (chrono::Utc::now(), std::time::Instant::now());
-            let result = finisher.finish(&builds).await;
-            let Some(inner) = me.upgrade() else { return };
-            {
-                let mut finishers = inner.finishers.lock().expect("finishers lock");
-                if finishers.get(&id).is_some_and(|(h, _)| *h == task_hash) {
-                    finishers.remove(&id);
-                }
-            }
-            inner.record_build(id, &name, &task_hash, started_at, clock, result.as_ref(), false).await;
-            match result {
-                Ok(_) => inner.hint(id),
-                // In the build history too.
-                Err(e) => tracing::warn!(plugin = %name, "the optimized build failed; the draft keeps serving: {e}"),
-            }
-        });
-        if let Some((_, stale)) = finishers.insert(id, (hash, task.abort_handle())) {
-            stale.abort();
-        }
-    }
-
-    /// Cancels plugin `id`'s optimized build in progress, unless it is of version `keep`.
-    pub(super) fn cancel_finisher(&self, id: i64, keep: Option<&str>) {
-        let mut finishers = self.finishers.lock().expect("finishers lock");
-        if finishers.get(&id).is_some_and(|(h, _)| Some(h.as_str()) != keep)
-            && let Some((hash, task)) = finishers.remove(&id)
-        {
-            tracing::debug!(plugin_id = id, hash = %hash, "optimized build cancelled: another version is wanted");
-            task.abort();
         }
     }
 

@@ -294,6 +294,12 @@ impl Repo {
         Ok(row.as_ref().map(PluginRow::from_row))
     }
 
+    /// The highest plugin id so far (0 with no plugins): rows inserted later have higher ones.
+    pub async fn max_plugin_id(&self) -> Result<i64> {
+        let c = self.pool.get().await?;
+        Ok(c.query_one("SELECT coalesce(max(id), 0)::bigint FROM plugins", &[]).await?.get(0))
+    }
+
     pub async fn list(&self) -> Result<Vec<PluginRow>> {
         let c = self.pool.get().await?;
         let rows = c.query(&format!("{SELECT_ROW} ORDER BY p.id"), &[&&*self.replica]).await?;
