@@ -229,13 +229,15 @@ fn serve(stream: UnixStream) {
     let Ok(conn) = Conn::new(stream) else { return };
     CONN.with(|c| *c.borrow_mut() = Some(conn));
     let mut body = Vec::new();
+    let mut poll_next = false;
     loop {
         let kind = CONN.with(|c| {
             let mut c = c.borrow_mut();
             let conn = c.as_mut().expect("set above");
-            // Alone and idle, the next call (a client's next request, tens of µs away) is
-            // polled for before this thread sleeps: waking it would cost more than the call.
-            if !NO_POLLING.load(Ordering::Relaxed) && conn.read.buffer().is_empty() {
+            // After a request of a client that sends one after another, alone and idle, the
+            // next call (tens of µs away) is polled for before this thread sleeps: waking it
+            // would cost more than the call.
+            if poll_next && !NO_POLLING.load(Ordering::Relaxed) && conn.read.buffer().is_empty() {
                 let busy = super::spin::InFlight::enter(&BUSY);
                 if busy.alone() {
                     super::spin::ready_within(conn.read.get_ref().as_raw_fd(), super::spin::budget());
@@ -244,6 +246,7 @@ fn serve(stream: UnixStream) {
             wire::read_frame(&mut conn.read, &mut body)
         });
         let Ok(kind) = kind else { return };
+        poll_next = kind == wire::HANDLE_THEN_POLL;
         // No borrow of the connection is held while the plugin runs: its host calls use it.
         let _busy = super::spin::InFlight::enter(&BUSY);
         let reply = catch_unwind(AssertUnwindSafe(|| dispatch(kind, &body)))
@@ -297,7 +300,7 @@ fn dispatch(kind: u8, body: &[u8]) -> Frame {
             INSTANCE.store(inst, Ordering::Release);
             Frame::reply(abi::STATUS_OK, 0, &described, b"")
         }
-        wire::HANDLE => match handle(x, instance, &mut f) {
+        wire::HANDLE | wire::HANDLE_THEN_POLL => match handle(x, instance, &mut f) {
             Ok(frame) => frame,
             Err(e) => bad(e),
         },

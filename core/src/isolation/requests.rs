@@ -30,11 +30,17 @@ impl AsyncConn {
     /// Sends a call and serves the child's host calls until its reply, left in `buf`.
     async fn call(&mut self, frame: Frame, host: &Arc<HostCtx>, deadline: Instant, route: &Arc<str>) -> io::Result<()> {
         let in_flight = spin::InFlight::enter(&IN_FLIGHT);
-        self.stream.get_mut().write_all(&frame.into_bytes()?).await?;
+        let sequential = in_flight.sequential();
+        let mut bytes = frame.into_bytes()?;
+        if sequential && bytes[4] == wire::HANDLE {
+            bytes[4] = wire::HANDLE_THEN_POLL;
+        }
+        self.stream.get_mut().write_all(&bytes).await?;
         loop {
-            // Alone, the answer of a quick handler is polled for on this worker (a few µs)
-            // rather than waited for in the reactor (an idle vCPU woken: tens of µs).
-            if in_flight.alone() && self.stream.buffer().is_empty() {
+            // With one request after another, the answer of a quick handler is polled for on
+            // this worker (a few µs) rather than waited for in the reactor (an idle vCPU
+            // woken: tens of µs).
+            if sequential && self.stream.buffer().is_empty() {
                 spin::ready_within(self.stream.get_ref().as_raw_fd(), spin::budget());
             }
             let kind = wire::read_frame_async(&mut self.stream, &mut self.buf).await?;

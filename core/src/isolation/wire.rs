@@ -10,6 +10,10 @@ pub const INIT: u8 = 1;
 /// Parent → child: one request. `[route u32][method][path][query][params][headers][body]`,
 /// where params and headers are a `u32` count of (name, value) pairs.
 pub const HANDLE: u8 = 2;
+/// Parent → child: a [`HANDLE`] whose client sends its requests one after another (no other
+/// request was in flight in kiln for a while): the child polls for the next call after its
+/// reply (see `spin`).
+pub const HANDLE_THEN_POLL: u8 = 7;
 /// Parent → child: `[config]`.
 pub const CONFIGURE: u8 = 3;
 /// Parent → child: `[subscription u32][topic][data]`.
