@@ -243,6 +243,9 @@ fn serve(stream: UnixStream) {
                     super::spin::ready_within(conn.read.get_ref().as_raw_fd(), super::spin::budget());
                 }
             }
+            if conn.read.buffer().is_empty() {
+                super::spin::wait_readable(conn.read.get_ref().as_raw_fd());
+            }
             wire::read_frame(&mut conn.read, &mut body)
         });
         let Ok(kind) = kind else { return };

@@ -71,6 +71,23 @@ pub fn ready_within(fd: RawFd, budget: Duration) -> bool {
     }
 }
 
+/// Blocks until `fd` has input (or an error or hang-up, which the read that follows reports).
+///
+/// A thread blocked in `recv` on a Unix stream socket is woken whenever its peer reads, which
+/// frees the socket's send space (`unix_write_space` wakes every sleeper of the socket): a
+/// plugin's process waiting for its next call was woken, for nothing, by kiln reading each
+/// reply. `poll` for input alone filters those wake-ups out.
+pub fn wait_readable(fd: RawFd) {
+    loop {
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd that lives for the call.
+        let n = unsafe { libc::poll(&mut p, 1, -1) };
+        if n != 0 && !(n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted) {
+            return;
+        }
+    }
+}
+
 /// Calls in flight on one side of the boundary (a counter), entered for the length of a call.
 pub struct InFlight<'a>(&'a AtomicUsize);
 
