@@ -154,6 +154,9 @@ pub struct Compiler {
     /// Manifests known to be workspaces of their own (built in place, not staged).
     own_workspace: Mutex<std::collections::HashSet<PathBuf>>,
     profile: BuildProfile,
+    /// Of each content hash taken lately, the hash of the same files but `Cargo.lock`: what a
+    /// build checks that it built (see [`Compiler::source_hash`]).
+    code_of: Mutex<HashMap<String, String>>,
     /// The process groups of the cargo runs in progress, and whether the server stops (see
     /// [`Compiler::stop`]).
     running: Mutex<(std::collections::HashSet<u32>, bool)>,
@@ -204,6 +207,7 @@ impl Compiler {
             own_workspace: Default::default(),
             profile,
             running: Default::default(),
+            code_of: Default::default(),
         })
     }
 
@@ -222,17 +226,25 @@ impl Compiler {
                 tokio::fs::copy(&lock, manifest.dir.join("Cargo.lock")).await?;
             }
         }
-        self.tree_hash(manifest).await
+        let (hash, code) = self.tree_hash(manifest).await?;
+        let mut code_of = self.code_of.lock().expect("code_of lock");
+        if code_of.len() >= 4096 {
+            code_of.clear(); // a bound; a hash not found skips the check after its build
+        }
+        code_of.insert(hash.clone(), code);
+        Ok(hash)
     }
 
-    /// The content hash of the plugin's files as they are (see [`Compiler::source_hash`]).
-    async fn tree_hash(&self, manifest: &Manifest) -> Result<String, BuildError> {
+    /// The content hash of the plugin's files as they are (see [`Compiler::source_hash`]), and
+    /// the hash of those files but `Cargo.lock` (which cargo may rewrite while it builds).
+    async fn tree_hash(&self, manifest: &Manifest) -> Result<(String, String), BuildError> {
         let dir = manifest.dir.clone();
-        let tree = tokio::task::spawn_blocking(move || hash_tree(&dir)).await.map_err(std::io::Error::other)??;
+        let (tree, code) =
+            tokio::task::spawn_blocking(move || hash_tree_and_code(&dir)).await.map_err(std::io::Error::other)??;
         let mut h = Sha256::new();
         h.update(tree.as_bytes());
         h.update(self.types_hash.as_bytes());
-        Ok(hex::encode(h.finalize()))
+        Ok((hex::encode(h.finalize()), code))
     }
 
     /// How many builds ran since start.
@@ -374,7 +386,11 @@ impl Compiler {
         let library = library.ok_or(BuildError::NoLibrary)?;
         // cargo builds what is on disk when it runs: sources edited since they were hashed made
         // a library of other code than `hash` names, which must not be kept under that name.
-        if self.tree_hash(manifest).await? != hash {
+        // (`Cargo.lock` aside: cargo itself rewrites it after an edit of the manifest.)
+        let code_then = self.code_of.lock().expect("code_of lock").get(hash).cloned();
+        if let Some(code_then) = code_then
+            && self.tree_hash(manifest).await?.1 != code_then
+        {
             return Err(BuildError::SourcesChanged);
         }
         let tmp = path.with_extension("tmp");
@@ -694,7 +710,13 @@ fn toml_string(path: &Path) -> String {
 /// Hash of every file under `dir` (relative path and content), skipping `target/` and hidden
 /// entries. Sorted, so the hash does not depend on directory order.
 fn hash_tree(dir: &Path) -> std::io::Result<String> {
+    Ok(hash_tree_and_code(dir)?.0)
+}
+
+/// [`hash_tree`], and the same hash without a top-level `Cargo.lock`.
+fn hash_tree_and_code(dir: &Path) -> std::io::Result<(String, String)> {
     let mut h = Sha256::new();
+    let mut code = Sha256::new();
     let walk = WalkDir::new(dir).sort_by_file_name().into_iter().filter_entry(|e| {
         let name = e.file_name().to_string_lossy();
         e.depth() == 0 || !(name.starts_with('.') || (e.depth() == 1 && name == "target"))
@@ -713,12 +735,16 @@ fn hash_tree(dir: &Path) -> std::io::Result<String> {
         {
             content = canonical;
         }
-        h.update(rel.to_string_lossy().as_bytes());
-        h.update([0]);
-        h.update((content.len() as u64).to_le_bytes());
-        h.update(&content);
+        let hashers: &mut [&mut Sha256] =
+            if rel == Path::new("Cargo.lock") { &mut [&mut h] } else { &mut [&mut h, &mut code] };
+        for hasher in hashers {
+            hasher.update(rel.to_string_lossy().as_bytes());
+            hasher.update([0]);
+            hasher.update((content.len() as u64).to_le_bytes());
+            hasher.update(&content);
+        }
     }
-    Ok(hex::encode(h.finalize()))
+    Ok((hex::encode(h.finalize()), hex::encode(code.finalize())))
 }
 
 /// A lock file's packages in cargo's order, written out again: cargo rewrites a lock whose

@@ -197,16 +197,18 @@ impl SharedBuilds {
                 }
                 // The library exists now (built meanwhile, or the crate cannot have a draft).
                 Ok(_) => {}
-                // An error in the plugin's code is the answer; any other failure may be the
-                // draft's own (a profile whose LTO leaves only bitcode to link): the library is
-                // built as if there were no drafts.
-                Err(e @ BuildError::Failed { .. }) if e.in_code() => {
+                // A compiler failure without an error in the plugin's code may be the draft's own
+                // (a profile whose LTO leaves only bitcode to link): the library is built as if
+                // there were no drafts. Any other failure is the answer.
+                Err(e @ BuildError::Failed { .. }) if !e.in_code() => {
+                    tracing::warn!(plugin = %manifest.name, "the draft did not build, building optimized: {e}")
+                }
+                Err(e) => {
                     if let Some(held) = held {
                         held.lock.release().await;
                     }
                     return Err(e);
                 }
-                Err(e) => tracing::warn!(plugin = %manifest.name, "the draft did not build, building optimized: {e}"),
             }
         }
         let built = self.compiler.build(manifest, hash).await;

@@ -290,6 +290,21 @@ async fn a_draft_served_again_gets_its_optimized_build_and_a_new_plugin_drafts()
     assert_eq!(server.get("/added/ann").await.1["message"], format!("added {}, ann", std::process::id()));
 }
 
+/// A manifest edit that makes cargo rewrite `Cargo.lock` while it builds (a version bump) is not
+/// taken for sources edited during the build: it builds and serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_bump_builds_though_cargo_rewrites_the_lock() {
+    let server = TestServer::start(&["hello"]).await;
+    server.wait_state("hello", "loaded").await;
+    let manifest = server.plugin_dir("hello").join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replacen("version = \"0.1.0\"", "version = \"0.1.1\"", 1)).unwrap();
+    let (status, row) = server.post("/plugins/hello/reload", None).await;
+    assert_eq!(status, 200, "{row}");
+    assert_eq!(server.plugin("hello").await["version"], "0.1.1");
+    assert_eq!(server.get("/hello/ann").await.1["message"], "hello, ann");
+}
+
 /// The terminal interface against a live server: tables, exit statuses, a followed log, an
 /// install from a directory, and the admin token.
 #[tokio::test(flavor = "multi_thread")]

@@ -40,7 +40,7 @@ impl AsyncConn {
             // With one request after another, the answer of a quick handler is polled for on
             // this worker (a few µs) rather than waited for in the reactor (an idle vCPU
             // woken: tens of µs).
-            if sequential && self.stream.buffer().is_empty() {
+            if sequential && in_flight.alone() && self.stream.buffer().is_empty() {
                 spin::ready_within(self.stream.get_ref().as_raw_fd(), spin::budget());
             }
             let kind = wire::read_frame_async(&mut self.stream, &mut self.buf).await?;

@@ -94,7 +94,7 @@ pub struct InFlight<'a>(&'a AtomicUsize);
 impl<'a> InFlight<'a> {
     pub fn enter(count: &'a AtomicUsize) -> Self {
         if count.fetch_add(1, Ordering::AcqRel) > 0 {
-            LAST_OVERLAP_US.store(now_us(), Ordering::Relaxed);
+            LAST_OVERLAP_US.fetch_max(now_us(), Ordering::Relaxed);
         }
         Self(count)
     }

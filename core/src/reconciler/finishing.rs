@@ -102,22 +102,31 @@ impl Inner {
             let (started_at, clock) = (chrono::Utc::now(), std::time::Instant::now());
             let result = finisher.finish(&builds).await;
             let Some(inner) = me.upgrade() else { return };
-            // Sources edited meanwhile: a pass for what they are now comes with the edit.
-            let changed = matches!(result, Err(crate::compiler::BuildError::SourcesChanged));
-            inner.finishing.ended(id, tokio::task::id(), result.is_ok() || changed);
-            if changed {
+            let task = tokio::task::id();
+            // Sources edited meanwhile (a pass for what they are now comes with the edit), or
+            // the server stopping: nothing to record.
+            if matches!(result, Err(crate::compiler::BuildError::SourcesChanged))
+                || (result.is_err() && inner.closed.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                inner.finishing.ended(id, task, true);
                 return;
             }
             inner.record_build(id, &name, &task_hash, started_at, clock, result.as_ref(), false).await;
             match result {
-                Ok(_) => inner.hint(id),
+                Ok(_) => {
+                    inner.finishing.ended(id, task, true);
+                    inner.hint(id);
+                }
                 Err(e) => {
+                    // Recorded while the task can still be cancelled (a pass for another
+                    // version, or none, aborts it), then marked failed.
                     let code = crate::error_code::ErrorCode::BuildFailed;
                     let text = format!("{code}: the optimized build failed; the draft serves on: {e}");
                     tracing::warn!(plugin = %name, "{text}");
                     if let Err(db) = inner.repo.record_failed(id, &text, true, "loaded").await {
                         tracing::warn!(plugin = %name, "could not record the failure: {db}");
                     }
+                    inner.finishing.ended(id, task, false);
                 }
             }
         });

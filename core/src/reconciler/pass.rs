@@ -92,9 +92,12 @@ impl Inner {
             Err(e @ (ReconcileError::Superseded | ReconcileError::ShuttingDown)) => return Err(e),
             Err(e) => e,
         };
-        // The optimized library of a draft that serves did not: the draft serves on, and the
-        // swap is not tried again for this version.
-        if let Some(hash) = swapping {
+        // The optimized library of a draft that serves did not load: the draft serves on, and
+        // the swap is not tried again for this version. (Other failures, a database that was
+        // away say, leave it to be tried again.)
+        if let Some(hash) = swapping
+            && matches!(e, ReconcileError::Load(_))
+        {
             self.finishing.mark_failed(id, &hash);
         }
         // An instance the pass retired (its process crashed too often) serves no more.
@@ -469,6 +472,9 @@ impl Inner {
         } else {
             self.builds.build(manifest, hash).await.map(|a| (a, None))
         };
+        if result.is_err() && self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ReconcileError::ShuttingDown); // its cargo was stopped: not a failure
+        }
         let draft = result.as_ref().is_ok_and(|(a, _)| a.draft) || (staged && result.is_err());
         self.record_build(id, &manifest.name, hash, started_at, clock, result.as_ref().map(|(a, _)| a), draft).await;
         Ok(result?)
