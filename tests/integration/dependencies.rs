@@ -59,7 +59,12 @@ async fn loaded_at(server: &TestServer, names: &[&str]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dependencies_load_in_order_wait_for_what_is_missing_and_refuse_cycles() {
-    let server = TestServer::start(&[]).await;
+    // Built optimized at once: with drafts, a dependency's optimized swap comes after its
+    // dependents loaded, and `loaded_at` (the order this test reads) shows the latest instance.
+    let server = TestServer::start_with(crate::support::cluster().await, &[], |c| {
+        c.build_profile = kiln::compiler::BuildProfile::Optimized;
+    })
+    .await;
     let plugins = server.plugin_dir("x").parent().unwrap().to_path_buf();
     // A chain, written dependents first; a cycle; one waiting for a plugin that is not there;
     // one asking for a version that does not serve.

@@ -2,7 +2,7 @@
 //! uninstall, rediscover, protect the admin API, read the build history.
 
 use crate::support::{
-    EDIT_DEADLINE, TestServer, cluster, copy_crate, crate_archive, crate_source, install, raw_archive,
+    BUILD_DEADLINE, EDIT_DEADLINE, TestServer, cluster, copy_crate, crate_archive, crate_source, install, raw_archive,
 };
 use serde_json::{Value, json};
 use std::io::Write;
@@ -141,11 +141,21 @@ async fn install_build_history_and_uninstall() {
     let origin: String = db.query_one("SELECT origin FROM plugins WHERE name = 'hello'", &[]).await.unwrap().get(0);
     assert_eq!(origin, "upload");
 
+    // A plugin added while the server runs serves from a draft first (the staged profile):
+    // one optimized build of the version, after its draft.
+    server
+        .wait_until("the optimized library serves", BUILD_DEADLINE, || async {
+            !server.plugin("hello").await["binary_path"].as_str().unwrap_or("-draft.").contains("-draft.")
+        })
+        .await;
     let (_, builds) = server.get("/plugins/hello/builds").await;
     let builds = builds.as_array().unwrap();
-    assert_eq!(builds.len(), 1, "{builds:?}");
-    assert_eq!(builds[0]["success"], true);
-    assert_eq!(builds[0]["source_hash"], row["loaded_hash"]);
+    let kinds: Vec<(bool, bool, &str)> = builds
+        .iter()
+        .map(|b| (b["draft"].as_bool().unwrap(), b["success"].as_bool().unwrap(), b["source_hash"].as_str().unwrap()))
+        .collect();
+    let hash = row["loaded_hash"].as_str().unwrap();
+    assert_eq!(kinds, [(false, true, hash), (true, true, hash)], "{builds:?}");
 
     // The same name again is a conflict, and leaves nothing behind.
     let (status, err) = install(&server, crate_archive(&crate_source("hello"), "again")).await;
