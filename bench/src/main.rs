@@ -422,17 +422,6 @@ async fn one_line_changes(
     let staged = profile == "staged";
     let (mut rebuild, mut cargo, mut optimized, mut rapid) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let k = if quick { 3 } else { 12 };
-    let optimized_serves = || async {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let row = server.json("/plugins/powertable").await?;
-            if !row["binary_path"].as_str().unwrap_or("-draft").contains("-draft.") && row["state"] == "loaded" {
-                return anyhow::Ok(());
-            }
-            anyhow::ensure!(Instant::now() < deadline, "the optimized library never served: {row}");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    };
     let mut edit = 0;
     for i in 0..=k {
         edit += 1;
@@ -446,7 +435,7 @@ async fn one_line_changes(
         anyhow::ensure!(build["success"] == true, "the build failed: {build}");
         anyhow::ensure!(!staged || build["draft"] == true, "a staged edit served no draft: {build}");
         if staged {
-            optimized_serves().await?;
+            server.wait_optimized("powertable", Duration::from_secs(300)).await?;
         }
         if i > 0 {
             // The first edit after a start also primes the incremental cache: not counted.
@@ -464,7 +453,7 @@ async fn one_line_changes(
             anyhow::ensure!(status == 200, "rebuild failed: {body}");
             rapid.push(start.elapsed().as_secs_f64());
         }
-        optimized_serves().await?;
+        server.wait_optimized("powertable", Duration::from_secs(300)).await?;
     }
     std::fs::write(&src, code)?;
     let (p50, p99) = (quantile(&mut rebuild, 0.5), quantile(&mut rebuild, 0.99));
@@ -593,15 +582,7 @@ async fn cold_compile(
             }
             // A staged build served a draft: the next plugin comes once the optimized build
             // serves (not counted), as an author's next plugin would.
-            let deadline = Instant::now() + Duration::from_secs(300);
-            loop {
-                let row = server.json(&format!("/plugins/{name}")).await?;
-                if !row["binary_path"].as_str().unwrap_or("-draft.").contains("-draft.") {
-                    break;
-                }
-                anyhow::ensure!(Instant::now() < deadline, "the optimized library never served: {row}");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            server.wait_optimized(&name, Duration::from_secs(300)).await?;
         }
         rows.push(row(
             format!(

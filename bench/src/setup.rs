@@ -117,6 +117,19 @@ impl Kiln {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// Waits until plugin `name` serves its optimized library, not a draft (a staged build).
+    pub async fn wait_optimized(&self, name: &str, deadline: Duration) -> anyhow::Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            let row = self.json(&format!("/plugins/{name}")).await?;
+            if !row["binary_path"].as_str().unwrap_or("-draft.").contains("-draft.") && row["state"] == "loaded" {
+                return Ok(());
+            }
+            anyhow::ensure!(start.elapsed() < deadline, "{name}'s optimized library never served: {row}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Waits until `n` plugins serve and no reconcile pass is running or queued.
     pub async fn wait_serving(&self, n: u64, deadline: Duration) -> anyhow::Result<()> {
         let start = std::time::Instant::now();

@@ -108,6 +108,13 @@ pub struct Artifact {
     pub draft: bool,
 }
 
+impl Artifact {
+    /// A library that exists already (nothing built).
+    pub fn existing(path: PathBuf, hash: &str, draft: bool) -> Self {
+        Self { path, hash: hash.to_string(), built: false, duration: Duration::ZERO, draft }
+    }
+}
+
 /// Why a build produced no library.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -289,13 +296,7 @@ impl Compiler {
     pub async fn build_draft(&self, manifest: &Manifest, hash: &str) -> Result<Artifact, BuildError> {
         let library = self.artifact_path(&manifest.name, hash);
         if library.exists() {
-            return Ok(Artifact {
-                path: library,
-                hash: hash.to_string(),
-                built: false,
-                duration: Duration::ZERO,
-                draft: false,
-            });
+            return Ok(Artifact::existing(library, hash, false));
         }
         let text = tokio::fs::read_to_string(&manifest.manifest_path).await?;
         match draft_rustc_args(&text) {
@@ -313,8 +314,7 @@ impl Compiler {
     ) -> Result<Artifact, BuildError> {
         let draft = draft_args.is_some();
         let path = if draft { self.draft_path(&manifest.name, hash) } else { self.artifact_path(&manifest.name, hash) };
-        let skipped =
-            Artifact { path: path.clone(), hash: hash.to_string(), built: false, duration: Duration::ZERO, draft };
+        let skipped = Artifact::existing(path.clone(), hash, draft);
         if path.exists() {
             return Ok(skipped);
         }

@@ -14,7 +14,7 @@ use crate::repo::Repo;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The lock of a build key this replica holds, to build its library (see [`SharedBuilds::build`]).
 struct Held {
@@ -142,9 +142,7 @@ impl SharedBuilds {
             tokio::task::spawn_blocking(move || crate::prebuilt::install(&dir, &name, &owned_hash, &dest)).await;
         match prebuilt {
             Ok(Ok(true)) => {
-                let artifact =
-                    Artifact { path, hash: hash.to_string(), built: false, duration: Duration::ZERO, draft: false };
-                return Ok((artifact, None));
+                return Ok((Artifact::existing(path, hash, false), None));
             }
             Ok(Ok(false)) => {}
             Ok(Err(e)) => tracing::warn!(plugin = %manifest.name, "could not read the prebuilt library: {e}"),
@@ -291,7 +289,7 @@ impl SharedBuilds {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let took = clock.elapsed();
         tracing::info!(plugin = %manifest.name, built_by = %built_by, ?took, size, "library fetched");
-        Ok(Some(Artifact { path, hash: hash.to_string(), built: false, duration: Duration::ZERO, draft: false }))
+        Ok(Some(Artifact::existing(path, hash, false)))
     }
 
     async fn key(&self, name: &str, hash: &str) -> String {

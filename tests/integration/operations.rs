@@ -2,7 +2,7 @@
 //! uninstall, rediscover, protect the admin API, read the build history.
 
 use crate::support::{
-    BUILD_DEADLINE, EDIT_DEADLINE, TestServer, cluster, copy_crate, crate_archive, crate_source, install, raw_archive,
+    EDIT_DEADLINE, TestServer, cluster, copy_crate, crate_archive, crate_source, install, raw_archive,
 };
 use serde_json::{Value, json};
 use std::io::Write;
@@ -143,11 +143,7 @@ async fn install_build_history_and_uninstall() {
 
     // A plugin added while the server runs serves from a draft first (the staged profile):
     // one optimized build of the version, after its draft.
-    server
-        .wait_until("the optimized library serves", BUILD_DEADLINE, || async {
-            !server.plugin("hello").await["binary_path"].as_str().unwrap_or("-draft.").contains("-draft.")
-        })
-        .await;
+    server.wait_optimized("hello").await;
     let (_, builds) = server.get("/plugins/hello/builds").await;
     let builds = builds.as_array().unwrap();
     let kinds: Vec<(bool, bool, &str)> = builds

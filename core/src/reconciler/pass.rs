@@ -184,7 +184,7 @@ impl Inner {
         // runs, or is started again (it was cancelled, and the version is wanted again).
         let draft = self.compiler.draft_path(&manifest.name, &hash);
         let draft_serves = current.as_ref().is_some_and(|(h, _, p)| *h == hash && p.binary_path() == draft.as_path());
-        let optimized_exists = self.compiler.artifact_path(&manifest.name, &hash).exists();
+        let optimized_exists = draft_serves && self.compiler.artifact_path(&manifest.name, &hash).exists();
         if draft_serves && !optimized_exists && !self.finishing.known(row.id, &hash) {
             self.finish_later(row.id, &row.name, self.builds.finisher(&manifest, &hash));
         }
@@ -279,14 +279,7 @@ impl Inner {
         let (artifact, finisher) = if self.finishing.running(row.id, &hash) && draft.exists() {
             // A fresh instance of the draft that serves, whose optimized build runs: not a
             // second build of the version (it would wait for the first one's build lock).
-            let draft = Artifact {
-                path: draft.clone(),
-                hash: hash.clone(),
-                built: false,
-                duration: Default::default(),
-                draft: true,
-            };
-            (draft, None)
+            (Artifact::existing(draft.clone(), &hash, true), None)
         } else {
             self.build(row.id, &manifest, &hash, staged).await?
         };

@@ -249,6 +249,17 @@ impl TestServer {
         panic!("plugin {name} did not reach state {state} within {BUILD_DEADLINE:?}; last seen: {last:#}");
     }
 
+    /// Waits until plugin `name` serves its optimized library, not a draft (the staged build
+    /// profile serves a draft first after an edit or for a plugin added at runtime).
+    pub async fn wait_optimized(&self, name: &str) {
+        self.wait_until(&format!("{name}'s optimized library serves"), BUILD_DEADLINE, || async {
+            let row = self.plugin(name).await;
+            let binary = row["binary_path"].as_str().unwrap_or_default();
+            row["state"] == "loaded" && !binary.is_empty() && !binary.contains("-draft.")
+        })
+        .await;
+    }
+
     /// Polls `cond` until it holds, failing the test at the deadline.
     pub async fn wait_until<F, Fut>(&self, what: &str, deadline: Duration, mut cond: F) -> Duration
     where
