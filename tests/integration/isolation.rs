@@ -241,3 +241,39 @@ async fn a_restart_that_fails_once_is_tried_again() {
     let (_, logs) = server.get("/plugins/isolated/logs").await;
     assert!(logs.to_string().contains("trying again"), "{logs}");
 }
+
+/// How many lines of the isolated plugin's log say `message`.
+async fn logged(server: &TestServer, message: &str) -> usize {
+    let (_, lines) = server.get("/plugins/isolated/logs?limit=1000").await;
+    lines.as_array().into_iter().flatten().filter(|l| l["message"] == message).count()
+}
+
+/// Requests to one isolated plugin run side by side in its process, over the one connection
+/// they share: handlers held up hold up neither each other nor quick requests (with their host
+/// calls), and all of them answer once released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_held_up_in_an_isolated_plugin_hold_up_no_others() {
+    let server = Arc::new(TestServer::start(&["isolated"]).await);
+    server.wait_state("isolated", "loaded").await;
+    let pid = pid_of(&server).await.expect("the isolated plugin serves");
+    let release = server.root.path().join("release");
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let (server, path) = (server.clone(), format!("/isolated/held?until={}", release.display()));
+            tokio::spawn(async move { server.get(&path).await })
+        })
+        .collect();
+    server.wait_until("four handlers are held", EDIT_DEADLINE, || async { logged(&server, "held").await == 4 }).await;
+    // Quick requests (each a log line and two storage calls) while the four are held.
+    for n in 0..20 {
+        let (status, body) = server.get("/isolated/ok").await;
+        assert_eq!((status, body["pid"].as_u64()), (200, Some(pid)), "quick request {n}: {body}");
+    }
+    assert_eq!(logged(&server, "released").await, 0, "the held handlers were still held");
+    std::fs::write(&release, b"").unwrap();
+    for answer in held {
+        assert_eq!(answer.await.unwrap(), (200, serde_json::json!({ "released": true })));
+    }
+    assert_eq!(logged(&server, "released").await, 4);
+    assert_eq!(pid_of(&server).await, Some(pid), "the same process served throughout");
+}

@@ -224,12 +224,19 @@ static BUSY: AtomicUsize = AtomicUsize::new(0);
 /// Set when the process has a CPU-time limit, which polling would spend.
 static NO_POLLING: AtomicBool = AtomicBool::new(false);
 
-/// Serves the calls of one connection until the parent closes it.
+/// Whether polling is off (a CPU-time limit, which polling would spend).
+pub(super) fn no_polling() -> bool {
+    NO_POLLING.load(Ordering::Relaxed)
+}
+
+/// Serves the calls of one connection until the parent closes it: the multiplexed one if its
+/// first frame says so (`hub`), else one call after another on this thread.
 fn serve(stream: UnixStream) {
     let Ok(conn) = Conn::new(stream) else { return };
     CONN.with(|c| *c.borrow_mut() = Some(conn));
     let mut body = Vec::new();
     let mut poll_next = false;
+    let mut first = true;
     loop {
         let kind = CONN.with(|c| {
             let mut c = c.borrow_mut();
@@ -249,6 +256,12 @@ fn serve(stream: UnixStream) {
             wire::read_frame(&mut conn.read, &mut body)
         });
         let Ok(kind) = kind else { return };
+        if std::mem::take(&mut first) && kind == wire::MUX {
+            if let Some(conn) = CONN.with(|c| c.borrow_mut().take()) {
+                super::hub::serve(conn.read, conn.write);
+            }
+            return;
+        }
         poll_next = kind == wire::HANDLE_THEN_POLL;
         // No borrow of the connection is held while the plugin runs: its host calls use it.
         let _busy = super::spin::InFlight::enter(&BUSY);
@@ -269,7 +282,7 @@ fn exports() -> &'static Exports {
 }
 
 /// Runs one call and makes its reply.
-fn dispatch(kind: u8, body: &[u8]) -> Frame {
+pub(super) fn dispatch(kind: u8, body: &[u8]) -> Frame {
     let bad = |e: io::Error| Frame::reply(abi::STATUS_ERROR, 0, e.to_string().as_bytes(), b"");
     let x = exports();
     let mut f = Fields::new(body);
@@ -420,9 +433,13 @@ unsafe extern "C" fn child_call(
     .unwrap_or(abi::STATUS_ERROR)
 }
 
-/// A host call: over this thread's call connection when it serves one (no borrow of it is held
-/// while the plugin runs), else over the side connection.
+/// A host call: over the connection of the call this thread runs (the hub's, or its own call
+/// connection, of which no borrow is held while the plugin runs), else over the side
+/// connection.
 fn host_ask(frame: impl Fn() -> Frame) -> io::Result<(i32, Vec<u8>)> {
+    if let Some((hub, id)) = super::hub::current_call() {
+        return hub.ask(id, frame());
+    }
     let here = CONN.with(|c| c.try_borrow_mut().ok().and_then(|mut c| c.as_mut().map(|conn| conn.ask(frame()))));
     if let Some(answer) = here {
         return answer;

@@ -15,8 +15,9 @@
 
 mod calls;
 pub mod child;
+mod hub;
+mod mux;
 mod process;
-mod requests;
 mod spin;
 mod stale_dirs;
 

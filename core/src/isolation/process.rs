@@ -68,7 +68,7 @@ pub(super) fn launch(
         path,
         _dir: dir,
         idle: Mutex::new(Vec::new()),
-        idle_async: Mutex::new(Vec::new()),
+        mux: tokio::sync::OnceCell::new(),
         dead: AtomicBool::new(false),
         exit: Mutex::new(None),
         exited: Condvar::new(),
@@ -172,8 +172,8 @@ pub(super) struct Child {
     /// Holds the socket's directory (0700) until the child is gone.
     pub(super) _dir: tempfile::TempDir,
     pub(super) idle: Mutex<Vec<Conn>>,
-    /// Idle connections for requests from async tasks (`requests.rs`).
-    pub(super) idle_async: Mutex<Vec<super::requests::AsyncConn>>,
+    /// The connection requests from async tasks share (`mux.rs`), opened at the first.
+    pub(super) mux: tokio::sync::OnceCell<Arc<super::mux::Mux>>,
     /// Set when the child is known to be gone (or going): no new calls start on it.
     pub(super) dead: AtomicBool,
     pub(super) exit: Mutex<Option<Death>>,
@@ -308,7 +308,7 @@ impl Child {
         let spawned = std::thread::Builder::new().name(format!("{}-side", self.name)).spawn(move || {
             let Ok(mut write) = side.try_clone() else { return };
             let (mut read, mut buf) = (BufReader::new(side), Vec::new());
-            while let Ok(kind) = wire::read_frame_within(&mut read, &mut buf, wire::MAX_HOST_FRAME) {
+            while let Ok(wire::Head { kind, .. }) = wire::read_frame_within(&mut read, &mut buf, wire::MAX_HOST_FRAME) {
                 if !matches!(kind, wire::HOST_LOG | wire::HOST_CALL) {
                     break;
                 }
@@ -365,7 +365,6 @@ impl Child {
                 status
             };
             child.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            child.idle_async.lock().unwrap_or_else(|p| p.into_inner()).clear();
             let reason = child.kill_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let death = match status {
                 Ok(status) => classify(status, reason, child.output_read_after_exit()),

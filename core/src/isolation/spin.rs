@@ -58,17 +58,21 @@ pub fn ready_within(fd: RawFd, budget: Duration) -> bool {
     }
     let start = Instant::now();
     loop {
-        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one pollfd that lives for the call; a timeout of 0 never blocks.
-        let n = unsafe { libc::poll(&mut p, 1, 0) };
-        if n != 0 {
-            return n > 0;
+        if ready_now(fd) {
+            return true;
         }
         if start.elapsed() >= budget {
             return false;
         }
         std::hint::spin_loop();
     }
+}
+
+/// Whether `fd` has input (or an error or hang-up) now, without waiting.
+pub fn ready_now(fd: RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd that lives for the call; a timeout of 0 never blocks.
+    unsafe { libc::poll(&mut p, 1, 0) != 0 }
 }
 
 /// Blocks until `fd` has input (or an error or hang-up, which the read that follows reports).

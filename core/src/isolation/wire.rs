@@ -1,6 +1,9 @@
 //! The framing between kiln and a plugin host process: one frame is a little-endian `u32`
-//! length (of what follows), a kind byte, and a body of fixed-size integers and
-//! length-prefixed byte strings. Both ends are this binary, so the format carries no version:
+//! length (of what follows), a kind byte, a `u32` call id, the `u16` CPU the sender ran on when
+//! it sent the frame, and a body of fixed-size integers and length-prefixed byte strings. The
+//! id matters on the multiplexed connection (`hub`, `mux`), where calls, their host calls and
+//! their replies interleave; elsewhere it is 0. The CPU tells the receiver whether polling for
+//! the sender's next frame could pay (see `spin`). Both ends are this binary, so the format carries no version:
 //! a child is always the same `kiln` as its parent.
 
 use std::io::{self, Read, Write};
@@ -22,6 +25,9 @@ pub const EVENT: u8 = 4;
 pub const SERVICE: u8 = 5;
 /// Parent → child: run the cleanup; the child exits after its reply.
 pub const CLEANUP: u8 = 6;
+/// Parent → child, the first frame of a connection: make it the multiplexed one (`hub`),
+/// where requests and their host calls carry their call's id. No reply.
+pub const MUX: u8 = 8;
 /// Child → parent, during a call (or on the side connection): `[level u32][message][fields]`.
 pub const HOST_LOG: u8 = 10;
 /// Child → parent: `[op][args]`.
@@ -37,6 +43,27 @@ pub const MAX_HOST_FRAME: usize = 64 << 20;
 /// The largest frame either side accepts (a request body is bounded by `--max-body` before).
 pub const MAX_FRAME: usize = 1 << 30;
 
+/// The header's length: the length, the kind, the id, the CPU.
+const HEAD: usize = 11;
+
+/// A frame's header, as read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub kind: u8,
+    pub id: u32,
+    /// The CPU its sender ran on ([`NO_CPU`] if unknown).
+    pub cpu: u16,
+}
+
+/// The CPU of a frame whose sender did not know its own.
+pub const NO_CPU: u16 = u16::MAX;
+
+/// The CPU this thread runs on now ([`NO_CPU`] if unknown).
+pub fn current_cpu() -> u16 {
+    // SAFETY: sched_getcpu has no preconditions.
+    u16::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(NO_CPU)
+}
+
 /// A frame being written: the header is filled in by [`Frame::send`].
 #[derive(Debug)]
 pub struct Frame {
@@ -49,9 +76,25 @@ impl Frame {
     }
 
     pub fn with_capacity(kind: u8, capacity: usize) -> Self {
-        let mut buf = Vec::with_capacity(5 + capacity);
-        buf.extend_from_slice(&[0, 0, 0, 0, kind]);
+        let mut buf = Vec::with_capacity(HEAD + capacity);
+        buf.extend_from_slice(&[0, 0, 0, 0, kind, 0, 0, 0, 0, 0, 0]);
         Self { buf }
+    }
+
+    /// The frame with call id `id` (0 unless set).
+    pub fn tag(mut self, id: u32) -> Self {
+        self.buf[5..9].copy_from_slice(&id.to_le_bytes());
+        self
+    }
+
+    /// Its kind.
+    pub fn kind(&self) -> u8 {
+        self.buf[4]
+    }
+
+    /// Makes it a frame of kind `kind`.
+    pub fn set_kind(&mut self, kind: u8) {
+        self.buf[4] = kind;
     }
 
     pub fn u16(mut self, v: u16) -> Self {
@@ -96,10 +139,11 @@ impl Frame {
         w.write_all(&self.into_bytes()?)
     }
 
-    /// The frame's bytes, its length filled in.
+    /// The frame's bytes, its length and the CPU filled in.
     pub fn into_bytes(mut self) -> io::Result<Vec<u8>> {
         let len = u32::try_from(self.buf.len() - 4).map_err(|_| invalid("a frame over 4 GiB"))?;
         self.buf[..4].copy_from_slice(&len.to_le_bytes());
+        self.buf[9..HEAD].copy_from_slice(&current_cpu().to_le_bytes());
         Ok(self.buf)
     }
 }
@@ -108,45 +152,51 @@ impl Frame {
 /// before a frame is `UnexpectedEof`. The body grows as its bytes arrive: a length alone
 /// allocates nothing.
 pub fn read_frame(r: &mut impl Read, body: &mut Vec<u8>) -> io::Result<u8> {
-    read_frame_within(r, body, MAX_FRAME)
+    read_frame_within(r, body, MAX_FRAME).map(|head| head.kind)
 }
 
-/// [`read_frame`], refusing a frame over `max` bytes.
-pub fn read_frame_within(r: &mut impl Read, body: &mut Vec<u8>, max: usize) -> io::Result<u8> {
-    let mut head = [0u8; 5];
+/// [`read_frame`], refusing a frame over `max` bytes: its header.
+pub fn read_frame_within(r: &mut impl Read, body: &mut Vec<u8>, max: usize) -> io::Result<Head> {
+    let mut head = [0u8; HEAD];
     r.read_exact(&mut head)?;
     let want = body_len(&head, max)?;
     body.clear();
     if r.take(want).read_to_end(body)? as u64 != want {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "a frame cut short"));
     }
-    Ok(head[4])
+    Ok(parse_head(&head))
 }
 
-/// The length of the body a frame's header announces (the length counts the kind byte too).
-fn body_len(head: &[u8; 5], max: usize) -> io::Result<u64> {
+fn parse_head(head: &[u8; HEAD]) -> Head {
+    Head {
+        kind: head[4],
+        id: u32::from_le_bytes([head[5], head[6], head[7], head[8]]),
+        cpu: u16::from_le_bytes([head[9], head[10]]),
+    }
+}
+
+/// The length of the body a frame's header announces (the length counts the kind and the id).
+fn body_len(head: &[u8; HEAD], max: usize) -> io::Result<u64> {
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len == 0 || len > max {
+    if len < HEAD - 4 || len > max {
         return Err(invalid("a frame of an impossible length"));
     }
-    Ok((len - 1) as u64)
+    Ok((len - (HEAD - 4)) as u64)
 }
 
 fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
-/// [`read_frame`] from an async stream.
-pub async fn read_frame_async(r: &mut (impl tokio::io::AsyncRead + Unpin), body: &mut Vec<u8>) -> io::Result<u8> {
-    use tokio::io::AsyncReadExt;
-    let mut head = [0u8; 5];
-    r.read_exact(&mut head).await?;
-    let want = body_len(&head, MAX_FRAME)?;
-    body.clear();
-    if (&mut *r).take(want).read_to_end(body).await? as u64 != want {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "a frame cut short"));
+/// The first frame of `pending`, if it holds all of it: its header, where its body lies, and
+/// its whole length. A header that announces more than `max` bytes is an error.
+pub fn split_frame(pending: &[u8], max: usize) -> io::Result<Option<(Head, std::ops::Range<usize>, usize)>> {
+    let Some(head) = pending.first_chunk::<HEAD>() else { return Ok(None) };
+    let body = body_len(head, max)? as usize;
+    if pending.len() < HEAD + body {
+        return Ok(None);
     }
-    Ok(head[4])
+    Ok(Some((parse_head(head), HEAD..HEAD + body, HEAD + body)))
 }
 
 /// Reads the fields of a frame's body in order.
@@ -218,14 +268,15 @@ mod tests {
         let mut out = Vec::new();
         let pairs = [(&b"a"[..], &b"1"[..]), (&b""[..], &b"\0\n"[..])];
         Frame::new(HANDLE).u32(7).bytes(b"GET").pairs(pairs.iter().copied()).send(&mut out).unwrap();
-        Frame::reply(-1, 404, b"x", b"").send(&mut out).unwrap();
+        Frame::reply(-1, 404, b"x", b"").tag(9).send(&mut out).unwrap();
         let (mut r, mut body) = (&out[..], Vec::new());
         assert_eq!(read_frame(&mut r, &mut body).unwrap(), HANDLE);
         let mut f = Fields::new(&body);
         assert_eq!((f.u32().unwrap(), f.bytes().unwrap()), (7, &b"GET"[..]));
         assert_eq!(f.pairs().unwrap(), pairs);
         assert!(f.u32().is_err(), "nothing is left");
-        assert_eq!(read_frame(&mut r, &mut body).unwrap(), REPLY);
+        let head = read_frame_within(&mut r, &mut body, MAX_FRAME).unwrap();
+        assert_eq!((head.kind, head.id, head.cpu), (REPLY, 9, current_cpu()));
         let reply = Fields::new(&body).reply().unwrap();
         assert_eq!((reply.status, reply.http, reply.a, reply.b), (-1, 404, &b"x"[..], &b""[..]));
         assert_eq!(read_frame(&mut r, &mut body).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
@@ -234,6 +285,6 @@ mod tests {
         lie.send(&mut lie_out).unwrap();
         read_frame(&mut &lie_out[..], &mut body).unwrap();
         assert!(Fields::new(&body).pairs().is_err(), "a count larger than the frame is refused");
-        assert!(read_frame(&mut &[0u8, 0, 0, 0, 1][..], &mut body).is_err(), "an empty frame has no kind");
+        assert!(read_frame(&mut &[4u8, 0, 0, 0, 1, 0, 0, 0, 0][..], &mut body).is_err(), "a frame without its CPU");
     }
 }
