@@ -6,7 +6,8 @@
 //! a request costs a few atomic adds, not a label lookup.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,6 +22,7 @@ const SLOW: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 12
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
+    in_flight: IntGaugeVec,
     request_seconds: HistogramVec,
     panics: IntCounterVec,
     timeouts: IntCounterVec,
@@ -47,13 +49,31 @@ pub struct RouteMetrics {
     /// Responses by status class: 1xx … 5xx.
     classes: [OnceLock<IntCounter>; 5],
     seconds: OnceLock<Histogram>,
+    in_flight: OnceLock<IntGauge>,
     panics: OnceLock<IntCounter>,
     timeouts: OnceLock<IntCounter>,
+}
+
+/// A request being answered, counted in `kiln_plugin_requests_in_flight` until it is dropped
+/// (answered, or given up when its client leaves).
+pub struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl RouteMetrics {
+    /// A request starts.
+    pub fn enter(&self) -> InFlight {
+        let gauge = self.in_flight.get_or_init(|| self.metrics.in_flight.with_label_values(&[&*self.plugin])).clone();
+        gauge.inc();
+        InFlight(gauge)
+    }
+
     /// A request answered `status` after `took`.
     pub fn answered(&self, status: u16, took: Duration) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
@@ -123,6 +143,13 @@ impl Metrics {
                 "Requests answered by plugin routes, by plugin, route pattern and status class.",
                 &["plugin", "route", "class"],
             ),
+            in_flight: {
+                let opts =
+                    Opts::new("kiln_plugin_requests_in_flight", "Requests plugin routes are answering now, by plugin.");
+                let g = IntGaugeVec::new(opts, &["plugin"]).expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
             request_seconds: histogram_vec(
                 &registry,
                 "kiln_plugin_request_duration_seconds",
@@ -184,6 +211,7 @@ impl Metrics {
             route: route.into(),
             classes: Default::default(),
             seconds: OnceLock::new(),
+            in_flight: OnceLock::new(),
             panics: OnceLock::new(),
             timeouts: OnceLock::new(),
         }
@@ -201,6 +229,7 @@ impl Metrics {
         for per_plugin in [&self.panics, &self.timeouts, &self.crashes] {
             let _ = per_plugin.remove_label_values(&[plugin]);
         }
+        let _ = self.in_flight.remove_label_values(&[plugin]);
     }
 
     /// A build ran: how long, and whether it succeeded.

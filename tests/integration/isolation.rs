@@ -270,10 +270,19 @@ async fn requests_held_up_in_an_isolated_plugin_hold_up_no_others() {
         assert_eq!((status, body["pid"].as_u64()), (200, Some(pid)), "quick request {n}: {body}");
     }
     assert_eq!(logged(&server, "released").await, 0, "the held handlers were still held");
+    assert_eq!(in_flight(&server).await, Some(4), "the metrics count the four held requests");
     std::fs::write(&release, b"").unwrap();
     for answer in held {
         assert_eq!(answer.await.unwrap(), (200, serde_json::json!({ "released": true })));
     }
     assert_eq!(logged(&server, "released").await, 4);
+    assert_eq!(in_flight(&server).await, Some(0));
     assert_eq!(pid_of(&server).await, Some(pid), "the same process served throughout");
+}
+
+/// `kiln_plugin_requests_in_flight` of the isolated plugin.
+async fn in_flight(server: &TestServer) -> Option<i64> {
+    let text = server.http.get(server.url("/metrics")).send().await.ok()?.text().await.ok()?;
+    let line = text.lines().find(|l| l.starts_with("kiln_plugin_requests_in_flight{plugin=\"isolated\"}"))?;
+    line.rsplit(' ').next()?.parse().ok()
 }

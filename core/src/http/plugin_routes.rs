@@ -336,6 +336,7 @@ impl PluginEndpoint {
             return self.answer(req, spans).await.unwrap_or_else(|e| e.into_response());
         };
         let started = std::time::Instant::now();
+        let _in_flight = metrics.enter();
         let response = self.answer(req, spans).await.unwrap_or_else(|e| e.into_response());
         metrics.answered(response.status().as_u16(), started.elapsed());
         response

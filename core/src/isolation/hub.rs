@@ -38,6 +38,11 @@ const TICK: Duration = Duration::from_millis(1);
 const WATCH_IDLE_TICKS: u32 = 50;
 /// The most threads the connection's calls run on (more calls wait for one).
 const MAX_THREADS: usize = 512;
+/// Idle threads kept (more end): each keeps a stack mapped, against the memory limit.
+const MAX_IDLE: usize = 16;
+/// The largest reply held back to go out with the next, and the most bytes held back.
+const HOLD_REPLY: usize = 16 * 1024;
+const HOLD_MAX: usize = 64 * 1024;
 
 /// The process's multiplexed connection, once kiln opened it.
 static HUB: OnceLock<Arc<Hub>> = OnceLock::new();
@@ -49,6 +54,8 @@ thread_local! {
 
 pub(super) struct Hub {
     write: Mutex<Out>,
+    /// The connection's descriptor (shut down when the hub closes, so kiln sees it end).
+    fd: std::os::fd::RawFd,
     state: Mutex<State>,
     /// Idle threads wait here.
     standby: Condvar,
@@ -82,9 +89,9 @@ struct Reader {
 }
 
 impl Reader {
-    /// Whether a whole frame waits in the buffer (a call to run next, without reading).
-    fn has_frame(&self) -> bool {
-        matches!(wire::split_frame(self.read.buffer(), wire::MAX_FRAME), Ok(Some(_)))
+    /// Whether a whole call waits in the buffer (to run next, without reading).
+    fn has_call(&self) -> bool {
+        matches!(wire::split_frame(self.read.buffer(), wire::MAX_FRAME), Ok(Some((head, _, _))) if head.kind != wire::REPLY)
     }
 }
 
@@ -115,9 +122,11 @@ struct State {
     /// Host calls waiting for their answers, by call id.
     awaited: HashMap<u32, Awaited>,
     running: usize,
-    /// Threads that run calls (the watcher aside), and how many of them are idle.
+    /// Threads that run calls (the watcher aside), how many of them are idle, and how many of
+    /// those were woken and have not yet taken the wake-up.
     threads: usize,
     idle: usize,
+    wakes: usize,
     watcher_asleep: bool,
     /// The last call read asked for a poll after it (see `spin`), and the CPU kiln sent it from.
     poll_next: bool,
@@ -131,6 +140,7 @@ struct State {
 pub(super) fn serve(read: BufReader<UnixStream>, write: UnixStream) {
     let reader = Reader { read, body: Vec::new() };
     let hub = Arc::new(Hub {
+        fd: write.as_raw_fd(),
         write: Mutex::new(Out { stream: write, held: Vec::new() }),
         state: Mutex::new(State { reader: Some(reader), threads: 1, ..Default::default() }),
         standby: Condvar::new(),
@@ -161,14 +171,27 @@ impl Hub {
     /// Starts one more thread (which begins idle), unless there are [`MAX_THREADS`].
     fn spawn(self: &Arc<Self>, st: &mut State) {
         if st.threads >= MAX_THREADS {
+            self.wake_a_waiter(st);
             return;
         }
         let hub = self.clone();
         match std::thread::Builder::new().name("plugin-call".into()).spawn(move || hub.work()) {
             Ok(_) => st.threads += 1,
             // Under the memory limit a stack may not fit: the calls wait for a thread that has
-            // one, and the process lives on.
-            Err(e) => eprintln!("kiln plugin-host: cannot start a thread: {e}"),
+            // one (a thread waiting for a host call's answer reads meanwhile), and the process
+            // lives on.
+            Err(e) => {
+                static TOLD: std::sync::Once = std::sync::Once::new();
+                TOLD.call_once(|| eprintln!("kiln plugin-host: cannot start a thread: {e}"));
+                self.wake_a_waiter(st);
+            }
+        }
+    }
+
+    /// Wakes a thread that waits for a host call's answer (it reads, if nobody does).
+    fn wake_a_waiter(&self, st: &State) {
+        if let Some(waiter) = st.awaited.values().find(|a| a.answer.is_none()) {
+            waiter.thread.unpark();
         }
     }
 
@@ -201,15 +224,27 @@ impl Hub {
                 }
                 continue;
             }
+            if st.idle >= MAX_IDLE {
+                st.threads -= 1;
+                return;
+            }
             st.idle += 1;
-            st = self.standby.wait(st).unwrap_or_else(|p| p.into_inner());
+            loop {
+                st = self.standby.wait(st).unwrap_or_else(|p| p.into_inner());
+                if st.wakes > 0 || st.closed {
+                    st.wakes = st.wakes.saturating_sub(1);
+                    break;
+                }
+            }
             st.idle -= 1;
         }
     }
 
-    /// Gets an idle thread going (for a queued call, or the reader): wakes one, or starts one.
+    /// Gets an idle thread going (for a queued call, or the reader): wakes one not woken yet,
+    /// or starts one.
     fn more_hands(self: &Arc<Self>, st: &mut State) {
-        if st.idle > 0 {
+        if st.idle > st.wakes {
+            st.wakes += 1;
             self.standby.notify_one();
         } else {
             self.spawn(st);
@@ -231,11 +266,12 @@ impl Hub {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| super::child::dispatch(call.kind, &call.body)))
                 .unwrap_or_else(|_| Frame::reply(kiln_types::abi::STATUS_ERROR, 0, b"the plugin host failed", b""));
         CALL.with(|c| c.set(None));
-        // With the next call waiting in the buffer already, the reply is held back to go out
-        // with the next one: one write (and one wake-up of kiln) for a batch. The last of a
-        // batch sends them all; a call that runs long has them sent by the watcher.
-        let batch = self.lock().reader.as_ref().is_some_and(Reader::has_frame);
-        let sent = self.send(reply.tag(call.id), !batch);
+        // With the next call waiting in the buffer already, a small reply is held back to go
+        // out with the next one: one write (and one wake-up of kiln) for a batch. The last of
+        // a batch sends them all; a call that runs long has them sent by the watcher.
+        let reply = reply.tag(call.id);
+        let batch = reply.size() <= HOLD_REPLY && self.lock().reader.as_ref().is_some_and(Reader::has_call);
+        let sent = self.send(reply, !batch);
         let mut st = self.lock();
         st.running -= 1;
         if sent.is_err() {
@@ -250,11 +286,15 @@ impl Hub {
         let mut st = self.lock();
         let (mut quiet_ticks, mut started) = (0, st.started);
         while !st.closed {
-            if st.reader.is_some() && st.running > 0 {
-                let taken = st.taken;
+            if (st.reader.is_some() && st.running > 0) || !st.queue.is_empty() {
+                let (taken, queued) = (st.taken, st.started);
                 st = self.watch.wait_timeout(st, TICK).unwrap_or_else(|p| p.into_inner()).0;
-                if st.reader.is_some() && st.taken == taken && st.running > 0 {
-                    self.more_hands(&mut st); // a call ran a whole tick with nobody reading
+                // A call ran a whole tick with nobody reading, or a queued call waited a whole
+                // tick (and none started).
+                let stale_reader = st.reader.is_some() && st.taken == taken && st.running > 0;
+                let stale_queue = !st.queue.is_empty() && st.started == queued;
+                if stale_reader || stale_queue {
+                    self.more_hands(&mut st);
                 }
             } else if quiet_ticks < WATCH_IDLE_TICKS {
                 st = self.watch.wait_timeout(st, TICK).unwrap_or_else(|p| p.into_inner()).0;
@@ -265,9 +305,13 @@ impl Hub {
             }
             quiet_ticks = if st.started == started { quiet_ticks + 1 } else { 0 };
             started = st.started;
-            // Replies held back for a call that then ran long.
+            // Replies held back for a call that then ran long (unless a write is under way,
+            // which sends them).
             drop(st);
-            let flushed = self.flush();
+            let flushed = match self.write.try_lock() {
+                Ok(mut out) => out.flush(),
+                Err(_) => Ok(()),
+            };
             st = self.lock();
             if flushed.is_err() {
                 self.close(&mut st);
@@ -319,16 +363,15 @@ impl Hub {
             return out.stream.write_all(&bytes);
         }
         out.held.extend_from_slice(&bytes);
-        if now { out.flush() } else { Ok(()) }
+        if now || out.held.len() > HOLD_MAX { out.flush() } else { Ok(()) }
     }
 
-    /// Sends the replies held back, if any.
-    fn flush(&self) -> io::Result<()> {
-        self.write.lock().unwrap_or_else(|p| p.into_inner()).flush()
-    }
-
-    /// The connection ended (or broke): every thread leaves, and waiting host calls fail.
+    /// The connection ended (or broke): every thread leaves, waiting host calls fail, and kiln
+    /// sees the connection end (its calls on it fail, and it learns what became of the process).
     fn close(&self, st: &mut State) {
+        // SAFETY: shutdown(2) on the connection's descriptor, which `write` keeps open for the
+        // process's life (the hub is never dropped); a writer blocked on it gets an error.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
         st.closed = true;
         for awaited in st.awaited.values() {
             awaited.thread.unpark();

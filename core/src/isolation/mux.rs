@@ -7,11 +7,18 @@
 //! reads: frames for other calls go to their channels, and at the first frame of its own it
 //! gives the read half up for the next waiting call. So one request after another is read by
 //! its own task, with no task or thread woken in between (and it may poll for its answer, see
-//! `spin`), and under load one task reads a batch of frames for many. Frames are cut from a
-//! buffer only once whole, so a call dropped while it reads (its client gone, its deadline)
-//! leaves the connection intact. A call dropped before its reply is *abandoned*: a task reads
-//! on until its reply arrives, and refuses its host calls, so that the plugin's thread is not
-//! left waiting.
+//! `spin`), and under load one task reads a batch of frames for many.
+//!
+//! **A call may be dropped at any await** (its client gone mid-request, its deadline), so
+//! nothing it leaves half-done may harm the others:
+//! - frames are cut from the read buffer only once whole, so a reader dropped mid-read leaves
+//!   the stream intact;
+//! - a frame is sent without an await: written at once as far as the socket takes it, the rest
+//!   queued for a flusher task, so no frame goes out half-written;
+//! - frames are handed to a call's channel under the lock that its drop takes, so none is lost
+//!   in between: a dropped call refuses the host calls it was handed (and the one it was
+//!   serving), so that the plugin's thread does not wait for ever, and if its reply has not
+//!   come it is *abandoned*: a task reads on until the reply arrives, refusing its host calls.
 //!
 //! A request takes no blocking-pool thread. Host calls the plugin makes are served by the
 //! request's task, with its route and deadline, as in process: logs inline, the others with the
@@ -42,13 +49,24 @@ type Delivery = (u8, Vec<u8>);
 
 /// The shared connection to one child.
 pub(super) struct Mux {
-    write: tokio::sync::Mutex<OwnedWriteHalf>,
+    write: OwnedWriteHalf,
+    /// Bytes the socket did not take at once, for the flusher task.
+    unsent: Mutex<Unsent>,
     read: tokio::sync::Mutex<ReadHalf>,
     calls: Mutex<Calls>,
     fd: RawFd,
     next_id: AtomicU32,
     /// The CPU the child sent its last frame from.
     peer_cpu: AtomicU16,
+}
+
+#[derive(Default)]
+struct Unsent {
+    bytes: Vec<u8>,
+    /// A flusher task writes `bytes`.
+    flushing: bool,
+    /// A write failed: the connection is unusable.
+    broken: bool,
 }
 
 #[derive(Default)]
@@ -82,6 +100,9 @@ impl ReadHalf {
     async fn next(&mut self) -> io::Result<(wire::Head, Vec<u8>)> {
         loop {
             if let Some((head, body, len)) = wire::split_frame(&self.buf[self.at..], wire::MAX_FRAME)? {
+                if head.kind != wire::REPLY && body.len() > wire::MAX_HOST_FRAME {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "a host call over 64 MiB"));
+                }
                 let body = self.buf[self.at + body.start..self.at + body.end].to_vec();
                 self.at += len;
                 if self.at == self.buf.len() {
@@ -111,29 +132,55 @@ fn broken() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "the connection to the plugin's process ended")
 }
 
-/// A call's place in [`Calls`], given up when the call ends. Dropped before its reply, the call
-/// is abandoned.
+/// A call's place in [`Calls`] and its channel, given up when the call ends (see the module's
+/// docs for a call dropped before).
 struct Registered<'a> {
     mux: &'a Arc<Mux>,
     id: u32,
+    rx: UnboundedReceiver<Delivery>,
+    /// Its reply came.
     answered: bool,
+    /// It was handed a host call it has not answered yet.
+    owes_answer: bool,
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        let mut calls = self.mux.lock();
-        calls.waiting.remove(&self.id);
-        if self.answered || calls.closed {
-            return;
+        let mut refusals = usize::from(self.owes_answer);
+        let drain = {
+            let mut calls = self.mux.lock();
+            calls.waiting.remove(&self.id);
+            // Frames are handed over under this lock: none is on its way any more.
+            while let Ok((kind, _)) = self.rx.try_recv() {
+                if kind == wire::REPLY {
+                    self.answered = true;
+                } else {
+                    refusals += 1;
+                }
+            }
+            if self.answered || calls.closed {
+                false
+            } else {
+                calls.abandoned.insert(self.id);
+                !std::mem::replace(&mut calls.draining, true)
+            }
+        };
+        for _ in 0..refusals {
+            let _ = self.mux.send(refusal(self.id));
         }
-        calls.abandoned.insert(self.id);
-        if !calls.draining
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            calls.draining = true;
-            runtime.spawn(self.mux.clone().drain());
+        if drain {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(self.mux.clone().drain())),
+                // Another call's reads end it.
+                Err(_) => self.mux.lock().draining = false,
+            }
         }
     }
+}
+
+/// The answer to a host call of a call that is gone.
+fn refusal(id: u32) -> Frame {
+    Frame::reply(kiln_types::abi::STATUS_ERROR, 0, b"the request is gone", b"").tag(id)
 }
 
 impl Mux {
@@ -141,25 +188,100 @@ impl Mux {
     async fn open(child: &Child) -> io::Result<Arc<Self>> {
         let mut stream = UnixStream::connect(&child.path).await?;
         stream.write_all(&Frame::new(wire::MUX).into_bytes()?).await?;
+        Ok(Self::over(stream))
+    }
+
+    /// The connection `stream`, its `MUX` frame sent.
+    fn over(stream: UnixStream) -> Arc<Self> {
         let fd = stream.as_raw_fd();
         let (read, write) = stream.into_split();
-        Ok(Arc::new(Self {
-            write: tokio::sync::Mutex::new(write),
+        Arc::new(Self {
+            write,
+            unsent: Mutex::default(),
             read: tokio::sync::Mutex::new(ReadHalf { stream: read, buf: Vec::new(), at: 0 }),
             calls: Mutex::default(),
             fd,
             next_id: AtomicU32::new(1),
             peer_cpu: AtomicU16::new(wire::NO_CPU),
-        }))
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Calls> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn send(&self, frame: Frame) -> io::Result<()> {
+    /// Sends a frame without an await (so that a dropped call never leaves one half-sent): as
+    /// much as the socket takes now, the rest by a flusher task, in order. A write error
+    /// closes the connection.
+    fn send(self: &Arc<Self>, frame: Frame) -> io::Result<()> {
         let bytes = frame.into_bytes()?;
-        self.write.lock().await.write_all(&bytes).await
+        let mut unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
+        if unsent.broken {
+            return Err(broken());
+        }
+        let mut rest = &bytes[..];
+        if unsent.bytes.is_empty() {
+            while !rest.is_empty() {
+                match self.write.try_write(rest) {
+                    Ok(n) => rest = &rest[n..],
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        unsent.broken = true;
+                        drop(unsent);
+                        self.close();
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        if !rest.is_empty() {
+            unsent.bytes.extend_from_slice(rest);
+            if !unsent.flushing {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    unsent.broken = true;
+                    drop(unsent);
+                    self.close();
+                    return Err(broken());
+                };
+                unsent.flushing = true;
+                runtime.spawn(self.clone().flush());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the bytes the socket did not take at once, as it takes them.
+    async fn flush(self: Arc<Self>) {
+        loop {
+            let writable = self.write.writable().await;
+            let mut unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
+            let written = writable.and_then(|()| {
+                loop {
+                    match self.write.try_write(&unsent.bytes) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        other => break other,
+                    }
+                }
+            });
+            match written {
+                Ok(n) => {
+                    unsent.bytes.drain(..n);
+                    if unsent.bytes.is_empty() {
+                        unsent.flushing = false;
+                        unsent.bytes.shrink_to(READ_ROOM);
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    (unsent.broken, unsent.flushing) = (true, false);
+                    drop(unsent);
+                    self.close();
+                    return;
+                }
+            }
+        }
     }
 
     /// The connection broke or ended: every waiting call learns so (its channel closes).
@@ -180,27 +302,28 @@ impl Mux {
         let in_flight = spin::InFlight::enter(&IN_FLIGHT);
         let sequential = in_flight.sequential();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = unbounded_channel();
-        let mut registered = {
+        let (tx, rx) = unbounded_channel();
+        let mut call = {
             let mut calls = self.lock();
             if calls.closed {
                 return Err(broken());
             }
             calls.waiting.insert(id, tx);
-            Registered { mux: self, id, answered: false }
+            Registered { mux: self, id, rx, answered: false, owes_answer: false }
         };
         let mut frame = frame.tag(id);
         if sequential && frame.kind() == wire::HANDLE {
             frame.set_kind(wire::HANDLE_THEN_POLL);
         }
-        self.send(frame).await?;
+        self.send(frame)?;
         loop {
             // With one request after another, the answer of a quick handler is polled for (a
             // few µs) rather than waited for in the reactor (an idle vCPU woken: tens of µs).
-            let (kind, body) = self.next_for(id, &mut rx, sequential && in_flight.alone()).await?;
+            let (kind, body) = self.next_for(id, &mut call.rx, sequential && in_flight.alone()).await?;
+            call.owes_answer = kind != wire::REPLY;
             let answer = match kind {
                 wire::REPLY => {
-                    registered.answered = true;
+                    call.answered = true;
                     return Ok(body);
                 }
                 // Quick and without I/O: on the worker.
@@ -211,13 +334,19 @@ impl Mux {
                 wire::HOST_CALL => blocking_host_call(&body, host, deadline, route).await,
                 _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "an unexpected frame")),
             };
-            self.send(answer.tag(id)).await?;
+            call.owes_answer = false;
+            self.send(answer.tag(id))?;
         }
     }
 
     /// The next frame for call `id`: from its channel, or read by this call while no other
     /// call reads (`poll`: poll for it a little first).
-    async fn next_for(&self, id: u32, rx: &mut UnboundedReceiver<Delivery>, poll: bool) -> io::Result<Delivery> {
+    async fn next_for(
+        self: &Arc<Self>,
+        id: u32,
+        rx: &mut UnboundedReceiver<Delivery>,
+        poll: bool,
+    ) -> io::Result<Delivery> {
         let mut read = tokio::select! {
             biased;
             delivered = rx.recv() => return delivered.ok_or_else(broken),
@@ -244,32 +373,26 @@ impl Mux {
             if head.id == id {
                 return Ok((head.kind, body));
             }
-            self.deliver(head.kind, head.id, body).await;
+            self.deliver(head.kind, head.id, body);
         }
     }
 
-    /// Hands a frame to the call it belongs to. A host call of a call that is gone is refused
-    /// (its plugin thread would wait for ever); the reply of an abandoned call ends it.
-    async fn deliver(&self, kind: u8, id: u32, body: Vec<u8>) {
-        let to = {
+    /// Hands a frame to the call it belongs to, under the lock its drop takes (so that a call
+    /// dropped meanwhile finds it in its channel). A host call of a call that is gone is
+    /// refused (its plugin thread would wait for ever); the reply of an abandoned call ends it.
+    fn deliver(self: &Arc<Self>, kind: u8, id: u32, body: Vec<u8>) {
+        {
             let mut calls = self.lock();
+            if let Some(to) = calls.waiting.get(&id) {
+                let _ = to.send((kind, body));
+                return;
+            }
             if kind == wire::REPLY {
                 calls.abandoned.remove(&id);
+                return;
             }
-            calls.waiting.get(&id).cloned()
-        };
-        match to {
-            Some(to) => {
-                let _ = to.send((kind, body));
-            }
-            None if kind != wire::REPLY => {
-                let refusal = Frame::reply(kiln_types::abi::STATUS_ERROR, 0, b"the request is gone", b"").tag(id);
-                if self.send(refusal).await.is_err() {
-                    self.close();
-                }
-            }
-            None => {}
         }
+        let _ = self.send(refusal(id));
     }
 
     /// Reads for abandoned calls until none is left (or the connection ends).
@@ -284,7 +407,7 @@ impl Mux {
                 }
             }
             match read.next().await {
-                Ok((head, body)) => self.deliver(head.kind, head.id, body).await,
+                Ok((head, body)) => self.deliver(head.kind, head.id, body),
                 Err(_) => {
                     self.close();
                     self.lock().draining = false;
@@ -369,6 +492,62 @@ impl Isolated {
                 child.kill(Death::Timeout);
                 Err(CallError::Timeout)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::logs::LogStore;
+    use std::time::Duration;
+
+    /// A request dropped after the child took it (its client gone, say): the host call its
+    /// handler makes then is refused at once, the other requests go on, and once its reply
+    /// comes no reading is left pending for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_call_has_its_host_calls_refused_until_its_reply() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mux = Mux::over(ours);
+        let (read, child) = theirs.into_split();
+        let mut child_reads = ReadHalf { stream: read, buf: Vec::new(), at: 0 };
+        let host = HostCtx::new("p", "1", Arc::new(LogStore::default()));
+        let call = |mux: &Arc<Mux>| {
+            let (mux, host) = (mux.clone(), host.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                mux.call(Frame::new(wire::HANDLE), &host, deadline, &Arc::from("GET /x")).await
+            })
+        };
+        let send = |frame: Frame| child.try_write(&frame.into_bytes().unwrap()).unwrap();
+        async fn next(reads: &mut ReadHalf) -> (wire::Head, Vec<u8>) {
+            let frame = tokio::time::timeout(Duration::from_secs(10), reads.next()).await;
+            frame.expect("a frame within 10 s").unwrap()
+        }
+
+        let dropped = call(&mux);
+        let (request, _) = next(&mut child_reads).await;
+        assert!(matches!(request.kind, wire::HANDLE | wire::HANDLE_THEN_POLL));
+        dropped.abort();
+        assert!(dropped.await.unwrap_err().is_cancelled());
+        // Its handler's host call, after it was dropped: refused.
+        send(Frame::new(wire::HOST_CALL).bytes(b"storage.get").bytes(b"{}").tag(request.id));
+        let (answer, body) = next(&mut child_reads).await;
+        assert_eq!((answer.kind, answer.id), (wire::REPLY, request.id));
+        assert_eq!(wire::Fields::new(&body).reply().unwrap().status, kiln_types::abi::STATUS_ERROR);
+        // Another request meanwhile is served.
+        let other = call(&mux);
+        let (second, _) = next(&mut child_reads).await;
+        assert_ne!(second.id, request.id);
+        send(Frame::reply(kiln_types::abi::STATUS_OK, 200, b"", b"second").tag(second.id));
+        let reply = other.await.unwrap().unwrap();
+        assert_eq!(wire::Fields::new(&reply).reply().unwrap().b, b"second");
+        // The dropped call's reply ends the reading for it.
+        send(Frame::reply(kiln_types::abi::STATUS_OK, 200, b"", b"late").tag(request.id));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mux.lock().draining || !mux.lock().abandoned.is_empty() {
+            assert!(Instant::now() < deadline, "the dropped call is still read for");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }

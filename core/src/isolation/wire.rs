@@ -87,6 +87,11 @@ impl Frame {
         self
     }
 
+    /// Its size in bytes, header included.
+    pub fn size(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Its kind.
     pub fn kind(&self) -> u8 {
         self.buf[4]
