@@ -351,3 +351,55 @@ async fn durable_events_are_delivered_retried_and_dead_lettered() {
     let refused = refused.unwrap_err();
     assert_eq!(refused.code(), Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION), "{refused:?}");
 }
+
+/// A new version whose recording fails is unpublished again, and was never news: kiln
+/// announces `kiln.plugin.loaded` for what it recorded, not for each route table it showed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_undone_is_not_announced() {
+    let server = TestServer::start(&["audit", "notes", "hello"]).await;
+    for plugin in ["audit", "notes", "hello"] {
+        server.wait_state(plugin, "loaded").await;
+    }
+    let loads = |events: &[(String, Value)]| {
+        events.iter().filter(|(t, d)| t == "kiln.plugin.loaded" && d["name"] == "hello").count()
+    };
+    assert_eq!(server.post("/plugins/hello/reload", None).await.0, 200);
+    server
+        .wait_until("audit hears hello reloaded", EDIT_DEADLINE, || async { loads(&heard(&server).await) >= 1 })
+        .await;
+    let before = loads(&heard(&server).await);
+    let loaded_at = server.plugin("hello").await["loaded_at"].clone();
+
+    // Recording hello's next version fails: a trigger refuses the write of what it loaded.
+    let sql = server.sql().await;
+    sql.batch_execute(
+        "CREATE FUNCTION refuse_hello() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.plugin_id = (SELECT id FROM plugins WHERE name = 'hello')
+                AND NEW.loaded_at IS NOT NULL
+                AND (TG_OP = 'INSERT' OR NEW.loaded_at IS DISTINCT FROM OLD.loaded_at) THEN
+                 RAISE EXCEPTION 'refused by the test';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_hello BEFORE INSERT OR UPDATE ON plugin_replicas
+             FOR EACH ROW EXECUTE FUNCTION refuse_hello();",
+    )
+    .await
+    .unwrap();
+    let (status, body) = server.post("/plugins/hello/reload", None).await;
+    assert_ne!(status, 200, "{body}");
+    assert!(body.to_string().contains("refused by the test"), "{body}");
+    assert_eq!(server.get("/hello").await.0, 200, "the version that served serves on");
+
+    // Then a reload that is recorded: heard once, after nothing from the undone one.
+    sql.batch_execute("DROP TRIGGER refuse_hello ON plugin_replicas").await.unwrap();
+    assert_eq!(server.post("/plugins/hello/reload", None).await.0, 200);
+    assert_ne!(server.plugin("hello").await["loaded_at"], loaded_at);
+    server
+        .wait_until("audit hears the recorded reload", EDIT_DEADLINE, || async {
+            loads(&heard(&server).await) > before
+        })
+        .await;
+    assert_eq!(loads(&heard(&server).await), before + 1, "only the recorded reload was announced");
+}

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
@@ -210,6 +210,11 @@ pub struct EventBus {
     subscribers: RwLock<Vec<Arc<Subscriber>>>,
     /// The version of each plugin serving now, by name: where deliveries go.
     serving: RwLock<HashMap<String, Arc<LoadedPlugin>>>,
+    /// What was announced (`kiln.plugin.loaded`) as serving, by name: the version and its
+    /// number. Announcements follow this, not each table (see [`EventBus::hold`]).
+    announced: Mutex<HashMap<String, (Weak<LoadedPlugin>, String)>>,
+    /// Versions published but not yet recorded: announced once they are.
+    held: Mutex<Vec<Weak<LoadedPlugin>>>,
     recent: Mutex<VecDeque<Arc<Event>>>,
     logs: Arc<LogStore>,
     /// How long a subscriber may take over one event, unless it says.
@@ -232,6 +237,8 @@ impl EventBus {
             next_id: AtomicU64::new(1),
             subscribers: Default::default(),
             serving: Default::default(),
+            announced: Default::default(),
+            held: Default::default(),
             recent: Default::default(),
             logs,
             timeout,
@@ -389,17 +396,54 @@ impl EventBus {
                 }
             }
         }
-        for (name, plugin) in &now {
-            if !before.get(name).is_some_and(|b| Arc::ptr_eq(b, plugin)) {
-                let data = json!({ "name": name, "version": plugin.description().version });
-                let _ = self.publish("kiln.plugin.loaded", data, Source::Kiln);
+        drop(before);
+        self.announce(&now);
+    }
+
+    /// Holds back the announcement of `plugin`, about to be published before its row is
+    /// recorded: if the recording fails, the publish is undone, and nothing was announced.
+    /// [`EventBus::release`] ends the hold.
+    pub fn hold(&self, plugin: &Arc<LoadedPlugin>) {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(plugin));
+    }
+
+    /// Ends the hold on `plugin`: recorded, it is announced if it serves.
+    pub fn release(&self, plugin: &Arc<LoadedPlugin>) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|h| h.strong_count() > 0 && !std::ptr::eq(h.as_ptr(), Arc::as_ptr(plugin)));
+        drop(held);
+        let now = self.serving.read().unwrap_or_else(|p| p.into_inner()).clone();
+        self.announce(&now);
+    }
+
+    /// Announces each plugin that came (`kiln.plugin.loaded`, also for a new version of one
+    /// already serving) or went (`kiln.plugin.unloaded`) since the last announcements. A
+    /// version held back is not announced yet, and the one it replaces not taken back yet.
+    fn announce(&self, now: &HashMap<String, Arc<LoadedPlugin>>) {
+        let mut events = Vec::new();
+        {
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            let is_held = |p: &Arc<LoadedPlugin>| held.iter().any(|h| std::ptr::eq(h.as_ptr(), Arc::as_ptr(p)));
+            let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, plugin) in now {
+                let known = announced.get(name).is_some_and(|(a, _)| std::ptr::eq(a.as_ptr(), Arc::as_ptr(plugin)));
+                if known || is_held(plugin) {
+                    continue;
+                }
+                let version = plugin.description().version.clone();
+                events.push(("kiln.plugin.loaded", name.clone(), version.clone()));
+                announced.insert(name.clone(), (Arc::downgrade(plugin), version));
             }
+            announced.retain(|name, (_, version)| {
+                let stays = now.contains_key(name);
+                if !stays {
+                    events.push(("kiln.plugin.unloaded", name.clone(), version.clone()));
+                }
+                stays
+            });
         }
-        for (name, plugin) in &before {
-            if !now.contains_key(name) {
-                let data = json!({ "name": name, "version": plugin.description().version });
-                let _ = self.publish("kiln.plugin.unloaded", data, Source::Kiln);
-            }
+        for (topic, name, version) in events {
+            let _ = self.publish(topic, json!({ "name": name, "version": version }), Source::Kiln);
         }
     }
 

@@ -409,14 +409,17 @@ impl Inner {
             lock.rollback().await;
             return Err(ReconcileError::Superseded);
         }
+        // Announced (`kiln.plugin.loaded`) once recorded: a publish undone was never news.
+        self.events.hold(&plugin);
         let displaced = match self.publish(row, hash, config, plugin.clone()).await {
             Ok(d) => d,
             Err(e) => {
+                self.events.release(&plugin);
                 lock.rollback().await;
                 return Err(e);
             }
         };
-        match record_publish(&mut lock, &now, manifest, hash, &plugin, &displaced).await {
+        let recorded = match record_publish(&mut lock, &now, manifest, hash, &plugin, &displaced).await {
             Ok(()) => match lock.commit().await {
                 Ok(()) => {
                     self.published(row.id, displaced);
@@ -432,7 +435,9 @@ impl Inner {
                 self.unpublish(row.id, &plugin, displaced).await;
                 Err(e)
             }
-        }
+        };
+        self.events.release(&plugin);
+        recorded
     }
 
     /// Brings what the row sets beside code and config into effect for a version that serves

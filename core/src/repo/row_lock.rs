@@ -60,18 +60,18 @@ impl RowLock {
             [&id, &replica, &l.manifest_path, &l.binary_path, &l.hash, &l.fresh];
         let described_params: [&(dyn ToSql + Sync); 5] = [&id, &l.description, &l.version, &l.author, &l.kind];
         if l.keep_endpoints {
-            tokio::try_join!(c.execute(&observed, &observed_params), c.execute(&described, &described_params))?;
-            return Ok(());
+            let (a, b) = tokio::join!(c.execute(&observed, &observed_params), c.execute(&described, &described_params));
+            return first_error([a, b]);
         }
         let delete_params: [&(dyn ToSql + Sync); 2] = [&id, &replica];
         let insert_params: [&(dyn ToSql + Sync); 6] = [&id, &replica, &methods, &paths, &handlers, &l.kind];
-        tokio::try_join!(
+        let (a, b, d, i) = tokio::join!(
             c.execute(&observed, &observed_params),
             c.execute(&described, &described_params),
             c.execute(&delete, &delete_params),
             c.execute(&insert, &insert_params),
-        )?;
-        Ok(())
+        );
+        first_error([a, b, d, i])
     }
 
     /// Observed, in this transaction: plugin `id` serves nothing (`state`, `error`).
@@ -107,4 +107,14 @@ impl Drop for RowLock {
             drop(deadpool_postgres::Object::take(client));
         }
     }
+}
+
+/// The first error of statements sent together, in the order they ran. Once one fails, the
+/// rest fail with "current transaction is aborted", which says nothing of why; `try_join!`
+/// returns whichever error it polls first, and it rotates where it starts.
+fn first_error<const N: usize>(results: [std::result::Result<u64, tokio_postgres::Error>; N]) -> Result<()> {
+    for result in results {
+        result?;
+    }
+    Ok(())
 }
