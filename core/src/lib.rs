@@ -34,6 +34,7 @@ pub mod routes;
 pub mod shared_builds;
 pub mod shared_sources;
 pub mod staging;
+pub mod storm;
 pub mod supervisor;
 pub mod watcher;
 

@@ -8,10 +8,11 @@
 
 use crate::events::{EventBus, Source};
 use crate::reconciler::Reconciler;
+use crate::storm::StormGate;
 use futures_util::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -89,11 +90,27 @@ async fn listen(
         let n = reconciler.resync_all().await?;
         tracing::info!(plugins = n, "listening on {CHANNEL}; resync requested");
         let mut senders = Senders::default();
-        while let Some(msg) = rx.recv().await {
+        let mut gate = StormGate::new(Instant::now());
+        loop {
+            let wake = gate.next_release();
+            let msg = tokio::select! {
+                msg = rx.recv() => msg,
+                () = sleep_until(wake), if wake.is_some() => {
+                    let ids = gate.release(Instant::now());
+                    if !gate.storming() {
+                        tracing::info!(plugins = ids.len(), "the notification storm is over: its plugins pass now");
+                    }
+                    reconciler.set_held(gate.held());
+                    hint(reconciler, ids).await;
+                    continue;
+                }
+            };
+            let Some(msg) = msg else { break };
             // Every notification that has arrived is handled at once: the plugin ids of all of
-            // them go to the reconciler as one batch (one query reads their rows), so a storm
+            // them go to the reconciler as one batch (one query reads their rows), so a burst
             // of single-row commits costs kiln a query per batch, not per commit.
             let mut ids: Vec<i64> = Vec::new();
+            let mut notes = 0;
             let mut next = Some(msg);
             while let Some(msg) = next.take() {
                 let note = msg?;
@@ -109,6 +126,7 @@ async fn listen(
                 } else if note.channel() == OUTBOX_CHANNEL {
                     events.outbox_wake.notify_one();
                 } else {
+                    notes += 1;
                     match parse_ids(note.payload()) {
                         Some(Ids::One(id)) => ids.push(id),
                         Some(Ids::Many(many)) => ids.extend(many),
@@ -122,20 +140,50 @@ async fn listen(
                     next = rx.try_recv().ok();
                 }
             }
-            ids.sort_unstable();
-            ids.dedup();
-            match ids[..] {
-                [] => {}
-                [id] => reconciler.hint(id),
-                _ => reconciler.hint_rows(&ids).await,
+            // A storm of notifications is held and coalesced (`crate::storm`).
+            let now = Instant::now();
+            let was_storming = gate.storming();
+            let mut ids = gate.admit(now, notes, ids);
+            ids.extend(gate.release(now));
+            if gate.storming() && !was_storming {
+                reconciler.metrics().notify_storms.inc();
+                tracing::info!(
+                    "a storm of notifications (over {} in {:?}): the plugins they name pass {} a second, the longest waiting first, until it calms down",
+                    crate::storm::STORM_NOTES,
+                    crate::storm::WINDOW,
+                    crate::storm::STORM_PASSES
+                );
             }
+            reconciler.set_held(gate.held());
+            hint(reconciler, ids).await;
         }
         Ok(())
     }
     .await;
     driver.abort();
     drop(client);
+    // Held hints go with the connection: the next one resyncs everything.
+    reconciler.set_held(0);
     result
+}
+
+/// Hints the plugins `ids` (sorted, no duplicates): several at once read their rows in one query.
+async fn hint(reconciler: &Reconciler, mut ids: Vec<i64>) {
+    ids.sort_unstable();
+    ids.dedup();
+    match ids[..] {
+        [] => {}
+        [id] => reconciler.hint(id),
+        _ => reconciler.hint_rows(&ids).await,
+    }
+}
+
+/// Sleeps until `at`; forever when `None` (the branch is disabled then).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Which database sessions are plugins' (a plugin's own role, marked `kiln: plugin …`), by

@@ -33,6 +33,8 @@ pub struct Metrics {
     load_seconds: HistogramVec,
     passes: IntCounterVec,
     pub listener_connects: IntCounter,
+    /// Notification storms the listener held hints through (`crate::storm`).
+    pub notify_storms: IntCounter,
     route_tables: IntCounter,
     events_published: IntCounter,
     /// The route labels handed out per plugin, so that an uninstalled plugin's series go.
@@ -192,6 +194,10 @@ impl Metrics {
                 &["outcome"],
             ),
             listener_connects,
+            notify_storms: counter(
+                "kiln_notification_storms_total",
+                "Storms of plugins-table notifications, during which passes were rationed (over 1,000 notifications a second).",
+            ),
             route_tables: counter("kiln_route_tables_built_total", "Plugin route tables built."),
             events_published: counter("kiln_events_published_total", "Events published on the bus."),
             routes: Default::default(),

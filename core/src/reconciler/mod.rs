@@ -193,6 +193,9 @@ struct Inner {
     workers: Mutex<HashMap<i64, Worker>>,
     /// Plugins with a pass running or queued (reported by /health; 0 means settled).
     busy: AtomicUsize,
+    /// Plugins whose hints the listener holds during a NOTIFY storm (`crate::storm`): not
+    /// settled either.
+    held: AtomicUsize,
     /// Plugins refused a path an older plugin owns. Hinted whenever a version stops serving or
     /// is replaced, so that a freed path goes to its claimant at once (not at the next resync).
     waiting: Mutex<BTreeSet<i64>>,
@@ -288,6 +291,7 @@ impl Reconciler {
                 stamps: Default::default(),
                 workers: Mutex::new(HashMap::new()),
                 busy: Default::default(),
+                held: Default::default(),
                 waiting: Default::default(),
                 closed: Default::default(),
                 retirements: Default::default(),
@@ -397,9 +401,15 @@ impl Reconciler {
         self.inner.new_after.store(id, Ordering::Relaxed);
     }
 
-    /// How many plugins have a pass running or queued.
+    /// How many plugins have a pass running or queued, or a hint held back by the listener
+    /// during a storm.
     pub fn reconciling(&self) -> usize {
-        self.inner.busy.load(Ordering::Relaxed)
+        self.inner.busy.load(Ordering::Relaxed) + self.inner.held.load(Ordering::Relaxed)
+    }
+
+    /// The listener holds the hints of `n` plugins (a storm; see `crate::storm`).
+    pub fn set_held(&self, n: usize) {
+        self.inner.held.store(n, Ordering::Relaxed);
     }
 
     /// How many plugin builds ran since start.

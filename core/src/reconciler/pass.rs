@@ -391,9 +391,9 @@ impl Inner {
 
     /// Publishes a loaded version and records it, as one step: with the row locked (a delete
     /// waits; an edit does not, and its notification brings another pass), checks that the row
-    /// still wants what was built, publishes, writes
-    /// the endpoint rows and commits. If the row changed, nothing is published (the pass starts
-    /// over); if recording fails, the publish is undone. Endpoint rows equal what is served.
+    /// still wants this version (active, the same sources), publishes, writes the endpoint rows
+    /// and commits. If it does not, nothing is published (the pass starts over); if recording
+    /// fails, the publish is undone. Endpoint rows equal what is served.
     async fn publish_and_record(
         &self,
         row: &PluginRow,
@@ -405,7 +405,12 @@ impl Inner {
         let Some((mut lock, now)) = self.repo.lock_row(row.id).await? else {
             return Err(ReconcileError::Superseded);
         };
-        if !(now.wants_active() && now.source_path == row.source_path && now.config == row.config) {
+        // Turned off or pointed at other sources meanwhile: this version is not wanted. A new
+        // config is not a reason to start over: the version serves with the config it was
+        // started with, and the edit's notification brings the pass that applies the new one
+        // (in place, usually). Starting over instead never finished while a row changed
+        // faster than a load took (an edit storm).
+        if !(now.wants_active() && now.source_path == row.source_path) {
             lock.rollback().await;
             return Err(ReconcileError::Superseded);
         }
