@@ -117,6 +117,16 @@ impl Kiln {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// Passes run since start (`kiln_reconcile_passes_total`, every outcome).
+    pub async fn passes(&self) -> anyhow::Result<u64> {
+        let text = http(self.addr, "GET", "/metrics").await?.1;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("kiln_reconcile_passes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64)
+    }
+
     /// Waits until plugin `name` serves its optimized library, not a draft (a staged build).
     pub async fn wait_optimized(&self, name: &str, deadline: Duration) -> anyhow::Result<()> {
         let start = std::time::Instant::now();

@@ -164,6 +164,8 @@ pub struct Compiler {
     /// Of each content hash taken lately, the hash of the same files but `Cargo.lock`: what a
     /// build checks that it built (see [`Compiler::source_hash`]).
     code_of: Mutex<HashMap<String, String>>,
+    /// The content hashes of plugin trees whose files have not changed since (by metadata).
+    stamps: Arc<crate::tree_stamps::TreeStamps>,
     /// The process groups of the cargo runs in progress, and whether the server stops (see
     /// [`Compiler::stop`]).
     running: Mutex<(std::collections::HashSet<u32>, bool)>,
@@ -215,6 +217,7 @@ impl Compiler {
             profile,
             running: Default::default(),
             code_of: Default::default(),
+            stamps: Default::default(),
         })
     }
 
@@ -245,9 +248,10 @@ impl Compiler {
     /// The content hash of the plugin's files as they are (see [`Compiler::source_hash`]), and
     /// the hash of those files but `Cargo.lock` (which cargo may rewrite while it builds).
     async fn tree_hash(&self, manifest: &Manifest) -> Result<(String, String), BuildError> {
-        let dir = manifest.dir.clone();
-        let (tree, code) =
-            tokio::task::spawn_blocking(move || hash_tree_and_code(&dir)).await.map_err(std::io::Error::other)??;
+        let (dir, stamps) = (manifest.dir.clone(), self.stamps.clone());
+        let (tree, code) = tokio::task::spawn_blocking(move || hash_tree_and_code(&dir, Some(&stamps)))
+            .await
+            .map_err(std::io::Error::other)??;
         let mut h = Sha256::new();
         h.update(tree.as_bytes());
         h.update(self.types_hash.as_bytes());
@@ -710,26 +714,39 @@ fn toml_string(path: &Path) -> String {
 /// Hash of every file under `dir` (relative path and content), skipping `target/` and hidden
 /// entries. Sorted, so the hash does not depend on directory order.
 fn hash_tree(dir: &Path) -> std::io::Result<String> {
-    Ok(hash_tree_and_code(dir)?.0)
+    Ok(hash_tree_and_code(dir, None)?.0)
 }
 
 /// [`hash_tree`], and the same hash without a top-level `Cargo.lock`.
-fn hash_tree_and_code(dir: &Path) -> std::io::Result<(String, String)> {
-    let mut h = Sha256::new();
-    let mut code = Sha256::new();
+fn hash_tree_and_code(dir: &Path, known: Option<&crate::tree_stamps::TreeStamps>) -> std::io::Result<(String, String)> {
+    use crate::tree_stamps::FileStamp;
     let walk = WalkDir::new(dir).sort_by_file_name().into_iter().filter_entry(|e| {
         let name = e.file_name().to_string_lossy();
         e.depth() == 0 || !(name.starts_with('.') || (e.depth() == 1 && name == "target"))
     });
+    let mut files = Vec::new();
     for entry in walk {
         let entry = entry.map_err(std::io::Error::other)?;
         // Regular files only (symbolic links followed): a FIFO or a device in a crate would block
         // the read forever.
-        if entry.file_type().is_dir() || !std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+        if entry.file_type().is_dir() {
             continue;
         }
-        let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
-        let mut content = std::fs::read(entry.path())?;
+        let Ok(meta) = std::fs::metadata(entry.path()) else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path()).to_path_buf();
+        files.push(FileStamp::new(rel, &meta));
+    }
+    if let Some(hashes) = known.and_then(|k| k.get(dir, &files)) {
+        return Ok(hashes);
+    }
+    let mut h = Sha256::new();
+    let mut code = Sha256::new();
+    for file in &files {
+        let rel = file.rel.as_path();
+        let mut content = std::fs::read(dir.join(rel))?;
         if rel == Path::new("Cargo.lock")
             && let Some(canonical) = canonical_lock(&content)
         {
@@ -744,7 +761,11 @@ fn hash_tree_and_code(dir: &Path) -> std::io::Result<(String, String)> {
             hasher.update(&content);
         }
     }
-    Ok((hex::encode(h.finalize()), hex::encode(code.finalize())))
+    let hashes = (hex::encode(h.finalize()), hex::encode(code.finalize()));
+    if let Some(known) = known {
+        known.put(dir, files, &hashes);
+    }
+    Ok(hashes)
 }
 
 /// A lock file's packages in cargo's order, written out again: cargo rewrites a lock whose

@@ -36,6 +36,7 @@ pub mod shared_sources;
 pub mod staging;
 pub mod storm;
 pub mod supervisor;
+pub mod tree_stamps;
 pub mod watcher;
 
 pub use config::Config;

@@ -212,27 +212,7 @@ impl Inner {
             // Serving the wanted version; its grants and deadline may have changed in the row.
             self.apply_row_settings(row, &manifest, &hash, plugin).await?;
             // Make sure the row says it serves (it may show an old error).
-            let reread;
-            let observed = if batched {
-                reread = self.repo.get(row.id).await?.ok_or(ReconcileError::Superseded)?;
-                &reread
-            } else {
-                row
-            };
-            // Evicted meanwhile (an older plugin took a path and wrote `waiting`): pass again.
-            let still =
-                self.served.lock().expect("served lock").get(&row.id).is_some_and(|s| Arc::ptr_eq(&s.plugin, plugin));
-            if !still {
-                return Err(ReconcileError::Superseded);
-            }
-            // A draft whose optimized build failed shows that error while it serves.
-            let kept_error = draft_serves && self.finishing.failed(row.id, &hash);
-            if observed.state != "loaded"
-                || (observed.error.is_some() && !kept_error)
-                || observed.loaded_hash.as_deref() != Some(hash.as_str())
-            {
-                self.record_loaded(row.id, &manifest, &hash, plugin).await?;
-            }
+            self.record_if_stale(row, batched, &manifest, &hash, plugin, draft_serves).await?;
             return Ok(Outcome::Unchanged);
         }
         // Same code, new config: the plugin's hook may apply it in place (no reload at all).
@@ -254,7 +234,10 @@ impl Inner {
                     {
                         s.config = config;
                     }
-                    self.record_loaded(row.id, &manifest, &hash, plugin).await?;
+                    // The row may show the error of a config refused before; the version and
+                    // its endpoints are unchanged otherwise (a storm of config edits writes
+                    // nothing here).
+                    self.record_if_stale(row, batched, &manifest, &hash, plugin, draft_serves).await?;
                     let data = serde_json::json!({ "name": row.name, "version": manifest.version });
                     let _ = self.events.publish("kiln.plugin.configured", data, Source::Kiln);
                     tracing::info!(plugin = %row.name, "configuration applied in place");
@@ -508,6 +491,42 @@ impl Inner {
         if let Err(e) = self.repo.record_build(id, hash, &build).await {
             tracing::warn!(plugin = %name, "could not record the build: {e}");
         }
+    }
+
+    /// Records a version that serves already unless the row shows it serving, with no error
+    /// (but the kept one of a draft whose optimized build failed). A row read in a batch
+    /// (`batched`) is read again: what kiln observed may have been written since.
+    async fn record_if_stale(
+        &self,
+        row: &PluginRow,
+        batched: bool,
+        manifest: &Manifest,
+        hash: &str,
+        plugin: &Arc<LoadedPlugin>,
+        draft_serves: bool,
+    ) -> Result<(), ReconcileError> {
+        let reread;
+        let observed = if batched {
+            reread = self.repo.get(row.id).await?.ok_or(ReconcileError::Superseded)?;
+            &reread
+        } else {
+            row
+        };
+        // Evicted meanwhile (an older plugin took a path and wrote `waiting`): pass again.
+        let still =
+            self.served.lock().expect("served lock").get(&row.id).is_some_and(|s| Arc::ptr_eq(&s.plugin, plugin));
+        if !still {
+            return Err(ReconcileError::Superseded);
+        }
+        // A draft whose optimized build failed shows that error while it serves.
+        let kept_error = draft_serves && self.finishing.failed(row.id, hash);
+        if observed.state != "loaded"
+            || (observed.error.is_some() && !kept_error)
+            || observed.loaded_hash.as_deref() != Some(hash)
+        {
+            self.record_loaded(row.id, manifest, hash, plugin).await?;
+        }
+        Ok(())
     }
 
     /// Refreshes the row of a version that serves already (its endpoints included).
