@@ -117,12 +117,12 @@ impl Kiln {
         Ok(serde_json::from_str(&body)?)
     }
 
-    /// Passes run since start (`kiln_reconcile_passes_total`, every outcome).
-    pub async fn passes(&self) -> anyhow::Result<u64> {
+    /// The sum of a counter's series in `GET /metrics` (`kiln_reconcile_passes_total`, …).
+    pub async fn counter(&self, name: &str) -> anyhow::Result<u64> {
         let text = http(self.addr, "GET", "/metrics").await?.1;
         Ok(text
             .lines()
-            .filter(|l| l.starts_with("kiln_reconcile_passes_total{"))
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64)
     }

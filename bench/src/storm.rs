@@ -66,14 +66,17 @@ pub async fn run(db: &Db, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()
     let mut ratios: Vec<f64> = Vec::new();
     let mut settles: Vec<f64> = Vec::new();
     let (mut qs, mut ls) = (Vec::new(), Vec::new());
-    let (mut rss_before, mut peak, mut passes) = (0, 0, 0);
-    for (quiet, (loud, settle, before, top, n)) in &mut rounds_seen {
+    let (mut rss_before, mut peak) = (0, 0);
+    let (mut passes, mut storms) = (Vec::new(), Vec::new());
+    for (quiet, (loud, settle, before, top, n, s)) in &mut rounds_seen {
         let (q99, l99) = (quantile(&mut quiet.latencies, 0.99), quantile(&mut loud.latencies, 0.99));
         ratios.push(l99 / q99);
         settles.push(*settle);
         qs.push((q99, quiet.rate));
         ls.push((l99, loud.rate));
-        (rss_before, peak, passes) = (*before, peak.max(*top), passes.max(*n));
+        (rss_before, peak) = (*before, peak.max(*top));
+        passes.push(n.to_string());
+        storms.push(s.to_string());
     }
     let each = |v: &[f64]| v.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", ");
     let median = quantile(&mut ratios.clone(), 0.5);
@@ -90,9 +93,11 @@ pub async fn run(db: &Db, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()
     rows.push(row(
         "edit storm: end → every plugin as its row says".to_string(),
         format!(
-            "{} (rounds: {}); at most {passes} passes in a storm; RSS {} → peak {} MiB",
+            "{} (rounds: {}); passes in each storm: {}, storms counted: {}; RSS {} → peak {} MiB",
             ms(quantile(&mut settles.clone(), 0.5)),
             settles.iter().map(|s| ms(*s)).collect::<Vec<_>>().join(", "),
+            passes.join(", "),
+            storms.join(", "),
             rss_before / 1024,
             peak / 1024
         ),
@@ -102,9 +107,18 @@ pub async fn run(db: &Db, quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()
     Ok(())
 }
 
+const PASSES: &str = "kiln_reconcile_passes_total";
+const STORMS: &str = "kiln_notification_storms_total";
+
 /// One storm with kiln serving: its latencies, the time from its end until every plugin is as
-/// its row says, RSS before and at its peak (KiB), and the passes kiln ran meanwhile.
-async fn with_kiln(root: &Path, plugins: &Path, url: &str, secs: u64) -> anyhow::Result<(Storm, f64, u64, u64, u64)> {
+/// its row says, RSS before and at its peak (KiB), and the passes kiln ran and the storms it
+/// counted meanwhile.
+async fn with_kiln(
+    root: &Path,
+    plugins: &Path,
+    url: &str,
+    secs: u64,
+) -> anyhow::Result<(Storm, f64, u64, u64, u64, u64)> {
     let server = Kiln::start(root, vec![plugins.to_path_buf()], url).await?;
     let sql = server.sql().await?;
     sql.execute("UPDATE plugins SET status = 'active', config = '{}'", &[]).await?;
@@ -113,7 +127,8 @@ async fn with_kiln(root: &Path, plugins: &Path, url: &str, secs: u64) -> anyhow:
     while !settled(&server.json("/health").await?) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let passes_before = server.passes().await?;
+    let passes_before = server.counter(PASSES).await?;
+    let storms_before = server.counter(STORMS).await?;
     let rss_before = rss_kib();
     let sampling = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -141,9 +156,10 @@ async fn with_kiln(root: &Path, plugins: &Path, url: &str, secs: u64) -> anyhow:
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let settle = ended.elapsed().as_secs_f64();
-    let passes = server.passes().await? - passes_before;
+    let passes = server.counter(PASSES).await? - passes_before;
+    let storms = server.counter(STORMS).await? - storms_before;
     server.stop();
-    Ok((loud, settle, rss_before, peak, passes))
+    Ok((loud, settle, rss_before, peak, passes, storms))
 }
 
 struct Storm {

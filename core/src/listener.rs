@@ -93,7 +93,10 @@ async fn listen(
         let mut gate = StormGate::new(Instant::now());
         loop {
             let wake = gate.next_release();
+            // Notifications waiting are read first: a timer that fires while they queue (a
+            // busy runtime) must not take the storm for over.
             let msg = tokio::select! {
+                biased;
                 msg = rx.recv() => msg,
                 () = sleep_until(wake), if wake.is_some() => {
                     let ids = gate.release(Instant::now());
