@@ -788,6 +788,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_remembered_tree_hash_is_taken_again_when_a_file_changes() {
+        use crate::tree_stamps::{TreeStamps, tests::rewrite_keeping_mtime, tests::stamps};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lib.rs");
+        std::fs::write(&file, "fn a() {}").unwrap();
+        let cache = TreeStamps::new(Duration::ZERO);
+        let first = hash_tree_and_code(dir.path(), Some(&cache)).unwrap();
+        assert_eq!(first, hash_tree_and_code(dir.path(), None).unwrap());
+        assert_eq!(cache.get(dir.path(), &stamps(dir.path())), Some(first.clone()), "remembered");
+        assert_eq!(hash_tree_and_code(dir.path(), Some(&cache)).unwrap(), first);
+        // The same size and modification time, other content: hashed again.
+        rewrite_keeping_mtime(dir.path(), &file, "fn b() {}");
+        let second = hash_tree_and_code(dir.path(), Some(&cache)).unwrap();
+        assert_ne!(second, first);
+        assert_eq!(second, hash_tree_and_code(dir.path(), None).unwrap());
+    }
+
+    #[test]
     fn a_lock_hashes_the_same_in_any_package_order() {
         let a = "version = 4\n\n[[package]]\nname = \"b\"\nversion = \"1.0.0\"\n\n[[package]]\nname = \"a\"\nversion = \"0.1.0\"\ndependencies = [\"b\"]\n";
         let b = "version = 4\n\n[[package]]\nname = \"a\"\nversion = \"0.1.0\"\ndependencies = [\"b\"]\n\n[[package]]\nname = \"b\"\nversion = \"1.0.0\"\n";

@@ -99,12 +99,12 @@ async fn listen(
                 biased;
                 msg = rx.recv() => msg,
                 () = sleep_until(wake), if wake.is_some() => {
+                    let was_storming = gate.storming();
                     let ids = gate.release(Instant::now());
-                    if !gate.storming() {
-                        tracing::info!(plugins = ids.len(), "the notification storm is over: its plugins pass now");
-                    }
-                    reconciler.set_held(gate.held());
+                    report(reconciler, was_storming, &gate, ids.len());
+                    // Counted as held until queued (then as busy): /health never reads 0 between.
                     hint(reconciler, ids).await;
+                    reconciler.set_held(gate.held());
                     continue;
                 }
             };
@@ -112,7 +112,10 @@ async fn listen(
             // Every notification that has arrived is handled at once: the plugin ids of all of
             // them go to the reconciler as one batch (one query reads their rows), so a burst
             // of single-row commits costs kiln a query per batch, not per commit.
+            // Ids of one-row statements (a storm is made of those), and of statements over
+            // several rows (never held: a bulk edit is one batch whatever goes on).
             let mut ids: Vec<i64> = Vec::new();
+            let mut bulk: Vec<i64> = Vec::new();
             let mut notes = 0;
             let mut next = Some(msg);
             while let Some(msg) = next.take() {
@@ -132,14 +135,14 @@ async fn listen(
                     notes += 1;
                     match parse_ids(note.payload()) {
                         Some(Ids::One(id)) => ids.push(id),
-                        Some(Ids::Many(many)) => ids.extend(many),
+                        Some(Ids::Many(many)) => bulk.extend(many),
                         None => {
                             tracing::warn!(payload = note.payload(), "unreadable notification; resyncing everything");
                             reconciler.resync_all().await?;
                         }
                     }
                 }
-                if ids.len() < MAX_BATCH {
+                if ids.len() + bulk.len() < MAX_BATCH {
                     next = rx.try_recv().ok();
                 }
             }
@@ -147,18 +150,12 @@ async fn listen(
             let now = Instant::now();
             let was_storming = gate.storming();
             let mut ids = gate.admit(now, notes, ids);
-            ids.extend(gate.release(now));
-            if gate.storming() && !was_storming {
-                reconciler.metrics().notify_storms.inc();
-                tracing::info!(
-                    "a storm of notifications (over {} in {:?}): the plugins they name pass {} a second, the longest waiting first, until it calms down",
-                    crate::storm::STORM_NOTES,
-                    crate::storm::WINDOW,
-                    crate::storm::STORM_PASSES
-                );
-            }
-            reconciler.set_held(gate.held());
+            let released = gate.release(now);
+            report(reconciler, was_storming, &gate, released.len());
+            ids.extend(released);
+            ids.extend(bulk);
             hint(reconciler, ids).await;
+            reconciler.set_held(gate.held());
         }
         Ok(())
     }
@@ -170,7 +167,24 @@ async fn listen(
     result
 }
 
-/// Hints the plugins `ids` (sorted, no duplicates): several at once read their rows in one query.
+/// Counts and logs a storm's start and end (`released`: the ids let go at once at its end).
+fn report(reconciler: &Reconciler, was_storming: bool, gate: &StormGate, released: usize) {
+    match (was_storming, gate.storming()) {
+        (false, true) => {
+            reconciler.metrics().notify_storms.inc();
+            tracing::info!(
+                "a storm of notifications (over {} in {:?}): the plugins they name pass {} a second, the longest waiting first, until it calms down",
+                crate::storm::STORM_NOTES,
+                crate::storm::WINDOW,
+                crate::storm::STORM_PASSES
+            );
+        }
+        (true, false) => tracing::info!(plugins = released, "the notification storm is over: its plugins pass now"),
+        _ => {}
+    }
+}
+
+/// Hints the plugins `ids`: several at once read their rows in one query.
 async fn hint(reconciler: &Reconciler, mut ids: Vec<i64>) {
     ids.sort_unstable();
     ids.dedup();

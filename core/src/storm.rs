@@ -12,8 +12,9 @@
 //! same way: an overall token bucket beside per-item coalescing.)
 //!
 //! The storm ends when no notification came for [`QUIET`], or when the rate falls below half
-//! the threshold. A bulk statement is one notification (`sql/010_statement_notify.sql`), so a
-//! bulk edit is never held.
+//! the threshold. A bulk statement is one notification (`sql/010_statement_notify.sql`), and
+//! the listener never holds the ids of a statement over several rows: only one-row statements
+//! make up a storm and are held.
 //!
 //! What this costs: during a storm a plugin follows its row late, by up to the number of
 //! plugins held divided by [`STORM_PASSES`] (5 s for 100 plugins). Passes asked for by the admin
@@ -106,11 +107,14 @@ impl StormGate {
 
     /// When [`StormGate::release`] may have something to give next (`None`: nothing is held).
     pub fn next_release(&self) -> Option<Instant> {
-        if self.queue.is_empty() {
-            return None;
+        // While it storms, the calm is awaited even with nothing held (the storm must end, to
+        // be counted again when it starts over).
+        let calm = self.storming.then(|| self.last_note.map(|t| t + QUIET)).flatten();
+        let drip = (!self.queue.is_empty()).then_some(self.next_drip);
+        match (calm, drip) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        let calm = self.last_note.map_or(self.next_drip, |t| t + QUIET);
-        Some(self.next_drip.min(calm))
     }
 
     /// How many plugin ids are held.
@@ -129,6 +133,9 @@ impl StormGate {
 
     fn count(&mut self, now: Instant, notes: u32) {
         self.roll(now);
+        if notes == 0 {
+            return; // other channels' notifications
+        }
         self.this_window = self.this_window.saturating_add(notes);
         self.last_note = Some(now);
         if self.rate(now) > STORM_NOTES {

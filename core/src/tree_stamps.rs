@@ -43,24 +43,40 @@ impl FileStamp {
         }
     }
 
-    /// Whether this file was last changed at least [`SETTLED`] before `now`.
-    fn settled(&self, now: SystemTime) -> bool {
+    /// Whether this file was last changed at least `settled` before `now`.
+    fn settled(&self, now: SystemTime, settled: Duration) -> bool {
         let newest = self.mtime.max(self.ctime);
-        let at = SystemTime::UNIX_EPOCH + Duration::new(newest.0.max(0) as u64, newest.1.clamp(0, 999_999_999) as u32);
-        now.duration_since(at).is_ok_and(|age| age >= SETTLED)
+        now.duration_since(time(newest)).is_ok_and(|age| age >= settled)
     }
+}
+
+fn time((secs, nanos): (i64, i64)) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32)
 }
 
 /// A tree's two hashes: of all its files, and of all but `Cargo.lock` (see `compiler.rs`).
 pub type Hashes = (String, String);
 
 /// The hashes of trees, by directory, with the stamps of their files when hashed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TreeStamps {
     known: Mutex<HashMap<PathBuf, (Vec<FileStamp>, Hashes)>>,
+    /// How old every file must be ([`SETTLED`]).
+    settled: Duration,
+}
+
+impl Default for TreeStamps {
+    fn default() -> Self {
+        Self::new(SETTLED)
+    }
 }
 
 impl TreeStamps {
+    /// Remembers trees whose files are all at least `settled` old.
+    pub fn new(settled: Duration) -> Self {
+        Self { known: Mutex::default(), settled }
+    }
+
     /// The hashes remembered for `dir` if its files are stamped as when they were taken.
     pub fn get(&self, dir: &Path, stamps: &[FileStamp]) -> Option<Hashes> {
         let known = self.known.lock().expect("tree stamps lock");
@@ -72,7 +88,7 @@ impl TreeStamps {
     pub fn put(&self, dir: &Path, stamps: Vec<FileStamp>, hashes: &Hashes) {
         let now = SystemTime::now();
         let mut known = self.known.lock().expect("tree stamps lock");
-        if !stamps.iter().all(|s| s.settled(now)) {
+        if !stamps.iter().all(|s| s.settled(now, self.settled)) {
             known.remove(dir);
             return;
         }
@@ -84,10 +100,11 @@ impl TreeStamps {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn stamps(dir: &Path) -> Vec<FileStamp> {
+    /// The stamps of the files directly in `dir`, by name.
+    pub(crate) fn stamps(dir: &Path) -> Vec<FileStamp> {
         let mut all: Vec<FileStamp> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| {
@@ -99,48 +116,52 @@ mod tests {
         all
     }
 
-    fn age(path: &Path) {
-        let old = SystemTime::now() - Duration::from_secs(3600);
-        std::fs::File::options().write(true).open(path).unwrap().set_modified(old).unwrap();
+    /// Rewrites `file` with `content` (of the same length) and puts its modification time back,
+    /// as `cp -p` or `rsync -t` would, until its change time has moved (change times are as
+    /// coarse as the kernel's clock tick). Returns the stamps before and after.
+    pub(crate) fn rewrite_keeping_mtime(dir: &Path, file: &Path, content: &str) -> (FileStamp, FileStamp) {
+        let before = FileStamp::new(file.strip_prefix(dir).unwrap().into(), &std::fs::metadata(file).unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            std::fs::write(file, content).unwrap();
+            std::fs::File::options().write(true).open(file).unwrap().set_modified(time(before.mtime)).unwrap();
+            let after = FileStamp::new(before.rel.clone(), &std::fs::metadata(file).unwrap());
+            if after.ctime != before.ctime {
+                return (before, after);
+            }
+            assert!(std::time::Instant::now() < deadline, "the change time never moved");
+        }
     }
 
     #[test]
-    fn a_tree_is_remembered_until_a_file_changes_and_only_once_settled() {
+    fn a_rewrite_with_its_mtime_put_back_is_seen_by_its_change_time() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("lib.rs");
         std::fs::write(&file, "a").unwrap();
-        let cache = TreeStamps::default();
+        let cache = TreeStamps::new(Duration::ZERO);
         let hashes = ("h".to_string(), "c".to_string());
-        // Just written: its change time is now, so it is not remembered.
-        cache.put(dir.path(), stamps(dir.path()), &hashes);
+        let then = stamps(dir.path());
+        cache.put(dir.path(), then.clone(), &hashes);
+        assert_eq!(cache.get(dir.path(), &then), Some(hashes.clone()));
+
+        let (before, after) = rewrite_keeping_mtime(dir.path(), &file, "b");
+        // Only the change time tells them apart.
+        assert_eq!((after.len, after.mtime, after.ino, after.dev), (before.len, before.mtime, before.ino, before.dev));
         assert_eq!(cache.get(dir.path(), &stamps(dir.path())), None);
-
-        // Settled (a change time cannot be set back, so the threshold is checked directly).
-        let mut old = stamps(dir.path());
-        for s in &mut old {
-            s.ctime = (s.ctime.0 - 3600, s.ctime.1);
-            s.mtime = (s.mtime.0 - 3600, s.mtime.1);
-        }
-        cache.put(dir.path(), old.clone(), &hashes);
-        assert_eq!(cache.get(dir.path(), &old), Some(hashes.clone()));
-
-        // The same size, the modification time put back: the change time still tells.
-        // Rewritten (until the clock has moved on: change times are as coarse as the kernel's
-        // clock tick), then its modification time set back an hour, as `cp -p` would.
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        let after = loop {
-            std::fs::write(&file, "b").unwrap();
-            age(&file);
-            let after = stamps(dir.path());
-            if after[0].ctime > old[0].ctime {
-                break after;
-            }
-            assert!(std::time::Instant::now() < deadline, "the change time never moved");
-        };
-        assert_eq!(after[0].len, old[0].len);
-        assert_eq!(cache.get(dir.path(), &after), None);
-        // A file added is a different tree.
+        // A file added is another tree.
+        cache.put(dir.path(), stamps(dir.path()), &hashes);
         std::fs::write(dir.path().join("more.rs"), "").unwrap();
         assert_eq!(cache.get(dir.path(), &stamps(dir.path())), None);
+    }
+
+    #[test]
+    fn a_tree_changed_lately_is_not_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("lib.rs"), "a").unwrap();
+        let cache = TreeStamps::default();
+        let now = stamps(dir.path());
+        // Just written: changed less than SETTLED ago.
+        cache.put(dir.path(), now.clone(), &("h".to_string(), "c".to_string()));
+        assert_eq!(cache.get(dir.path(), &now), None);
     }
 }

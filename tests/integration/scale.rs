@@ -5,7 +5,7 @@
 
 use crate::quiet::notifications_during;
 use crate::support::{BUILD_DEADLINE, TestServer, cluster, fresh_database, repo_root};
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::path::Path;
 
 /// How many plugins: enough that one table per plugin would show.
@@ -25,15 +25,17 @@ fn write_plugin(plugins: &Path, name: &str) {
     std::fs::write(dir.join("Cargo.lock"), kiln::staging::renamed_lock(&lock, "lifecycle", name)).unwrap();
     let code = format!(
         "use kiln_types::{{InitContext, Plugin, Request, Response, Route}};\n\
-         pub struct P;\n\
+         pub struct P(i64);\n\
          impl Plugin for P {{\n\
-         \x20   fn init(_: &InitContext) -> Result<Self, String> {{ Ok(P) }}\n\
+         \x20   fn init(ctx: &InitContext) -> Result<Self, String> {{\n\
+         \x20       Ok(P(ctx.config.get(\"n\").and_then(|n| n.as_i64()).unwrap_or(-1)))\n\
+         \x20   }}\n\
          \x20   fn routes() -> Vec<Route<Self>> {{\n\
          \x20       vec![Route::get(\"/{name}/a\", Self::get), Route::get(\"/{name}/b/{{x}}\", Self::get)]\n\
          \x20   }}\n\
          }}\n\
          impl P {{\n\
-         \x20   fn get(&self, _: &Request) -> Response {{ Response::text(200, \"{name}\") }}\n\
+         \x20   fn get(&self, _: &Request) -> Response {{ Response::text(200, format!(\"n={{}}\", self.0)) }}\n\
          }}\n\
          kiln_types::export_plugin!(P);\n"
     );
@@ -65,6 +67,17 @@ async fn counter(server: &TestServer, name: &str) -> u64 {
 
 async fn storms(server: &TestServer) -> u64 {
     counter(server, "kiln_notification_storms_total").await
+}
+
+/// `GET /<name>/a` of every plugin: its status, and its body when it serves (`n=` the config's
+/// `n`).
+async fn answers(server: &TestServer) -> Vec<(u16, Value)> {
+    let mut all = Vec::new();
+    for i in 0..N {
+        let (status, body) = server.get(&format!("/many_{i:02}/a")).await;
+        all.push(if status == 200 { (status, body) } else { (status, Value::Null) });
+    }
+    all
 }
 
 /// The status of `GET /<name>/a` for every plugin.
@@ -132,18 +145,19 @@ async fn a_bulk_update_is_one_batch_and_a_warm_start_of_many_plugins_builds_noth
     ))
     .await
     .unwrap();
-    // Plugin k was last written by the last i ≤ COMMITS with i % N = k.
-    let wanted: Vec<u16> = (0..N)
+    // Plugin k was last written by the last i ≤ COMMITS with i % N = k: it serves, with config
+    // {"n": i}, or not, as that write says.
+    let wanted: Vec<(u16, Value)> = (0..N)
         .map(|k| {
             let i = (COMMITS - k) / N * N + k;
-            if (i / N + i % N).is_multiple_of(2) { 200 } else { 404 }
+            if (i / N + i % N).is_multiple_of(2) { (200, json!(format!("n={i}"))) } else { (404, Value::Null) }
         })
         .collect();
-    let active = wanted.iter().filter(|s| **s == 200).count() as u64;
+    let active = wanted.iter().filter(|s| s.0 == 200).count() as u64;
     server
-        .wait_until("every plugin as its row's last write says", BUILD_DEADLINE, || async {
+        .wait_until("every plugin as its row's last write says, config included", BUILD_DEADLINE, || async {
             let h = health(&server).await;
-            h["reconciling"] == 0 && h["plugins_served"] == active && statuses(&server).await == wanted
+            h["reconciling"] == 0 && h["plugins_served"] == active && answers(&server).await == wanted
         })
         .await;
     // At least one storm: more if the notifications reached kiln with pauses (a busy machine).
