@@ -100,11 +100,7 @@ async fn listen(
                 msg = rx.recv() => msg,
                 () = sleep_until(wake), if wake.is_some() => {
                     let was_storming = gate.storming();
-                    let ids = gate.release(Instant::now());
-                    report(reconciler, was_storming, &gate, ids.len());
-                    // Counted as held until queued (then as busy): /health never reads 0 between.
-                    hint(reconciler, ids).await;
-                    reconciler.set_held(gate.held());
+                    let_go(reconciler, &mut gate, Instant::now(), was_storming, Vec::new()).await;
                     continue;
                 }
             };
@@ -150,12 +146,8 @@ async fn listen(
             let now = Instant::now();
             let was_storming = gate.storming();
             let mut ids = gate.admit(now, notes, ids);
-            let released = gate.release(now);
-            report(reconciler, was_storming, &gate, released.len());
-            ids.extend(released);
             ids.extend(bulk);
-            hint(reconciler, ids).await;
-            reconciler.set_held(gate.held());
+            let_go(reconciler, &mut gate, now, was_storming, ids).await;
         }
         Ok(())
     }
@@ -165,6 +157,17 @@ async fn listen(
     // Held hints go with the connection: the next one resyncs everything.
     reconciler.set_held(0);
     result
+}
+
+/// Hints `ids` and what the gate lets go at `now`, and reports a storm that started or ended
+/// (`was_storming`: whether one was on before the notifications just admitted).
+async fn let_go(reconciler: &Reconciler, gate: &mut StormGate, now: Instant, was_storming: bool, mut ids: Vec<i64>) {
+    let released = gate.release(now);
+    report(reconciler, was_storming, gate, released.len());
+    ids.extend(released);
+    hint(reconciler, ids).await;
+    // Counted as held until queued (then as busy): /health never reads 0 between.
+    reconciler.set_held(gate.held());
 }
 
 /// Counts and logs a storm's start and end (`released`: the ids let go at once at its end).

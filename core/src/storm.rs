@@ -105,7 +105,8 @@ impl StormGate {
         out
     }
 
-    /// When [`StormGate::release`] may have something to give next (`None`: nothing is held).
+    /// When [`StormGate::release`] should be called next: the next turn of a held id, or the
+    /// moment the storm would be calm (`None`: no storm and nothing held).
     pub fn next_release(&self) -> Option<Instant> {
         // While it storms, the calm is awaited even with nothing held (the storm must end, to
         // be counted again when it starts over).
