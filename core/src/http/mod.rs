@@ -209,6 +209,7 @@ impl Endpoint for Front {
         // Hold this table (and the plugin versions in it) until the request is done. Its
         // catch-all answers every path no plugin serves.
         let table = self.router.table();
-        Ok(table.call(req).await)
+        let mut req = req;
+        Ok(table.call(&mut req).await)
     }
 }
