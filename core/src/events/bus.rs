@@ -14,8 +14,14 @@ use tokio::sync::mpsc;
 
 /// Events each subscription may have queued; one more is dropped (counted).
 pub const QUEUE: usize = 1024;
-/// How many recent events `GET /events` can show.
+/// Bytes of event data (JSON text) each subscription may have queued, counted until each event's
+/// turn comes: one more is dropped (counted), unless the queue is empty. Without it a slow
+/// subscriber held up to [`QUEUE`] events of up to [`MAX_DATA`] each, 1 GiB.
+pub const QUEUE_BYTES: usize = 32 << 20;
+/// How many recent events `GET /events` can show, and how many bytes of data they may hold
+/// (the oldest go first; 500 events of the largest data would hold 500 MiB).
 const RECENT: usize = 500;
+const RECENT_BYTES: usize = 16 << 20;
 /// Largest event data, as JSON text.
 pub const MAX_DATA: usize = 1 << 20;
 
@@ -171,6 +177,43 @@ struct Counters {
     failed: AtomicU64,
     timed_out: AtomicU64,
     dropped: AtomicU64,
+    /// Bytes of data of the events queued whose turn has not come (see [`QUEUE_BYTES`]).
+    queued_bytes: std::sync::atomic::AtomicUsize,
+}
+
+impl Counters {
+    /// Counts `bytes` more queued, if the budget allows (an empty queue takes any event).
+    fn admit(&self, bytes: usize) -> bool {
+        let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if before > 0 && before + bytes > QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// An event admitted was not queued after all, or its turn came.
+    fn release(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// The recent events, oldest first, and the bytes of their data.
+#[derive(Default)]
+struct Recent {
+    events: VecDeque<Arc<Event>>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn push(&mut self, event: Arc<Event>) {
+        self.bytes += event.json.len();
+        self.events.push_back(event);
+        while self.events.len() > RECENT || (self.bytes > RECENT_BYTES && self.events.len() > 1) {
+            let Some(old) = self.events.pop_front() else { break };
+            self.bytes -= old.json.len();
+        }
+    }
 }
 
 /// One subscription of a plugin, and its queue.
@@ -215,7 +258,7 @@ pub struct EventBus {
     announced: Mutex<HashMap<String, (Weak<LoadedPlugin>, String)>>,
     /// Versions published but not yet recorded: announced once they are.
     held: Mutex<Vec<Weak<LoadedPlugin>>>,
-    recent: Mutex<VecDeque<Arc<Event>>>,
+    recent: Mutex<Recent>,
     logs: Arc<LogStore>,
     /// How long a subscriber may take over one event, unless it says.
     timeout: Duration,
@@ -289,17 +332,19 @@ impl EventBus {
             deliveries: Mutex::new(Vec::new()),
             settled: Default::default(),
         });
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            if recent.len() == RECENT {
-                recent.pop_front();
-            }
-            recent.push_back(event.clone());
-        }
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).push(event.clone());
+        let size = event.json.len();
         let subscribers = self.subscribers.read().unwrap_or_else(|p| p.into_inner());
         for s in subscribers.iter().filter(|s| s.pattern.matches(topic)) {
             event.subscribers.fetch_add(1, Ordering::Relaxed);
-            if s.tx.try_send(event.clone()).is_err() {
+            let queued = s.counters.admit(size) && {
+                let sent = s.tx.try_send(event.clone()).is_ok();
+                if !sent {
+                    s.counters.release(size);
+                }
+                sent
+            };
+            if !queued {
                 s.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 event.record(Delivery {
                     plugin: s.plugin.clone(),
@@ -311,10 +356,11 @@ impl EventBus {
                 // The first drop, and then every thousandth, so that a flood does not flood the log too.
                 if dropped == 1 || dropped.is_multiple_of(1000) {
                     let msg = format!(
-                        "event {} dropped: the queue of subscription {} → {} is full ({QUEUE} events; {dropped} dropped so far)",
+                        "event {} dropped: the queue of subscription {} → {} is full ({QUEUE} events or {} MiB of data; {dropped} dropped so far)",
                         event.topic,
                         s.pattern.as_str(),
-                        s.handler
+                        s.handler,
+                        QUEUE_BYTES >> 20
                     );
                     tracing::warn!(plugin = %s.plugin, "{msg}");
                     self.logs.push(&s.plugin, LogEntry::new(Level::Warn, Kind::Log, msg, json!({}), None));
@@ -332,7 +378,7 @@ impl EventBus {
     /// The most recent events, newest first.
     pub fn recent(&self, limit: usize) -> Vec<Arc<Event>> {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.iter().rev().take(limit).cloned().collect()
+        recent.events.iter().rev().take(limit).cloned().collect()
     }
 
     /// The counters of each subscription of `plugin`.
@@ -598,6 +644,8 @@ impl Delivering {
     /// plugin serving when its turn comes.
     fn deliver(&self, events: Vec<Arc<Event>>) {
         for event in events {
+            // Its turn came: it no longer counts against the queue's budget.
+            self.counters.release(event.json.len());
             let Some(bus) = self.bus.upgrade() else { return };
             if !self.active.load(Ordering::SeqCst) {
                 self.record(&bus, &event, Outcome::Dropped, Some("the subscription ended".into()));
@@ -675,5 +723,56 @@ impl Delivering {
             bus.logs.push(&self.plugin, LogEntry::new(Level::Warn, kind, msg, json!({ "event": event.id }), None));
         }
         event.record(Delivery { plugin: self.plugin.clone(), handler: self.handler.clone(), outcome, error });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Data whose JSON text is about 1 MB.
+    fn megabyte() -> Value {
+        json!({ "pad": "x".repeat(1_000_000) })
+    }
+
+    /// Large events are held to a byte budget: a subscriber that does not keep up has events
+    /// dropped (counted) once its queue holds [`QUEUE_BYTES`], long before [`QUEUE`] events, and
+    /// the recent events keep [`RECENT_BYTES`] of data at most. Its budget frees as events
+    /// are taken.
+    #[tokio::test(flavor = "current_thread")]
+    async fn large_events_are_held_to_a_byte_budget() {
+        let bus = EventBus::new(Arc::new(LogStore::default()), Duration::from_secs(5));
+        bus.subscribe_runtime("p", 1, "big.*", 1, false).unwrap();
+        // On this one thread the delivery task cannot run until the test awaits: all of these
+        // wait in the queue.
+        let size = megabyte().to_string().len();
+        for _ in 0..40 {
+            bus.publish("big.one", megabyte(), Source::Api).unwrap();
+        }
+        let fits = QUEUE_BYTES / size;
+        let stats = &bus.stats("p")[0];
+        assert_eq!(stats.dropped, (40 - fits) as u64, "{stats:?}");
+        assert!(fits < 40, "the test must overflow the budget");
+
+        let recent = bus.recent(RECENT);
+        assert_eq!(recent.len(), RECENT_BYTES / size, "recent events kept");
+        assert!(recent.iter().map(|e| e.json.len()).sum::<usize>() <= RECENT_BYTES);
+        // A small event is kept beside them, the oldest large one giving way.
+        bus.publish("small.one", json!({}), Source::Api).unwrap();
+        assert_eq!(bus.recent(1)[0].topic, "small.one");
+        assert!(bus.recent(RECENT).len() <= RECENT_BYTES / size + 1);
+
+        // The delivery task takes the queue (the plugin does not serve: each is dropped as
+        // such), and the budget frees: the next large event is queued.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while bus.stats("p")[0].dropped < 40 {
+            assert!(std::time::Instant::now() < deadline, "the queue was not taken: {:?}", bus.stats("p"));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let dropped = bus.stats("p")[0].dropped;
+        let event = bus.publish("big.one", megabyte(), Source::Api).unwrap();
+        assert!(event.settled(Duration::from_secs(30)).await);
+        assert_eq!(event.deliveries()[0].error.as_deref(), Some("the plugin does not serve"));
+        assert_eq!(bus.stats("p")[0].dropped, dropped + 1);
     }
 }
