@@ -32,6 +32,8 @@ pub struct Marker {
 #[derive(Debug, Clone)]
 pub struct LoadMarkers {
     dir: PathBuf,
+    /// The directory was made (by this process): not made again for every load.
+    made: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Removes its marker when dropped (the call into the plugin returned, one way or another).
@@ -48,13 +50,21 @@ impl Drop for Guard {
 
 impl LoadMarkers {
     pub fn new(dir: PathBuf) -> Self {
-        Self { dir }
+        Self { dir, made: Default::default() }
     }
 
     /// Records that plugin `plugin_id` (`name`, version `hash`) is about to be called into.
     /// Blocking (a small file write). The marker stays if the process dies before the guard drops.
+    ///
+    /// Written in place, not through a renamed temporary file: a marker cut short can only be
+    /// left by a process that died while writing it, before it called into the plugin, and
+    /// [`LoadMarkers::take_all`] passes over a marker that does not parse.
     pub fn begin(&self, plugin_id: i64, name: &str, hash: &str) -> std::io::Result<Guard> {
-        std::fs::create_dir_all(&self.dir)?;
+        use std::sync::atomic::Ordering;
+        if !self.made.load(Ordering::Relaxed) {
+            std::fs::create_dir_all(&self.dir)?;
+            self.made.store(true, Ordering::Relaxed);
+        }
         let marker = Marker {
             plugin_id,
             name: name.to_string(),
@@ -63,9 +73,7 @@ impl LoadMarkers {
             started: chrono::Utc::now().to_rfc3339(),
         };
         let path = self.dir.join(plugin_id.to_string());
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&marker).expect("a marker serializes"))?;
-        std::fs::rename(&tmp, &path)?;
+        std::fs::write(&path, serde_json::to_vec(&marker).expect("a marker serializes"))?;
         Ok(Guard { path })
     }
 
@@ -117,5 +125,18 @@ mod tests {
         assert!(markers.take_all().is_empty(), "taken once");
         let msg = crash_message(&left[0], Some("killed by signal 6 (SIGABRT)"));
         assert!(msg.contains("was killed by signal 6 (SIGABRT)") && msg.contains("bbbb"), "{msg}");
+    }
+
+    /// A marker is written in place: one cut short (its process died while writing it, before
+    /// it called into the plugin) names nobody, and goes.
+    #[test]
+    fn a_marker_cut_short_names_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let markers = LoadMarkers::new(dir.path().join("loading"));
+        std::mem::forget(markers.begin(4, "crashed", "cccc").unwrap());
+        std::fs::write(dir.path().join("loading/3"), br#"{"plugin_id": 3, "na"#).unwrap();
+        let left = markers.take_all();
+        assert_eq!(left.iter().map(|m| m.plugin_id).collect::<Vec<_>>(), [4]);
+        assert_eq!(std::fs::read_dir(dir.path().join("loading")).unwrap().count(), 0);
     }
 }

@@ -315,10 +315,13 @@ impl Inner {
         if let Some(finisher) = finisher {
             self.finish_later(row.id, &row.name, finisher);
         }
-        // Another library of this plugin can have become unused only if one was built, a
-        // version was replaced, or the row last recorded another (not at a warm start, nor
-        // when turning plugins on: that would read the library directory once per plugin).
-        if artifact.built || current.is_some() || row.loaded_hash.as_deref().is_some_and(|h| h != hash) {
+        // Another library of this plugin can have become unused only if one was built, another
+        // library was replaced (a version, or a draft by its optimized build), or the row last
+        // recorded another version. Not at a warm start, when turning plugins on, or for a
+        // fresh instance of the same library (a config change): each would read the library
+        // directory once per plugin (2.6% of kiln's CPU when 100 plugins took a new config).
+        let replaced = current.as_ref().is_some_and(|(_, _, p)| p.binary_path() != artifact.path.as_path());
+        if artifact.built || replaced || row.loaded_hash.as_deref().is_some_and(|h| h != hash) {
             self.compiler.collect_garbage(&row.name, &self.served_libraries());
         }
         Ok(Outcome::Loaded { built: artifact.built })
