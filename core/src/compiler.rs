@@ -158,6 +158,9 @@ pub struct Compiler {
     builds: std::sync::atomic::AtomicU64,
     /// Libraries a pass in progress is about to build or open: garbage collection keeps them.
     pinned: Arc<Mutex<HashMap<PathBuf, usize>>>,
+    /// Plugins whose unused libraries were all removed by a collection (none was pinned then),
+    /// and none of whose libraries was written since: see [`Compiler::swept`].
+    swept: Mutex<std::collections::HashSet<String>>,
     /// Manifests known to be workspaces of their own (built in place, not staged).
     own_workspace: Mutex<std::collections::HashSet<PathBuf>>,
     profile: BuildProfile,
@@ -213,6 +216,7 @@ impl Compiler {
             queue: Default::default(),
             builds: Default::default(),
             pinned: Default::default(),
+            swept: Default::default(),
             own_workspace: Default::default(),
             profile,
             running: Default::default(),
@@ -400,6 +404,7 @@ impl Compiler {
         let tmp = path.with_extension("tmp");
         tokio::fs::copy(&library, &tmp).await?;
         tokio::fs::rename(&tmp, &path).await?;
+        self.library_written(&manifest.name);
         let duration = started.elapsed();
         tracing::info!(plugin = %manifest.name, ?duration, library = %path.display(), "compiled");
         Ok(Artifact { path, hash: hash.to_string(), built: true, duration, draft })
@@ -418,18 +423,46 @@ impl Compiler {
     pub fn collect_garbage(&self, name: &str, keep: &[PathBuf]) -> usize {
         let Ok(entries) = std::fs::read_dir(&self.bin_dir) else { return 0 };
         let pinned = self.pinned.lock().expect("pinned lock");
-        let mut removed = 0;
+        let (mut removed, mut all) = (0, true);
         for entry in entries.flatten() {
             let path = entry.path();
-            if !is_artifact_of(&path, name) || keep.contains(&path) || pinned.contains_key(&path) {
+            if !is_artifact_of(&path, name) || keep.contains(&path) {
+                continue;
+            }
+            if pinned.contains_key(&path) {
+                all = false;
                 continue;
             }
             match std::fs::remove_file(&path) {
                 Ok(()) => removed += 1,
-                Err(e) => tracing::warn!(library = %path.display(), "could not remove: {e}"),
+                Err(e) => {
+                    all = false;
+                    tracing::warn!(library = %path.display(), "could not remove: {e}");
+                }
             }
         }
+        drop(pinned);
+        let mut swept = self.swept.lock().expect("swept lock");
+        if all {
+            swept.insert(name.to_string());
+        } else {
+            swept.remove(name);
+        }
         removed
+    }
+
+    /// Whether plugin `name` has no unused library left by this process: a collection removed
+    /// every one it found (none was pinned) and no library of it was written since. A pass
+    /// that loads a fresh instance of the library that served (a config change) collects
+    /// only when this is false, so that it does not read the library directory every time.
+    pub fn swept(&self, name: &str) -> bool {
+        self.swept.lock().expect("swept lock").contains(name)
+    }
+
+    /// A library of plugin `name` is being written (built or fetched): the next pass of it
+    /// collects (a pass that fails after a build leaves the library unused).
+    pub fn library_written(&self, name: &str) {
+        self.swept.lock().expect("swept lock").remove(name);
     }
 
     /// Runs cargo with `args` on what builds this plugin (see [`Compiler::buildable`]); when
@@ -803,6 +836,33 @@ mod tests {
         let second = hash_tree_and_code(dir.path(), Some(&cache)).unwrap();
         assert_ne!(second, first);
         assert_eq!(second, hash_tree_and_code(dir.path(), None).unwrap());
+    }
+
+    /// A plugin counts as swept (a fresh instance of the library that serves collects nothing)
+    /// only after a collection removed every unused library of it, until one is written again.
+    #[test]
+    fn a_plugin_is_swept_only_when_no_unused_library_of_it_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("types")).unwrap();
+        let compiler = Compiler::new(
+            dir.path().join("target"),
+            dir.path().join("bin"),
+            dir.path().join("types"),
+            BuildProfile::Fast,
+        )
+        .unwrap();
+        let (a, b) = (compiler.artifact_path("p", &"a".repeat(64)), compiler.artifact_path("p", &"b".repeat(64)));
+        std::fs::write(&a, "a").unwrap();
+        std::fs::write(&b, "b").unwrap();
+        assert!(!compiler.swept("p"), "not collected since start");
+        let pinned = compiler.pin(&b);
+        assert_eq!(compiler.collect_garbage("p", &[]), 1);
+        assert!(!compiler.swept("p"), "a pinned library was left");
+        drop(pinned);
+        assert_eq!(compiler.collect_garbage("p", &[]), 1);
+        assert!(compiler.swept("p") && !b.exists());
+        compiler.library_written("p");
+        assert!(!compiler.swept("p"), "a library was written since");
     }
 
     #[test]

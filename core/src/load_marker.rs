@@ -73,7 +73,15 @@ impl LoadMarkers {
             started: chrono::Utc::now().to_rfc3339(),
         };
         let path = self.dir.join(plugin_id.to_string());
-        std::fs::write(&path, serde_json::to_vec(&marker).expect("a marker serializes"))?;
+        let bytes = serde_json::to_vec(&marker).expect("a marker serializes");
+        match std::fs::write(&path, &bytes) {
+            // The directory went meanwhile (removed by hand): made again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&self.dir)?;
+                std::fs::write(&path, &bytes)?;
+            }
+            written => written?,
+        }
         Ok(Guard { path })
     }
 
@@ -138,5 +146,9 @@ mod tests {
         let left = markers.take_all();
         assert_eq!(left.iter().map(|m| m.plugin_id).collect::<Vec<_>>(), [4]);
         assert_eq!(std::fs::read_dir(dir.path().join("loading")).unwrap().count(), 0);
+        // The directory is made once; removed while the server runs, it is made again.
+        std::fs::remove_dir(dir.path().join("loading")).unwrap();
+        std::mem::forget(markers.begin(5, "crashed", "dddd").unwrap());
+        assert_eq!(markers.take_all().iter().map(|m| m.plugin_id).collect::<Vec<_>>(), [5]);
     }
 }

@@ -286,6 +286,7 @@ impl SharedBuilds {
             tracing::warn!(plugin = %manifest.name, "could not write a fetched library: {e}");
             return Ok(None);
         }
+        self.compiler.library_written(&manifest.name);
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let took = clock.elapsed();
         tracing::info!(plugin = %manifest.name, built_by = %built_by, ?took, size, "library fetched");

@@ -201,15 +201,42 @@ struct Front {
 impl Endpoint for Front {
     type Output = Response;
 
-    async fn call(&self, req: Request) -> poem::Result<Response> {
+    async fn call(&self, mut req: Request) -> poem::Result<Response> {
         let first = req.uri().path().trim_start_matches('/').split('/').next().unwrap_or("");
         if ADMIN_ROOTS.contains(&first) {
-            return self.admin.call(req).await;
+            // Boxed: its future, inline, would make this one (which poem moves and boxes for
+            // every request, plugin requests included) about 1 KiB larger.
+            return Box::pin(self.admin.call(req)).await;
         }
         // Hold this table (and the plugin versions in it) until the request is done. Its
         // catch-all answers every path no plugin serves.
         let table = self.router.table();
-        let mut req = req;
         Ok(table.call(&mut req).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use poem::{Endpoint, EndpointExt};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// poem moves and boxes the front endpoint's future for every request: it holds the
+    /// request (472 bytes) once, and neither the admin API's future nor the plugin route's
+    /// holds it again. It was 4,616 bytes when each level of a plugin route held the request by
+    /// value, and 1,976 with the admin API's future inline.
+    #[test]
+    fn a_requests_future_stays_small() {
+        let limits = super::plugin_routes::Limits {
+            max_body: 1,
+            body_timeout: Duration::from_secs(1),
+            default_deadline: Duration::from_secs(1),
+        };
+        let logs = Arc::new(crate::host::logs::LogStore::default());
+        let router = Arc::new(super::plugin_routes::PluginRouter::new(limits, logs, None));
+        let front = super::Front { admin: poem::Route::new().map_to_response().boxed(), router };
+        let future = front.call(poem::Request::builder().finish());
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 1536, "the front endpoint's future is {size} bytes");
     }
 }
