@@ -32,8 +32,6 @@ pub struct Marker {
 #[derive(Debug, Clone)]
 pub struct LoadMarkers {
     dir: PathBuf,
-    /// The directory was made (by this process): not made again for every load.
-    made: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Removes its marker when dropped (the call into the plugin returned, one way or another).
@@ -50,7 +48,7 @@ impl Drop for Guard {
 
 impl LoadMarkers {
     pub fn new(dir: PathBuf) -> Self {
-        Self { dir, made: Default::default() }
+        Self { dir }
     }
 
     /// Records that plugin `plugin_id` (`name`, version `hash`) is about to be called into.
@@ -58,13 +56,9 @@ impl LoadMarkers {
     ///
     /// Written in place, not through a renamed temporary file: a marker cut short can only be
     /// left by a process that died while writing it, before it called into the plugin, and
-    /// [`LoadMarkers::take_all`] passes over a marker that does not parse.
+    /// [`LoadMarkers::take_all`] passes over a marker that does not parse. The directory is
+    /// made when a write finds it missing (the first, or after it was removed), not each time.
     pub fn begin(&self, plugin_id: i64, name: &str, hash: &str) -> std::io::Result<Guard> {
-        use std::sync::atomic::Ordering;
-        if !self.made.load(Ordering::Relaxed) {
-            std::fs::create_dir_all(&self.dir)?;
-            self.made.store(true, Ordering::Relaxed);
-        }
         let marker = Marker {
             plugin_id,
             name: name.to_string(),
@@ -75,7 +69,6 @@ impl LoadMarkers {
         let path = self.dir.join(plugin_id.to_string());
         let bytes = serde_json::to_vec(&marker).expect("a marker serializes");
         match std::fs::write(&path, &bytes) {
-            // The directory went meanwhile (removed by hand): made again.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(&self.dir)?;
                 std::fs::write(&path, &bytes)?;
@@ -146,7 +139,7 @@ mod tests {
         let left = markers.take_all();
         assert_eq!(left.iter().map(|m| m.plugin_id).collect::<Vec<_>>(), [4]);
         assert_eq!(std::fs::read_dir(dir.path().join("loading")).unwrap().count(), 0);
-        // The directory is made once; removed while the server runs, it is made again.
+        // Removed while the server runs, the directory is made again.
         std::fs::remove_dir(dir.path().join("loading")).unwrap();
         std::mem::forget(markers.begin(5, "crashed", "dddd").unwrap());
         assert_eq!(markers.take_all().iter().map(|m| m.plugin_id).collect::<Vec<_>>(), [5]);
