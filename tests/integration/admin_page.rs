@@ -182,8 +182,16 @@ async fn the_admin_page_drives_plugins_in_a_real_browser() {
     click(&client, "tr[data-name=powertable] button[data-action=uninstall]").await;
     client.accept_alert().await.unwrap();
     text_of(&client, "#status", BUILD_DEADLINE, |t| t.contains("powertable is uninstalled")).await;
-    let rows = client.find_all(Locator::Css("tr[data-name=powertable]")).await.unwrap();
-    assert!(rows.is_empty(), "the row is gone from the table");
+    // The page says so before its table is refreshed: the row goes a moment later.
+    let until = Instant::now() + EDIT_DEADLINE;
+    loop {
+        let rows = client.find_all(Locator::Css("tr[data-name=powertable]")).await.unwrap();
+        if rows.is_empty() || Instant::now() >= until {
+            assert!(rows.is_empty(), "the row is gone from the table");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (status, _) = server.get("/plugins/powertable").await;
     assert_eq!(status, 401, "(and from the server: without the token the API refuses)");
     let resp = server.http.get(server.url("/plugins/powertable")).bearer_auth(TOKEN).send().await.unwrap();
