@@ -2,28 +2,27 @@
 //!
 //! One registry per server (tests run several servers in one process). Labels are bounded: a
 //! plugin's name, its route *patterns* (`GET /notes/:id`, never a request's path), a status
-//! class, a result. Each plugin endpoint holds its route's handles, made at their first use, so
-//! a request costs a few atomic adds, not a label lookup.
+//! class, a result. Each plugin endpoint holds its route's counts, so a request costs a few
+//! uncontended atomic adds, not a label lookup (`route_counts`).
+
+mod route_counts;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
 };
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock};
+use route_counts::{RouteCounts, RouteFamilies};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Seconds, from 100 µs to 10 s: handlers, loads and passes.
-const FAST: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const FAST: &[f64] = &route_counts::BOUNDS;
 /// Seconds, from 50 ms to 10 minutes: builds.
 const SLOW: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 pub struct Metrics {
     registry: Registry,
-    requests: IntCounterVec,
-    in_flight: IntGaugeVec,
-    request_seconds: HistogramVec,
+    /// Requests, in flight and their latency, by plugin route.
+    routes: Arc<RouteFamilies>,
     panics: IntCounterVec,
     timeouts: IntCounterVec,
     pub crashes: IntCounterVec,
@@ -37,53 +36,39 @@ pub struct Metrics {
     pub notify_storms: IntCounter,
     route_tables: IntCounter,
     events_published: IntCounter,
-    /// The route labels handed out per plugin, so that an uninstalled plugin's series go.
-    routes: Mutex<HashMap<String, HashSet<String>>>,
 }
 
-/// The handles one plugin route counts its requests with, each made at its first use: a route
-/// never requested (most of a thousand plugins' ten thousand routes) has no series and costs
-/// no memory in the registry.
+/// What one plugin route counts its requests with. The panic and timeout counters are made
+/// at their first use: a route never requested (most of a thousand plugins' ten thousand
+/// routes) adds no series.
 pub struct RouteMetrics {
     metrics: Arc<Metrics>,
     plugin: Arc<str>,
-    route: Arc<str>,
-    /// Responses by status class: 1xx … 5xx.
-    classes: [OnceLock<IntCounter>; 5],
-    seconds: OnceLock<Histogram>,
-    in_flight: OnceLock<IntGauge>,
+    counts: Arc<RouteCounts>,
     panics: OnceLock<IntCounter>,
     timeouts: OnceLock<IntCounter>,
 }
 
 /// A request being answered, counted in `kiln_plugin_requests_in_flight` until it is dropped
 /// (answered, or given up when its client leaves).
-pub struct InFlight(IntGauge);
+pub struct InFlight<'a>(&'a RouteCounts);
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.leave();
     }
 }
 
-const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-
 impl RouteMetrics {
     /// A request starts.
-    pub fn enter(&self) -> InFlight {
-        let gauge = self.in_flight.get_or_init(|| self.metrics.in_flight.with_label_values(&[&*self.plugin])).clone();
-        gauge.inc();
-        InFlight(gauge)
+    pub fn enter(&self) -> InFlight<'_> {
+        self.counts.enter();
+        InFlight(&self.counts)
     }
 
     /// A request answered `status` after `took`.
     pub fn answered(&self, status: u16, took: Duration) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        let m = &self.metrics;
-        let labels = [&*self.plugin, &*self.route, CLASSES[class]];
-        self.classes[class].get_or_init(|| m.requests.with_label_values(&labels)).inc();
-        let labels = [&*self.plugin, &*self.route];
-        self.seconds.get_or_init(|| m.request_seconds.with_label_values(&labels)).observe(took.as_secs_f64());
+        self.counts.answered(status, took);
     }
 
     pub fn panicked(&self) {
@@ -139,26 +124,11 @@ impl Metrics {
         .expect("valid metric");
         registry.register(Box::new(listener_connects.clone())).expect("registered once");
         Self {
-            requests: counter_vec(
-                &registry,
-                "kiln_plugin_requests_total",
-                "Requests answered by plugin routes, by plugin, route pattern and status class.",
-                &["plugin", "route", "class"],
-            ),
-            in_flight: {
-                let opts =
-                    Opts::new("kiln_plugin_requests_in_flight", "Requests plugin routes are answering now, by plugin.");
-                let g = IntGaugeVec::new(opts, &["plugin"]).expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("registered once");
-                g
+            routes: {
+                let routes = Arc::new(RouteFamilies::new());
+                registry.register(Box::new(SharedCollector(routes.clone()))).expect("registered once");
+                routes
             },
-            request_seconds: histogram_vec(
-                &registry,
-                "kiln_plugin_request_duration_seconds",
-                "Time to answer a plugin route's request, body read included.",
-                FAST,
-                &["plugin", "route"],
-            ),
             panics: counter_vec(&registry, "kiln_plugin_panics_total", "Handler panics, by plugin.", &["plugin"]),
             timeouts: counter_vec(
                 &registry,
@@ -200,7 +170,6 @@ impl Metrics {
             ),
             route_tables: counter("kiln_route_tables_built_total", "Plugin route tables built."),
             events_published: counter("kiln_events_published_total", "Events published on the bus."),
-            routes: Default::default(),
             registry,
         }
     }
@@ -210,14 +179,10 @@ impl Metrics {
     /// parsers that scan for the closing brace of the label set cut the line there).
     pub fn route(self: &Arc<Self>, plugin: &str, method: &str, path: &str) -> RouteMetrics {
         let route = format!("{method} {}", path.replace('{', ":").replace('}', ""));
-        self.routes.lock().expect("routes lock").entry(plugin.to_string()).or_default().insert(route.clone());
         RouteMetrics {
             metrics: self.clone(),
             plugin: plugin.into(),
-            route: route.into(),
-            classes: Default::default(),
-            seconds: OnceLock::new(),
-            in_flight: OnceLock::new(),
+            counts: self.routes.route(plugin, &route),
             panics: OnceLock::new(),
             timeouts: OnceLock::new(),
         }
@@ -225,17 +190,10 @@ impl Metrics {
 
     /// Plugin `plugin` was uninstalled: its series go (label sets stay bounded over time).
     pub fn forget(&self, plugin: &str) {
-        let routes = self.routes.lock().expect("routes lock").remove(plugin).unwrap_or_default();
-        for route in &routes {
-            for class in CLASSES {
-                let _ = self.requests.remove_label_values(&[plugin, route, class]);
-            }
-            let _ = self.request_seconds.remove_label_values(&[plugin, route]);
-        }
+        self.routes.forget(plugin);
         for per_plugin in [&self.panics, &self.timeouts, &self.crashes] {
             let _ = per_plugin.remove_label_values(&[plugin]);
         }
-        let _ = self.in_flight.remove_label_values(&[plugin]);
     }
 
     /// A build ran: how long, and whether it succeeded.
@@ -270,5 +228,18 @@ impl Metrics {
             tracing::warn!("encoding metrics: {e}");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The route families, registered while the server keeps them too.
+struct SharedCollector(Arc<RouteFamilies>);
+
+impl prometheus::core::Collector for SharedCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.0.collect()
     }
 }
