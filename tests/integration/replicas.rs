@@ -424,7 +424,10 @@ async fn an_upload_reaches_a_replica_that_does_not_share_the_uploaders_disk() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_live_replicas_id_is_refused_to_a_second_server_and_a_replica_whose_id_is_taken_stops() {
-    let a = TestServer::start_with(cluster().await, &[], replica("a")).await;
+    // Held to the end: `a` ends before the last query, and with it would go the last hold on a
+    // private cluster (under nextest, a test is a process of its own), stopping PostgreSQL.
+    let cluster = cluster().await;
+    let a = TestServer::start_with(cluster.clone(), &[], replica("a")).await;
     // A second server given the same id, on this host, while `a` (this process) heartbeats.
     let k_root = tempfile::Builder::new().prefix("kiln-replica-twin-").tempdir().unwrap();
     let mut twin = ChildReplica::start(k_root.path(), &a.db_url, "a");
