@@ -89,6 +89,12 @@ pub struct Config {
     #[arg(long, env = "KILN_ROUTE_DEADLINE_MS", default_value_t = 30_000)]
     pub route_deadline_ms: u64,
 
+    /// Calls of one plugin's blocking routes that may run at once; more are refused with 503
+    /// `PluginOverloaded`. Each holds a thread of the blocking pool (512, the whole server's)
+    /// until its handler returns, also past its deadline.
+    #[arg(long, env = "KILN_BLOCKING_CALLS_PER_PLUGIN", default_value_t = 64)]
+    pub blocking_calls_per_plugin: usize,
+
     /// Largest request body passed to a plugin, in bytes.
     #[arg(long, env = "KILN_MAX_BODY", default_value_t = 8 * 1024 * 1024)]
     pub max_body: usize,
@@ -169,6 +175,7 @@ impl Config {
             route_deadline_ms: 30_000,
             watch: WatchMode::Off,
             max_body: 8 * 1024 * 1024,
+            blocking_calls_per_plugin: 64,
             event_retry_ms: 1000,
             event_timeout_ms: 5000,
             event_attempts: 5,

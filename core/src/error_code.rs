@@ -58,6 +58,7 @@ pub enum ErrorCode {
     DatabaseError,
     DatabaseUnavailable,
     DependencyUnavailable,
+    PluginOverloaded,
     Timeout,
 }
 
@@ -113,6 +114,7 @@ pub const ALL: &[ErrorCode] = &[
     ErrorCode::CatalogUnavailable,
     ErrorCode::DatabaseUnavailable,
     ErrorCode::DependencyUnavailable,
+    ErrorCode::PluginOverloaded,
     ErrorCode::Timeout,
 ];
 
@@ -284,6 +286,11 @@ impl ErrorCode {
                 "DependencyUnavailable",
                 503,
                 "to a plugin: it called a service of a dependency that does not serve now (inactive, failed, or being replaced)",
+            ),
+            PluginOverloaded => (
+                "PluginOverloaded",
+                503,
+                "the plugin's blocking routes already run as many calls as they may (`--blocking-calls-per-plugin`, 64), hung or slow, each holding a thread of the server's blocking pool: refused at once, before the body is read, until one ends",
             ),
             Timeout => (
                 "Timeout",

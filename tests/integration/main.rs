@@ -18,6 +18,7 @@ mod lifecycle;
 mod metrics;
 mod newcomer;
 mod operations;
+mod overload;
 mod quiet;
 mod replicas;
 mod rollback;

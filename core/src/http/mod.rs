@@ -231,6 +231,7 @@ mod tests {
             max_body: 1,
             body_timeout: Duration::from_secs(1),
             default_deadline: Duration::from_secs(1),
+            blocking_calls: 1,
         };
         let logs = Arc::new(crate::host::logs::LogStore::default());
         let router = Arc::new(super::plugin_routes::PluginRouter::new(limits, logs, None));

@@ -22,6 +22,7 @@ use poem::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use poem::{Request, Response};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,9 @@ pub struct PluginRouter {
     built: Mutex<Built>,
     /// Where each endpoint's request counters come from (none: requests are not counted).
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Each plugin's bulkhead, by name (shared by its versions: a reload does not free the
+    /// threads the last one's calls hold).
+    bulkheads: Mutex<HashMap<String, Arc<Bulkhead>>>,
 }
 
 /// The endpoints of one plugin instance, by path (a path's endpoint dispatches by method).
@@ -108,6 +112,8 @@ pub struct Limits {
     pub body_timeout: Duration,
     /// A route's deadline unless it sets its own.
     pub default_deadline: Duration,
+    /// Calls of one plugin's blocking routes that may run at once (see [`Bulkhead`]).
+    pub blocking_calls: usize,
 }
 
 impl PluginRouter {
@@ -119,6 +125,7 @@ impl PluginRouter {
             logs,
             built: Default::default(),
             metrics,
+            bulkheads: Default::default(),
         }
     }
 
@@ -138,6 +145,10 @@ impl PluginRouter {
     /// One plugin instance's endpoints, one per path.
     fn paths_of(&self, plugin: &Arc<LoadedPlugin>) -> Result<InstancePaths, String> {
         let description = plugin.description();
+        let bulkhead = (self.bulkheads.lock().unwrap_or_else(|p| p.into_inner()))
+            .entry(description.name.clone())
+            .or_insert_with(|| Arc::new(Bulkhead::new(self.limits.blocking_calls)))
+            .clone();
         // One endpoint per path, dispatching by method: a plugin may serve GET and POST on the
         // same path.
         let mut by_path: Vec<(Pattern, PathEndpoint)> = Vec::new();
@@ -149,6 +160,7 @@ impl PluginRouter {
                 route: index as u32,
                 params: pattern.params().map(str::to_string).collect(),
                 blocking: r.blocking,
+                bulkhead: bulkhead.clone(),
                 max_body: self.limits.max_body,
                 body_timeout: self.limits.body_timeout,
                 route_deadline: r.deadline_ms.map(Duration::from_millis),
@@ -261,6 +273,52 @@ impl PathEndpoint {
     }
 }
 
+/// How many calls of one plugin's blocking routes may run at once (`--blocking-calls-per-plugin`).
+///
+/// A blocking handler runs on its thread of the blocking pool to its end, also past its deadline
+/// (answered 504) or after its client left: nothing stops it in the middle. The pool (512
+/// threads) is the whole server's: host calls, builds and the docs use it too. So one plugin
+/// whose blocking handler hangs, or that is slow under load, may hold only so many threads; a
+/// call past that is refused at once with 503 `PluginOverloaded` (a bulkhead), before its body
+/// is read, and the plugin's routes serve again as soon as one of its calls ends.
+struct Bulkhead {
+    /// One permit per call that may run; a call holds its permit until its handler returns.
+    running: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+    /// Refusing now: set by the first refusal (which is logged), cleared by the next call let in,
+    /// so that each overload is logged once.
+    refusing: AtomicBool,
+}
+
+impl Bulkhead {
+    fn new(limit: usize) -> Self {
+        let limit = limit.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        Self { running: Arc::new(tokio::sync::Semaphore::new(limit)), limit, refusing: AtomicBool::new(false) }
+    }
+
+    /// A call's permit, if one is free.
+    fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = self.running.clone().try_acquire_owned().ok()?;
+        if self.refusing.load(Ordering::Relaxed) {
+            self.refusing.store(false, Ordering::Relaxed);
+        }
+        Some(permit)
+    }
+
+    fn full(&self) -> bool {
+        self.running.available_permits() == 0
+    }
+}
+
+/// What became of a call on the blocking pool.
+enum Blocking {
+    Answered(Result<CallResponse, CallError>),
+    /// Past its deadline: the handler runs on, its answer will be dropped.
+    Late,
+    /// Refused: the plugin's blocking routes run as many calls as they may.
+    Full,
+}
+
 /// An inline handler slower than this is reported: it held an async worker.
 const SLOW_INLINE: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -273,6 +331,8 @@ struct PluginEndpoint {
     params: Vec<String>,
     /// Run on the blocking pool (the plugin marked the route as blocking).
     blocking: bool,
+    /// What the plugin's blocking routes may hold of the blocking pool.
+    bulkhead: Arc<Bulkhead>,
     max_body: usize,
     body_timeout: Duration,
     /// How long the handler may take, if the route says (`Route::deadline` in the SDK); else
@@ -288,17 +348,15 @@ struct PluginEndpoint {
 
 impl PluginEndpoint {
     /// Calls the handler on the blocking pool, off the async workers (the request is owned, so
-    /// it can move to another thread). `None` past the deadline: the client is answered then;
-    /// the handler runs on to its end on its thread (nothing can stop it in the middle), and its
-    /// answer is dropped.
-    async fn call_blocking(
-        &self,
-        owned: OwnedRequest,
-        body: bytes::Bytes,
-        deadline: Instant,
-    ) -> Option<Result<CallResponse, CallError>> {
+    /// it can move to another thread), if the plugin's bulkhead lets it in. `Late` past the
+    /// deadline: the client is answered then; the handler runs on to its end on its thread
+    /// (nothing can stop it in the middle), holding its permit, and its answer is dropped.
+    async fn call_blocking(&self, owned: OwnedRequest, body: bytes::Bytes, deadline: Instant) -> Blocking {
+        let Some(permit) = self.bulkhead.admit() else { return Blocking::Full };
         let (plugin, route, label) = (self.plugin.clone(), self.route, self.label.clone());
         let call = move || {
+            // Held until the handler returns (or, if the pool never runs this, until dropped).
+            let _permit = permit;
             let _route = crate::host::on_route(&label, deadline);
             let params: Vec<(&str, &str)> = owned.params.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
             plugin.call(&CallRequest {
@@ -312,10 +370,33 @@ impl PluginEndpoint {
             })
         };
         match tokio::time::timeout_at(deadline.into(), tokio::task::spawn_blocking(call)).await {
-            Ok(Ok(r)) => Some(r),
-            Ok(Err(e)) => Some(Err(CallError::Panic(format!("the handler task failed: {e}")))),
-            Err(_) => None,
+            Ok(Ok(r)) => Blocking::Answered(r),
+            Ok(Err(e)) => Blocking::Answered(Err(CallError::Panic(format!("the handler task failed: {e}")))),
+            Err(_) => Blocking::Late,
         }
+    }
+
+    /// The answer for a blocking route while the plugin's bulkhead is full; the first refusal
+    /// of an overload is logged, to the server and to the plugin's logs.
+    fn overloaded(&self) -> Response {
+        let name = &self.plugin.description().name;
+        let limit = self.bulkhead.limit;
+        let msg = format!(
+            "plugin {name}: its blocking routes already run {limit} calls (hung, or slow under load: each holds a server thread); {} is refused until one ends",
+            self.label
+        );
+        if !self.bulkhead.refusing.swap(true, Ordering::Relaxed) {
+            tracing::error!(plugin = %name, route = %self.label, "{msg}");
+            let entry = LogEntry::new(
+                Level::Error,
+                Kind::Log,
+                msg.clone(),
+                serde_json::json!({}),
+                Some(self.label.to_string()),
+            );
+            self.logs.push(name, entry);
+        }
+        json_error(ErrorCode::PluginOverloaded, &msg)
     }
 
     /// The answer for a handler that ran past its deadline.
@@ -351,6 +432,10 @@ impl PluginEndpoint {
     /// or from the end of its body's read.
     async fn answer(&self, req: &mut Request, spans: ParamSpans, arrived: Instant) -> poem::Result<Response> {
         let name = &self.plugin.description().name;
+        // Refused before its body is read, when that is the answer anyway.
+        if self.blocking && self.bulkhead.full() && self.plugin.isolated().is_none() {
+            return Ok(self.overloaded());
+        }
         // The body's read and the blocking call are boxed, so that this future, moved on every
         // request, stays small for the common case: an inline handler and no body.
         let (body, started) = if super::body::declared(req) {
@@ -374,8 +459,9 @@ impl PluginEndpoint {
         } else if self.blocking {
             let owned = OwnedRequest::new(req, &self.params, &spans);
             match Box::pin(self.call_blocking(owned, body, deadline)).await {
-                Some(r) => r,
-                None => return Ok(self.timed_out(limit, started.elapsed())),
+                Blocking::Answered(r) => r,
+                Blocking::Late => return Ok(self.timed_out(limit, started.elapsed())),
+                Blocking::Full => return Ok(self.overloaded()),
             }
         } else {
             // Inline, with the request borrowed: the fastest path, as for a linked-in handler.
