@@ -92,8 +92,9 @@ pub struct Config {
     /// Calls of one plugin's blocking routes that may run at once; more are refused with 503
     /// `PluginOverloaded`. Each holds a thread of the blocking pool (512, the whole server's)
     /// until its handler returns, also past its deadline.
-    #[arg(long, env = "KILN_BLOCKING_CALLS_PER_PLUGIN", default_value_t = 64)]
-    pub blocking_calls_per_plugin: usize,
+    #[arg(long, env = "KILN_BLOCKING_CALLS_PER_PLUGIN", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub blocking_calls_per_plugin: u32,
 
     /// Largest request body passed to a plugin, in bytes.
     #[arg(long, env = "KILN_MAX_BODY", default_value_t = 8 * 1024 * 1024)]

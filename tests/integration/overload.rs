@@ -5,7 +5,7 @@
 
 use crate::support::{EDIT_DEADLINE, TestServer, cluster};
 
-const LIMIT: usize = 4;
+const LIMIT: u32 = 4;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hung_blocking_handlers_are_capped_and_the_rest_keeps_serving() {

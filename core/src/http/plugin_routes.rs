@@ -22,7 +22,6 @@ use poem::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use poem::{Request, Response};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -280,33 +279,46 @@ impl PathEndpoint {
 /// threads) is the whole server's: host calls, builds and the docs use it too. So one plugin
 /// whose blocking handler hangs, or that is slow under load, may hold only so many threads; a
 /// call past that is refused at once with 503 `PluginOverloaded` (a bulkhead), before its body
-/// is read, and the plugin's routes serve again as soon as one of its calls ends.
+/// is read if the limit was reached by then, and the plugin's routes serve again as soon as one
+/// of its calls ends.
 struct Bulkhead {
     /// One permit per call that may run; a call holds its permit until its handler returns.
     running: Arc<tokio::sync::Semaphore>,
     limit: usize,
-    /// Refusing now: set by the first refusal (which is logged), cleared by the next call let in,
-    /// so that each overload is logged once.
-    refusing: AtomicBool,
+    /// When refusals were last logged, and how many came since: logged at most every
+    /// [`REFUSALS_LOGGED_EVERY`], so that a plugin at its limit under load does not flood the
+    /// logs (its own keep its last 1,000 lines).
+    refusals: Mutex<(Option<Instant>, u64)>,
 }
+
+/// How often a plugin's refusals are logged, at most.
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
 
 impl Bulkhead {
     fn new(limit: usize) -> Self {
         let limit = limit.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
-        Self { running: Arc::new(tokio::sync::Semaphore::new(limit)), limit, refusing: AtomicBool::new(false) }
+        Self { running: Arc::new(tokio::sync::Semaphore::new(limit)), limit, refusals: Default::default() }
     }
 
     /// A call's permit, if one is free.
     fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let permit = self.running.clone().try_acquire_owned().ok()?;
-        if self.refusing.load(Ordering::Relaxed) {
-            self.refusing.store(false, Ordering::Relaxed);
-        }
-        Some(permit)
+        self.running.clone().try_acquire_owned().ok()
     }
 
     fn full(&self) -> bool {
         self.running.available_permits() == 0
+    }
+
+    /// Counts a refusal: the refusals to log now (this one included), if it is time to.
+    fn refused(&self) -> Option<u64> {
+        let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        refusals.1 += 1;
+        if refusals.0.is_some_and(|last| last.elapsed() < REFUSALS_LOGGED_EVERY) {
+            return None;
+        }
+        let n = refusals.1;
+        *refusals = (Some(Instant::now()), 0);
+        Some(n)
     }
 }
 
@@ -376,8 +388,8 @@ impl PluginEndpoint {
         }
     }
 
-    /// The answer for a blocking route while the plugin's bulkhead is full; the first refusal
-    /// of an overload is logged, to the server and to the plugin's logs.
+    /// The answer for a blocking route while the plugin's bulkhead is full. Refusals are
+    /// logged, to the server and to the plugin's logs, at most every [`REFUSALS_LOGGED_EVERY`].
     fn overloaded(&self) -> Response {
         let name = &self.plugin.description().name;
         let limit = self.bulkhead.limit;
@@ -385,15 +397,11 @@ impl PluginEndpoint {
             "plugin {name}: its blocking routes already run {limit} calls (hung, or slow under load: each holds a server thread); {} is refused until one ends",
             self.label
         );
-        if !self.bulkhead.refusing.swap(true, Ordering::Relaxed) {
-            tracing::error!(plugin = %name, route = %self.label, "{msg}");
-            let entry = LogEntry::new(
-                Level::Error,
-                Kind::Log,
-                msg.clone(),
-                serde_json::json!({}),
-                Some(self.label.to_string()),
-            );
+        if let Some(n) = self.bulkhead.refused() {
+            let logged = format!("{msg} ({n} refused since the last report)");
+            tracing::error!(plugin = %name, route = %self.label, "{logged}");
+            let entry =
+                LogEntry::new(Level::Error, Kind::Log, logged, serde_json::json!({}), Some(self.label.to_string()));
             self.logs.push(name, entry);
         }
         json_error(ErrorCode::PluginOverloaded, &msg)
