@@ -391,6 +391,9 @@ impl PluginEndpoint {
     /// The answer for a blocking route while the plugin's bulkhead is full. Refusals are
     /// logged, to the server and to the plugin's logs, at most every [`REFUSALS_LOGGED_EVERY`].
     fn overloaded(&self) -> Response {
+        if let Some(m) = &self.metrics {
+            m.overloaded();
+        }
         let name = &self.plugin.description().name;
         let limit = self.bulkhead.limit;
         let msg = format!(

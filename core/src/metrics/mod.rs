@@ -25,6 +25,7 @@ pub struct Metrics {
     routes: Arc<RouteFamilies>,
     panics: IntCounterVec,
     timeouts: IntCounterVec,
+    overloaded: IntCounterVec,
     pub crashes: IntCounterVec,
     builds: IntCounterVec,
     build_seconds: Histogram,
@@ -47,6 +48,7 @@ pub struct RouteMetrics {
     counts: Arc<RouteCounts>,
     panics: OnceLock<IntCounter>,
     timeouts: OnceLock<IntCounter>,
+    overloaded: OnceLock<IntCounter>,
 }
 
 /// A request being answered, counted in `kiln_plugin_requests_in_flight` until it is dropped
@@ -77,6 +79,11 @@ impl RouteMetrics {
 
     pub fn timed_out(&self) {
         self.timeouts.get_or_init(|| self.metrics.timeouts.with_label_values(&[&*self.plugin])).inc();
+    }
+
+    /// A call of a blocking route was refused: the plugin's blocking routes ran all they may.
+    pub fn overloaded(&self) {
+        self.overloaded.get_or_init(|| self.metrics.overloaded.with_label_values(&[&*self.plugin])).inc();
     }
 }
 
@@ -136,6 +143,12 @@ impl Metrics {
                 "Requests answered 504 because the handler ran past its deadline, by plugin.",
                 &["plugin"],
             ),
+            overloaded: counter_vec(
+                &registry,
+                "kiln_plugin_overloaded_total",
+                "Calls of blocking routes refused with 503 PluginOverloaded (the plugin's blocking routes ran all the calls they may), by plugin.",
+                &["plugin"],
+            ),
             crashes: counter_vec(
                 &registry,
                 "kiln_plugin_crashes_total",
@@ -185,13 +198,14 @@ impl Metrics {
             counts: self.routes.route(plugin, &route),
             panics: OnceLock::new(),
             timeouts: OnceLock::new(),
+            overloaded: OnceLock::new(),
         }
     }
 
     /// Plugin `plugin` was uninstalled: its series go (label sets stay bounded over time).
     pub fn forget(&self, plugin: &str) {
         self.routes.forget(plugin);
-        for per_plugin in [&self.panics, &self.timeouts, &self.crashes] {
+        for per_plugin in [&self.panics, &self.timeouts, &self.overloaded, &self.crashes] {
             let _ = per_plugin.remove_label_values(&[plugin]);
         }
     }
