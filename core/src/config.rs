@@ -89,9 +89,10 @@ pub struct Config {
     #[arg(long, env = "KILN_ROUTE_DEADLINE_MS", default_value_t = 30_000)]
     pub route_deadline_ms: u64,
 
-    /// Calls of one plugin's blocking routes that may run at once; more are refused with 503
-    /// `PluginOverloaded`. Each holds a thread of the blocking pool (512, the whole server's)
-    /// until its handler returns, also past its deadline.
+    /// Calls of one plugin's blocking routes that may run at once; more wait for one to end,
+    /// and answer 503 `PluginOverloaded` if none does before their deadline. Each holds a
+    /// thread of the blocking pool (512, the whole server's) until its handler returns, also
+    /// past its deadline.
     #[arg(long, env = "KILN_BLOCKING_CALLS_PER_PLUGIN", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub blocking_calls_per_plugin: u32,

@@ -1,7 +1,7 @@
 //! A plugin whose blocking handlers hang cannot take the server's blocking pool: once its
 //! blocking routes run as many calls as they may (`--blocking-calls-per-plugin`), a call past
-//! that answers 503 `PluginOverloaded` at once, everything else serves, and its blocking routes
-//! serve again once a call ends.
+//! that waits for one to end and answers 503 `PluginOverloaded` at its deadline, unrun;
+//! everything else serves, and a waiting call runs as soon as one ends.
 
 use crate::support::{EDIT_DEADLINE, TestServer, cluster};
 
@@ -9,9 +9,12 @@ const LIMIT: u32 = 4;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hung_blocking_handlers_are_capped_and_the_rest_keeps_serving() {
-    let server =
-        TestServer::start_with(cluster().await, &["lifecycle", "powertable"], |c| c.blocking_calls_per_plugin = LIMIT)
-            .await;
+    let server = TestServer::start_with(cluster().await, &["lifecycle", "powertable"], |c| {
+        c.blocking_calls_per_plugin = LIMIT;
+        // The deadline of the routes that set none (`/lifecycle/slow`): how long they wait.
+        c.route_deadline_ms = 2_000;
+    })
+    .await;
     server.wait_state("lifecycle", "loaded").await;
     server.wait_state("powertable", "loaded").await;
     let unstick = server.plugin_dir("lifecycle").join("target/unstick");
@@ -27,18 +30,22 @@ async fn hung_blocking_handlers_are_capped_and_the_rest_keeps_serving() {
         assert_eq!(call.await.unwrap(), 504, "a hung call is answered at its deadline");
     }
 
-    // The plugin's blocking routes are refused now, not queued behind the hung calls.
+    // The next calls of the plugin's blocking routes wait for a slot and find none before their
+    // deadline: refused, not run (a run call would log `slow`).
     let (status, body) = server.get("/lifecycle/stuck").await;
     assert_eq!((status, body["error"].as_str()), (503, Some("PluginOverloaded")), "{body}");
-    assert!(body["message"].as_str().unwrap().contains("GET /lifecycle/stuck"), "{body}");
-    assert_eq!(server.get("/lifecycle/slow").await.0, 503, "every blocking route of the plugin");
+    assert!(body["message"].as_str().unwrap().contains("GET /lifecycle/stuck was not run"), "{body}");
+    let log = server.plugin_dir("lifecycle").join("target/lifecycle.log");
+    let (status, body) = server.get("/lifecycle/slow").await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("PluginOverloaded")), "every blocking route: {body}");
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("slow "), "the refused handler did not run");
     // Its inline route, another plugin and the admin API serve as before.
     assert_eq!(server.get("/lifecycle").await.0, 200);
     assert_eq!(server.get("/powertable").await.0, 200);
     assert_eq!(server.get("/health").await.0, 200);
     let (_, lines) = server.get("/plugins/lifecycle/logs?level=error").await;
     let refusals =
-        lines.as_array().unwrap().iter().filter(|l| l["message"].as_str().is_some_and(|m| m.contains("is refused")));
+        lines.as_array().unwrap().iter().filter(|l| l["message"].as_str().is_some_and(|m| m.contains("not run")));
     assert_eq!(refusals.count(), 1, "the overload is logged once, for the plugin: {lines}");
     let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(
@@ -46,12 +53,23 @@ async fn hung_blocking_handlers_are_capped_and_the_rest_keeps_serving() {
         "both refusals are counted: {metrics}"
     );
 
-    // Once the hung calls end, its blocking routes serve again.
-    std::fs::write(&unstick, b"").unwrap();
+    // A call waiting when a hung one ends runs then.
+    let waiting = {
+        let (http, url) = (server.http.clone(), server.url("/lifecycle/slow"));
+        tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0) })
+    };
     server
-        .wait_until("the blocking routes serve again", EDIT_DEADLINE, || async {
-            server.get("/lifecycle/slow").await.0 == 200
-        })
+        .wait_until("the call waits for a slot", EDIT_DEADLINE, || async { in_flight(&server).await == Some(1) })
         .await;
+    std::fs::write(&unstick, b"").unwrap();
+    assert_eq!(waiting.await.unwrap(), 200, "the waiting call ran once a slot was free");
     assert_eq!(server.get("/lifecycle/stuck").await.0, 200, "released at once now");
+}
+
+/// `kiln_plugin_requests_in_flight` of the lifecycle plugin: the hung calls were answered, so
+/// only calls waiting for a slot (or running) count.
+async fn in_flight(server: &TestServer) -> Option<i64> {
+    let text = server.http.get(server.url("/metrics")).send().await.ok()?.text().await.ok()?;
+    let line = text.lines().find(|l| l.starts_with("kiln_plugin_requests_in_flight{plugin=\"lifecycle\"}"))?;
+    line.rsplit(' ').next()?.parse().ok()
 }

@@ -277,10 +277,11 @@ impl PathEndpoint {
 /// A blocking handler runs on its thread of the blocking pool to its end, also past its deadline
 /// (answered 504) or after its client left: nothing stops it in the middle. The pool (512
 /// threads) is the whole server's: host calls, builds and the docs use it too. So one plugin
-/// whose blocking handler hangs, or that is slow under load, may hold only so many threads; a
-/// call past that is refused at once with 503 `PluginOverloaded` (a bulkhead), before its body
-/// is read if the limit was reached by then, and the plugin's routes serve again as soon as one
-/// of its calls ends.
+/// whose blocking handler hangs, or that is slow under load, may hold only so many threads (a
+/// bulkhead). A call past that waits, with no thread, for one of the plugin's calls to end; if
+/// none does before its deadline it answers 503 `PluginOverloaded`, its handler never run.
+/// Under ordinary load the wait is short and nothing is refused (a refusal at once answered
+/// nearly every request of 100 clients of `GET /notes`, a route that waits on the database).
 struct Bulkhead {
     /// One permit per call that may run; a call holds its permit until its handler returns.
     running: Arc<tokio::sync::Semaphore>,
@@ -300,13 +301,10 @@ impl Bulkhead {
         Self { running: Arc::new(tokio::sync::Semaphore::new(limit)), limit, refusals: Default::default() }
     }
 
-    /// A call's permit, if one is free.
-    fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.running.clone().try_acquire_owned().ok()
-    }
-
-    fn full(&self) -> bool {
-        self.running.available_permits() == 0
+    /// A call's permit, once one is free, if that is before `deadline`.
+    async fn admit(&self, deadline: Instant) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = self.running.clone().acquire_owned();
+        tokio::time::timeout_at(deadline.into(), permit).await.ok()?.ok()
     }
 
     /// Counts a refusal: the refusals to log now (this one included), if it is time to.
@@ -327,7 +325,7 @@ enum Blocking {
     Answered(Result<CallResponse, CallError>),
     /// Past its deadline: the handler runs on, its answer will be dropped.
     Late,
-    /// Refused: the plugin's blocking routes run as many calls as they may.
+    /// Refused: the plugin's blocking routes ran as many calls as they may until the deadline.
     Full,
 }
 
@@ -364,7 +362,7 @@ impl PluginEndpoint {
     /// deadline: the client is answered then; the handler runs on to its end on its thread
     /// (nothing can stop it in the middle), holding its permit, and its answer is dropped.
     async fn call_blocking(&self, owned: OwnedRequest, body: bytes::Bytes, deadline: Instant) -> Blocking {
-        let Some(permit) = self.bulkhead.admit() else { return Blocking::Full };
+        let Some(permit) = self.bulkhead.admit(deadline).await else { return Blocking::Full };
         let (plugin, route, label) = (self.plugin.clone(), self.route, self.label.clone());
         let call = move || {
             // Held until the handler returns (or, if the pool never runs this, until dropped).
@@ -397,7 +395,7 @@ impl PluginEndpoint {
         let name = &self.plugin.description().name;
         let limit = self.bulkhead.limit;
         let msg = format!(
-            "plugin {name}: its blocking routes already run {limit} calls (hung, or slow under load: each holds a server thread); {} is refused until one ends",
+            "plugin {name}: its blocking routes ran {limit} calls (hung, or slow under load: each holds a server thread) until this call's deadline; {} was not run",
             self.label
         );
         if let Some(n) = self.bulkhead.refused() {
@@ -443,10 +441,6 @@ impl PluginEndpoint {
     /// or from the end of its body's read.
     async fn answer(&self, req: &mut Request, spans: ParamSpans, arrived: Instant) -> poem::Result<Response> {
         let name = &self.plugin.description().name;
-        // Refused before its body is read, when that is the answer anyway.
-        if self.blocking && self.bulkhead.full() && self.plugin.isolated().is_none() {
-            return Ok(self.overloaded());
-        }
         // The body's read and the blocking call are boxed, so that this future, moved on every
         // request, stays small for the common case: an inline handler and no body.
         let (body, started) = if super::body::declared(req) {

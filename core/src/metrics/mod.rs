@@ -81,7 +81,7 @@ impl RouteMetrics {
         self.timeouts.get_or_init(|| self.metrics.timeouts.with_label_values(&[&*self.plugin])).inc();
     }
 
-    /// A call of a blocking route was refused: the plugin's blocking routes ran all they may.
+    /// A call of a blocking route found no free slot before its deadline (503).
     pub fn overloaded(&self) {
         self.overloaded.get_or_init(|| self.metrics.overloaded.with_label_values(&[&*self.plugin])).inc();
     }
@@ -146,7 +146,7 @@ impl Metrics {
             overloaded: counter_vec(
                 &registry,
                 "kiln_plugin_overloaded_total",
-                "Calls of blocking routes refused with 503 PluginOverloaded (the plugin's blocking routes ran all the calls they may), by plugin.",
+                "Calls of blocking routes that found no free slot before their deadline (answered 503 PluginOverloaded), by plugin.",
                 &["plugin"],
             ),
             crashes: counter_vec(
