@@ -303,6 +303,10 @@ impl Bulkhead {
 
     /// A call's permit, once one is free, if that is before `deadline`.
     async fn admit(&self, deadline: Instant) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        // A free one without a timer (the common case); a timer only to wait.
+        if let Ok(permit) = self.running.clone().try_acquire_owned() {
+            return Some(permit);
+        }
         let permit = self.running.clone().acquire_owned();
         tokio::time::timeout_at(deadline.into(), permit).await.ok()?.ok()
     }
