@@ -21,22 +21,26 @@ pub fn threads_ns(prefix: &str) -> u64 {
 mod tests {
     #[test]
     fn counts_the_named_threads_and_only_them() {
-        let (go, started) = std::sync::mpsc::channel::<()>();
+        let (go, started) = std::sync::mpsc::channel::<u64>();
         let (finished, done) = std::sync::mpsc::channel::<()>();
         let busy = std::thread::Builder::new()
             .name("cpu-test-busy".into())
             .spawn(move || {
-                started.recv().unwrap();
-                let start = std::time::Instant::now();
-                while start.elapsed() < std::time::Duration::from_millis(30) {
-                    std::hint::black_box(0u64);
+                let from: u64 = started.recv().unwrap();
+                // Until it has had 30 ms of CPU (as the counter reads it), not 30 ms of wall time:
+                // on a busy machine a thread may get much less of a CPU than of the clock.
+                let give_up = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while super::threads_ns("cpu-test-") - from < 30_000_000 && std::time::Instant::now() < give_up {
+                    for _ in 0..10_000 {
+                        std::hint::black_box(0u64);
+                    }
                 }
                 finished.send(()).unwrap();
                 std::thread::park();
             })
             .unwrap();
         let before = super::threads_ns("cpu-test-");
-        go.send(()).unwrap();
+        go.send(before).unwrap();
         done.recv().unwrap();
         let after = super::threads_ns("cpu-test-");
         assert!(after - before >= 20_000_000, "the busy thread's ~30 ms show: {before} → {after}");
