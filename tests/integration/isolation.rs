@@ -282,7 +282,5 @@ async fn requests_held_up_in_an_isolated_plugin_hold_up_no_others() {
 
 /// `kiln_plugin_requests_in_flight` of the isolated plugin.
 async fn in_flight(server: &TestServer) -> Option<i64> {
-    let text = server.http.get(server.url("/metrics")).send().await.ok()?.text().await.ok()?;
-    let line = text.lines().find(|l| l.starts_with("kiln_plugin_requests_in_flight{plugin=\"isolated\"}"))?;
-    line.rsplit(' ').next()?.parse().ok()
+    server.metric("kiln_plugin_requests_in_flight{plugin=\"isolated\"}").await.map(|v| v as i64)
 }

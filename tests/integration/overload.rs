@@ -69,7 +69,5 @@ async fn hung_blocking_handlers_are_capped_and_the_rest_keeps_serving() {
 /// `kiln_plugin_requests_in_flight` of the lifecycle plugin: the hung calls were answered, so
 /// only calls waiting for a slot (or running) count.
 async fn in_flight(server: &TestServer) -> Option<i64> {
-    let text = server.http.get(server.url("/metrics")).send().await.ok()?.text().await.ok()?;
-    let line = text.lines().find(|l| l.starts_with("kiln_plugin_requests_in_flight{plugin=\"lifecycle\"}"))?;
-    line.rsplit(' ').next()?.parse().ok()
+    server.metric("kiln_plugin_requests_in_flight{plugin=\"lifecycle\"}").await.map(|v| v as i64)
 }

@@ -274,6 +274,13 @@ impl TestServer {
         connect(&self.db_url).await
     }
 
+    /// The value of one series of `GET /metrics`, named as the text format writes it
+    /// (`kiln_plugin_requests_in_flight{plugin="hello"}`), if it is there.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.http.get(self.url("/metrics")).send().await.ok()?.text().await.ok()?;
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// Path of a plugin crate copied into this server's plugin directory.
     pub fn plugin_dir(&self, name: &str) -> PathBuf {
         self.root.path().join("plugins").join(name)
