@@ -91,11 +91,18 @@ pub struct Config {
 
     /// Calls of one plugin's blocking routes that may run at once; more wait for one to end,
     /// and answer 503 `PluginOverloaded` if none does before their deadline. Each holds a
-    /// thread of the blocking pool (512, the whole server's) until its handler returns, also
-    /// past its deadline.
+    /// thread of the blocking pool until its handler returns, also past its deadline.
     #[arg(long, env = "KILN_BLOCKING_CALLS_PER_PLUGIN", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub blocking_calls_per_plugin: u32,
+
+    /// Calls of all plugins' blocking routes that may run at once, server-wide; more wait for
+    /// one to end, and answer 503 `PluginOverloaded` if none does before their deadline. The
+    /// blocking pool has this many threads plus 256 that plugin routes never take (host calls,
+    /// event deliveries, builds, the docs).
+    #[arg(long, env = "KILN_BLOCKING_CALLS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub blocking_calls: u32,
 
     /// Largest request body passed to a plugin, in bytes.
     #[arg(long, env = "KILN_MAX_BODY", default_value_t = 8 * 1024 * 1024)]
@@ -178,6 +185,7 @@ impl Config {
             watch: WatchMode::Off,
             max_body: 8 * 1024 * 1024,
             blocking_calls_per_plugin: 64,
+            blocking_calls: 256,
             event_retry_ms: 1000,
             event_timeout_ms: 5000,
             event_attempts: 5,
@@ -190,6 +198,12 @@ impl Config {
             catalog_trusted_keys: Vec::new(),
             catalog_sync_secs: 0,
         }
+    }
+
+    /// Threads of the blocking pool: [`Config::blocking_calls`] for plugins' blocking routes,
+    /// and [`BLOCKING_RESERVE`] that they never take.
+    pub fn blocking_pool(&self) -> usize {
+        self.blocking_calls as usize + BLOCKING_RESERVE
     }
 
     /// How long startup waits for the database.
@@ -238,6 +252,11 @@ impl Config {
         Ok(self)
     }
 }
+
+/// Threads of the blocking pool that plugins' blocking routes never take: kept for the
+/// server's own blocking work (host calls from inline handlers hand their worker to one, so
+/// without them a pool full of hung handlers would stall the async workers too).
+pub const BLOCKING_RESERVE: usize = 256;
 
 /// The `types/` crate next to the `core/` crate this binary was built from.
 pub const DEFAULT_TYPES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../types");

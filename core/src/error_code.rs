@@ -290,7 +290,7 @@ impl ErrorCode {
             PluginOverloaded => (
                 "PluginOverloaded",
                 503,
-                "the plugin's blocking routes ran as many calls as they may (`--blocking-calls-per-plugin`, 64), hung or slow, each holding a thread of the server's blocking pool, until this call's deadline: its handler was not run",
+                "the plugin's blocking routes (`--blocking-calls-per-plugin`, 64), or all plugins' together (`--blocking-calls`, 256), ran as many calls as they may, hung or slow, each holding a thread of the server's blocking pool, until this call's deadline: its handler was not run (`Retry-After: 1`)",
             ),
             Timeout => (
                 "Timeout",

@@ -98,6 +98,7 @@ pub async fn serve(
         body_timeout: config.request_timeout(),
         default_deadline: Duration::from_millis(config.route_deadline_ms.max(1)),
         blocking_calls: config.blocking_calls_per_plugin as usize,
+        server_blocking_calls: config.blocking_calls as usize,
     };
     let metrics = Arc::new(metrics::Metrics::new());
     let route_metrics = config.metrics.then(|| metrics.clone());

@@ -41,12 +41,23 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("plugin-host") {
         return kiln::isolation::child::main(&args[2..]);
     }
-    cli_main()
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Serve(config) = &cli.command {
+        // Plugins' blocking routes may hold `--blocking-calls` threads; the server's own blocking
+        // work (host calls, event deliveries, builds, the docs) always has the rest.
+        runtime.max_blocking_threads(config.blocking_pool());
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(cli_main(cli)),
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
-#[tokio::main]
-async fn cli_main() -> ExitCode {
-    let cli = Cli::parse();
+async fn cli_main(cli: Cli) -> ExitCode {
     // The author's commands print their own report; the server logs.
     let level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()

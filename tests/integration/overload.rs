@@ -1,9 +1,11 @@
 //! A plugin whose blocking handlers hang cannot take the server's blocking pool: once its
 //! blocking routes run as many calls as they may (`--blocking-calls-per-plugin`), a call past
 //! that waits for one to end and answers 503 `PluginOverloaded` at its deadline, unrun;
-//! everything else serves, and a waiting call runs as soon as one ends.
+//! everything else serves, and a waiting call runs as soon as one ends. All plugins' blocking
+//! routes together are held the same way to `--blocking-calls`.
 
 use crate::support::{EDIT_DEADLINE, TestServer, cluster};
+use serde_json::json;
 
 const LIMIT: u32 = 4;
 
@@ -64,6 +66,57 @@ async fn hung_blocking_handlers_are_capped_and_the_rest_keeps_serving() {
     std::fs::write(&unstick, b"").unwrap();
     assert_eq!(waiting.await.unwrap(), 200, "the waiting call ran once a slot was free");
     assert_eq!(server.get("/lifecycle/stuck").await.0, 200, "released at once now");
+}
+
+/// The server-wide limit: one plugin's hung calls fill it, and then another plugin's blocking
+/// route waits and is refused too, while inline routes (also one that makes a host call, which
+/// takes a thread of the pool's reserve) and the admin API serve.
+#[tokio::test(flavor = "multi_thread")]
+async fn all_plugins_blocking_calls_are_capped_server_wide() {
+    const SERVER_LIMIT: u32 = 3;
+    let server = TestServer::start_with(cluster().await, &["lifecycle", "sqlrun"], |c| {
+        c.blocking_calls_per_plugin = 64;
+        c.blocking_calls = SERVER_LIMIT;
+        c.route_deadline_ms = 2_000;
+    })
+    .await;
+    server.wait_state("lifecycle", "loaded").await;
+    server.wait_state("sqlrun", "loaded").await;
+    let unstick = server.plugin_dir("lifecycle").join("target/unstick");
+
+    let calls: Vec<_> = (0..SERVER_LIMIT)
+        .map(|_| {
+            let (http, url) = (server.http.clone(), server.url("/lifecycle/stuck"));
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0) })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 504, "a hung call is answered at its deadline");
+    }
+
+    // Another plugin, far below its own limit, finds no server slot before its deadline.
+    let select = json!({ "sql": "SELECT 1 AS one" });
+    let resp = server.http.post(server.url("/sqlrun/query")).json(&select).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "PluginOverloaded", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("all plugins ran 3 calls, the server's limit"), "{body}");
+    assert!(message.contains("POST /sqlrun/query was not run"), "{body}");
+    // An inline route with a host call, and the admin API, serve.
+    let (status, body) = server.post("/sqlrun/inline", Some(select.clone())).await;
+    assert_eq!((status, &body), (200, &json!([{ "one": 1 }])));
+    assert_eq!(server.get("/health").await.0, 200);
+    assert_eq!(server.metric("kiln_plugin_overloaded_total{plugin=\"sqlrun\"}").await, Some(1.0));
+
+    // Once the hung calls end, the other plugin's blocking route runs.
+    std::fs::write(&unstick, b"").unwrap();
+    server
+        .wait_until("the server's slots are free again", EDIT_DEADLINE, || async {
+            server.post("/sqlrun/query", Some(select.clone())).await == (200, json!([{ "one": 1 }]))
+        })
+        .await;
 }
 
 /// `kiln_plugin_requests_in_flight` of the lifecycle plugin: the hung calls were answered, so

@@ -232,6 +232,7 @@ mod tests {
             body_timeout: Duration::from_secs(1),
             default_deadline: Duration::from_secs(1),
             blocking_calls: 1,
+            server_blocking_calls: 1,
         };
         let logs = Arc::new(crate::host::logs::LogStore::default());
         let router = Arc::new(super::plugin_routes::PluginRouter::new(limits, logs, None));

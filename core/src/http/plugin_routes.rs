@@ -64,6 +64,9 @@ pub struct PluginRouter {
     /// Each plugin's bulkhead, by name (shared by its versions: a reload does not free the
     /// threads the last one's calls hold).
     bulkheads: Mutex<HashMap<String, Arc<Bulkhead>>>,
+    /// The slots of all plugins' blocking routes together (`--blocking-calls`).
+    server_slots: Arc<tokio::sync::Semaphore>,
+    server_limit: usize,
 }
 
 /// The endpoints of one plugin instance, by path (a path's endpoint dispatches by method).
@@ -113,10 +116,13 @@ pub struct Limits {
     pub default_deadline: Duration,
     /// Calls of one plugin's blocking routes that may run at once (see [`Bulkhead`]).
     pub blocking_calls: usize,
+    /// Calls of all plugins' blocking routes that may run at once.
+    pub server_blocking_calls: usize,
 }
 
 impl PluginRouter {
     pub fn new(limits: Limits, logs: Arc<LogStore>, metrics: Option<Arc<crate::metrics::Metrics>>) -> Self {
+        let server_limit = limits.server_blocking_calls.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         Self {
             current: ArcSwap::from_pointee(Table::default()),
             docs: OnceLock::new(),
@@ -125,6 +131,8 @@ impl PluginRouter {
             built: Default::default(),
             metrics,
             bulkheads: Default::default(),
+            server_slots: Arc::new(tokio::sync::Semaphore::new(server_limit)),
+            server_limit,
         }
     }
 
@@ -146,7 +154,9 @@ impl PluginRouter {
         let description = plugin.description();
         let bulkhead = (self.bulkheads.lock().unwrap_or_else(|p| p.into_inner()))
             .entry(description.name.clone())
-            .or_insert_with(|| Arc::new(Bulkhead::new(self.limits.blocking_calls)))
+            .or_insert_with(|| {
+                Arc::new(Bulkhead::new(self.limits.blocking_calls, self.server_slots.clone(), self.server_limit))
+            })
             .clone();
         // One endpoint per path, dispatching by method: a plugin may serve GET and POST on the
         // same path.
@@ -272,20 +282,27 @@ impl PathEndpoint {
     }
 }
 
-/// How many calls of one plugin's blocking routes may run at once (`--blocking-calls-per-plugin`).
+/// How many calls of one plugin's blocking routes may run at once (`--blocking-calls-per-plugin`),
+/// and of all plugins' together (`--blocking-calls`).
 ///
 /// A blocking handler runs on its thread of the blocking pool to its end, also past its deadline
-/// (answered 504) or after its client left: nothing stops it in the middle. The pool (512
-/// threads) is the whole server's: host calls, builds and the docs use it too. So one plugin
+/// (answered 504) or after its client left: nothing stops it in the middle. The pool is the
+/// whole server's: host calls, event deliveries, builds and the docs use it too. So one plugin
 /// whose blocking handler hangs, or that is slow under load, may hold only so many threads (a
-/// bulkhead). A call past that waits, with no thread, for one of the plugin's calls to end; if
-/// none does before its deadline it answers 503 `PluginOverloaded`, its handler never run.
-/// Under ordinary load the wait is short and nothing is refused (a refusal at once answered
-/// nearly every request of 100 clients of `GET /notes`, a route that waits on the database).
+/// bulkhead), and all plugins together only so many, below the pool's size, so that the server's
+/// own blocking work always finds a thread (`config::BLOCKING_RESERVE`). A call past either
+/// limit waits, with no thread, for a call to end; if none does before its deadline it answers
+/// 503 `PluginOverloaded`, its handler never run. Under ordinary load the wait is short and
+/// nothing is refused (a refusal at once answered nearly every request of 100 clients of
+/// `GET /notes`, a route that waits on the database).
 struct Bulkhead {
     /// One permit per call that may run; a call holds its permit until its handler returns.
     running: Arc<tokio::sync::Semaphore>,
     limit: usize,
+    /// The server's slots, shared by every plugin's bulkhead; taken after the plugin's own, so
+    /// that the calls waiting behind a plugin's hung ones hold none.
+    server: Arc<tokio::sync::Semaphore>,
+    server_limit: usize,
     /// When refusals were last logged, and how many came since: logged at most every
     /// [`REFUSALS_LOGGED_EVERY`], so that a plugin at its limit under load does not flood the
     /// logs (its own keep its last 1,000 lines).
@@ -295,20 +312,33 @@ struct Bulkhead {
 /// How often a plugin's refusals are logged, at most.
 const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
 
+/// What a running blocking call holds: a slot of its plugin's and one of the server's.
+struct Slots {
+    _plugin: tokio::sync::OwnedSemaphorePermit,
+    _server: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Which limit refused a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Full {
+    /// The plugin's (`--blocking-calls-per-plugin`).
+    Plugin,
+    /// The server's, all plugins together (`--blocking-calls`).
+    Server,
+}
+
 impl Bulkhead {
-    fn new(limit: usize) -> Self {
+    fn new(limit: usize, server: Arc<tokio::sync::Semaphore>, server_limit: usize) -> Self {
         let limit = limit.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
-        Self { running: Arc::new(tokio::sync::Semaphore::new(limit)), limit, refusals: Default::default() }
+        let running = Arc::new(tokio::sync::Semaphore::new(limit));
+        Self { running, limit, server, server_limit, refusals: Default::default() }
     }
 
-    /// A call's permit, once one is free, if that is before `deadline`.
-    async fn admit(&self, deadline: Instant) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        // A free one without a timer (the common case); a timer only to wait.
-        if let Ok(permit) = self.running.clone().try_acquire_owned() {
-            return Some(permit);
-        }
-        let permit = self.running.clone().acquire_owned();
-        tokio::time::timeout_at(deadline.into(), permit).await.ok()?.ok()
+    /// A call's slots, once both are free, if that is before `deadline`.
+    async fn admit(&self, deadline: Instant) -> Result<Slots, Full> {
+        let plugin = take(&self.running, deadline).await.ok_or(Full::Plugin)?;
+        let server = take(&self.server, deadline).await.ok_or(Full::Server)?;
+        Ok(Slots { _plugin: plugin, _server: server })
     }
 
     /// Counts a refusal: the refusals to log now (this one included), if it is time to.
@@ -324,13 +354,23 @@ impl Bulkhead {
     }
 }
 
+/// A permit of `slots`, once one is free, if that is before `deadline`: a free one without a
+/// timer (the common case), a timer only to wait.
+async fn take(slots: &Arc<tokio::sync::Semaphore>, deadline: Instant) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    tokio::time::timeout_at(deadline.into(), slots.clone().acquire_owned()).await.ok()?.ok()
+}
+
 /// What became of a call on the blocking pool.
 enum Blocking {
     Answered(Result<CallResponse, CallError>),
     /// Past its deadline: the handler runs on, its answer will be dropped.
     Late,
-    /// Refused: the plugin's blocking routes ran as many calls as they may until the deadline.
-    Full,
+    /// Refused: the plugin's blocking routes, or all plugins' together, ran as many calls as
+    /// they may until the deadline.
+    Full(Full),
 }
 
 /// An inline handler slower than this is reported: it held an async worker.
@@ -366,7 +406,10 @@ impl PluginEndpoint {
     /// deadline: the client is answered then; the handler runs on to its end on its thread
     /// (nothing can stop it in the middle), holding its permit, and its answer is dropped.
     async fn call_blocking(&self, owned: OwnedRequest, body: bytes::Bytes, deadline: Instant) -> Blocking {
-        let Some(permit) = self.bulkhead.admit(deadline).await else { return Blocking::Full };
+        let permit = match self.bulkhead.admit(deadline).await {
+            Ok(slots) => slots,
+            Err(full) => return Blocking::Full(full),
+        };
         let (plugin, route, label) = (self.plugin.clone(), self.route, self.label.clone());
         let call = move || {
             // Held until the handler returns (or, if the pool never runs this, until dropped).
@@ -392,16 +435,21 @@ impl PluginEndpoint {
 
     /// The answer for a blocking route while the plugin's bulkhead is full. Refusals are
     /// logged, to the server and to the plugin's logs, at most every [`REFUSALS_LOGGED_EVERY`].
-    fn overloaded(&self) -> Response {
+    fn overloaded(&self, full: Full) -> Response {
         if let Some(m) = &self.metrics {
             m.overloaded();
         }
         let name = &self.plugin.description().name;
-        let limit = self.bulkhead.limit;
-        let msg = format!(
-            "plugin {name}: its blocking routes ran {limit} calls (hung, or slow under load: each holds a server thread) until this call's deadline; {} was not run",
-            self.label
-        );
+        let msg = match full {
+            Full::Plugin => format!(
+                "plugin {name}: its blocking routes ran {} calls (hung, or slow under load: each holds a server thread) until this call's deadline; {} was not run",
+                self.bulkhead.limit, self.label
+            ),
+            Full::Server => format!(
+                "plugin {name}: the blocking routes of all plugins ran {} calls, the server's limit (hung, or slow under load: each holds a server thread), until this call's deadline; {} was not run",
+                self.bulkhead.server_limit, self.label
+            ),
+        };
         if let Some(n) = self.bulkhead.refused() {
             let logged = format!("{msg} ({n} refused since the last report)");
             tracing::error!(plugin = %name, route = %self.label, "{logged}");
@@ -409,7 +457,10 @@ impl PluginEndpoint {
                 LogEntry::new(Level::Error, Kind::Log, logged, serde_json::json!({}), Some(self.label.to_string()));
             self.logs.push(name, entry);
         }
-        json_error(ErrorCode::PluginOverloaded, &msg)
+        let mut resp = json_error(ErrorCode::PluginOverloaded, &msg);
+        // Slots free as calls end; a client may try again soon.
+        resp.headers_mut().insert(poem::http::header::RETRY_AFTER, poem::http::HeaderValue::from_static("1"));
+        resp
     }
 
     /// The answer for a handler that ran past its deadline.
@@ -470,7 +521,7 @@ impl PluginEndpoint {
             match Box::pin(self.call_blocking(owned, body, deadline)).await {
                 Blocking::Answered(r) => r,
                 Blocking::Late => return Ok(self.timed_out(limit, started.elapsed())),
-                Blocking::Full => return Ok(self.overloaded()),
+                Blocking::Full(full) => return Ok(self.overloaded(full)),
             }
         } else {
             // Inline, with the request borrowed: the fastest path, as for a linked-in handler.
