@@ -247,8 +247,17 @@ impl RouteSink for PluginRouter {
             docs.update(plugins.iter().map(|p| p.shared_description()).collect());
         }
         self.current.store(Arc::new(table));
+        drop(built);
+        prune(&mut self.bulkheads.lock().unwrap_or_else(|p| p.into_inner()));
         Ok(())
     }
+}
+
+/// Forgets the bulkheads of plugins that no longer serve (uninstalled, renamed, turned off):
+/// those no endpoint holds and no call holds a slot of. One whose calls still run is kept, so
+/// that a version loaded again counts them.
+fn prune(bulkheads: &mut HashMap<String, Arc<Bulkhead>>) {
+    bulkheads.retain(|_, b| Arc::strong_count(b) > 1 || b.running.available_permits() < b.limit);
 }
 
 /// The routes of one path, by method. A `HEAD` the path does not serve itself is its `GET`
@@ -640,4 +649,31 @@ fn param_values<'a>(names: &'a [String], spans: &ParamSpans, path: &'a str) -> V
             (name.as_str(), percent_encoding::percent_decode_str(raw).decode_utf8().unwrap_or_default())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bulkheads_of_plugins_gone_are_forgotten_once_their_calls_end() {
+        let server = Arc::new(tokio::sync::Semaphore::new(8));
+        let mut bulkheads: HashMap<String, Arc<Bulkhead>> = ["served", "gone", "hung"]
+            .into_iter()
+            .map(|name| (name.to_string(), Arc::new(Bulkhead::new(2, server.clone(), 8))))
+            .collect();
+        let endpoint = bulkheads["served"].clone();
+        let later = Instant::now() + Duration::from_secs(1);
+        let hung = bulkheads["hung"].admit(later).await.expect("a free slot");
+        prune(&mut bulkheads);
+        let mut left: Vec<&str> = bulkheads.keys().map(String::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["hung", "served"], "the one nothing holds went");
+        drop(hung);
+        prune(&mut bulkheads);
+        assert_eq!(bulkheads.keys().collect::<Vec<_>>(), ["served"]);
+        drop(endpoint);
+        prune(&mut bulkheads);
+        assert!(bulkheads.is_empty());
+    }
 }
