@@ -253,9 +253,12 @@ impl Config {
     }
 }
 
-/// Threads of the blocking pool that plugins' blocking routes never take: kept for the
+/// Threads of the blocking pool that plugins' blocking routes never take: headroom for the
 /// server's own blocking work (host calls from inline handlers hand their worker to one, so
-/// without them a pool full of hung handlers would stall the async workers too).
+/// without it a pool full of hung handlers would stall the async workers too). Event handlers
+/// and configure hooks run plugin code on these threads too, at most one per subscription.
+/// `main.rs` sizes the pool; a program that embeds [`crate::serve`] should build its runtime
+/// with [`Config::blocking_pool`] blocking threads.
 pub const BLOCKING_RESERVE: usize = 256;
 
 /// The `types/` crate next to the `core/` crate this binary was built from.

@@ -45,11 +45,17 @@ fn main() -> ExitCode {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Command::Serve(config) = &cli.command {
         // Plugins' blocking routes may hold `--blocking-calls` threads; the server's own blocking
-        // work (host calls, event deliveries, builds, the docs) always has the rest.
+        // work (host calls, event deliveries, builds, the docs) has the rest
+        // (`config::BLOCKING_RESERVE`).
         runtime.max_blocking_threads(config.blocking_pool());
     }
     match runtime.enable_all().build() {
-        Ok(runtime) => runtime.block_on(cli_main(cli)),
+        Ok(runtime) => {
+            let code = runtime.block_on(cli_main(cli));
+            // The server has shut down; a blocking handler that hangs must not keep the process.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(10));
+            code
+        }
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
             ExitCode::FAILURE

@@ -69,8 +69,9 @@ async fn hung_blocking_handlers_are_capped_and_the_rest_keeps_serving() {
 }
 
 /// The server-wide limit: one plugin's hung calls fill it, and then another plugin's blocking
-/// route waits and is refused too, while inline routes (also one that makes a host call, which
-/// takes a thread of the pool's reserve) and the admin API serve.
+/// route waits and is refused too, while inline routes (also one that makes a host call) and
+/// the admin API serve. (The pool's headroom beyond the limit is `main.rs`'s sizing of the
+/// runtime; the test server runs on the test's runtime.)
 #[tokio::test(flavor = "multi_thread")]
 async fn all_plugins_blocking_calls_are_capped_server_wide() {
     const SERVER_LIMIT: u32 = 3;

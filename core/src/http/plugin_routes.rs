@@ -299,7 +299,8 @@ impl PathEndpoint {
 /// whole server's: host calls, event deliveries, builds and the docs use it too. So one plugin
 /// whose blocking handler hangs, or that is slow under load, may hold only so many threads (a
 /// bulkhead), and all plugins together only so many, below the pool's size, so that the server's
-/// own blocking work always finds a thread (`config::BLOCKING_RESERVE`). A call past either
+/// own blocking work has threads left (`config::BLOCKING_RESERVE`; event handlers and configure
+/// hooks, plugin code too, share those, at most one thread per subscription). A call past either
 /// limit waits, with no thread, for a call to end; if none does before its deadline it answers
 /// 503 `PluginOverloaded`, its handler never run. Under ordinary load the wait is short and
 /// nothing is refused (a refusal at once answered nearly every request of 100 clients of
@@ -312,6 +313,9 @@ struct Bulkhead {
     /// that the calls waiting behind a plugin's hung ones hold none.
     server: Arc<tokio::sync::Semaphore>,
     server_limit: usize,
+    /// Calls holding a slot of the plugin's that wait for one of the server's: while any do,
+    /// a call refused for want of a plugin slot was refused because the server's are taken.
+    waiting_for_server: std::sync::atomic::AtomicUsize,
     /// When refusals were last logged, and how many came since: logged at most every
     /// [`REFUSALS_LOGGED_EVERY`], so that a plugin at its limit under load does not flood the
     /// logs (its own keep its last 1,000 lines).
@@ -340,12 +344,35 @@ impl Bulkhead {
     fn new(limit: usize, server: Arc<tokio::sync::Semaphore>, server_limit: usize) -> Self {
         let limit = limit.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         let running = Arc::new(tokio::sync::Semaphore::new(limit));
-        Self { running, limit, server, server_limit, refusals: Default::default() }
+        Self {
+            running,
+            limit,
+            server,
+            server_limit,
+            waiting_for_server: Default::default(),
+            refusals: Default::default(),
+        }
     }
 
     /// A call's slots, once both are free, if that is before `deadline`.
     async fn admit(&self, deadline: Instant) -> Result<Slots, Full> {
-        let plugin = take(&self.running, deadline).await.ok_or(Full::Plugin)?;
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(plugin) = take(&self.running, deadline).await else {
+            // The plugin's slots are taken, but maybe by calls that only wait for the server's.
+            return Err(if self.waiting_for_server.load(Relaxed) > 0 { Full::Server } else { Full::Plugin });
+        };
+        if let Ok(server) = self.server.clone().try_acquire_owned() {
+            return Ok(Slots { _plugin: plugin, _server: server });
+        }
+        // Counted while waiting, also if this call is dropped meanwhile.
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        self.waiting_for_server.fetch_add(1, Relaxed);
+        let _waiting = Waiting(&self.waiting_for_server);
         let server = take(&self.server, deadline).await.ok_or(Full::Server)?;
         Ok(Slots { _plugin: plugin, _server: server })
     }
@@ -411,7 +438,8 @@ struct PluginEndpoint {
 
 impl PluginEndpoint {
     /// Calls the handler on the blocking pool, off the async workers (the request is owned, so
-    /// it can move to another thread), if the plugin's bulkhead lets it in. `Late` past the
+    /// it can move to another thread), if the plugin's bulkhead and the server's limit let it
+    /// in. `Late` past the
     /// deadline: the client is answered then; the handler runs on to its end on its thread
     /// (nothing can stop it in the middle), holding its permit, and its answer is dropped.
     async fn call_blocking(&self, owned: OwnedRequest, body: bytes::Bytes, deadline: Instant) -> Blocking {
@@ -442,7 +470,8 @@ impl PluginEndpoint {
         }
     }
 
-    /// The answer for a blocking route while the plugin's bulkhead is full. Refusals are
+    /// The answer for a blocking route while the plugin's bulkhead, or the server's limit, is
+    /// full. Refusals are
     /// logged, to the server and to the plugin's logs, at most every [`REFUSALS_LOGGED_EVERY`].
     fn overloaded(&self, full: Full) -> Response {
         if let Some(m) = &self.metrics {
@@ -654,6 +683,31 @@ fn param_values<'a>(names: &'a [String], spans: &ParamSpans, path: &'a str) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_call_behind_calls_waiting_for_the_server_is_refused_for_the_server() {
+        let server = Arc::new(tokio::sync::Semaphore::new(1));
+        let other_plugin = server.clone().try_acquire_owned().expect("the server's one slot");
+        let bulkhead = Arc::new(Bulkhead::new(1, server, 1));
+        let soon = || Instant::now() + Duration::from_millis(200);
+        // The first call takes the plugin's one slot and waits for the server's.
+        let first = tokio::spawn({
+            let bulkhead = bulkhead.clone();
+            async move { bulkhead.admit(soon()).await.err() }
+        });
+        while bulkhead.waiting_for_server.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The second finds no plugin slot: the server's limit is why.
+        assert_eq!(bulkhead.admit(soon()).await.err(), Some(Full::Server));
+        assert_eq!(first.await.unwrap(), Some(Full::Server));
+        assert_eq!(bulkhead.waiting_for_server.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // With the server's slot free, a call is admitted, and the plugin's own limit is named.
+        drop(other_plugin);
+        let running = bulkhead.admit(soon()).await.expect("admitted");
+        assert_eq!(bulkhead.admit(soon()).await.err(), Some(Full::Plugin));
+        drop(running);
+    }
 
     #[tokio::test]
     async fn bulkheads_of_plugins_gone_are_forgotten_once_their_calls_end() {
