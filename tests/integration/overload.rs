@@ -21,16 +21,8 @@ async fn hung_blocking_handlers_are_capped_and_the_rest_keeps_serving() {
     server.wait_state("powertable", "loaded").await;
     let unstick = server.plugin_dir("lifecycle").join("target/unstick");
 
-    // LIMIT calls that hang: each is answered 504 at its 200 ms deadline and runs on.
-    let calls: Vec<_> = (0..LIMIT)
-        .map(|_| {
-            let (http, url) = (server.http.clone(), server.url("/lifecycle/stuck"));
-            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0) })
-        })
-        .collect();
-    for call in calls {
-        assert_eq!(call.await.unwrap(), 504, "a hung call is answered at its deadline");
-    }
+    // LIMIT calls that hang.
+    hang(&server, LIMIT).await;
 
     // The next calls of the plugin's blocking routes wait for a slot and find none before their
     // deadline: refused, not run (a run call would log `slow`).
@@ -85,15 +77,7 @@ async fn all_plugins_blocking_calls_are_capped_server_wide() {
     server.wait_state("sqlrun", "loaded").await;
     let unstick = server.plugin_dir("lifecycle").join("target/unstick");
 
-    let calls: Vec<_> = (0..SERVER_LIMIT)
-        .map(|_| {
-            let (http, url) = (server.http.clone(), server.url("/lifecycle/stuck"));
-            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0) })
-        })
-        .collect();
-    for call in calls {
-        assert_eq!(call.await.unwrap(), 504, "a hung call is answered at its deadline");
-    }
+    hang(&server, SERVER_LIMIT).await;
 
     // Another plugin, far below its own limit, finds no server slot before its deadline.
     let select = json!({ "sql": "SELECT 1 AS one" });
@@ -118,6 +102,20 @@ async fn all_plugins_blocking_calls_are_capped_server_wide() {
             server.post("/sqlrun/query", Some(select.clone())).await == (200, json!([{ "one": 1 }]))
         })
         .await;
+}
+
+/// Makes `n` calls of the lifecycle fixture's `/lifecycle/stuck` at once, each of which hangs
+/// (until `target/unstick` exists) and is answered 504 at its 200 ms deadline, running on.
+async fn hang(server: &TestServer, n: u32) {
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let (http, url) = (server.http.clone(), server.url("/lifecycle/stuck"));
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0) })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 504, "a hung call is answered at its deadline");
+    }
 }
 
 /// `kiln_plugin_requests_in_flight` of the lifecycle plugin: the hung calls were answered, so
