@@ -439,9 +439,9 @@ struct PluginEndpoint {
 impl PluginEndpoint {
     /// Calls the handler on the blocking pool, off the async workers (the request is owned, so
     /// it can move to another thread), if the plugin's bulkhead and the server's limit let it
-    /// in. `Late` past the
-    /// deadline: the client is answered then; the handler runs on to its end on its thread
-    /// (nothing can stop it in the middle), holding its permit, and its answer is dropped.
+    /// in. `Late` past the deadline: the client is answered then; the handler runs on to its end
+    /// on its thread (nothing can stop it in the middle), holding its slots, and its answer is
+    /// dropped.
     async fn call_blocking(&self, owned: OwnedRequest, body: bytes::Bytes, deadline: Instant) -> Blocking {
         let permit = match self.bulkhead.admit(deadline).await {
             Ok(slots) => slots,
@@ -471,8 +471,8 @@ impl PluginEndpoint {
     }
 
     /// The answer for a blocking route while the plugin's bulkhead, or the server's limit, is
-    /// full. Refusals are
-    /// logged, to the server and to the plugin's logs, at most every [`REFUSALS_LOGGED_EVERY`].
+    /// full. Refusals are logged, to the server and to the plugin's logs, at most every
+    /// [`REFUSALS_LOGGED_EVERY`].
     fn overloaded(&self, full: Full) -> Response {
         if let Some(m) = &self.metrics {
             m.overloaded();
