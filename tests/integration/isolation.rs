@@ -58,8 +58,9 @@ async fn a_crash_in_an_isolated_plugin_costs_only_its_own_requests() {
     for (n, (how, code, says)) in crashes.iter().enumerate() {
         let (status, body) = server.get(&format!("/isolated/{how}")).await;
         assert_eq!((status, body["error"].as_str()), (502, Some(*code)), "{how}: {body}");
-        let message = body["message"].as_str().unwrap_or_default();
-        assert!(message.contains(says) || server.plugin("isolated").await["last_crash"].to_string().contains(says));
+        // The 502 may be answered before the process's end is known (its message then says
+        // less); the row says how it died once the crash is recorded, checked below.
+        let message = body["message"].as_str().unwrap_or_default().to_string();
         pid = serving_again(&server, pid).await;
         server
             .wait_until("the row counts the restart", EDIT_DEADLINE, || async {
@@ -68,7 +69,7 @@ async fn a_crash_in_an_isolated_plugin_costs_only_its_own_requests() {
             .await;
         let row = server.plugin("isolated").await;
         let last = row["last_crash"].as_str().unwrap_or_default();
-        assert!(last.contains(says), "{how}: the row says how it died: {last}");
+        assert!(last.contains(says), "{how}: the row says how it died: {last} (its 502 said: {message})");
         assert_eq!(row["state"], "loaded");
     }
 
