@@ -41,10 +41,10 @@ async fn hung_blocking_handlers_are_capped_and_the_rest_keeps_serving() {
     let refusals =
         lines.as_array().unwrap().iter().filter(|l| l["message"].as_str().is_some_and(|m| m.contains("not run")));
     assert_eq!(refusals.count(), 1, "the overload is logged once, for the plugin: {lines}");
-    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(
-        metrics.lines().any(|l| l == "kiln_plugin_overloaded_total{plugin=\"lifecycle\"} 2"),
-        "both refusals are counted: {metrics}"
+    assert_eq!(
+        server.metric("kiln_plugin_overloaded_total{plugin=\"lifecycle\"}").await,
+        Some(2.0),
+        "both refusals are counted"
     );
 
     // A call waiting when a hung one ends runs then.
