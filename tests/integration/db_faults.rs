@@ -1,5 +1,6 @@
 //! The database goes away and comes back: plugins keep serving, the listener reconnects and
-//! resyncs, and edits it missed are applied.
+//! resyncs, and edits it missed are applied. A row a user's transaction holds delays its own
+//! plugin only.
 
 use crate::support::{BUILD_DEADLINE, Cluster, EDIT_DEADLINE, TestServer, connect};
 
@@ -57,4 +58,46 @@ async fn postgres_restart_and_a_missed_notification() {
         })
         .await;
     assert_eq!(server.get("/health").await.0, 200);
+}
+
+/// Versions are published in batches by one task; a row locked by a user's open transaction
+/// (an uncommitted `DELETE`, say) must hold back its own plugin's publish, not every other's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_a_user_holds_delays_only_its_own_plugin() {
+    let server = TestServer::start_with(crate::support::cluster().await, &["lifecycle", "hello"], |_| {}).await;
+    server.wait_state("lifecycle", "loaded").await;
+    server.wait_state("hello", "loaded").await;
+    let sql = server.sql().await;
+    sql.execute("UPDATE plugins SET status = 'inactive' WHERE name = 'hello'", &[]).await.unwrap();
+    server.wait_until("hello is off", EDIT_DEADLINE, || async { server.get("/hello").await.0 == 404 }).await;
+
+    // A new config: a fresh instance of lifecycle, whose init takes 3 s. Meanwhile a user's
+    // transaction takes lifecycle's row as a DELETE would, so the instance's publish waits.
+    sql.execute("UPDATE plugins SET config = '{\"init_sleep_ms\": 3000}' WHERE name = 'lifecycle'", &[]).await.unwrap();
+    let mut user = server.sql().await;
+    let held = user.transaction().await.unwrap();
+    held.execute("SELECT 1 FROM plugins WHERE name = 'lifecycle' FOR UPDATE", &[]).await.unwrap();
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FOR KEY SHARE%'";
+    server
+        .wait_until("lifecycle's publish waits for its row", BUILD_DEADLINE, || async {
+            sql.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 1
+        })
+        .await;
+
+    // Another plugin is turned on and serves; lifecycle's old instance serves on.
+    sql.execute("UPDATE plugins SET status = 'active' WHERE name = 'hello'", &[]).await.unwrap();
+    server.wait_until("hello serves", EDIT_DEADLINE, || async { server.get("/hello").await.0 == 200 }).await;
+    assert_eq!(server.get("/lifecycle").await.0, 200);
+    assert_eq!(sql.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0), 1, "lifecycle's publish still waits");
+
+    // The row let go, lifecycle's new instance is published.
+    held.rollback().await.unwrap();
+    let row = server.wait_state("lifecycle", "loaded").await;
+    server
+        .wait_until("the new instance is recorded", EDIT_DEADLINE, || async {
+            sql.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0
+        })
+        .await;
+    assert!(row["error"].is_null(), "{row}");
 }

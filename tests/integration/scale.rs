@@ -1,7 +1,7 @@
 //! Many plugins at once: a bulk `UPDATE` of their rows is one notification and one batch (a
-//! handful of route tables, not one per plugin), turning them back on rebuilds nothing, a storm
-//! of single-row commits is coalesced into a few passes per plugin, and a warm start builds
-//! nothing and serves them all.
+//! handful of route tables, not one per plugin), turning them back on rebuilds nothing and
+//! records them in a handful of transactions, a storm of single-row commits is coalesced into a
+//! few passes per plugin, and a warm start builds nothing and serves them all.
 
 use crate::quiet::notifications_during;
 use crate::support::{BUILD_DEADLINE, TestServer, cluster, fresh_database, repo_root};
@@ -120,8 +120,10 @@ async fn a_bulk_update_is_one_batch_and_a_warm_start_of_many_plugins_builds_noth
     assert!(statuses(&server).await.iter().all(|s| *s == 404));
     assert_eq!(h["plugins"]["inactive"], N, "every row says so: {h}");
 
-    // And back on: nothing is built again.
+    // And back on: nothing is built again, and the versions loaded at once are published and
+    // recorded together (one transaction each would be N).
     let tables = h["route_tables_built"].as_u64().unwrap();
+    let transactions = counter(&server, "kiln_publish_transactions_total").await;
     sql.execute("UPDATE plugins SET status = 'active'", &[]).await.unwrap();
     wait_served(&server, N).await;
     assert!(statuses(&server).await.iter().all(|s| *s == 200));
@@ -129,7 +131,9 @@ async fn a_bulk_update_is_one_batch_and_a_warm_start_of_many_plugins_builds_noth
     assert_eq!(h["builds_run"], built, "turning plugins back on built nothing");
     assert_eq!(h["plugins"]["loaded"], N, "{h}");
     let on_tables = h["route_tables_built"].as_u64().unwrap() - tables;
-    assert!((1..=N).contains(&on_tables), "{on_tables} route tables");
+    let on_transactions = counter(&server, "kiln_publish_transactions_total").await - transactions;
+    assert!((1..=N / 2).contains(&on_transactions), "{on_transactions} publish transactions for {N} plugins");
+    assert!((1..=on_transactions).contains(&on_tables), "{on_tables} route tables, {on_transactions} transactions");
 
     // A storm of single-row commits (each its own notification) is held and coalesced: far
     // fewer passes than commits, and every plugin ends as its row's last write says.

@@ -252,7 +252,7 @@ pub struct EventBus {
     next_id: AtomicU64,
     subscribers: RwLock<Vec<Arc<Subscriber>>>,
     /// The version of each plugin serving now, by name: where deliveries go.
-    serving: RwLock<HashMap<String, Arc<LoadedPlugin>>>,
+    serving: RwLock<Arc<HashMap<String, Arc<LoadedPlugin>>>>,
     /// What was announced (`kiln.plugin.loaded`) as serving, by name: the version and its
     /// number. Announcements follow this, not each table (see [`EventBus::hold`]).
     announced: Mutex<HashMap<String, (Weak<LoadedPlugin>, String)>>,
@@ -403,8 +403,8 @@ impl EventBus {
     /// plugin that came (`kiln.plugin.loaded`, also for a new version of one already serving)
     /// or went (`kiln.plugin.unloaded`).
     pub fn serve(self: &Arc<Self>, plugins: &[Arc<LoadedPlugin>]) {
-        let now: HashMap<String, Arc<LoadedPlugin>> =
-            plugins.iter().map(|p| (p.description().name.clone(), p.clone())).collect();
+        let now: Arc<HashMap<String, Arc<LoadedPlugin>>> =
+            Arc::new(plugins.iter().map(|p| (p.description().name.clone(), p.clone())).collect());
         let before = std::mem::replace(&mut *self.serving.write().unwrap_or_else(|p| p.into_inner()), now.clone());
         {
             let mut subscribers = self.subscribers.write().unwrap_or_else(|p| p.into_inner());
@@ -453,10 +453,11 @@ impl EventBus {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(plugin));
     }
 
-    /// Ends the hold on `plugin`: recorded, it is announced if it serves.
-    pub fn release(&self, plugin: &Arc<LoadedPlugin>) {
+    /// Ends the hold on `plugins`: recorded, each is announced if it serves.
+    pub fn release(&self, plugins: &[&Arc<LoadedPlugin>]) {
+        let released: std::collections::HashSet<*const LoadedPlugin> = plugins.iter().map(|p| Arc::as_ptr(p)).collect();
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.retain(|h| h.strong_count() > 0 && !std::ptr::eq(h.as_ptr(), Arc::as_ptr(plugin)));
+        held.retain(|h| h.strong_count() > 0 && !released.contains(&h.as_ptr()));
         drop(held);
         let now = self.serving.read().unwrap_or_else(|p| p.into_inner()).clone();
         self.announce(&now);
@@ -469,7 +470,8 @@ impl EventBus {
         let mut events = Vec::new();
         {
             let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-            let is_held = |p: &Arc<LoadedPlugin>| held.iter().any(|h| std::ptr::eq(h.as_ptr(), Arc::as_ptr(p)));
+            let held: std::collections::HashSet<*const LoadedPlugin> = held.iter().map(|h| h.as_ptr()).collect();
+            let is_held = |p: &Arc<LoadedPlugin>| held.contains(&Arc::as_ptr(p));
             let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
             for (name, plugin) in now {
                 let known = announced.get(name).is_some_and(|(a, _)| std::ptr::eq(a.as_ptr(), Arc::as_ptr(plugin)));

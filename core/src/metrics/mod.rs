@@ -36,6 +36,8 @@ pub struct Metrics {
     /// Notification storms the listener held hints through (`crate::storm`).
     pub notify_storms: IntCounter,
     route_tables: IntCounter,
+    /// Transactions that published and recorded loaded versions (`reconciler::publishing`).
+    pub publish_transactions: IntCounter,
     events_published: IntCounter,
 }
 
@@ -182,6 +184,10 @@ impl Metrics {
                 "Storms of plugins-table notifications, during which passes were rationed (over 1,000 notifications a second).",
             ),
             route_tables: counter("kiln_route_tables_built_total", "Plugin route tables built."),
+            publish_transactions: counter(
+                "kiln_publish_transactions_total",
+                "Transactions that published and recorded loaded plugin versions (each takes every version ready).",
+            ),
             events_published: counter("kiln_events_published_total", "Events published on the bus."),
             registry,
         }

@@ -11,6 +11,7 @@
 //!
 //! - `pass.rs`: one pass over one plugin (build → load → init → publish → record).
 //! - `ownership.rs`: the served set, path ownership and the atomic publish.
+//! - `publishing.rs`: publishing and recording loaded versions, many in one transaction.
 //! - `served_set.rs`: the served versions, with their route patterns indexed by shape.
 //!
 //! This folder is the one place where what kiln serves changes.
@@ -18,6 +19,7 @@
 mod finishing;
 mod ownership;
 mod pass;
+mod publishing;
 mod served_set;
 
 use crate::compiler::{BuildError, Compiler};
@@ -82,6 +84,9 @@ pub enum ReconcileError {
     /// The server is shutting down: nothing more is published.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A fault in kiln (logged where it happened).
+    #[error("{0}")]
+    Internal(String),
     /// A plugin it depends on does not serve (in a version that will do): it waits.
     #[error("{0}")]
     DependencyMissing(String),
@@ -115,7 +120,7 @@ impl ReconcileError {
             Self::InvalidConfig(_) | Self::ConfigRejected(_) => ErrorCode::InvalidConfig,
             Self::DependencyMissing(_) => ErrorCode::DependencyMissing,
             Self::DependencyCycle(_) => ErrorCode::DependencyCycle,
-            Self::Superseded | Self::ShuttingDown => ErrorCode::Internal,
+            Self::Superseded | Self::ShuttingDown | Self::Internal(_) => ErrorCode::Internal,
         }
     }
 }
@@ -185,6 +190,9 @@ struct Inner {
     table_wanted: Arc<tokio::sync::Notify>,
     /// Route tables built so far.
     tables_built: AtomicU64,
+    /// Where passes hand loaded versions over to be published and recorded in batches
+    /// (`publishing::recorder`).
+    to_publish: mpsc::UnboundedSender<publishing::Publish>,
     /// Stamps of row reads, in the order the reads started: a pass never acts on a row read
     /// before the one its plugin's last pass acted on (a resync's list can be older than the
     /// row a hint's pass read meanwhile).
@@ -276,6 +284,7 @@ impl Reconciler {
     ) -> Self {
         let Reporting { logs, events, metrics, host_exe } = reporting;
         let (crashes, crash_reports) = mpsc::unbounded_channel();
+        let (to_publish, handed) = mpsc::unbounded_channel();
         let reconciler = Self {
             inner: Arc::new_cyclic(|me| Inner {
                 repo,
@@ -288,6 +297,7 @@ impl Reconciler {
                 shown: tokio::sync::watch::Sender::new(0),
                 table_wanted: Default::default(),
                 tables_built: Default::default(),
+                to_publish,
                 stamps: Default::default(),
                 workers: Mutex::new(HashMap::new()),
                 busy: Default::default(),
@@ -309,6 +319,7 @@ impl Reconciler {
         };
         let (me, wanted) = (Arc::downgrade(&reconciler.inner), reconciler.inner.table_wanted.clone());
         tokio::spawn(ownership::publisher(me.clone(), wanted));
+        tokio::spawn(publishing::recorder(me.clone(), handed));
         tokio::spawn(record_crashes(me, crash_reports));
         reconciler
     }

@@ -65,22 +65,9 @@ pub(super) struct Displaced {
 
 impl Inner {
     /// Checks the new version's routes and, if they are sound, serves it in place of the old
-    /// one; younger plugins on its paths give way (see the module docs). The route table shows
-    /// it when this returns.
-    pub(super) async fn publish(
-        &self,
-        row: &PluginRow,
-        hash: &str,
-        config: serde_json::Value,
-        plugin: Arc<LoadedPlugin>,
-    ) -> Result<Displaced, ReconcileError> {
-        let (displaced, change) = self.take_paths(row, hash, config, plugin)?;
-        self.show(change).await;
-        Ok(displaced)
-    }
-
-    /// The served-set half of [`Inner::publish`]: returns what it displaced and the change.
-    fn take_paths(
+    /// one; younger plugins on its paths give way (see the module docs). Returns what it
+    /// displaced and the change, which the route table shows once [`Inner::show`] returns.
+    pub(super) fn take_paths(
         &self,
         row: &PluginRow,
         hash: &str,
@@ -227,26 +214,31 @@ impl Inner {
         (new, self.changed(), lost)
     }
 
-    /// A recorded publish: the displaced versions retire (after their last requests), evicted
-    /// plugins wait, and waiting plugins are retried (a path may be free, a dependency serves).
-    pub(super) fn published(&self, id: i64, displaced: Displaced) {
-        // The displaced version retires when `_previous` drops, at the end.
-        let Displaced { previous: _previous, evicted } = displaced;
-        let mut skip = vec![id];
+    /// Recorded publishes (of plugins `ids`, which displaced `displaced`): the displaced
+    /// versions retire (after their last requests), evicted plugins wait, and waiting plugins
+    /// are retried (a path may be free, a dependency serves).
+    pub(super) fn published(&self, ids: &[i64], displaced: Vec<Displaced>) {
+        let mut skip = ids.to_vec();
+        let mut retiring = Vec::with_capacity(displaced.len());
         {
             let mut waiting = self.waiting.lock().expect("waiting lock");
-            waiting.remove(&id);
-            for (other, _, _) in &evicted {
-                waiting.insert(*other);
-                skip.push(*other);
+            for id in ids {
+                waiting.remove(id);
             }
-        }
-        for (other, s, _) in evicted {
-            tracing::warn!(plugin = %s.plugin.description().name, plugin_id = other, "gave way to an older plugin's path");
+            for Displaced { previous, evicted } in displaced {
+                for (other, s, _) in evicted {
+                    waiting.insert(other);
+                    skip.push(other);
+                    tracing::warn!(plugin = %s.plugin.description().name, plugin_id = other, "gave way to an older plugin's path");
+                    retiring.push(s);
+                }
+                retiring.extend(previous);
+            }
         }
         // A path may have been freed (a version was replaced), or a plugin waiting for this one
         // as a dependency may load now.
         self.hint_waiting(&skip);
+        drop(retiring); // the displaced versions retire here
     }
 
     /// Stops serving plugin `id`, if it serves, and retries plugins waiting for a path. Returns

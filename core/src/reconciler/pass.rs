@@ -1,7 +1,7 @@
 //! One pass over one plugin: re-read its row, then unload it, keep it, reconfigure it, or build,
 //! load, publish and record its wanted version.
 
-use super::ownership::Displaced;
+use super::publishing::{endpoints_of, loaded};
 use super::{Inner, Outcome, ReconcileError};
 use crate::compiler::{Artifact, BuildError};
 use crate::error_code::ErrorCode;
@@ -12,7 +12,7 @@ use crate::host::services::Services;
 use crate::isolation::{Isolation, Spawn};
 use crate::loader::{Configured, LoadError, LoadedPlugin};
 use crate::manifest::{Manifest, ManifestError};
-use crate::repo::{Loaded, NewEndpoint, PluginRow, RowLock};
+use crate::repo::PluginRow;
 use crate::shared_builds::Finisher;
 use std::sync::Arc;
 
@@ -60,6 +60,8 @@ impl Inner {
             self.waiting.lock().expect("waiting lock").remove(&id);
             self.finishing.forget_other(id, None);
             self.builds.sources.forget(id).await;
+            let markers = self.markers.clone();
+            let _ = tokio::task::spawn_blocking(move || markers.forget(id)).await;
             if let Some(name) = self.retire(id).await {
                 // A new row of the same name (deleted and inserted in one transaction) is about
                 // to load these libraries, and collects them itself once it serves.
@@ -378,62 +380,6 @@ impl Inner {
         Ok(())
     }
 
-    /// Publishes a loaded version and records it, as one step: with the row locked (a delete
-    /// waits; an edit does not, and its notification brings another pass), checks that the row
-    /// still wants this version (active, the same sources), publishes, writes the endpoint rows
-    /// and commits. If it does not, nothing is published (the pass starts over); if recording
-    /// fails, the publish is undone. Endpoint rows equal what is served.
-    async fn publish_and_record(
-        &self,
-        row: &PluginRow,
-        manifest: &Manifest,
-        hash: &str,
-        config: serde_json::Value,
-        plugin: Arc<LoadedPlugin>,
-    ) -> Result<(), ReconcileError> {
-        let Some((mut lock, now)) = self.repo.lock_row(row.id).await? else {
-            return Err(ReconcileError::Superseded);
-        };
-        // Turned off or pointed at other sources meanwhile: this version is not wanted. A new
-        // config is not a reason to start over: the version serves with the config it was
-        // started with, and the edit's notification brings the pass that applies the new one
-        // (in place, usually). Starting over instead never finished while a row changed
-        // faster than a load took (an edit storm).
-        if !(now.wants_active() && now.source_path == row.source_path) {
-            lock.rollback().await;
-            return Err(ReconcileError::Superseded);
-        }
-        // Announced (`kiln.plugin.loaded`) once recorded: a publish undone was never news.
-        self.events.hold(&plugin);
-        let displaced = match self.publish(row, hash, config, plugin.clone()).await {
-            Ok(d) => d,
-            Err(e) => {
-                self.events.release(&plugin);
-                lock.rollback().await;
-                return Err(e);
-            }
-        };
-        let recorded = match record_publish(&mut lock, &now, manifest, hash, &plugin, &displaced).await {
-            Ok(()) => match lock.commit().await {
-                Ok(()) => {
-                    self.published(row.id, displaced);
-                    Ok(())
-                }
-                Err(e) => {
-                    self.unpublish(row.id, &plugin, displaced).await;
-                    Err(e.into())
-                }
-            },
-            Err(e) => {
-                lock.rollback().await;
-                self.unpublish(row.id, &plugin, displaced).await;
-                Err(e)
-            }
-        };
-        self.events.release(&plugin);
-        recorded
-    }
-
     /// Brings what the row sets beside code and config into effect for a version that serves
     /// already: its database scope (`resources`) and its deadline (`deadline_ms`).
     async fn apply_row_settings(
@@ -549,60 +495,6 @@ impl Inner {
         } else {
             Err(ReconcileError::Superseded)
         }
-    }
-}
-
-/// The rows of a publish, in its transaction: the new version's, and those of plugins that gave
-/// way to it.
-async fn record_publish(
-    lock: &mut RowLock,
-    now: &PluginRow,
-    manifest: &Manifest,
-    hash: &str,
-    plugin: &LoadedPlugin,
-    displaced: &Displaced,
-) -> Result<(), ReconcileError> {
-    for (other, _, why) in &displaced.evicted {
-        lock.record_not_serving(*other, "waiting", why).await?;
-    }
-    let endpoints = endpoints_of(plugin);
-    let mut record = loaded(manifest, hash, plugin, &endpoints);
-    record.fresh = true;
-    // The endpoint rows are the replaced version's (endpoint rows equal what is served): when
-    // the new version's are the same, they stay as they are (a reload for a config change
-    // rewrote every endpoint row).
-    record.keep_endpoints = now.kind == manifest.kind
-        && displaced.previous.as_ref().is_some_and(|previous| endpoints_of(&previous.plugin) == endpoints);
-    lock.record_loaded(now.id, &record).await?;
-    Ok(())
-}
-
-fn endpoints_of(plugin: &LoadedPlugin) -> Vec<NewEndpoint> {
-    let d = plugin.description();
-    d.routes
-        .iter()
-        .map(|r| NewEndpoint { method: r.method.clone(), path: r.path.clone(), handler: r.handler.clone() })
-        .collect()
-}
-
-fn loaded<'a>(
-    manifest: &'a Manifest,
-    hash: &'a str,
-    plugin: &'a LoadedPlugin,
-    endpoints: &'a [NewEndpoint],
-) -> Loaded<'a> {
-    let d = plugin.description();
-    Loaded {
-        manifest_path: manifest.manifest_path.to_string_lossy(),
-        binary_path: plugin.binary_path().to_string_lossy(),
-        hash,
-        description: &d.description,
-        version: &d.version,
-        author: &d.author,
-        kind: &manifest.kind,
-        endpoints,
-        keep_endpoints: false,
-        fresh: false,
     }
 }
 

@@ -435,20 +435,30 @@ impl Repo {
     /// the commit; an edit does not, and its notification brings another pass), and returns the
     /// row as it is now; `None` when it is gone.
     pub async fn lock_row(&self, id: i64) -> Result<Option<(RowLock, PluginRow)>> {
-        let client = self.pool.get().await?;
-        let lock = RowLock { client: Some(client), replica: self.replica.clone() };
-        let c = lock.client();
-        let select = c.prepare_cached(&format!("{SELECT_ROW} WHERE p.id = $2 FOR KEY SHARE OF p")).await?;
-        // Pipelined: one round trip.
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&&*self.replica, &id];
-        let ((), row) = tokio::try_join!(c.batch_execute("BEGIN"), c.query_opt(&select, &params))?;
-        match row {
-            Some(r) => Ok(Some((lock, PluginRow::from_row(&r)))),
+        let (lock, mut rows) = self.lock_rows(&[id], false).await?;
+        match rows.pop() {
+            Some(row) => Ok(Some((lock, row))),
             None => {
                 lock.rollback().await;
                 Ok(None)
             }
         }
+    }
+
+    /// As [`Repo::lock_row`], for the rows of these ids that exist. With `skip_locked`, a row
+    /// locked by another transaction that would make this one wait (one deleting it, say) is
+    /// left out instead: a transaction that waits for a row while holding others could deadlock
+    /// with a user's statement that takes the same rows in another order.
+    pub async fn lock_rows(&self, ids: &[i64], skip_locked: bool) -> Result<(RowLock, Vec<PluginRow>)> {
+        let client = self.pool.get().await?;
+        let lock = RowLock { client: Some(client), replica: self.replica.clone() };
+        let c = lock.client();
+        let skip = if skip_locked { " SKIP LOCKED" } else { "" };
+        let select = c.prepare_cached(&format!("{SELECT_ROW} WHERE p.id = ANY($2) FOR KEY SHARE OF p{skip}")).await?;
+        // Pipelined: one round trip.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&&*self.replica, &ids];
+        let ((), rows) = tokio::try_join!(c.batch_execute("BEGIN"), c.query(&select, &params))?;
+        Ok((lock, rows.iter().map(PluginRow::from_row).collect()))
     }
 
     /// Observed, at startup: this replica serves nothing yet, whatever it recorded before.

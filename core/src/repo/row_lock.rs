@@ -1,10 +1,10 @@
-//! The transaction a publish happens in: one plugin row held `FOR KEY SHARE` (see
-//! [`Repo::lock_row`](super::Repo::lock_row)).
+//! The transaction a publish happens in: plugin rows held `FOR KEY SHARE` (see
+//! [`Repo::lock_rows`](super::Repo::lock_rows)).
 
 use super::{Loaded, Result, record_not_serving};
 use tokio_postgres::types::ToSql;
 
-/// A transaction holding one plugin row `FOR KEY SHARE` (see [`Repo::lock_row`]). Dropped
+/// A transaction holding plugin rows `FOR KEY SHARE` (see [`Repo::lock_rows`]). Dropped
 /// without [`RowLock::commit`], its connection is closed rather than returned to the pool, so the
 /// server rolls the transaction back. It writes the observed state of one replica.
 pub struct RowLock {
@@ -18,60 +18,105 @@ impl RowLock {
     }
 
     /// Observed, in this transaction: a version of `id` is loaded and serves these endpoints.
-    /// Four statements, whatever the number of endpoints (prepared once per connection), sent
-    /// together. The plugin's row is written only when its manifest's description changed.
     pub async fn record_loaded(&mut self, id: i64, l: &Loaded<'_>) -> Result<()> {
+        self.record_loaded_many(&[(id, l)]).await
+    }
+
+    /// Observed, in this transaction: a version of each plugin is loaded and serves its
+    /// endpoints. At most five statements, whatever the number of plugins and endpoints
+    /// (prepared once per connection), sent together. A plugin's row is written only when its
+    /// manifest's description changed.
+    pub async fn record_loaded_many(&mut self, all: &[(i64, &Loaded<'_>)]) -> Result<()> {
         let c = self.client();
         let observed = c
             .prepare_cached(
                 "INSERT INTO plugin_replicas (plugin_id, replica_id, state, error, path, binary_path, loaded_hash,
                                               loaded_at, updated_at)
-                 VALUES ($1, $2, 'loaded', NULL, $3, $4, $5, now(), now())
+                 SELECT u.id, $1, 'loaded', NULL, u.path, u.binary_path, u.hash, now(), now()
+                 FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[]) AS u(id, path, binary_path, hash)
                  ON CONFLICT (plugin_id, replica_id) DO UPDATE
-                 SET state = 'loaded', error = NULL, path = $3, binary_path = $4, loaded_hash = $5, loaded_at = now(),
-                     updated_at = now(),
-                     restarts = CASE WHEN $6 THEN 0 ELSE plugin_replicas.restarts END,
-                     last_crash = CASE WHEN $6 THEN NULL ELSE plugin_replicas.last_crash END",
+                 SET state = 'loaded', error = NULL, path = EXCLUDED.path, binary_path = EXCLUDED.binary_path,
+                     loaded_hash = EXCLUDED.loaded_hash, loaded_at = now(), updated_at = now()",
+            )
+            .await?;
+        // A new instance's process starts its restart count and last crash over.
+        let fresh = c
+            .prepare_cached(
+                "UPDATE plugin_replicas SET restarts = 0, last_crash = NULL
+                 WHERE replica_id = $1 AND plugin_id = ANY($2) AND (restarts <> 0 OR last_crash IS NOT NULL)",
             )
             .await?;
         let described = c
             .prepare_cached(
-                "UPDATE plugins SET description = $2, version = $3, author = $4, type = $5
-                 WHERE id = $1 AND (description, version, author, type) IS DISTINCT FROM ($2, $3, $4, $5)",
+                "UPDATE plugins p SET description = u.description, version = u.version, author = u.author, type = u.kind
+                 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
+                      AS u(id, description, version, author, kind)
+                 WHERE p.id = u.id
+                   AND (p.description, p.version, p.author, p.type) IS DISTINCT FROM
+                       (u.description, u.version, u.author, u.kind)",
             )
             .await?;
-        let delete = c.prepare_cached("DELETE FROM plugin_endpoints WHERE plugin_id = $1 AND replica_id = $2").await?;
+        let delete =
+            c.prepare_cached("DELETE FROM plugin_endpoints WHERE replica_id = $1 AND plugin_id = ANY($2)").await?;
         // In the routes' order: endpoint ids follow it.
         let insert = c
             .prepare_cached(
                 "INSERT INTO plugin_endpoints (plugin_id, replica_id, method, path, handler, type)
-                 SELECT $1, $2, e.method, e.path, e.handler, $6
-                 FROM unnest($3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS e(method, path, handler, n)
+                 SELECT e.id, $1, e.method, e.path, e.handler, e.kind
+                 FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
+                      WITH ORDINALITY AS e(id, method, path, handler, kind, n)
                  ORDER BY e.n",
             )
             .await?;
-        let methods: Vec<&str> = l.endpoints.iter().map(|e| e.method.as_str()).collect();
-        let paths: Vec<&str> = l.endpoints.iter().map(|e| e.path.as_str()).collect();
-        let handlers: Vec<&str> = l.endpoints.iter().map(|e| e.handler.as_str()).collect();
+        let ids: Vec<i64> = all.iter().map(|(id, _)| *id).collect();
+        let paths: Vec<&str> = all.iter().map(|(_, l)| &*l.manifest_path).collect();
+        let binaries: Vec<&str> = all.iter().map(|(_, l)| &*l.binary_path).collect();
+        let hashes: Vec<&str> = all.iter().map(|(_, l)| l.hash).collect();
+        let fresh_ids: Vec<i64> = all.iter().filter(|(_, l)| l.fresh).map(|(id, _)| *id).collect();
+        let descriptions: Vec<&str> = all.iter().map(|(_, l)| l.description).collect();
+        let versions: Vec<&str> = all.iter().map(|(_, l)| l.version).collect();
+        let authors: Vec<&str> = all.iter().map(|(_, l)| l.author).collect();
+        let kinds: Vec<&str> = all.iter().map(|(_, l)| l.kind).collect();
+        let rewritten: Vec<&(i64, &Loaded<'_>)> = all.iter().filter(|(_, l)| !l.keep_endpoints).collect();
+        let rewritten_ids: Vec<i64> = rewritten.iter().map(|(id, _)| *id).collect();
+        let endpoints = || rewritten.iter().flat_map(|(id, l)| l.endpoints.iter().map(move |e| (*id, l.kind, e)));
+        let endpoint_ids: Vec<i64> = endpoints().map(|(id, _, _)| id).collect();
+        let methods: Vec<&str> = endpoints().map(|(_, _, e)| e.method.as_str()).collect();
+        let endpoint_paths: Vec<&str> = endpoints().map(|(_, _, e)| e.path.as_str()).collect();
+        let handlers: Vec<&str> = endpoints().map(|(_, _, e)| e.handler.as_str()).collect();
+        let endpoint_kinds: Vec<&str> = endpoints().map(|(_, kind, _)| kind).collect();
         let replica: &str = &self.replica;
-        // Sent together (tokio-postgres pipelines concurrent requests): one round trip, not
-        // four. They run in order; if one fails, the transaction is aborted and so are the rest.
-        let observed_params: [&(dyn ToSql + Sync); 6] =
-            [&id, &replica, &l.manifest_path, &l.binary_path, &l.hash, &l.fresh];
-        let described_params: [&(dyn ToSql + Sync); 5] = [&id, &l.description, &l.version, &l.author, &l.kind];
-        if l.keep_endpoints {
-            let (a, b) = tokio::join!(c.execute(&observed, &observed_params), c.execute(&described, &described_params));
-            return first_error([a, b]);
-        }
-        let delete_params: [&(dyn ToSql + Sync); 2] = [&id, &replica];
-        let insert_params: [&(dyn ToSql + Sync); 6] = [&id, &replica, &methods, &paths, &handlers, &l.kind];
-        let (a, b, d, i) = tokio::join!(
+        // Sent together (tokio-postgres pipelines concurrent requests): one round trip. They run
+        // in order; if one fails, the transaction is aborted and so are the rest.
+        let observed_params: [&(dyn ToSql + Sync); 5] = [&replica, &ids, &paths, &binaries, &hashes];
+        let fresh_params: [&(dyn ToSql + Sync); 2] = [&replica, &fresh_ids];
+        let described_params: [&(dyn ToSql + Sync); 5] = [&ids, &descriptions, &versions, &authors, &kinds];
+        let delete_params: [&(dyn ToSql + Sync); 2] = [&replica, &rewritten_ids];
+        let insert_params: [&(dyn ToSql + Sync); 6] =
+            [&replica, &endpoint_ids, &methods, &endpoint_paths, &handlers, &endpoint_kinds];
+        let (a, b, d, e, i) = tokio::join!(
             c.execute(&observed, &observed_params),
+            async {
+                match fresh_ids.is_empty() {
+                    true => Ok(0),
+                    false => c.execute(&fresh, &fresh_params).await,
+                }
+            },
             c.execute(&described, &described_params),
-            c.execute(&delete, &delete_params),
-            c.execute(&insert, &insert_params),
+            async {
+                match rewritten_ids.is_empty() {
+                    true => Ok(0),
+                    false => c.execute(&delete, &delete_params).await,
+                }
+            },
+            async {
+                match endpoint_ids.is_empty() {
+                    true => Ok(0),
+                    false => c.execute(&insert, &insert_params).await,
+                }
+            },
         );
-        first_error([a, b, d, i])
+        first_error([a, b, d, e, i])
     }
 
     /// Observed, in this transaction: plugin `id` serves nothing (`state`, `error`).
