@@ -342,7 +342,14 @@ pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn pool(pg: tokio_postgres::Config, size: usize) -> anyhow::Result<Pool> {
+fn pool(mut pg: tokio_postgres::Config, size: usize) -> anyhow::Result<Pool> {
+    // A connection that died silently (a peer gone without a reset) is found and dropped, not
+    // waited on for ever: one task publishes every plugin version (`reconciler::publishing`).
+    pg.keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
     let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     let timeout = Some(Duration::from_secs(5));
     Ok(Pool::builder(manager)

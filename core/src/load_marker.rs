@@ -102,6 +102,12 @@ impl LoadMarkers {
         markers
     }
 
+    /// Whether a marker is left (a file that is not empty): the process ended while loading.
+    pub fn any_pending(&self) -> bool {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return false };
+        entries.flatten().any(|e| e.metadata().is_ok_and(|m| m.len() > 0))
+    }
+
     /// Removes plugin `plugin_id`'s file (its row is gone). Blocking (a small file operation).
     pub fn forget(&self, plugin_id: i64) {
         let _ = std::fs::remove_file(self.dir.join(plugin_id.to_string()));
@@ -129,9 +135,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let markers = LoadMarkers::new(dir.path().join("loading"));
         drop(markers.begin(1, "returned", "aaaa").unwrap());
+        assert!(!markers.any_pending(), "a load that returned leaves nothing pending");
         let guard = markers.begin(2, "crashed", "bbbb").unwrap();
         std::mem::forget(guard); // as a process that died inside the call leaves it
+        assert!(markers.any_pending());
         let left = markers.take_all();
+        assert!(!markers.any_pending(), "taken");
         assert_eq!(left.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["crashed"]);
         assert!(markers.take_all().is_empty(), "taken once");
         // A load that returned leaves its file empty, for the plugin's next load; the file

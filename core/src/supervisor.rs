@@ -59,7 +59,7 @@ pub async fn run(markers: &Path) -> anyhow::Result<ExitStatus> {
             _ = int.recv() => return stop(&mut child).await,
         };
         let killed = status.signal().is_some();
-        let died_loading = std::fs::read_dir(markers).is_ok_and(|mut d| d.next().is_some());
+        let died_loading = crate::load_marker::LoadMarkers::new(markers.to_path_buf()).any_pending();
         if status.success() || !(killed || died_loading) {
             return Ok(status);
         }

@@ -70,34 +70,40 @@ async fn a_row_a_user_holds_delays_only_its_own_plugin() {
     let sql = server.sql().await;
     sql.execute("UPDATE plugins SET status = 'inactive' WHERE name = 'hello'", &[]).await.unwrap();
     server.wait_until("hello is off", EDIT_DEADLINE, || async { server.get("/hello").await.0 == 404 }).await;
+    let loaded_at = || async {
+        let (_, row) = server.get("/plugins/lifecycle").await;
+        row["loaded_at"].clone()
+    };
+    let first = loaded_at().await;
+    let log = server.plugin_dir("lifecycle").join("target/lifecycle.log");
+    let inits = || std::fs::read_to_string(&log).unwrap_or_default().lines().filter(|l| l.starts_with("init")).count();
+    assert_eq!(inits(), 1);
 
-    // A new config: a fresh instance of lifecycle, whose init takes 3 s. Meanwhile a user's
-    // transaction takes lifecycle's row as a DELETE would, so the instance's publish waits.
-    sql.execute("UPDATE plugins SET config = '{\"init_sleep_ms\": 3000}' WHERE name = 'lifecycle'", &[]).await.unwrap();
+    // A new config: a fresh instance of lifecycle, whose init takes 2 s. Meanwhile a user's
+    // transaction takes lifecycle's row as a DELETE would, so the instance cannot be published.
+    sql.execute("UPDATE plugins SET config = '{\"init_sleep_ms\": 2000}' WHERE name = 'lifecycle'", &[]).await.unwrap();
     let mut user = server.sql().await;
     let held = user.transaction().await.unwrap();
     held.execute("SELECT 1 FROM plugins WHERE name = 'lifecycle' FOR UPDATE", &[]).await.unwrap();
-    let waiting =
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FOR KEY SHARE%'";
-    server
-        .wait_until("lifecycle's publish waits for its row", BUILD_DEADLINE, || async {
-            sql.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 1
-        })
-        .await;
+    server.wait_until("the new instance is made", BUILD_DEADLINE, || async { inits() == 2 }).await;
 
-    // Another plugin is turned on and serves; lifecycle's old instance serves on.
+    // Another plugin is turned on and serves; lifecycle's old instance serves on, its new one
+    // waits.
     sql.execute("UPDATE plugins SET status = 'active' WHERE name = 'hello'", &[]).await.unwrap();
     server.wait_until("hello serves", EDIT_DEADLINE, || async { server.get("/hello").await.0 == 200 }).await;
     assert_eq!(server.get("/lifecycle").await.0, 200);
-    assert_eq!(sql.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0), 1, "lifecycle's publish still waits");
+    let (_, health) = server.get("/health").await;
+    assert!(health["reconciling"].as_u64() >= Some(1), "lifecycle's pass waits for its row: {health}");
+    assert_eq!(loaded_at().await, first);
 
-    // The row let go, lifecycle's new instance is published.
+    // The row let go, lifecycle's new instance is published and recorded.
     held.rollback().await.unwrap();
-    let row = server.wait_state("lifecycle", "loaded").await;
     server
         .wait_until("the new instance is recorded", EDIT_DEADLINE, || async {
-            sql.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0
+            let (_, health) = server.get("/health").await;
+            health["reconciling"] == 0 && loaded_at().await != first
         })
         .await;
-    assert!(row["error"].is_null(), "{row}");
+    let (_, row) = server.get("/plugins/lifecycle").await;
+    assert!(row["error"].is_null() && row["state"] == "loaded", "{row}");
 }

@@ -222,9 +222,6 @@ impl Inner {
         let mut retiring = Vec::with_capacity(displaced.len());
         {
             let mut waiting = self.waiting.lock().expect("waiting lock");
-            for id in ids {
-                waiting.remove(id);
-            }
             for Displaced { previous, evicted } in displaced {
                 for (other, s, _) in evicted {
                     waiting.insert(other);
@@ -233,6 +230,11 @@ impl Inner {
                     retiring.push(s);
                 }
                 retiring.extend(previous);
+            }
+            // After the evicted: a plugin whose old version gave way may have published a new
+            // one in the same batch, on other paths.
+            for id in ids {
+                waiting.remove(id);
             }
         }
         // A path may have been freed (a version was replaced), or a plugin waiting for this one

@@ -13,19 +13,22 @@
 //! Why it stays correct: each version is checked against its row as locked, as a pass alone
 //! did, and endpoint rows equal what is served. If recording fails, every publish of the batch
 //! is undone, and each version is tried again alone, so one bad version costs only itself.
-//! The task never waits for a row lock (`SKIP LOCKED`): a row another transaction holds (a
-//! user's `DELETE` not yet committed) has its version published alone by a task of its own,
-//! which waits for that row only. Waiting in the batch would hold every other publish behind a
-//! user's open transaction, and holding some rows while waiting for another could deadlock with
-//! a statement that takes the same rows in another order.
+//! The task never waits long for a lock: rows are locked `SKIP LOCKED`, and its statements give
+//! up on a lock after 200 ms (`lock_timeout`, below PostgreSQL's deadlock check). A version whose
+//! row another transaction holds (a user's `DELETE` not yet committed) is handed over again after
+//! a pause (20 ms, doubling to 1 s), until the row is free or gone. Waiting in the batch would
+//! hold every other publish behind a user's open transaction, and holding some rows while
+//! waiting for another could deadlock with a statement that takes the same rows in another
+//! order.
 
 use super::ownership::Displaced;
 use super::{Inner, ReconcileError};
 use crate::loader::LoadedPlugin;
 use crate::manifest::Manifest;
 use crate::repo::{Loaded, NewEndpoint, PluginRow};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// The most versions one transaction records (their statements' arrays stay small).
@@ -39,6 +42,8 @@ pub(super) struct Publish {
     pub config: serde_json::Value,
     pub plugin: Arc<LoadedPlugin>,
     pub reply: oneshot::Sender<Result<(), ReconcileError>>,
+    /// How often its row was found held by another transaction.
+    pub held: u32,
 }
 
 /// The task that publishes and records what passes hand over (see the module docs). It ends
@@ -78,8 +83,15 @@ impl Inner {
         plugin: Arc<LoadedPlugin>,
     ) -> Result<(), ReconcileError> {
         let (reply, outcome) = oneshot::channel();
-        let publish =
-            Publish { row: row.clone(), manifest: manifest.clone(), hash: hash.to_string(), config, plugin, reply };
+        let publish = Publish {
+            row: row.clone(),
+            manifest: manifest.clone(),
+            hash: hash.to_string(),
+            config,
+            plugin,
+            reply,
+            held: 0,
+        };
         if self.to_publish.send(publish).is_err() {
             return Err(ReconcileError::ShuttingDown);
         }
@@ -88,59 +100,74 @@ impl Inner {
             .unwrap_or_else(|_| Err(ReconcileError::Internal("publishing the version failed (see the log)".into())))
     }
 
-    /// Publishes and records `batch`, answering each of its passes. This task never waits for
-    /// a row lock: a version whose row another transaction holds, and every version of a batch
-    /// whose transaction failed, is published alone by a task of its own, which waits as a pass
-    /// did before batches (a user's open transaction delays that plugin, not every publish).
-    async fn publish_batch(self: Arc<Self>, mut batch: Vec<Publish>) {
+    /// Publishes and records `batch`, answering each of its passes, or handing a version over
+    /// again later when its row is held by another transaction.
+    async fn publish_batch(&self, mut batch: Vec<Publish>) {
         batch.sort_by_key(|p| p.row.id);
-        let alone = match self.publish_together(&batch, false).await {
+        let mut later = Vec::new();
+        match self.publish_together(&batch).await {
             Ok(outcomes) => {
-                let mut alone = Vec::new();
                 for (publish, outcome) in batch.into_iter().zip(outcomes) {
-                    match outcome {
-                        Some(outcome) => drop(publish.reply.send(outcome)),
-                        None => alone.push(publish),
-                    }
+                    answer(publish, outcome, &mut later);
                 }
-                alone
             }
+            Err(e) if batch.len() == 1 => answer(batch.pop().expect("one"), Some(Err(e)), &mut later),
             Err(e) => {
-                if batch.len() > 1 {
-                    tracing::warn!(
-                        versions = batch.len(),
-                        "recording a batch of plugin versions failed ({e}); each is tried alone"
-                    );
+                tracing::warn!(
+                    versions = batch.len(),
+                    "recording a batch of plugin versions failed ({e}); each is tried alone"
+                );
+                for publish in batch {
+                    let outcome = match self.publish_together(std::slice::from_ref(&publish)).await {
+                        Ok(mut outcomes) => outcomes.pop().flatten(),
+                        Err(e) => Some(Err(e)),
+                    };
+                    answer(publish, outcome, &mut later);
                 }
-                batch
             }
-        };
-        for publish in alone {
-            let me = self.clone();
-            tokio::spawn(async move {
-                let outcome = match me.publish_together(std::slice::from_ref(&publish), true).await {
-                    Ok(mut outcomes) => outcomes.pop().flatten().unwrap_or(Err(ReconcileError::Superseded)),
-                    Err(e) => Err(e),
-                };
-                let _ = publish.reply.send(outcome);
-            });
+        }
+        for publish in later {
+            self.hand_over_later(publish);
         }
     }
 
+    /// Hands `publish` over again after a pause (its row was held), unless the server is
+    /// shutting down.
+    fn hand_over_later(&self, mut publish: Publish) {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = publish.reply.send(Err(ReconcileError::ShuttingDown));
+            return;
+        }
+        if publish.held == 0 {
+            tracing::info!(plugin = %publish.row.name, "its row is held by another transaction: published once it is free");
+        }
+        publish.held += 1;
+        let pause = Duration::from_millis(10 << publish.held.min(7)).min(Duration::from_secs(1));
+        let again = self.to_publish.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            // Not sent only once the reconciler is gone: the pass then fails (`Internal`).
+            let _ = again.send(publish);
+        });
+    }
+
     /// One transaction for `batch` (sorted by id): the outcome of each version, or the error
-    /// that ended the transaction (every publish of the batch undone). Unless it may `wait`, it
-    /// passes over a row another transaction locked (see [`crate::repo::Repo::lock_rows`]), and
-    /// that version's outcome is `None`: to be tried alone.
+    /// that ended the transaction (every publish of the batch undone). A version whose row
+    /// another transaction holds has no outcome (`None`): it is to be handed over again.
     async fn publish_together(
         &self,
         batch: &[Publish],
-        wait: bool,
     ) -> Result<Vec<Option<Result<(), ReconcileError>>>, ReconcileError> {
         let ids: Vec<i64> = batch.iter().map(|p| p.row.id).collect();
-        let skip_locked = !wait;
-        let (mut lock, rows) = self.repo.lock_rows(&ids, skip_locked).await?;
+        let (mut lock, rows) = self.repo.lock_rows(&ids, true).await?;
         self.metrics.publish_transactions.inc();
         let now: HashMap<i64, PluginRow> = rows.into_iter().map(|r| (r.id, r)).collect();
+        // A row not locked is gone, or held by another transaction (it exists, unlocked).
+        let missing: Vec<i64> = ids.iter().copied().filter(|id| !now.contains_key(id)).collect();
+        let held: HashSet<i64> = match missing.is_empty() {
+            true => HashSet::new(),
+            false => lock.existing(&missing).await?.into_iter().collect(),
+        };
         let mut outcomes = Vec::with_capacity(batch.len());
         // Which versions went into the served set, with what they displaced.
         let mut taken: Vec<(&Publish, Displaced)> = Vec::new();
@@ -152,8 +179,7 @@ impl Inner {
             // one (in place, usually). Starting over instead never finished while a row changed
             // faster than a load took (an edit storm).
             let Some(now) = now.get(&p.row.id) else {
-                // Gone, or locked by another transaction (skipped).
-                outcomes.push((!skip_locked).then_some(Err(ReconcileError::Superseded)));
+                outcomes.push((!held.contains(&p.row.id)).then_some(Err(ReconcileError::Superseded)));
                 continue;
             };
             if !(now.wants_active() && now.source_path == p.row.source_path) {
@@ -202,6 +228,16 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+}
+
+/// Answers a pass, or keeps its version to be handed over again (`None`: its row was held; or
+/// a statement gave up waiting for a lock).
+fn answer(publish: Publish, outcome: Option<Result<(), ReconcileError>>, later: &mut Vec<Publish>) {
+    match outcome {
+        Some(Err(ReconcileError::Database(e))) if e.is_lock_timeout() => later.push(publish),
+        Some(outcome) => drop(publish.reply.send(outcome)),
+        None => later.push(publish),
     }
 }
 

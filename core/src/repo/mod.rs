@@ -240,6 +240,11 @@ impl RepoError {
     pub fn is_bad_input(&self) -> bool {
         matches!(self, Self::Refused { code, .. } if code.starts_with("22") || code.starts_with("23"))
     }
+
+    /// Whether a statement gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03).
+    pub fn is_lock_timeout(&self) -> bool {
+        matches!(self, Self::Refused { code, .. } if code == "55P03")
+    }
 }
 
 impl From<deadpool_postgres::PoolError> for RepoError {
@@ -447,7 +452,8 @@ impl Repo {
 
     /// As [`Repo::lock_row`], for the rows of these ids that exist. With `skip_locked`, a row
     /// locked by another transaction that would make this one wait (one deleting it, say) is
-    /// left out instead: a transaction that waits for a row while holding others could deadlock
+    /// left out instead, and every statement of the transaction gives up on a lock after 200 ms
+    /// (SQLSTATE 55P03): a transaction that waits for a row while holding others could deadlock
     /// with a user's statement that takes the same rows in another order.
     pub async fn lock_rows(&self, ids: &[i64], skip_locked: bool) -> Result<(RowLock, Vec<PluginRow>)> {
         let client = self.pool.get().await?;
@@ -457,7 +463,8 @@ impl Repo {
         let select = c.prepare_cached(&format!("{SELECT_ROW} WHERE p.id = ANY($2) FOR KEY SHARE OF p{skip}")).await?;
         // Pipelined: one round trip.
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&&*self.replica, &ids];
-        let ((), rows) = tokio::try_join!(c.batch_execute("BEGIN"), c.query(&select, &params))?;
+        let begin = if skip_locked { "BEGIN; SET LOCAL lock_timeout = '200ms'" } else { "BEGIN" };
+        let ((), rows) = tokio::try_join!(c.batch_execute(begin), c.query(&select, &params))?;
         Ok((lock, rows.iter().map(PluginRow::from_row).collect()))
     }
 

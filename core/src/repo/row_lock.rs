@@ -119,6 +119,13 @@ impl RowLock {
         first_error([a, b, d, e, i])
     }
 
+    /// Which of these plugin ids have a row (not locking them).
+    pub async fn existing(&self, ids: &[i64]) -> Result<Vec<i64>> {
+        let c = self.client();
+        let exists = c.prepare_cached("SELECT id FROM plugins WHERE id = ANY($1)").await?;
+        Ok(c.query(&exists, &[&ids]).await?.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Observed, in this transaction: plugin `id` serves nothing (`state`, `error`).
     pub async fn record_not_serving(&mut self, id: i64, state: &str, error: &str) -> Result<()> {
         record_not_serving(self.client(), &self.replica, id, state, error).await
