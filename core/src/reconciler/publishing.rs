@@ -3,7 +3,7 @@
 //!
 //! A pass that loaded its plugin's wanted version hands it to one task (`recorder`) and waits.
 //! The task takes every version handed over meanwhile (up to `MAX_BATCH`) and, in one
-//! transaction: locks their rows (`FOR KEY SHARE`, in the order of their ids), drops each version
+//! transaction: locks their rows (`FOR KEY SHARE SKIP LOCKED`), drops each version
 //! its row no longer wants, puts the others in the served set (oldest row first, so that a path
 //! claimed twice in a batch goes to its owner by the ownership rule), waits for one route table
 //! that shows them all, records them with a handful of statements, and commits. A bulk edit of
@@ -12,7 +12,7 @@
 //!
 //! Why it stays correct: each version is checked against its row as locked, as a pass alone
 //! did, and endpoint rows equal what is served. If recording fails, every publish of the batch
-//! is undone, and each version is tried again alone, so one bad version costs only itself.
+//! is undone, and its versions are tried again one by one, so one bad version costs only itself.
 //! The task never waits long for a lock: rows are locked `SKIP LOCKED`, and its statements give
 //! up on a lock after 200 ms (`lock_timeout`, below PostgreSQL's deadlock check). A version whose
 //! row another transaction holds (a user's `DELETE` not yet committed) is handed over again after
