@@ -207,6 +207,10 @@ struct Inner {
     /// Plugins refused a path an older plugin owns. Hinted whenever a version stops serving or
     /// is replaced, so that a freed path goes to its claimant at once (not at the next resync).
     waiting: Mutex<BTreeSet<i64>>,
+    /// Counts the hints of waiting plugins (`hint_waiting`). A pass that ends up waiting checks
+    /// it against the count it saw when it began: if it moved, what it waits for may have been
+    /// freed after it looked and before it joined `waiting`, and it passes again.
+    freed: AtomicU64,
     /// Set when shutdown begins (under the `served` lock): no job is taken and nothing is
     /// published any more.
     closed: AtomicBool,
@@ -303,6 +307,7 @@ impl Reconciler {
                 busy: Default::default(),
                 held: Default::default(),
                 waiting: Default::default(),
+                freed: Default::default(),
                 closed: Default::default(),
                 retirements: Default::default(),
                 markers,
@@ -488,6 +493,8 @@ impl Inner {
     /// Hints every plugin waiting for a path but those in `except` (after a version stopped
     /// serving or was replaced, which may have freed one).
     fn hint_waiting(&self, except: &[i64]) {
+        // Before the waiting set is read: a pass that joins it later sees the count moved.
+        self.freed.fetch_add(1, Ordering::SeqCst);
         let waiting: Vec<i64> = self.waiting.lock().expect("waiting lock").iter().copied().collect();
         for id in waiting.into_iter().filter(|id| !except.contains(id)) {
             self.hint(id);

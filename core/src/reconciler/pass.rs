@@ -84,6 +84,7 @@ impl Inner {
             }
             return Ok(Outcome::Inactive);
         }
+        let freed = self.freed.load(std::sync::atomic::Ordering::SeqCst);
         let mut serving = self.served.lock().expect("served lock").contains_key(&id);
         let mut swapping = None;
         let e = match self.load_wanted(&row, force, batched, &mut swapping).await {
@@ -124,6 +125,11 @@ impl Inner {
             } else {
                 waiting.remove(&id)
             };
+        }
+        // A path or dependency freed after this pass looked, and before it joined `waiting`,
+        // hinted the others but not this one: it passes again.
+        if waits && self.freed.load(std::sync::atomic::Ordering::SeqCst) != freed {
+            self.hint(id);
         }
         let text = format!("{}: {e}", e.code());
         let state = if waits { "waiting" } else { "failed" };
