@@ -47,8 +47,13 @@ pub struct Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = std::fs::OpenOptions::new().write(true).truncate(true).open(&self.path);
+        empty(&self.path);
     }
+}
+
+/// Empties the marker file at `path`, if it exists (not made again once removed).
+fn empty(path: &std::path::Path) {
+    let _ = std::fs::OpenOptions::new().write(true).truncate(true).open(path);
 }
 
 impl LoadMarkers {
@@ -96,7 +101,7 @@ impl LoadMarkers {
             if let Ok(m) = serde_json::from_slice(&bytes) {
                 markers.push(m);
             }
-            let _ = std::fs::OpenOptions::new().write(true).truncate(true).open(&path);
+            empty(&path);
         }
         markers.sort_by_key(|m: &Marker| m.plugin_id);
         markers

@@ -94,27 +94,16 @@ impl RowLock {
         let delete_params: [&(dyn ToSql + Sync); 2] = [&replica, &rewritten_ids];
         let insert_params: [&(dyn ToSql + Sync); 6] =
             [&replica, &endpoint_ids, &methods, &endpoint_paths, &handlers, &endpoint_kinds];
+        // A statement over no rows is not sent.
+        let unless_none = |none: bool, statement, params| async move {
+            if none { Ok(0) } else { c.execute(statement, params).await }
+        };
         let (a, b, d, e, i) = tokio::join!(
             c.execute(&observed, &observed_params),
-            async {
-                match fresh_ids.is_empty() {
-                    true => Ok(0),
-                    false => c.execute(&fresh, &fresh_params).await,
-                }
-            },
+            unless_none(fresh_ids.is_empty(), &fresh, &fresh_params),
             c.execute(&described, &described_params),
-            async {
-                match rewritten_ids.is_empty() {
-                    true => Ok(0),
-                    false => c.execute(&delete, &delete_params).await,
-                }
-            },
-            async {
-                match endpoint_ids.is_empty() {
-                    true => Ok(0),
-                    false => c.execute(&insert, &insert_params).await,
-                }
-            },
+            unless_none(rewritten_ids.is_empty(), &delete, &delete_params),
+            unless_none(endpoint_ids.is_empty(), &insert, &insert_params),
         );
         first_error([a, b, d, e, i])
     }
